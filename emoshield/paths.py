@@ -1,0 +1,30 @@
+"""Where data and caches live: one place so every command resolves them the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import EmoshieldError
+
+DATA_ENV = "EMOSHIELD_DATA"
+CACHE_ENV = "EMOSHIELD_CACHE"
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Return the dataset root: an explicit path, else $EMOSHIELD_DATA; error if neither exists."""
+    value = explicit if explicit not in (None, "") else os.environ.get(DATA_ENV)
+    if not value:
+        raise EmoshieldError(f"no data root: pass --data-root DIR or set {DATA_ENV}")
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise EmoshieldError(f"data root {root} does not exist or is not a folder")
+    return root
+
+
+def cache_dir(sub: str = "") -> Path:
+    """Return (and create) emoshield's cache folder, $EMOSHIELD_CACHE or ~/.cache/emoshield."""
+    base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "emoshield")
+    path = base / sub if sub else base
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,247 @@
+"""Library API for whole jobs: data -> split -> model -> training -> evaluation -> files.
+
+The CLI is a thin shell over these functions; notebooks and the services call them too.
+Output folder of a training job (OUT):
+  model.safetensors  best model on validation (weights + config, no pickle)
+  checkpoint.safetensors  last finished epoch (for --resume)
+  split.json, history.json, metrics.json, run.json, report.md,
+  confusion_matrix.png, training_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EmoshieldError
+
+
+@dataclass
+class DataOptions:
+    """Which images, under which split protocol."""
+
+    dataset: str
+    data_root: str | None = None
+    protocol: str = "reference"
+    fold: int = 0
+    folds: int = 5
+    classes: str | None = None
+    val_fraction: float = 0.15
+    limit_per_class: int | None = None  # keep whole sequences up to ~N images per class (quick runs)
+    scan_options: dict = field(default_factory=dict)  # subject_pattern, frame_stride, detect_faces
+
+
+@dataclass
+class ModelOptions:
+    backbone: str = "resnet18"
+    weights: str = "scratch"
+    head: str = "localization"
+    pooling: str = "global"
+    input_size: int = 48
+    dropout: float = 0.0
+
+
+@dataclass
+class PreparedData:
+    dataset: object  # FaceDataset
+    split: object  # Split
+    parts: dict  # split name -> TensorData
+    failures: list
+
+
+def _limit(records: list, per_class: int, seed: int) -> list:
+    """Keep whole sequences, in a seeded order, until each class has about `per_class` images."""
+    by_seq: dict[str, list] = {}
+    for r in records:
+        by_seq.setdefault(r.sequence, []).append(r)
+    order = sorted(by_seq)
+    random.Random(seed).shuffle(order)
+    kept, counts = [], {}
+    for seq in order:
+        label = by_seq[seq][0].label
+        if counts.get(label, 0) < per_class:
+            kept += by_seq[seq]
+            counts[label] = counts.get(label, 0) + len(by_seq[seq])
+    return kept
+
+
+def _tensor_data(pixels, records, classes):
+    import torch
+
+    from .training import TensorData
+
+    index = {c: i for i, c in enumerate(classes)}
+    return TensorData(torch.from_numpy(pixels), torch.tensor([index[r.label] for r in records], dtype=torch.int64))
+
+
+def load_data(options: DataOptions, seed: int = 0):
+    """Scan the dataset and apply the class selection and the optional per-class limit."""
+    from .data import load_dataset
+    from .paths import data_root
+
+    dataset = load_dataset(options.dataset, data_root(options.data_root), options.classes, **options.scan_options)
+    if options.limit_per_class:
+        dataset.records = _limit(dataset.records, options.limit_per_class, seed)
+    return dataset
+
+
+def prepare_data(options: DataOptions, input_size: int, seed: int = 0) -> PreparedData:
+    """Scan, split and decode a dataset into in-memory tensors per split."""
+    from .data import make_split
+    from .data.images import decode_images
+
+    dataset = load_data(options, seed)
+    split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
+    parts, failures = {}, []
+    for name, records in split.parts().items():
+        decoded = decode_images(dataset.root, records, input_size)
+        failures += decoded.failures
+        setattr(split, name, decoded.records)  # unreadable images leave the split, and are reported
+        parts[name] = _tensor_data(decoded.pixels, decoded.records, dataset.classes)
+    if len(parts["train"]) < 2:
+        raise EmoshieldError(f"{dataset.name}: fewer than two readable training images")
+    return PreparedData(dataset, split, parts, failures)
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int, weights: str,
+                 classes: list[str]) -> dict:
+    """The facts every result carries (dataset, protocol, fold, classes, backbone, ...)."""
+    from .provenance import git_commit
+
+    return {
+        "dataset": data.dataset, "protocol": data.protocol,
+        "fold": data.fold if data.protocol == "subject" else None,
+        "folds": data.folds if data.protocol == "subject" else None,
+        "classes": classes, "backbone": model.backbone, "head": model.head, "pooling": model.pooling,
+        "weights": weights, "input_size": model.input_size, "epochs": epochs, "seed": seed,
+        "git_commit": git_commit(),
+    }
+
+
+def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path, title: str) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix of `model` on `test`; writes
+    metrics.json, confusion_matrix.png and report.md into out_dir."""
+    from .evaluation import classification_report, describe_run, metrics_markdown
+    from .evaluation.plots import plot_confusion_matrix
+    from .training import predict_logits
+
+    logits = predict_logits(model, test.pixels)
+    report = classification_report(test.labels.tolist(), logits.argmax(1).tolist(), classes)
+    metrics = dict(meta, test_accuracy=report.pop("accuracy"), **report)
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+                          describe_run(metrics))
+    metrics["confusion_matrix_png"] = "confusion_matrix.png"
+    _write_json(out_dir / "metrics.json", metrics)
+    (out_dir / "report.md").write_text(metrics_markdown(metrics, title))
+    return metrics
+
+
+def train_model(data: DataOptions, model_options: ModelOptions, train_config, out_dir: Path,
+                resume: bool = False, progress: bool = True, log=None) -> dict:
+    """Train and evaluate one model; returns metrics.json's content."""
+    import torch
+
+    from .evaluation.plots import plot_history
+    from .evaluation.report import describe_run
+    from .models import ModelConfig, build_model, save_model
+    from .provenance import run_info
+    from .training import Trainer
+
+    train_config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = prepare_data(data, model_options.input_size, train_config.seed)
+    for w in caught:
+        (log or print)(f"warning: {w.message}")
+    dataset, split = prepared.dataset, prepared.split
+    split.save(out_dir / "split.json", dataset)
+    torch.manual_seed(train_config.seed)
+    config = ModelConfig(backbone=model_options.backbone, classes=list(dataset.classes),
+                         input_size=model_options.input_size, head=model_options.head,
+                         pooling=model_options.pooling, dropout=model_options.dropout,
+                         weights=model_options.weights)
+    model = build_model(config)
+    meta = run_metadata(data, model_options, train_config.epochs, train_config.seed, config.weights,
+                        list(dataset.classes))
+    _write_json(out_dir / "run.json", {
+        **meta, "data_options": asdict(data), "model_options": asdict(model_options),
+        "train_config": asdict(train_config), "model_config": asdict(config), "run": run_info(),
+        "counts": {k: len(v) for k, v in prepared.parts.items()},
+        "skipped": [list(s) for s in dataset.skipped], "unreadable": [list(f) for f in prepared.failures],
+    })
+    (log or print)(f"training: {describe_run(meta)}; images train/val/test = "
+                   f"{len(prepared.parts['train'])}/{len(prepared.parts['val'])}/{len(prepared.parts['test'])}")
+    trainer = Trainer(model, train_config, out_dir, progress=progress, log=log,
+                      save_best=lambda m: save_model(m, out_dir / "model.safetensors", meta))
+    result = trainer.fit(prepared.parts["train"], prepared.parts["val"], resume=resume)
+    plot_history(result.history, out_dir / "training_curves.png", describe_run(meta))
+    from .models import load_model
+
+    best = load_model(out_dir / "model.safetensors")
+    meta.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+                train_seconds=result.seconds,
+                unreadable_images=len(prepared.failures), skipped_images=len(dataset.skipped))
+    return evaluate_tensors(best, prepared.parts["test"], list(dataset.classes), meta, out_dir,
+                            "Training result (test split)")
+
+
+def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None) -> dict:
+    """Evaluate a trained model: on its own test split (split.json beside it) by default, or on
+    another dataset (`data`; its protocol's test split, or every image with --protocol all)."""
+    from .data import load_split
+    from .data.datasets import resolve_dataset_dir
+    from .data.images import decode_images
+    from .models import load_model
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
+    model = load_model(model_file)
+    classes = list(model.config.classes)
+    run_file = model_file.parent / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if data is None or data.dataset is None:
+        split_file = model_file.parent / "split.json"
+        if not split_file.is_file():
+            raise EmoshieldError(f"{split_file} not found: pass --dataset and --data-root to choose test images")
+        split, header = load_split(split_file)
+        root = Path(header["dataset_dir"])
+        if data is not None and data.data_root:
+            root = resolve_dataset_dir(Path(data.data_root), header["dataset"])
+        records = split.test
+        meta = {k: run.get(k, header.get(k)) for k in
+                ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit")}
+    else:
+        dataset = load_data(DataOptions(**{**asdict(data), "classes": ",".join(classes)}), run.get("seed", 0))
+        root = dataset.root
+        if data.protocol == "all":
+            records = dataset.records
+        else:
+            from .data import make_split
+
+            records = make_split(dataset, data.protocol, data.fold, data.folds, run.get("seed", 0),
+                                 data.val_fraction).test
+        meta = {"dataset": data.dataset, "protocol": data.protocol,
+                "fold": data.fold if data.protocol == "subject" else None,
+                "folds": data.folds if data.protocol == "subject" else None,
+                "seed": run.get("seed", 0), "epochs": run.get("epochs")}
+    from .provenance import git_commit
+
+    meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
+                pooling=model.config.pooling, weights=model.config.weights,
+                input_size=model.config.input_size, model=str(model_file), evaluated_by=git_commit())
+    records = [r for r in records if r.label in classes]
+    decoded = decode_images(root, records, model.config.input_size)
+    if not decoded.records:
+        raise EmoshieldError(f"no readable test images of classes {', '.join(classes)} under {root}")
+    test = _tensor_data(decoded.pixels, decoded.records, classes)
+    return evaluate_tensors(model, test, classes, meta, out_dir, "Evaluation")
