@@ -44,6 +44,26 @@ class ModelOptions:
     dropout: float = 0.0
 
 
+def validate_model_options(options: ModelOptions) -> None:
+    """Refuse bad model options before any data is read (one-line errors)."""
+    from .models import HEADS, backbone_spec
+    from .models.heads import make_pooling
+
+    spec = backbone_spec(options.backbone)
+    if options.input_size < spec.min_input_size:
+        raise EmoshieldError(f"input size {options.input_size} is too small for {options.backbone} "
+                             f"(needs >= {spec.min_input_size})")
+    if options.head not in HEADS:
+        raise EmoshieldError(f"unknown head {options.head!r}; choose one of {', '.join(HEADS)}")
+    make_pooling(options.pooling)
+    weights = options.weights
+    if weights.endswith(".safetensors"):
+        if not Path(weights).is_file():
+            raise EmoshieldError(f"weights file {weights} does not exist")
+    elif weights != "scratch" and weights.partition(":")[0] != "imagenet":
+        raise EmoshieldError(f"unknown weights {weights!r}; use scratch, imagenet[:ENTRY] or a .safetensors file")
+
+
 @dataclass
 class PreparedData:
     dataset: object  # FaceDataset
@@ -155,6 +175,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     from .training import Trainer
 
     train_config.validate()
+    validate_model_options(model_options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(record=True) as caught:

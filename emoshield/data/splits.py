@@ -7,6 +7,8 @@ Protocols:
   three splits, as in the reference), n = 2 gives 1 train + 1 test, n = 1 goes to
   train; the rest is train. Which frames go where is a seeded shuffle within the
   sequence. CK+48 has 3 frames per sequence, so it is exactly 1 train / 1 val / 1 test.
+  Single-image "sequences" (still-image datasets) are pooled per class and divided by
+  the same rule, i.e. a stratified ~80/10/10 image split.
   Neighbouring frames are near-identical, so this protocol inflates accuracy.
 - subject: subject-independent k-fold. Subjects are shuffled with the seed and dealt
   round-robin into k folds; fold K is the test set; validation subjects (a
@@ -89,6 +91,9 @@ def reference_split(records: list[ImageRecord], seed: int = 0) -> Split:
     by_sequence: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in records:
         by_sequence[record.sequence].append(record)
+    for sequence in [s for s, frames in by_sequence.items() if len(frames) == 1]:
+        still = by_sequence.pop(sequence)[0]
+        by_sequence[f"\0stills:{still.label}"].append(still)  # stills: one pool per class
     rng = random.Random(seed)
     train, val, test = [], [], []
     for sequence in sorted(by_sequence):

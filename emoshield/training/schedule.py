@@ -24,7 +24,7 @@ def reference_lr_schedule(epochs: int = 50, lr0: float = 0.01, decay_rate: float
     for k in range(1, epochs + 1):
         if k > decay_start:
             frac = math.floor((k - decay_start) / decay_stride)
-            rates.append(rates[-1] * decay_rate ** frac)
+            rates.append((rates[-1] if rates else lr0) * decay_rate ** frac)  # lr_0 = lr0
         else:
             rates.append(lr0)
     return rates

@@ -133,6 +133,7 @@ class Trainer:
 
     def fit(self, train: TensorData, val: TensorData | None, resume: bool = False) -> TrainResult:
         cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.freeze_features(cfg.freeze_features)

@@ -1,0 +1,113 @@
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import FIVE
+
+METRIC_KEYS = {"test_accuracy", "per_class_accuracy", "confusion_matrix", "classes", "protocol", "backbone",
+               "input_size", "epochs", "seed", "dataset", "fold", "weights", "git_commit"}
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "emoshield", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_models_list_reports_weight_availability():
+    out = run("models", "list").stdout
+    assert "mobilenet_v2" in out and "available (IMAGENET1K_V1)" in out
+    rows = {r["backbone"]: r for r in json.loads(run("models", "list", "--json").stdout)}
+    assert {"vgg16", "alexnet", "resnet18", "mobilenet_v2"} <= set(rows)
+    assert rows["mobilenet_v2"]["imagenet_weights"] == "IMAGENET1K_V1"
+
+
+def test_data_summary_table(data_root):
+    out = run("data", "summary", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE).stdout
+    assert "| happy | 69 | 69 | 69 | 207 | 69 | 69 |" in out and "| **all** | 264 | 264 | 264 | 792 |" in out
+    summary = json.loads(run("data", "summary", "--dataset", "fer2013", "--data-root", data_root, "--protocol",
+                             "official", "--json").stdout)
+    happy = next(r for r in summary["rows"] if r["class"] == "happy")
+    assert (happy["train"], happy["val"], happy["test"]) == (7215, 895, 879)
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_end_to_end(tmp_path, data_root):
+    out = tmp_path / "run"
+    proc = run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
+               "--fold", "0", "--limit-per-class", "60", "--backbone", "mobilenet_v2", "--weights", "imagenet",
+               "--input-size", "48", "--epochs", "6", "--batch-size", "32", "--schedule", "cosine", "--out", out,
+               "--quiet")
+    assert "test accuracy" in proc.stdout and "confusion matrix:" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["classes"] == ["disgust", "fear", "happy", "sad", "surprise"]
+    assert metrics["protocol"] == "subject" and metrics["fold"] == 0 and metrics["backbone"] == "mobilenet_v2"
+    assert metrics["weights"] == "imagenet:IMAGENET1K_V1" and metrics["input_size"] == 48 and metrics["epochs"] == 6
+    assert metrics["test_accuracy"] > 0.4  # chance is 0.2; pretrained features learn fast
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (5, 5) and matrix.sum() == metrics["num_images"]
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(metrics["test_accuracy"])
+    split = json.loads((out / "split.json").read_text())
+    subjects = {s: {e["subject"] for e in split["entries"] if e["split"] == s} for s in ("train", "val", "test")}
+    assert not subjects["train"] & subjects["test"]
+    assert len(json.loads((out / "history.json").read_text())) == 6
+    for name in ("model.safetensors", "confusion_matrix.png", "training_curves.png", "report.md", "run.json"):
+        assert (out / name).is_file(), name
+
+    evaluation = tmp_path / "eval"
+    run("evaluate", "--model", out, "--out", evaluation)
+    again = json.loads((evaluation / "metrics.json").read_text())
+    assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert again["confusion_matrix"] == metrics["confusion_matrix"] and again["protocol"] == "subject"
+
+    cross = tmp_path / "jaffe"
+    run("evaluate", "--model", out, "--dataset", "jaffe", "--data-root", data_root, "--protocol", "all", "--out", cross)
+    jaffe = json.loads((cross / "metrics.json").read_text())
+    assert jaffe["dataset"] == "jaffe" and 100 < jaffe["num_images"] < 160  # JAFFE's 5-class faces
+
+
+def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, level in (("happy", 200), ("sad", 50)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(level + rng.normal(0, 20, (32, 32)), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(tmp_path / "data" / cls / f"{i}.png"), img)
+    (tmp_path / "data" / "sad" / "bad.png").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    proc = run("train", "--dataset", "folder", "--data-root", tmp_path / "data", "--protocol", "reference",
+               "--backbone", "smallcnn", "--input-size", "32", "--epochs", "2", "--batch-size", "8", "--out", out,
+               "--quiet")
+    assert "skipped 1 unreadable image(s): sad/bad.png: unreadable or corrupt image" in proc.stderr
+    assert json.loads((out / "run.json").read_text())["unreadable"] == [["sad/bad.png", "unreadable or corrupt image"]]
+    assert json.loads((out / "metrics.json").read_text())["unreadable_images"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-root", "/nonexistent"], "data root /nonexistent does not exist"),
+    (["--classes", "happy,joyful"], "unknown class name 'joyful'"),
+    (["--backbone", "alexnet", "--input-size", "48"], "too small for alexnet"),
+    (["--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
+    (["--protocol", "official"], "official protocol needs a dataset with its own split"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message):
+    base = ["train", "--dataset", "ckplus48", "--data-root", data_root, "--epochs", "1", "--out", tmp_path / "o"]
+    proc = run(*base, *args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("emoshield: error:") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_wrong_weights_file_is_named(tmp_path, data_root):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    proc = run("train", "--dataset", "ckplus48", "--data-root", data_root, "--limit-per-class", "10",
+               "--backbone", "smallcnn", "--weights", bad, "--epochs", "1", "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and f"{bad} is not a valid safetensors weights file" in proc.stderr

@@ -1,0 +1,160 @@
+import json
+from collections import Counter, defaultdict
+
+import cv2
+import numpy as np
+import pytest
+
+from emoshield.data import REFERENCE_CLASSES, canonical_label, load_dataset, make_split, parse_classes
+from emoshield.data.images import decode_images, to_model_input
+from emoshield.data.splits import load_split
+from emoshield.errors import EmoshieldError
+from tests.conftest import FIVE
+
+
+def test_canonical_labels_and_class_parsing():
+    assert canonical_label("Sadness") == "sad" and canonical_label("HA") == "happy"
+    assert canonical_label("anger") == "angry" and canonical_label("cat") is None
+    assert parse_classes(FIVE) == REFERENCE_CLASSES
+    assert parse_classes("happiness,sadness") == ("happy", "sad")
+    with pytest.raises(EmoshieldError, match="unknown class name 'joy ful'"):
+        parse_classes("happy,joy ful")
+
+
+def test_ckplus48_metadata_and_counts(data_root):
+    ds = load_dataset("ckplus48", data_root)
+    assert len(ds.records) == 981
+    assert len({r.subject for r in ds.records}) == 118 and len({r.sequence for r in ds.records}) == 327
+    assert ds.class_counts()["surprise"] == 249 and ds.class_counts()["angry"] == 135
+    five = load_dataset("ckplus48", data_root, FIVE)
+    assert len(five.records) == 792 and len({r.sequence for r in five.records}) == 264
+    r = next(r for r in five.records if r.path.endswith("S010_006_00000013.png"))
+    assert (r.subject, r.sequence, r.frame) == ("S010", "S010_006", 13)
+
+
+def test_fer2013_official_split_counts(data_root):
+    ds = load_dataset("fer2013", data_root)
+    split = make_split(ds, "official")
+    assert (len(split.train), len(split.val), len(split.test)) == (28709, 3589, 3589)
+    assert Counter(r.label for r in split.test)["disgust"] == 55
+    with pytest.raises(EmoshieldError, match="subject ids"):
+        make_split(ds, "subject")
+
+
+def test_jaffe_faces_detected_and_cropped(data_root):
+    ds = load_dataset("jaffe", data_root)
+    assert len(ds.records) + len(ds.skipped) == 213
+    assert len(ds.records) >= 200  # the Haar cascade finds nearly every JAFFE face
+    assert len({r.subject for r in ds.records}) == 10
+    assert all(r.crop is not None and r.crop[2] < 256 for r in ds.records)
+    decoded = decode_images(ds.root, ds.records[:8], 48)
+    assert decoded.pixels.shape == (8, 1, 48, 48)  # grayscale TIFFs stay one channel
+
+
+def test_reference_split_puts_every_sequence_in_all_three(data_root):
+    ds = load_dataset("ckplus48", data_root, FIVE)
+    split = make_split(ds, "reference", seed=3)
+    seen = defaultdict(Counter)
+    for name, part in split.parts().items():
+        for r in part:
+            seen[r.sequence][name] += 1
+    assert all(c == Counter(train=1, val=1, test=1) for c in seen.values())  # 3 frames -> 1/1/1
+    again = make_split(ds, "reference", seed=3)
+    assert [r.path for r in again.test] == [r.path for r in split.test]
+    other = make_split(ds, "reference", seed=4)
+    assert [r.path for r in other.test] != [r.path for r in split.test]
+
+
+def test_reference_split_80_10_10_on_long_sequences():
+    from emoshield.data.records import ImageRecord
+    from emoshield.data.splits import reference_split
+
+    records = [ImageRecord(f"v{v}/{f}.png", "happy", "s", f"v{v}", f) for v in range(3) for f in range(100)]
+    split = reference_split(records, seed=0)
+    assert (len(split.train), len(split.val), len(split.test)) == (240, 30, 30)
+
+
+def test_subject_split_is_subject_independent(data_root):
+    ds = load_dataset("ckplus48", data_root, FIVE)
+    all_test = set()
+    for fold in range(5):
+        split = make_split(ds, "subject", fold=fold, folds=5, seed=0)
+        subjects = {name: {r.subject for r in part} for name, part in split.parts().items()}
+        assert not subjects["train"] & subjects["test"] and not subjects["val"] & subjects["test"]
+        assert not subjects["train"] & subjects["val"] and subjects["val"]
+        assert all_test.isdisjoint(subjects["test"])
+        all_test |= subjects["test"]
+        assert sum(len(p) for p in split.parts().values()) == 792
+    assert all_test == {r.subject for r in ds.records}
+    with pytest.raises(EmoshieldError, match="--fold"):
+        make_split(ds, "subject", fold=5, folds=5)
+
+
+def test_split_json_roundtrip(tmp_path, data_root):
+    ds = load_dataset("ckplus48", data_root, FIVE)
+    split = make_split(ds, "subject", fold=1)
+    split.save(tmp_path / "split.json", ds)
+    entries = json.loads((tmp_path / "split.json").read_text())["entries"]
+    assert {"path", "label", "subject", "sequence", "split"} <= set(entries[0])
+    back, header = load_split(tmp_path / "split.json")
+    assert back.test == split.test and header["classes"] == list(REFERENCE_CLASSES) and header["fold"] == 1
+
+
+def _write_folder(root, per_class=3, corrupt=False):
+    rng = np.random.default_rng(0)
+    for cls in ("happy", "sadness"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            cv2.imwrite(str(root / cls / f"p{i}_{cls}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    if corrupt:
+        (root / "happy" / "broken.png").write_bytes(b"\x89PNG not really")
+
+
+def test_folder_dataset_color_and_corrupt_images(tmp_path):
+    _write_folder(tmp_path, corrupt=True)
+    ds = load_dataset("folder", tmp_path)
+    assert ds.classes == ("happy", "sad") and len(ds.records) == 7
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
+        decoded = decode_images(ds.root, ds.records, 32)
+    assert decoded.pixels.shape == (6, 3, 32, 32) and decoded.failures[0][0].endswith("broken.png")
+    import torch
+
+    x = to_model_input(torch.from_numpy(decoded.pixels))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_bad_dataset_folders(tmp_path):
+    with pytest.raises(EmoshieldError, match="does not exist"):
+        load_dataset("folder", tmp_path / "missing")
+    (tmp_path / "happy").mkdir()
+    with pytest.raises(EmoshieldError, match="no folder images"):
+        load_dataset("folder", tmp_path)
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(EmoshieldError, match="'cats' is not an emotion class"):
+        load_dataset("folder", tmp_path)
+
+
+def test_liris_layout_reads_videos_as_sequences(tmp_path, data_root):
+    """A LIRIS-style folder of videos built from real CK+ frames."""
+    ck = load_dataset("ckplus48", data_root, FIVE)
+    for label, folder in (("happy", "happiness"), ("sad", "sadness")):
+        (tmp_path / folder).mkdir()
+        seqs = sorted({r.sequence for r in ck.records if r.label == label})[:2]
+        for seq in seqs:
+            frames = sorted((r for r in ck.records if r.sequence == seq), key=lambda r: r.frame)
+            writer = cv2.VideoWriter(str(tmp_path / folder / f"{seq}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 48))
+            for r in frames * 4:  # 12 frames per video
+                writer.write(cv2.imread(str(ck.root / r.path)))
+            writer.release()
+    ds = load_dataset("liris", tmp_path, subject_pattern=r"^(S\d+)")
+    assert len(ds.records) == 4 * 12 and len({r.sequence for r in ds.records}) == 4
+    assert {r.subject for r in ds.records} <= {r.subject for r in ck.records}
+    split = make_split(ds, "reference")
+    assert (len(split.train), len(split.val), len(split.test)) == (40, 4, 4)
+    decoded = decode_images(ds.root, split.test, 48)
+    assert decoded.pixels.shape == (4, 3, 48, 48) and not decoded.failures  # video frames decode as colour
+    for pixels, record in zip(decoded.pixels, decoded.records):  # frame k of the video is CK+ frame k % 3
+        video_seq = [r for r in ck.records if r.sequence == record.sequence.split("/")[-1][:-4]]
+        source = sorted(video_seq, key=lambda r: r.frame)[record.frame % 3]
+        original = cv2.imread(str(ck.root / source.path), cv2.IMREAD_GRAYSCALE).astype(float)
+        assert np.abs(pixels.mean(0) - original).mean() < 8  # MJPEG is lossy, but it is the same face

@@ -1,0 +1,111 @@
+import shutil
+
+import pytest
+import torch
+
+from emoshield.errors import EmoshieldError
+from emoshield.models import BACKBONES, ModelConfig, build_model, imagenet_available, load_model, save_model
+from emoshield.models.library import hub_checkpoint_dir
+from emoshield.models.network import load_compatible_weights
+
+CLASSES = ["disgust", "fear", "happy", "sad", "surprise"]
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("head", ["localization", "backbone"])
+def test_every_backbone_and_head_maps_images_to_logits(backbone, head):
+    size = max(64, BACKBONES[backbone].min_input_size)
+    model = build_model(ModelConfig(backbone, CLASSES, size, head=head)).eval()
+    out = model(torch.rand(2, 3, size, size))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    x = torch.rand(2, 3, size, size)
+    feats = model.forward_features(x)
+    assert feats.shape[1] == BACKBONES[backbone].feature_channels
+    assert torch.allclose(model.forward_head(feats), model(x))
+
+
+def test_localization_head_layout_and_pooling_choices():
+    model = build_model(ModelConfig("resnet18", CLASSES, 128, pooling="window:4"))
+    head = model.head
+    assert isinstance(head.pool, torch.nn.AvgPool2d) and isinstance(head.norm, torch.nn.BatchNorm2d)
+    assert head.fc1.in_features == 512 and head.fc1.out_features == 256 and head.fc2.out_features == 5
+    grid = build_model(ModelConfig("resnet18", CLASSES, 64, pooling="grid:2")).head
+    assert grid.fc1.in_features == 512 * 4
+    with pytest.raises(EmoshieldError, match="does not fit"):
+        build_model(ModelConfig("resnet18", CLASSES, 64, pooling="window:4"))  # 2x2 map
+    with pytest.raises(EmoshieldError, match="bad pooling"):
+        build_model(ModelConfig("resnet18", CLASSES, 64, pooling="max"))
+    with pytest.raises(EmoshieldError, match="too small for alexnet"):
+        build_model(ModelConfig("alexnet", CLASSES, 48))
+
+
+def test_normalization_lives_inside_the_model():
+    model = build_model(ModelConfig("smallcnn", CLASSES, 48)).eval()
+    x = torch.rand(3, 3, 48, 48)
+    manual = model.forward_head(model.features((x - model.normalize.mean) / model.normalize.std))
+    assert torch.allclose(model(x), manual)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_imagenet_mobilenet_loads_offline_with_hash_check():
+    assert imagenet_available("mobilenet_v2") == "IMAGENET1K_V1", "make setup places the packaged weights"
+    from torchvision.models import mobilenet_v2
+
+    model = build_model(ModelConfig("mobilenet_v2", CLASSES, 64, weights="imagenet"))
+    assert model.config.weights == "imagenet:IMAGENET1K_V1"
+    reference = mobilenet_v2()
+    reference.load_state_dict(torch.load(hub_checkpoint_dir() / "mobilenet_v2-b0353104.pth", weights_only=True))
+    assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
+
+
+def test_missing_and_corrupt_imagenet_weights_give_one_line_errors(tmp_path, monkeypatch):
+    original = torch.hub.get_dir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(EmoshieldError, match=r"vgg16 not found: put vgg16-397923af\.pth") as err:
+        build_model(ModelConfig("vgg16", CLASSES, 64, weights="imagenet"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copyfile(f"{original}/checkpoints/mobilenet_v2-b0353104.pth", tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth")
+    with open(tmp_path / "checkpoints" / "mobilenet_v2-b0353104.pth", "r+b") as f:
+        f.seek(1000)
+        f.write(b"tampered")
+    with pytest.raises(EmoshieldError, match="does not match the prefix b0353104"):
+        build_model(ModelConfig("mobilenet_v2", CLASSES, 64, weights="imagenet"))
+    with pytest.raises(EmoshieldError, match="no ImageNet weights"):
+        build_model(ModelConfig("smallcnn", CLASSES, 48, weights="imagenet"))
+
+
+def test_save_load_roundtrip_without_pickle(tmp_path):
+    model = build_model(ModelConfig("smallcnn", CLASSES, 48, dropout=0.1)).eval()
+    save_model(model, tmp_path / "m.safetensors", {"note": "test"})
+    assert b"pickle" not in (tmp_path / "m.safetensors").read_bytes()[:200]
+    back = load_model(tmp_path / "m.safetensors")
+    x = torch.rand(4, 3, 48, 48)
+    assert torch.equal(model(x), back(x)) and back.config.classes == CLASSES and back.config.dropout == 0.1
+
+
+def test_safetensors_weights_seed_a_model_with_other_classes(tmp_path):
+    seven = build_model(ModelConfig("smallcnn", CLASSES + ["angry", "neutral"], 48))
+    save_model(seven, tmp_path / "seven.safetensors")
+    five = build_model(ModelConfig("smallcnn", CLASSES, 48, weights=str(tmp_path / "seven.safetensors")))
+    assert torch.equal(five.features[0].weight, seven.features[0].weight)
+    assert torch.equal(five.head.fc1.weight, seven.head.fc1.weight)  # same shape: taken
+    assert five.head.fc2.weight.shape == (5, 256)  # other shape: fresh
+    other = build_model(ModelConfig("resnet18", CLASSES, 48))
+    with pytest.raises(EmoshieldError, match="not smallcnn feature weights"):
+        load_compatible_weights(build_model(ModelConfig("smallcnn", CLASSES, 48)), _save(other, tmp_path / "r.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a weights file")
+    with pytest.raises(EmoshieldError, match="junk.safetensors is not a valid safetensors"):
+        build_model(ModelConfig("smallcnn", CLASSES, 48, weights=str(tmp_path / "junk.safetensors")))
+
+
+def _save(model, path):
+    save_model(model, path)
+    return path
+
+
+def test_freeze_features():
+    model = build_model(ModelConfig("smallcnn", CLASSES, 48))
+    model.freeze_features()
+    assert not any(p.requires_grad for p in model.features.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())

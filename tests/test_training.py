@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from emoshield.errors import EmoshieldError
+from emoshield.models import ModelConfig, build_model
+from emoshield.training import TensorData, TrainConfig, Trainer
+from emoshield.training.augment import augment_batch
+
+TRAIN_ARGS = ["--dataset", "ckplus48", "--classes", "happy,sad,surprise", "--limit-per-class", "60",
+              "--backbone", "smallcnn", "--epochs", "20", "--batch-size", "16", "--quiet"]
+
+
+def _toy_data(n=64, seed=0):
+    """Two separable classes: bright vs dark images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    base = torch.where(labels.view(-1, 1, 1, 1) == 1, 170, 60)
+    pixels = (base + torch.randint(-40, 40, (n, 1, 24, 24), generator=g)).clamp(0, 255).to(torch.uint8)
+    return TensorData(pixels, labels)
+
+
+def test_trainer_learns_and_selects_best_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
+    saved = []
+    trainer = Trainer(model, TrainConfig(epochs=8, batch_size=16, schedule="constant", augment="flip"), tmp_path,
+                      save_best=lambda m: saved.append(m.head.fc2.weight.detach().clone()), progress=False,
+                      log=lambda _m: None)
+    result = trainer.fit(_toy_data(), _toy_data(32, seed=1))
+    assert [r["epoch"] for r in result.history] == list(range(1, 9))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    # BatchNorm's running statistics need a few epochs before eval-mode accuracy catches up
+    assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history) >= 0.9
+    best = result.history[result.best_epoch - 1]
+    assert all(r["val_accuracy"] < best["val_accuracy"] or r["val_loss"] >= best["val_loss"] for r in result.history)
+    assert saved and json.loads((tmp_path / "history.json").read_text()) == result.history
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+    model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
+    Trainer(model, TrainConfig(epochs=1, batch_size=16), tmp_path, progress=False, log=lambda _m: None).fit(
+        _toy_data(), None)
+    with pytest.raises(EmoshieldError, match="pass --resume"):
+        Trainer(model, TrainConfig(epochs=1, batch_size=16), tmp_path, progress=False).fit(_toy_data(), None)
+    with pytest.raises(EmoshieldError, match="other training options"):
+        Trainer(model, TrainConfig(epochs=2, batch_size=8), tmp_path, progress=False,
+                log=lambda _m: None).fit(_toy_data(), None, resume=True)
+
+
+def test_bad_training_options_are_refused():
+    for bad in (dict(epochs=0), dict(batch_size=1), dict(lr=0), dict(optimizer="rmsprop"), dict(augment="mix")):
+        with pytest.raises(EmoshieldError):
+            TrainConfig(**bad).validate()
+
+
+def test_augmentation_is_seeded_and_keeps_range():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment_batch(x, "standard", torch.Generator().manual_seed(1))
+    b = augment_batch(x, "standard", torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert not torch.equal(a, x)
+    flipped = augment_batch(x, "flip", torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
+
+
+def _epoch_of(out):
+    try:
+        with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["state"])["epoch"]
+    except Exception:
+        return 0
+
+
+def _cli(out, data_root, *extra):
+    return [sys.executable, "-m", "emoshield", "train", *TRAIN_ARGS, "--data-root", str(data_root),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_with_nothing_lost(tmp_path, data_root):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, data_root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _epoch_of(killed) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = _epoch_of(killed)
+    assert 3 <= stopped_at < 20
+    resumed = subprocess.run(_cli(killed, data_root, "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from epoch {stopped_at} of 20" in resumed.stderr
+    history = json.loads((killed / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 21))
+
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, data_root), check=True, capture_output=True, timeout=300)
+    a, b = load_file(str(killed / "checkpoint.safetensors")), load_file(str(straight / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in
+                                                  json.loads((straight / "history.json").read_text())]
