@@ -130,8 +130,17 @@ def cmd_train(args) -> int:
                          freeze_features=args.freeze_features, seed=args.seed)
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
                          input_size=args.input_size, dropout=args.dropout)
+    defense = None
+    if args.defense:
+        from .training import DefenseConfig, parse_defense
+
+        defense = DefenseConfig(methods=parse_defense(args.defense), beta0=args.beta0, eps=args.eps,
+                                alpha=args.alpha, pgd_steps=args.defense_pgd_steps, attack_bn=args.attack_bn,
+                                select=args.select)
+        defense.validate()
     metrics = train_model(_data_options(args), model, config, Path(args.out), resume=args.resume,
-                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr, flush=True))
+                          progress=not args.quiet, log=lambda m: print(m, file=sys.stderr, flush=True),
+                          defense=defense)
     out = Path(args.out)
     print(f"test accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
           f"{metrics['num_images']} images; best epoch {metrics['best_epoch']}")
@@ -141,21 +150,55 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluation.report import describe_run
-    from .pipeline import evaluate_model
-
+def _eval_data(args):
     data = _data_options(args) if args.dataset else None
     if data is None and args.data_root:
         from .pipeline import DataOptions
 
         data = DataOptions(dataset=None, data_root=args.data_root)
-    metrics = evaluate_model(Path(args.model), Path(args.out), data)
+    return data
+
+
+def cmd_evaluate(args) -> int:
+    from .attacks import parse_attacks, parse_corruptions, parse_eps_list
+    from .evaluation.report import describe_run
+    from .pipeline import RobustnessOptions, evaluate_model
+
+    robustness = None
+    if args.attacks or args.corruptions:
+        robustness = RobustnessOptions(parse_attacks(args.attacks), parse_eps_list(args.eps),
+                                       parse_corruptions(args.corruptions), args.pgd_steps, args.apgd_steps,
+                                       args.restarts, args.attack_seed)
+    elif args.baseline:
+        raise EmoshieldError("--baseline compares robustness: give --attacks (and --eps) too")
+    out = Path(args.out)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    result = evaluate_model(Path(args.model), out, _eval_data(args), robustness,
+                            Path(args.baseline) if args.baseline else None, log=log)
+    metrics = json.loads((out / "metrics.json").read_text())
     print(f"accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
           f"{metrics['num_images']} images")
     print(f"  {describe_run(metrics)}")
-    print(f"  metrics: {Path(args.out) / 'metrics.json'}\n  confusion matrix: {Path(args.out) / 'confusion_matrix.png'}")
+    print(f"  metrics: {out / 'metrics.json'}\n  confusion matrix: {out / 'confusion_matrix.png'}")
+    if robustness is not None:
+        print((out / "report.md").read_text())
+        print(f"  robustness: {out / 'robustness.json'}\n  report: {out / 'report.md'}")
+        for flag in result["robustness"]["sanity_flags"]:
+            print(f"  warning: {flag}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .attacks import parse_attacks, parse_eps_list
+    from .pipeline import sweep_model
+
+    attack = parse_attacks(args.attack)
+    if len(attack) != 1:
+        raise EmoshieldError("--attack takes one attack name")
+    result = sweep_model(Path(args.model), attack[0], parse_eps_list(args.eps), Path(args.out), _eval_data(args),
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    print((Path(args.out) / "sweep.md").read_text())
+    return 0 if result["points"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import BACKBONES, HEADS
     from .models.heads import POOLING_HELP
     from .training import OPTIMIZERS, SCHEDULES
+    from .attacks import CORRUPTIONS
     from .training.augment import AUGMENTATIONS
 
     parser = argparse.ArgumentParser(prog="emoshield", description="Robust facial-expression recognition: "
@@ -205,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=AUGMENTATIONS, default="standard")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("perturbation-aware defense (SPEC §6)")
+    g.add_argument("--defense", help="methods and weights beta_s, e.g. fgsm:0.5,rfgsm:0.5 (pgd also allowed)")
+    g.add_argument("--beta0", type=float, default=0.5, help="weight of the clean loss, >= 0.5 (default: %(default)s)")
+    g.add_argument("--eps", type=float, default=0.01, help="training perturbation size, L-inf on [0,1] images")
+    g.add_argument("--alpha", type=float, help="R+FGSM random step (default eps/2); must be < eps")
+    g.add_argument("--defense-pgd-steps", type=int, default=7, help="steps of pgd when it is a defense method")
+    g.add_argument("--attack-bn", choices=["train", "eval"], default="train",
+                   help="BatchNorm mode that generates training perturbations (default: %(default)s; see docs)")
+    g.add_argument("--select", choices=["clean", "robust", "mean"], default="mean",
+                   help="validation score for model selection with a defense: clean accuracy, robust (worst "
+                        "over S) accuracy, or the mean of clean and per-method accuracies (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -214,8 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="training output folder or model.safetensors")
     _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
     p.add_argument("--out", required=True, help="output folder")
+    _add_attack_args(p)
+    p.add_argument("--attacks", help="comma-separated: fgsm,rfgsm,pgd,apgd (robustness report)")
+    p.add_argument("--eps", default="0.005,0.01,0.015", help="eps list or start:stop:step (default: %(default)s)")
+    p.add_argument("--corruptions", help="camera corruptions: all or a list of " + ",".join(CORRUPTIONS))
+    p.add_argument("--baseline", help="another trained model (e.g. undefended) evaluated on the same images")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="accuracy vs eps for one attack")
+    p.add_argument("--model", required=True, help="training output folder or model.safetensors")
+    _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
+    p.add_argument("--attack", default="fgsm", help="fgsm, rfgsm, pgd or apgd (default: %(default)s)")
+    p.add_argument("--eps", default="0:0.03:0.002", help="start:stop:step or a list (default: %(default)s)")
+    _add_attack_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_sweep)
     return parser
+
+
+def _add_attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size 2.5*eps/steps)")
+    p.add_argument("--apgd-steps", type=int, default=50, help="APGD iterations")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts of PGD and APGD")
+    p.add_argument("--attack-seed", type=int, default=0, help="seed of random starts")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,7 +145,8 @@ def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int,
     }
 
 
-def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path, title: str) -> dict:
+def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path, title: str,
+                     summary_name: str = "report.md") -> dict:
     """Accuracy, per-class accuracy and confusion matrix of `model` on `test`; writes
     metrics.json, confusion_matrix.png and report.md into out_dir."""
     from .evaluation import classification_report, describe_run, metrics_markdown
@@ -159,13 +160,14 @@ def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path,
                           describe_run(metrics))
     metrics["confusion_matrix_png"] = "confusion_matrix.png"
     _write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "report.md").write_text(metrics_markdown(metrics, title))
+    (out_dir / summary_name).write_text(metrics_markdown(metrics, title))
     return metrics
 
 
 def train_model(data: DataOptions, model_options: ModelOptions, train_config, out_dir: Path,
-                resume: bool = False, progress: bool = True, log=None) -> dict:
-    """Train and evaluate one model; returns metrics.json's content."""
+                resume: bool = False, progress: bool = True, log=None, defense=None) -> dict:
+    """Train (with the perturbation-aware defense when `defense` is given) and evaluate one
+    model; returns metrics.json's content."""
     import torch
 
     from .evaluation.plots import plot_history
@@ -175,6 +177,8 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     from .training import Trainer
 
     train_config.validate()
+    if defense is not None:
+        defense.validate()
     validate_model_options(model_options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +197,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     model = build_model(config)
     meta = run_metadata(data, model_options, train_config.epochs, train_config.seed, config.weights,
                         list(dataset.classes))
+    meta["defense"] = asdict(defense) if defense is not None else None
     _write_json(out_dir / "run.json", {
         **meta, "data_options": asdict(data), "model_options": asdict(model_options),
         "train_config": asdict(train_config), "model_config": asdict(config), "run": run_info(),
@@ -201,35 +206,34 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     })
     (log or print)(f"training: {describe_run(meta)}; images train/val/test = "
                    f"{len(prepared.parts['train'])}/{len(prepared.parts['val'])}/{len(prepared.parts['test'])}")
-    trainer = Trainer(model, train_config, out_dir, progress=progress, log=log,
+    trainer = Trainer(model, train_config, out_dir, progress=progress, log=log, defense=defense,
                       save_best=lambda m: save_model(m, out_dir / "model.safetensors", meta))
     result = trainer.fit(prepared.parts["train"], prepared.parts["val"], resume=resume)
     plot_history(result.history, out_dir / "training_curves.png", describe_run(meta))
     from .models import load_model
 
     best = load_model(out_dir / "model.safetensors")
-    meta.update(best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+    meta.update(best_epoch=result.best_epoch, best_val_score=result.best_val_score,
                 train_seconds=result.seconds,
                 unreadable_images=len(prepared.failures), skipped_images=len(dataset.skipped))
     return evaluate_tensors(best, prepared.parts["test"], list(dataset.classes), meta, out_dir,
                             "Training result (test split)")
 
 
-def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None) -> dict:
-    """Evaluate a trained model: on its own test split (split.json beside it) by default, or on
-    another dataset (`data`; its protocol's test split, or every image with --protocol all)."""
-    from .data import load_split
+def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: list[str] | None = None):
+    """(model, test records, dataset folder, meta) for a trained model: its own test split
+    (split.json beside it) by default, or another dataset's (`data`; --protocol all = every image)."""
+    from .data import load_split, make_split
     from .data.datasets import resolve_dataset_dir
-    from .data.images import decode_images
     from .models import load_model
+    from .provenance import git_commit
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir = Path(model_dir)
     model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
     model = load_model(model_file)
-    classes = list(model.config.classes)
+    classes = classes or list(model.config.classes)
     run_file = model_file.parent / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    out_dir.mkdir(parents=True, exist_ok=True)
     if data is None or data.dataset is None:
         split_file = model_file.parent / "split.json"
         if not split_file.is_file():
@@ -240,29 +244,146 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
             root = resolve_dataset_dir(Path(data.data_root), header["dataset"])
         records = split.test
         meta = {k: run.get(k, header.get(k)) for k in
-                ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit")}
+                ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense")}
     else:
         dataset = load_data(DataOptions(**{**asdict(data), "classes": ",".join(classes)}), run.get("seed", 0))
         root = dataset.root
-        if data.protocol == "all":
-            records = dataset.records
-        else:
-            from .data import make_split
-
-            records = make_split(dataset, data.protocol, data.fold, data.folds, run.get("seed", 0),
-                                 data.val_fraction).test
+        records = dataset.records if data.protocol == "all" else make_split(
+            dataset, data.protocol, data.fold, data.folds, run.get("seed", 0), data.val_fraction).test
         meta = {"dataset": data.dataset, "protocol": data.protocol,
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,
-                "seed": run.get("seed", 0), "epochs": run.get("epochs")}
-    from .provenance import git_commit
-
+                "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense")}
     meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
                 pooling=model.config.pooling, weights=model.config.weights,
                 input_size=model.config.input_size, model=str(model_file), evaluated_by=git_commit())
-    records = [r for r in records if r.label in classes]
+    return model, [r for r in records if r.label in classes], root, meta
+
+
+def _decode_for(model, records, root, classes):
+    from .data.images import decode_images
+
     decoded = decode_images(root, records, model.config.input_size)
     if not decoded.records:
         raise EmoshieldError(f"no readable test images of classes {', '.join(classes)} under {root}")
-    test = _tensor_data(decoded.pixels, decoded.records, classes)
-    return evaluate_tensors(model, test, classes, meta, out_dir, "Evaluation")
+    return _tensor_data(decoded.pixels, decoded.records, classes), decoded.records
+
+
+@dataclass
+class RobustnessOptions:
+    """Which perturbations a robustness evaluation runs."""
+
+    attacks: list[str]
+    eps: list[float]
+    corruptions: list[str] = field(default_factory=list)
+    pgd_steps: int = 10
+    apgd_steps: int = 50
+    restarts: int = 1
+    seed: int = 0
+
+
+def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None,
+                   robustness: RobustnessOptions | None = None, baseline_dir: Path | None = None,
+                   log=None) -> dict:
+    """Evaluate a trained model (see model_test_data for which images). With `robustness`, also
+    write robustness.json, report.md (SPEC §7 tables) and plots; with `baseline_dir`, evaluate
+    that model on the same images and report the improvement over it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, records, root, meta = model_test_data(model_dir, data)
+    classes = meta["classes"]
+    test, records = _decode_for(model, records, root, classes)
+    metrics = evaluate_tensors(model, test, classes, meta, out_dir,
+                               "Evaluation", summary_name="summary.md" if robustness else "report.md")
+    if robustness is None:
+        return metrics
+    report = _robustness(model, test, classes, robustness, log)
+    result = {"model": meta, "robustness": report}
+    comparison, baseline_meta, baseline_report = None, None, None
+    if baseline_dir is not None:
+        from .models import load_model
+
+        base_model = load_model(Path(baseline_dir) / "model.safetensors" if Path(baseline_dir).is_dir()
+                                else Path(baseline_dir))
+        if list(base_model.config.classes) != classes:
+            raise EmoshieldError(f"baseline {baseline_dir} has classes {base_model.config.classes}, not {classes}")
+        _, _, _, baseline_meta = model_test_data(baseline_dir, None if data is None or data.dataset is None else data,
+                                                 classes)
+        base_test, _ = _decode_for(base_model, records, root, classes)
+        (log or print)("baseline:")
+        baseline_report = _robustness(base_model, base_test, classes, robustness, log)
+        from .evaluation.robustness import compare_with_baseline
+
+        comparison = compare_with_baseline(report, baseline_report)
+        result.update(baseline=baseline_meta, baseline_robustness=baseline_report, improvement=comparison)
+    plots = _robustness_plots(report, baseline_report, meta, out_dir)
+    _write_json(out_dir / "robustness.json", result)
+    from .evaluation.report import robustness_markdown
+
+    (out_dir / "report.md").write_text(robustness_markdown(report, meta, comparison, baseline_meta, plots))
+    return result
+
+
+def _robustness(model, test, classes, options: RobustnessOptions, log=None) -> dict:
+    from .evaluation.robustness import robustness_report
+
+    return robustness_report(model, test.pixels, test.labels, classes, options.attacks, options.eps,
+                             options.corruptions, options.pgd_steps, options.apgd_steps, options.restarts,
+                             options.seed, progress=log or print)
+
+
+def _robustness_plots(report: dict, baseline: dict | None, meta: dict, out_dir: Path) -> dict:
+    from .attacks.registry import LABELS
+    from .evaluation.plots import plot_accuracy_vs_eps, plot_condition_bars, plot_per_class_boxes
+    from .evaluation.report import describe_run
+
+    if not report["attacks"]:
+        return {}
+    title = describe_run(meta)
+    models = {"this model": report} if baseline is None else {"defended (this model)": report, "baseline": baseline}
+    curves = {}
+    for label, rep in models.items():
+        for name, by_eps in rep["attacks"].items():
+            eps = sorted(by_eps, key=float)
+            curves[f"{LABELS[name]} ({label})"] = ([0.0] + [float(e) for e in eps],
+                                                  [rep["clean_accuracy"]] + [by_eps[e]["accuracy"] for e in eps])
+    plots = {"accuracy vs eps": plot_accuracy_vs_eps(curves, out_dir / "accuracy_vs_eps.png", title,
+                                                     chance=1 / len(meta["classes"])).name}
+    eps_keys = sorted({e for by_eps in report["attacks"].values() for e in by_eps}, key=float)
+    mid = eps_keys[len(eps_keys) // 2]
+    bars, boxes = {}, {}
+    for label, rep in models.items():
+        bars[label] = {"benign": rep["clean_accuracy"], **{f"{LABELS[n]}": rep["attacks"][n][mid]["accuracy"]
+                                                         for n in rep["attacks"] if mid in rep["attacks"][n]}}
+        boxes[label] = {"benign": rep["per_class_accuracy"]["clean"],
+                        **{LABELS[n]: rep["attacks"][n][mid]["per_class_accuracy"]
+                           for n in rep["attacks"] if mid in rep["attacks"][n]}}
+    plots["accuracy bars"] = plot_condition_bars(bars, out_dir / "accuracy_bars.png", f"eps {mid}; {title}").name
+    plots["per-class accuracy"] = plot_per_class_boxes(boxes, out_dir / "per_class_boxes.png",
+                                                       f"eps {mid}; {title}").name
+    return plots
+
+
+def sweep_model(model_dir: Path, attack: str, eps: list[float], out_dir: Path, data: DataOptions | None = None,
+                log=None) -> dict:
+    """Accuracy against eps for one attack (the reference's robustness curve): sweep.json, sweep.md, sweep.png."""
+    from .attacks.registry import LABELS
+    from .evaluation.plots import plot_accuracy_vs_eps
+    from .evaluation.report import describe_run
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, records, root, meta = model_test_data(model_dir, data)
+    test, _ = _decode_for(model, records, root, meta["classes"])
+    report = _robustness(model, test, meta["classes"], RobustnessOptions([attack], eps), log)
+    points = [{"eps": 0.0, "accuracy": report["clean_accuracy"]}] + [
+        {"eps": float(e), "accuracy": v["accuracy"]} for e, v in report["attacks"][attack].items() if float(e) > 0]
+    result = {"model": meta, "attack": attack, "points": points, "sanity_flags": report["sanity_flags"]}
+    _write_json(out_dir / "sweep.json", result)
+    plot_accuracy_vs_eps({LABELS[attack]: ([p["eps"] for p in points], [p["accuracy"] for p in points])},
+                         out_dir / "sweep.png", describe_run(meta), chance=1 / len(meta["classes"]))
+    lines = [f"# {LABELS[attack]} accuracy vs eps", "", describe_run(meta), "", "| eps | accuracy |", "|---:|---:|"]
+    lines += [f"| {p['eps']:g} | {p['accuracy']:.2%} |" for p in points]
+    lines += ["", "![accuracy vs eps](sweep.png)", ""] + [f"- ⚠ {f}" for f in report["sanity_flags"]]
+    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    return result

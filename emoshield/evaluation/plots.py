@@ -59,3 +59,70 @@ def plot_history(history: Sequence[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_vs_eps(curves: dict, path: Path, title: str, chance: float | None = None) -> Path:
+    """curves: label -> (eps list, accuracy list); labels containing 'baseline' are dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (eps, acc) in curves.items():
+        ax.plot(eps, [a * 100 for a in acc], marker="o", markersize=3, label=label,
+                linestyle="--" if "baseline" in label or "undefended" in label else "-")
+    if chance:
+        ax.axhline(chance * 100, color="gray", linewidth=0.8, linestyle=":", label="chance")
+    ax.set_xlabel("eps (L-inf, images in [0, 1])")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_condition_bars(groups: dict, path: Path, title: str) -> Path:
+    """groups: model label -> {condition: accuracy}; grouped bars per condition."""
+    plt = _pyplot()
+    conditions = list(next(iter(groups.values())))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(conditions), 4))
+    for k, (label, values) in enumerate(groups.items()):
+        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(conditions))]
+        bars = ax.bar(xs, [values.get(c, 0) * 100 for c in conditions], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(conditions)), conditions)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class_boxes(groups: dict, path: Path, title: str) -> Path:
+    """groups: model label -> {condition: {class: accuracy}}; a box per condition over the classes."""
+    plt = _pyplot()
+    conditions = list(next(iter(groups.values())))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(conditions), 4))
+    width = 0.8 / len(groups)
+    for k, (label, by_condition) in enumerate(groups.items()):
+        data = [[v * 100 for v in by_condition[c].values() if v is not None] for c in conditions]
+        pos = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(conditions))]
+        parts = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False)
+        for box in parts["boxes"]:
+            box.set_facecolor(f"C{k}")
+            box.set_alpha(0.6)
+        ax.plot([], [], color=f"C{k}", linewidth=6, alpha=0.6, label=label)
+    ax.set_xticks(range(len(conditions)), conditions)
+    ax.set_ylabel("per-class accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

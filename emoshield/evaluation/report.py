@@ -6,9 +6,12 @@ from __future__ import annotations
 def describe_run(meta: dict) -> str:
     """One line naming the data, protocol, backbone, input size, epochs and seed of a result."""
     fold = f", fold {meta['fold']}/{meta['folds']}" if meta.get("fold") is not None else ""
+    defense = meta.get("defense")
+    defended = (f", defended ({'+'.join(f'{k}:{v:g}' for k, v in defense['methods'].items())}, "
+                f"beta0 {defense['beta0']:g}, eps {defense['eps']:g})") if defense else ""
     return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}), "
             f"{meta['protocol']} protocol{fold}, {meta['backbone']} + {meta['head']} head "
-            f"(weights: {meta['weights']}), input {meta['input_size']} px, {meta['epochs']} epochs, seed {meta['seed']}")
+            f"(weights: {meta['weights']}), input {meta['input_size']} px, {meta['epochs']} epochs, seed {meta['seed']}{defended}")
 
 
 def metrics_markdown(metrics: dict, title: str = "Evaluation") -> str:
@@ -28,4 +31,98 @@ def metrics_markdown(metrics: dict, title: str = "Evaluation") -> str:
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     if metrics.get("confusion_matrix_png"):
         lines += ["", f"![confusion matrix]({metrics['confusion_matrix_png']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _arrow(delta: dict | None) -> str:
+    if not delta or delta.get("relative_percent") is None:
+        return ""
+    rel = delta["relative_percent"]
+    return f" ({'↑' if rel > 0 else '↓' if rel < 0 else '='} {abs(rel):.1f}%)"
+
+
+def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None, baseline_meta: dict | None = None,
+                        plots: dict | None = None) -> str:
+    """report.md in the form of SPEC §7: rows FGSM, R+FGSM, Average (+ PGD, APGD, worst case),
+    columns eps_test, with "↑ x%" relative improvements over the baseline when given."""
+    from ..attacks.registry import LABELS
+
+    attacks = report["attacks"]
+    eps_keys = sorted({e for by_eps in attacks.values() for e in by_eps}, key=float)
+    settings = report["settings"]
+    lines = ["# Robustness report", "", describe_run(meta), "",
+             f"Test images: {report['num_images']}. Attacks: L-inf on [0, 1] images, model in eval mode; "
+             f"PGD {settings['pgd_steps']} steps of 2.5*eps/steps from a random start, APGD-CE "
+             f"{settings['apgd_steps']} steps, {settings['restarts']} restart(s), R+FGSM alpha = eps/2, "
+             f"seed {settings['seed']}.", ""]
+    if baseline_meta:
+        lines += [f"Baseline: {describe_run(baseline_meta)}", "",
+                  "Cells: this model's accuracy, with the relative change over the baseline (↑ x%).", ""]
+    clean_cmp = comparison["clean"] if comparison else None
+    base_clean = f" (baseline {_pct(clean_cmp['baseline_accuracy'])}){_arrow(clean_cmp)}" if clean_cmp else ""
+    lines += [f"**Clean accuracy: {_pct(report['clean_accuracy'])}**{base_clean}", ""]
+    if attacks:
+        lines += ["| attack | " + " | ".join(f"eps {e}" for e in eps_keys) + " |",
+                  "|---|" + "---:|" * len(eps_keys)]
+
+        def row(label: str, name: str) -> str:
+            cells = []
+            for e in eps_keys:
+                value = attacks.get(name, {}).get(e)
+                delta = comparison["attacks"].get(name, {}).get(e) if comparison else None
+                cells.append(_pct(value["accuracy"]) + _arrow(delta) if value else "")
+            return f"| {label} | " + " | ".join(cells) + " |"
+
+        for name in ("fgsm", "rfgsm"):
+            if name in attacks:
+                lines.append(row(LABELS[name], name))
+        if "fgsm" in attacks and "rfgsm" in attacks:
+            cells = []
+            for e in eps_keys:
+                pair = [attacks[n][e]["accuracy"] for n in ("fgsm", "rfgsm") if e in attacks[n]]
+                avg = sum(pair) / len(pair) if len(pair) == 2 else None
+                text = _pct(avg)
+                if comparison and avg is not None:
+                    base = [comparison["attacks"].get(n, {}).get(e, {}).get("baseline_accuracy") for n in ("fgsm", "rfgsm")]
+                    if all(b is not None for b in base) and sum(base):
+                        text += _arrow({"relative_percent": (avg - sum(base) / 2) / (sum(base) / 2) * 100})
+                cells.append(text)
+            lines.append("| Average | " + " | ".join(cells) + " |")
+        for name in ("pgd", "apgd"):
+            if name in attacks:
+                steps = settings["pgd_steps"] if name == "pgd" else settings["apgd_steps"]
+                lines.append(row(f"{LABELS[name]}-{steps}", name))
+        if report["worst_case"]:
+            cells = []
+            for e in eps_keys:
+                value = report["worst_case"].get(e)
+                delta = comparison["worst_case"].get(e) if comparison else None
+                cells.append(_pct(value["accuracy"]) + _arrow(delta) if value else "")
+            lines.append(f"| **Worst case** (all attacks) | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report["corruptions"]:
+        lines += ["## Camera corruptions", "", "| corruption | " + " | ".join(f"severity {s}" for s in range(1, 6))
+                  + " | mean |", "|---|" + "---:|" * 6]
+        for name, by_sev in report["corruptions"].items():
+            accs = [by_sev[str(s)]["accuracy"] for s in range(1, 6)]
+            lines.append(f"| {name} | " + " | ".join(_pct(a) for a in accs) + f" | {_pct(sum(accs) / 5)} |")
+        lines.append("")
+    if attacks:
+        mid = eps_keys[len(eps_keys) // 2]
+        conditions = [("clean", report["per_class_accuracy"]["clean"])] + [
+            (f"{LABELS[n]} {mid}", attacks[n][mid]["per_class_accuracy"]) for n in attacks if mid in attacks[n]]
+        lines += [f"## Per-class accuracy (eps {mid})", "",
+                  "| class | " + " | ".join(c for c, _ in conditions) + " |", "|---|" + "---:|" * len(conditions)]
+        for cls in report["classes"]:
+            lines.append(f"| {cls} | " + " | ".join(_pct(values[cls]) for _, values in conditions) + " |")
+        lines.append("")
+    lines += ["## Sanity flags", ""]
+    lines += [f"- ⚠ {flag}" for flag in report["sanity_flags"]] or ["- none raised"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
+    lines += ["", f"git commit: `{meta.get('evaluated_by') or meta.get('git_commit', 'unknown')}`"]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -76,7 +77,7 @@ class TensorData:
 class TrainResult:
     history: list[dict]
     best_epoch: int
-    best_val_accuracy: float | None
+    best_val_score: float | None  # validation accuracy, or the defense's selection score
     seconds: float
 
 
@@ -100,11 +101,57 @@ def predict_logits(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int
     return torch.cat(outs) if outs else torch.zeros(0, 0)
 
 
-def _evaluate(model: torch.nn.Module, data: TensorData, batch_size: int) -> tuple[float, float]:
+def validation_metrics(model: torch.nn.Module, data: TensorData, batch_size: int, defense=None,
+                       seed: int = 0) -> dict:
+    """Validation loss and accuracy; with a defense also each method's accuracy on perturbed copies
+    made with the current model (eval mode), the robust (worst over S) accuracy, the
+    differential loss and the selection score."""
     logits = predict_logits(model, data.pixels, batch_size)
-    loss = F.cross_entropy(logits, data.labels).item()
-    accuracy = (logits.argmax(1) == data.labels).float().mean().item()
-    return loss, accuracy
+    clean_correct = logits.argmax(1) == data.labels
+    out = {"val_loss": F.cross_entropy(logits, data.labels).item(),
+           "val_accuracy": clean_correct.float().mean().item()}
+    if defense is None:
+        out["val_score"] = out["val_accuracy"]
+        return out
+    was_training = model.training
+    model.eval()
+    robust = clean_correct.clone()
+    diff_loss = defense.beta0 * out["val_loss"]
+    accuracies = [out["val_accuracy"]]
+    for name, beta in defense.methods.items():
+        attack = defense.attack(name, "eval", seed)
+        losses, correct = [], []
+        for i in range(0, len(data), batch_size):
+            x, y = to_model_input(data.pixels[i:i + batch_size]), data.labels[i:i + batch_size]
+            with torch.no_grad():
+                adv_logits = model(attack(model, x, y))
+            losses.append(F.cross_entropy(adv_logits, y, reduction="sum"))
+            correct.append(adv_logits.argmax(1) == y)
+        correct_all = torch.cat(correct)
+        out[f"val_{name}_accuracy"] = correct_all.float().mean().item()
+        accuracies.append(out[f"val_{name}_accuracy"])
+        robust &= correct_all
+        diff_loss += (1 - defense.beta0) * beta * (torch.stack(losses).sum() / len(data)).item()
+    model.train(was_training)
+    out["val_robust_accuracy"] = robust.float().mean().item()
+    out["val_differential_loss"] = diff_loss
+    out["val_score"] = {"clean": out["val_accuracy"], "robust": out["val_robust_accuracy"],
+                        "mean": sum(accuracies) / len(accuracies)}[defense.select]
+    return out
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: torch.nn.Module):
+    """BatchNorm layers keep their running statistics (momentum 0) while attacks run in train mode."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
 
 def _format_seconds(seconds: float) -> str:
@@ -117,8 +164,11 @@ class Trainer:
     (best epoch on validation) and OUT/history.json."""
 
     def __init__(self, model, config: TrainConfig, out_dir: Path, save_best=None, progress: bool = True,
-                 log=None):
+                 log=None, defense=None):
         config.validate()
+        if defense is not None:
+            defense.validate()
+        self.defense = defense
         self.model = model
         self.config = config
         self.out_dir = Path(out_dir)
@@ -147,7 +197,7 @@ class Trainer:
                 raise EmoshieldError(f"{self.out_dir} already holds a training checkpoint; "
                                      "pass --resume to continue it or choose another --out")
             state = load_checkpoint(self.out_dir, self.model, optimizer, generator)
-            if state.get("train_config") != asdict(cfg):
+            if state.get("train_config") != asdict(cfg) or state.get("defense") != self._defense_json():
                 raise EmoshieldError(f"{self.out_dir}: the checkpoint was made with other training options; "
                                      "resume with the same options")
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
@@ -163,28 +213,35 @@ class Trainer:
             train_loss, train_acc = self._train_epoch(train, optimizer, generator, epoch)
             record = {"epoch": epoch, "lr": rates[epoch - 1], "train_loss": train_loss, "train_accuracy": train_acc}
             if use_val:
-                val_loss, val_acc = _evaluate(self.model, val, cfg.eval_batch_size)
-                record.update(val_loss=val_loss, val_accuracy=val_acc)
-                improved = val_acc > best["accuracy"] or (val_acc == best["accuracy"] and val_loss < best["loss"])
+                metrics = validation_metrics(self.model, val, cfg.eval_batch_size, self.defense, cfg.seed + epoch)
+                record.update(metrics)
+                val_loss, val_acc, score = metrics["val_loss"], metrics["val_accuracy"], metrics["val_score"]
+                improved = score > best["accuracy"] or (score == best["accuracy"] and val_loss < best["loss"])
             else:
                 val_loss, val_acc, improved = math.nan, math.nan, True
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if improved:
-                best = {"epoch": epoch, "accuracy": val_acc if use_val else -1.0, "loss": val_loss if use_val else math.inf}
+                best = {"epoch": epoch, "accuracy": score if use_val else -1.0, "loss": val_loss if use_val else math.inf}
                 if self.save_best is not None:
                     self.save_best(self.model)
             save_checkpoint(self.out_dir, self.model, optimizer, generator,
-                            {"epoch": epoch, "history": history, "best": best, "train_config": asdict(cfg)})
+                            {"epoch": epoch, "history": history, "best": best, "train_config": asdict(cfg),
+                             "defense": self._defense_json()})
             (self.out_dir / "history.json").write_text(json.dumps(history, indent=1))
             done = epoch - start_epoch + 1
             eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
             val_text = f" | val loss {val_loss:.3f} acc {val_acc:.3f}" if use_val else ""
+            if use_val and self.defense is not None:
+                val_text += " " + " ".join(f"{m} {record[f'val_{m}_accuracy']:.3f}" for m in self.defense.methods)
             self.log(f"epoch {epoch}/{cfg.epochs} train loss {train_loss:.3f} acc {train_acc:.3f}{val_text} "
                      f"| lr {rates[epoch - 1]:.2e} | {record['seconds']:.1f}s | ETA {_format_seconds(eta)}"
                      + (" *" if improved and use_val else ""))
         total = sum(r["seconds"] for r in history)
         return TrainResult(history, best["epoch"], best["accuracy"] if use_val else None, total)
+
+    def _defense_json(self) -> dict | None:
+        return asdict(self.defense) if self.defense is not None else None
 
     def _train_epoch(self, data: TensorData, optimizer, generator: torch.Generator, epoch: int) -> tuple[float, float]:
         from tqdm import tqdm
@@ -201,13 +258,40 @@ class Trainer:
         for index in bar:
             x = augment_batch(to_model_input(data.pixels[index]), cfg.augment, generator)
             y = data.labels[index]
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.defense is None:
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss.backward()
+            else:
+                seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+                loss, logits = self._defended_backward(x, y, seed)
             optimizer.step()
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
         return total_loss / max(seen, 1), correct / max(seen, 1)
+
+    def _defended_backward(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradients of the differential loss (see defense.py); return (loss, clean logits)."""
+        d, smoothing = self.defense, self.config.label_smoothing
+        fused_fgsm = "fgsm" in d.methods and d.attack_bn == "train"
+        x_clean = x.detach().requires_grad_(fused_fgsm)
+        logits = self.model(x_clean)
+        clean_loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        (d.beta0 * clean_loss).backward()
+        total = d.beta0 * clean_loss.detach()
+        attack_mode = "keep" if d.attack_bn == "train" else "eval"
+        for name, beta in d.methods.items():
+            if beta == 0:
+                continue
+            if name == "fgsm" and fused_fgsm:
+                x_adv = (x + d.eps * x_clean.grad.sign()).clamp_(0, 1)
+            else:
+                with frozen_batchnorm_stats(self.model):
+                    x_adv = d.attack(name, attack_mode, seed)(self.model, x, y)
+            adv_loss = F.cross_entropy(self.model(x_adv), y, label_smoothing=smoothing)
+            ((1 - d.beta0) * beta * adv_loss).backward()
+            total = total + (1 - d.beta0) * beta * adv_loss.detach()
+        return total, logits.detach()

@@ -1,0 +1,124 @@
+"""One L-infinity gradient attack: random start, signed-gradient steps, projection.
+
+Every attack here is a configuration of `LinfAttack` (FGSM, R+FGSM, PGD) or extends it
+(APGD). Shared contract, the things users of attack libraries most often trip over:
+- images are in [0, 1]; the model normalizes inside (emoshield's EmotionNet does);
+- the model runs in eval mode by default (`mode="eval"`; "train" or "keep" on request), and
+  the caller's mode and every parameter's requires_grad are restored afterwards;
+- gradients are enabled even inside a caller's torch.no_grad()/inference_mode;
+- x is never modified; the result is detached, within eps of x in L-inf, and in [0, 1];
+- the loss is summed over the batch, so each sample's gradient is independent of the
+  batch it came in (with eval-mode BatchNorm): a slice of a batch gives the same result;
+- random starts come from a torch.Generator seeded per call (`seed`), reproducibly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EmoshieldError
+
+MODES = ("eval", "train", "keep")
+
+
+@contextlib.contextmanager
+def attack_context(model: torch.nn.Module, mode: str = "eval"):
+    """Put the model in the attack's mode, freeze its parameters, enable grad; restore all after."""
+    if mode not in MODES:
+        raise EmoshieldError(f"unknown attack mode {mode!r}; choose one of {', '.join(MODES)}")
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    if mode != "keep":
+        model.train(mode == "train")
+    for p, _ in flags:
+        p.requires_grad_(False)  # no weight gradients: faster, and the caller's .grad stays untouched
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d sum-CE / dx, logits) at x; call inside attack_context."""
+    x = x.detach().clone().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad, logits.detach()
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Nearest point of the eps-ball around x (L-inf) that is also in [0, 1]."""
+    return torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+
+
+class LinfAttack:
+    """x_adv = attack(model, x, y).
+
+    random_start: None, "uniform" (U(-eps, eps), then projected) or "sign" (alpha * sign(N(0, I)),
+    NOT clipped, as R+FGSM defines it). steps signed-gradient steps of `step_size`, each
+    followed by projection onto the eps-ball and [0, 1]. With restarts > 1 the first
+    restart that fools the model is kept per sample (else the last one).
+    """
+
+    name = "linf"
+
+    def __init__(self, eps: float, steps: int = 1, step_size: float | None = None, random_start: str | None = None,
+                 start_size: float | None = None, restarts: int = 1, mode: str = "eval", seed: int = 0):
+        if not eps >= 0:
+            raise EmoshieldError(f"eps must be >= 0, got {eps}")
+        if steps < 1 or restarts < 1:
+            raise EmoshieldError("steps and restarts must be >= 1")
+        if random_start not in (None, "uniform", "sign"):
+            raise EmoshieldError(f"unknown random start {random_start!r}")
+        if mode not in MODES:
+            raise EmoshieldError(f"unknown attack mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.eps, self.steps, self.restarts, self.mode, self.seed = float(eps), steps, restarts, mode, seed
+        self.step_size = float(eps if step_size is None else step_size)
+        self.random_start = random_start
+        self.start_size = float(eps if start_size is None else start_size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps:g}, steps={self.steps}, step_size={self.step_size:g}, "
+                f"random_start={self.random_start}, restarts={self.restarts}, mode={self.mode!r})")
+
+    def _start(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.random_start == "uniform":
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
+            return project(x + self.start_size * noise, x, self.eps)
+        if self.random_start == "sign":
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            return x + self.start_size * noise.sign()
+        return x.clone()
+
+    def _run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x_adv = self._start(x, generator)
+        for _ in range(self.steps):
+            grad, _ = input_gradient(model, x_adv, y)
+            x_adv = project(x_adv + self.step_size * grad.sign(), x, self.eps)
+        return x_adv
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.min() < 0 or x.max() > 1:
+            raise EmoshieldError("attacks take images in [0, 1] (normalization belongs inside the model)")
+        x = x.detach()
+        y = y.detach()
+        if self.eps == 0:
+            return x.clone()
+        generator = torch.Generator().manual_seed(self.seed)
+        with attack_context(model, self.mode):
+            best = self._run(model, x, y, generator)
+            for _ in range(self.restarts - 1):
+                with torch.no_grad():
+                    fooled = model(best).argmax(1) != y
+                if bool(fooled.all()):
+                    break
+                candidate = self._run(model, x, y, generator)
+                best = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), best, candidate)
+        return best.detach()

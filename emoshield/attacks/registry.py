@@ -1,0 +1,69 @@
+"""Attacks by name (for the CLI and reports), eps lists, and the worst-case evaluator."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import EmoshieldError
+from .apgd import APGD
+from .gradient import FGSM, PGD, RFGSM
+
+ATTACKS = {"fgsm": FGSM, "rfgsm": RFGSM, "pgd": PGD, "apgd": APGD}
+LABELS = {"fgsm": "FGSM", "rfgsm": "R+FGSM", "pgd": "PGD", "apgd": "APGD"}
+
+
+def make_attack(name: str, eps: float, **options):
+    """An attack by name: fgsm, rfgsm (alpha = eps/2), pgd (10 steps), apgd (50 steps)."""
+    if name not in ATTACKS:
+        raise EmoshieldError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    return ATTACKS[name](eps, **options)
+
+
+def parse_attacks(spec: str | None) -> list[str]:
+    names = [s.strip().lower() for s in (spec or "").split(",") if s.strip()]
+    for name in names:
+        if name not in ATTACKS:
+            raise EmoshieldError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    return names
+
+
+def parse_eps_list(spec: str) -> list[float]:
+    """'0.005,0.01' or a range 'start:stop:step' (stop included) -> eps values."""
+    try:
+        if ":" in spec:
+            start, stop, step = (float(v) for v in spec.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise EmoshieldError(f"bad eps list {spec!r}; use 0.005,0.01 or start:stop:step") from None
+    if not values or any(v < 0 or v > 1 for v in values):
+        raise EmoshieldError(f"eps values must be in [0, 1], got {spec!r}")
+    return values
+
+
+@torch.no_grad()
+def worst_case_correct(model, x: torch.Tensor, y: torch.Tensor, attacks: list, batch_size: int = 256) -> dict:
+    """Per-sample correctness: clean, under each attack, and in the worst case (a sample is
+    robust only if it is classified correctly clean AND under every attack)."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = {"clean": torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                                       for i in range(0, len(y), batch_size)])}
+        for attack in attacks:
+            parts = []
+            for i in range(0, len(y), batch_size):
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                parts.append(model(attack(model, xb, yb)).argmax(1) == yb)
+            correct[repr(attack)] = torch.cat(parts)
+        worst = correct["clean"].clone()
+        for key, value in correct.items():
+            worst &= value
+        correct["worst_case"] = worst
+    finally:
+        model.train(was_training)
+    return correct

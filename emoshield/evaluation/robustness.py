@@ -1,0 +1,144 @@
+"""Robustness of a model: accuracy under attacks at several eps, worst case over attacks,
+camera corruptions, per-class figures, comparison with a baseline, and sanity flags in the
+spirit of AutoAttack/RobustBench (the checks that catch gradient masking)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attacks import corrupt, make_attack
+from ..attacks.registry import LABELS
+from ..data.images import to_model_input
+
+
+def _per_class(correct: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    return {c: (correct[labels == i].float().mean().item() if (labels == i).any() else None)
+            for i, c in enumerate(classes)}
+
+
+def _attack_options(name: str, pgd_steps: int, apgd_steps: int, restarts: int, seed: int) -> dict:
+    if name == "pgd":
+        return {"steps": pgd_steps, "restarts": restarts, "seed": seed}
+    if name == "apgd":
+        return {"steps": apgd_steps, "restarts": restarts, "seed": seed}
+    return {"seed": seed}
+
+
+def sanity_flags(model, x: torch.Tensor, y: torch.Tensor, was_training: bool) -> list[str]:
+    """Model-level checks: training mode, probabilities instead of logits, zero input gradients."""
+    flags = []
+    if was_training:
+        flags.append("model was in training mode when handed to the evaluator (evaluated in eval mode)")
+    sample_x, sample_y = x[:64], y[:64]
+    with torch.no_grad():
+        out = model(sample_x)
+    if out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-3):
+        flags.append("outputs look like probabilities (rows in [0,1] summing to 1), not logits: "
+                     "cross-entropy attacks get weak gradients")
+    with torch.enable_grad():
+        xg = sample_x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg), sample_y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    zero = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+    if zero > 0.5:
+        flags.append(f"input gradients are exactly zero for {zero:.0%} of samples (gradient masking?)")
+    return flags
+
+
+def result_flags(report: dict) -> list[str]:
+    """Checks on the numbers: weak APGD, accuracy that does not fall with eps, attacks that help."""
+    flags = []
+    attacks, clean = report["attacks"], report["clean_accuracy"]
+    for name, by_eps in attacks.items():
+        eps_sorted = sorted(by_eps, key=float)
+        accs = [by_eps[e]["accuracy"] for e in eps_sorted]
+        for (e0, a0), (e1, a1) in zip(zip(eps_sorted, accs), zip(eps_sorted[1:], accs[1:])):
+            if a1 > a0 + 0.02:
+                flags.append(f"{LABELS[name]} accuracy rises from {a0:.1%} at eps {e0} to {a1:.1%} at eps {e1}")
+        for e, a in zip(eps_sorted, accs):
+            if float(e) > 0 and a > clean + 0.01:
+                flags.append(f"{LABELS[name]} at eps {e} ({a:.1%}) is above clean accuracy ({clean:.1%})")
+    for e in attacks.get("apgd", {}):
+        if e in attacks.get("pgd", {}):
+            apgd, pgd = attacks["apgd"][e]["accuracy"], attacks["pgd"][e]["accuracy"]
+            if apgd > pgd + 0.02:
+                flags.append(f"APGD ({apgd:.1%}) is weaker than PGD ({pgd:.1%}) at eps {e}")
+    for e in attacks.get("pgd", {}):
+        if e in attacks.get("fgsm", {}) and attacks["pgd"][e]["accuracy"] > attacks["fgsm"][e]["accuracy"] + 0.02:
+            flags.append(f"PGD is weaker than FGSM at eps {e}: its step size or steps may be too small")
+    return flags
+
+
+def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str], attacks: list[str],
+                      eps_list: list[float], corruptions: list[str] | None = None, pgd_steps: int = 10,
+                      apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
+                      progress=None) -> dict:
+    """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
+    and per corruption per severity. `pixels` are uint8 N x C x S x S images."""
+    was_training = model.training
+    model.eval()
+    x_all = to_model_input(pixels)
+    with torch.no_grad():
+        clean_correct = torch.cat([model(x_all[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
+                                   for i in range(0, len(labels), batch_size)])
+    report = {"num_images": int(len(labels)), "classes": classes,
+              "clean_accuracy": clean_correct.float().mean().item(),
+              "per_class_accuracy": {"clean": _per_class(clean_correct, labels, classes)},
+              "attacks": {}, "worst_case": {}, "corruptions": {},
+              "settings": {"pgd_steps": pgd_steps, "pgd_step_size": "2.5*eps/steps", "apgd_steps": apgd_steps,
+                           "restarts": restarts, "rfgsm_alpha": "eps/2", "seed": seed, "attack_mode": "eval",
+                           "norm": "Linf", "pixel_range": [0, 1]}}
+    worst = {e: clean_correct.clone() for e in eps_list}
+    for name in attacks:
+        report["attacks"][name] = {}
+        for eps in eps_list:
+            attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed))
+            parts = []
+            for i in range(0, len(labels), batch_size):
+                xb, yb = x_all[i:i + batch_size], labels[i:i + batch_size]
+                with torch.no_grad():
+                    parts.append(model(attack(model, xb, yb)).argmax(1) == yb)
+            correct = torch.cat(parts)
+            worst[eps] &= correct
+            report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),
+                                                   "per_class_accuracy": _per_class(correct, labels, classes),
+                                                   "attack": repr(attack)}
+            if progress:
+                progress(f"{LABELS[name]} eps {eps:g}: {correct.float().mean().item():.2%}")
+    if attacks:
+        report["worst_case"] = {f"{e:g}": {"accuracy": w.float().mean().item(),
+                                           "per_class_accuracy": _per_class(w, labels, classes),
+                                           "over": ["clean"] + attacks} for e, w in worst.items()}
+    for name in corruptions or []:
+        report["corruptions"][name] = {}
+        for severity in range(1, 6):
+            with torch.no_grad():
+                correct = torch.cat([model(corrupt(x_all[i:i + batch_size], name, severity, seed + i)).argmax(1)
+                                     == labels[i:i + batch_size] for i in range(0, len(labels), batch_size)])
+            report["corruptions"][name][str(severity)] = {"accuracy": correct.float().mean().item(),
+                                                          "per_class_accuracy": _per_class(correct, labels, classes)}
+        if progress:
+            accs = [v["accuracy"] for v in report["corruptions"][name].values()]
+            progress(f"{name}: mean over severities {sum(accs) / 5:.2%}")
+    report["sanity_flags"] = sanity_flags(model, x_all, labels, was_training) + result_flags(report)
+    model.train(was_training)
+    return report
+
+
+def compare_with_baseline(report: dict, baseline: dict) -> dict:
+    """Accuracy differences (points and relative %) of `report` over `baseline`, per attack and eps."""
+    def delta(ours: float, base: float) -> dict:
+        return {"points": (ours - base) * 100, "relative_percent": ((ours - base) / base * 100) if base else None,
+                "baseline_accuracy": base}
+
+    out = {"clean": delta(report["clean_accuracy"], baseline["clean_accuracy"]), "attacks": {}, "worst_case": {}}
+    for name, by_eps in report["attacks"].items():
+        for eps, value in by_eps.items():
+            if eps in baseline["attacks"].get(name, {}):
+                out["attacks"].setdefault(name, {})[eps] = delta(value["accuracy"],
+                                                                 baseline["attacks"][name][eps]["accuracy"])
+    for eps, value in report["worst_case"].items():
+        if eps in baseline.get("worst_case", {}):
+            out["worst_case"][eps] = delta(value["accuracy"], baseline["worst_case"][eps]["accuracy"])
+    return out
