@@ -340,7 +340,7 @@ def _robustness_plots(report: dict, baseline: dict | None, meta: dict, out_dir: 
     if not report["attacks"]:
         return {}
     title = describe_run(meta)
-    models = {"this model": report} if baseline is None else {"defended (this model)": report, "baseline": baseline}
+    models = {"this model": report} if baseline is None else {"this model": report, "baseline": baseline}
     curves = {}
     for label, rep in models.items():
         for name, by_eps in rep["attacks"].items():

@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _wrap(title: str, width: int = 100) -> str:
+    import textwrap
+
+    return textwrap.fill(title, width)
+
+
 def _pyplot():
     import matplotlib
 
@@ -33,7 +39,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
         for j in range(len(classes)):
             ax.text(j, i, f"{counts[i, j]}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=8,
                     color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -54,7 +60,7 @@ def plot_history(history: Sequence[dict], path: Path, title: str) -> Path:
         axis.set_ylabel(key)
         axis.grid(alpha=0.3)
         axis.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(_wrap(title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -75,7 +81,7 @@ def plot_accuracy_vs_eps(curves: dict, path: Path, title: str, chance: float | N
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_wrap(title), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -96,7 +102,7 @@ def plot_condition_bars(groups: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_wrap(title), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,7 +127,7 @@ def plot_per_class_boxes(groups: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("per-class accuracy (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(_wrap(title), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
