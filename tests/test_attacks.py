@@ -1,0 +1,164 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emoshield.attacks import APGD, FGSM, PGD, RFGSM, corrupt, parse_eps_list, worst_case_correct
+from emoshield.attacks.apgd import apgd_checkpoints
+from emoshield.attacks.corruptions import CORRUPTIONS
+from emoshield.errors import EmoshieldError
+from emoshield.models import ModelConfig, build_model
+
+EPS = 0.03
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 4))
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+ALL = [lambda: FGSM(EPS), lambda: RFGSM(EPS), lambda: PGD(EPS, steps=5), lambda: PGD(EPS, steps=3, restarts=2),
+       lambda: APGD(EPS, steps=10)]
+IDS = ["fgsm", "rfgsm", "pgd", "pgd-restarts", "apgd"]
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS)
+def test_attack_invariants(make):
+    model = tiny_model()
+    model.train()  # the caller's mode must come back
+    model[0].weight.requires_grad_(False)  # and so must a mix of frozen/trainable parameters
+    x, y = batch()
+    x_before = x.clone()
+    with torch.no_grad():  # attacks must work inside a caller's no_grad
+        x_adv = make()(model, x, y)
+    assert torch.equal(x, x_before), "x was modified"
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not x_adv.requires_grad and x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() > EPS / 4, "attack did nothing"
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == [False] + [True] * (len(list(model.parameters())) - 1)
+    assert all(p.grad is None for p in model.parameters()), "attacks must not leave weight gradients"
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS)
+def test_batch_slice_gives_same_result(make):
+    model = tiny_model().eval()
+    x, y = batch(16)
+    full = make()(model, x, y)
+    part = make()(model, x[:6], y[:6])
+    assert torch.allclose(full[:6], part, atol=1e-6)
+
+
+def test_attacks_work_in_inference_mode_and_eval_mode_is_default():
+    model = tiny_model().train()
+    x, y = batch()
+    with torch.inference_mode():
+        x_inf = x.clone()
+    a = FGSM(EPS)(model, x_inf, y)  # an inference tensor from the caller
+    b = FGSM(EPS)(model, x, y)
+    assert torch.equal(a, b)
+    model.eval()
+    c = FGSM(EPS, mode="keep")(model, x, y)
+    assert torch.equal(b, c), "default mode is eval: dropout and BatchNorm statistics fixed"
+
+
+def test_fgsm_and_rfgsm_follow_their_formulas():
+    model = tiny_model().eval()
+    x, y = batch()
+    xg = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xg), y).backward()
+    assert torch.equal(FGSM(EPS)(model, x, y), (x + EPS * xg.grad.sign()).clamp(0, 1))
+    alpha = EPS / 2
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    x_tilde = (x + alpha * noise.sign()).requires_grad_(True)  # not clipped, as SPEC §5 writes it
+    F.cross_entropy(model(x_tilde), y).backward()
+    expected = (x_tilde.detach() + (EPS - alpha) * x_tilde.grad.sign()).clamp(0, 1)
+    assert torch.allclose(RFGSM(EPS, seed=7)(model, x, y), expected, atol=1e-7)
+    with pytest.raises(EmoshieldError, match="eps > alpha"):
+        RFGSM(0.01, alpha=0.01)
+
+
+def test_fgsm_and_pgd_match_torchattacks():
+    torchattacks = pytest.importorskip("torchattacks", reason="test-only reference; make setup installs it")
+    model = tiny_model().eval()
+    x, y = batch(32)
+    ours = FGSM(EPS)(model, x, y)
+    theirs = torchattacks.FGSM(model, eps=EPS)(x, y)
+    assert (ours - theirs).abs().max() <= 1e-5
+    ours = PGD(EPS, steps=10, random_start=False)(model, x, y)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=2.5 * EPS / 10, steps=10, random_start=False)(x, y)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 -> ceil(p * 100)
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.fixture(scope="module")
+def trained(data_root):
+    """A small model trained on real CK+48 faces (3 classes), with its test tensors."""
+    from emoshield.data import load_dataset, make_split
+    from emoshield.data.images import decode_images, to_model_input
+    from emoshield.training import TensorData, TrainConfig, Trainer
+
+    ds = load_dataset("ckplus48", data_root, "happy,surprise,disgust")
+    split = make_split(ds, "reference")
+    parts = {}
+    for name, recs in split.parts().items():
+        dec = decode_images(ds.root, recs, 32)
+        labels = torch.tensor([ds.classes.index(r.label) for r in dec.records])
+        parts[name] = TensorData(torch.from_numpy(dec.pixels), labels)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("smallcnn", list(ds.classes), 32))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(model, TrainConfig(epochs=12, batch_size=32, schedule="constant"), tmp, progress=False,
+                log=lambda _m: None).fit(parts["train"], parts["val"])
+    model.eval()
+    return model, to_model_input(parts["test"].pixels[:128]), parts["test"].labels[:128]
+
+
+def test_stronger_attacks_hurt_more_on_a_trained_model(trained):
+    model, x, y = trained
+    eps = 0.01
+    correct = worst_case_correct(model, x, y, [FGSM(eps), PGD(eps), APGD(eps, steps=20)])
+    acc = {k.split("(")[0]: v.float().mean().item() for k, v in correct.items()}
+    assert acc["clean"] > 0.6
+    assert acc["clean"] >= acc["FGSM"] >= acc["PGD"]
+    assert acc["APGD"] <= acc["PGD"] + 0.03
+    assert acc["worst_case"] <= min(acc["FGSM"], acc["PGD"], acc["APGD"])
+    worst = correct["clean"] & correct[next(k for k in correct if k.startswith("FGSM"))]
+    for key in correct:
+        if key.startswith(("PGD", "APGD")):
+            worst &= correct[key]
+    assert torch.equal(worst, correct["worst_case"])
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corruptions_are_deterministic_in_range_and_grow_with_severity(name):
+    # a structured mid-range image (4-pixel checkerboard + noise) so every corruption has room to act
+    rows = torch.arange(16).view(-1, 1) // 4
+    board = ((rows + rows.T) % 2).float().expand(4, 3, 16, 16)
+    x = board * 0.5 + 0.25 + 0.05 * batch(4)[0]
+    outs = [corrupt(x, name, s, seed=3) for s in range(1, 6)]
+    assert torch.equal(outs[2], corrupt(x, name, 3, seed=3))
+    distances = [(o - x).abs().mean().item() for o in outs]
+    assert all(0 <= o.min() and o.max() <= 1 and o.shape == x.shape for o in outs)
+    assert distances[0] > 0 and distances[-1] > distances[0]
+
+
+def test_eps_lists():
+    assert parse_eps_list("0:0.03:0.01") == [0.0, 0.01, 0.02, 0.03]
+    assert parse_eps_list("0.005,0.01") == [0.005, 0.01]
+    with pytest.raises(EmoshieldError):
+        parse_eps_list("a,b")

@@ -1,0 +1,147 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emoshield.attacks import FGSM, RFGSM
+from emoshield.errors import EmoshieldError
+from emoshield.evaluation.robustness import robustness_report
+from emoshield.models import ModelConfig, build_model
+from emoshield.training import DefenseConfig, TrainConfig, Trainer, parse_defense
+from emoshield.training.trainer import frozen_batchnorm_stats
+from tests.test_cli import run
+
+
+def test_parse_defense():
+    assert parse_defense("fgsm:0.5,rfgsm:0.5") == {"fgsm": 0.5, "rfgsm": 0.5}
+    assert parse_defense("fgsm,rfgsm") == {"fgsm": 0.5, "rfgsm": 0.5}
+    for bad, message in (("fgsm:0.5,cw:0.5", "unknown defense method 'cw'"), ("fgsm:x", "bad weight"),
+                         ("fgsm:0.5,rfgsm", "every defense method or to none"), ("fgsm,fgsm", "given twice")):
+        with pytest.raises(EmoshieldError, match=message):
+            parse_defense(bad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta0=0.4), "beta0 must be in"),
+    (dict(methods={"fgsm": 1.2, "rfgsm": -0.2}), "must be >= 0"),
+    (dict(methods={"fgsm": 0.5, "rfgsm": 0.6}), "sum to 1"),
+    (dict(eps=0.01, alpha=0.01), "larger than --alpha"),
+    (dict(eps=0.01, alpha=0.02), "larger than --alpha"),
+    (dict(select="best"), "--select"),
+])
+def test_bad_defense_settings_are_refused(kwargs, message):
+    with pytest.raises(EmoshieldError, match=message):
+        DefenseConfig(**kwargs).validate()
+
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("smallcnn", ["happy", "sad", "surprise"], 32))
+    g = torch.Generator().manual_seed(1)
+    return model.train(), torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def test_fused_fgsm_is_exact_and_attack_passes_leave_batchnorm_statistics_alone():
+    model, x, y = _model_and_batch()
+    x_clean = x.clone().requires_grad_(True)
+    (0.5 * F.cross_entropy(model(x_clean), y)).backward()
+    fused = (x + 0.01 * x_clean.grad.sign()).clamp(0, 1)
+    stats = [b.clone() for b in model.buffers()]
+    with frozen_batchnorm_stats(model):
+        separate = FGSM(0.01, mode="keep")(model, x, y)
+        RFGSM(0.01, mode="keep")(model, x, y)
+    assert torch.equal(fused, separate)
+    moved = [not torch.equal(a, b) for a, b in zip(stats, model.buffers())]
+    assert not any(m for m, b in zip(moved, model.buffers()) if b.dtype.is_floating_point)
+    assert model.features[1].momentum == 0.1, "momentum restored"
+
+
+def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path):
+    model, x, y = _model_and_batch()
+    defense = DefenseConfig(methods={"fgsm": 0.3, "rfgsm": 0.7}, beta0=0.6, eps=0.02)
+    trainer = Trainer(model, TrainConfig(augment="none"), tmp_path, progress=False, defense=defense)
+    trainer._defended_backward(x, y, seed=5)
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # the same quantities, step by step: perturbations from the current model (train-mode BN)
+    with frozen_batchnorm_stats(model):
+        x_fgsm = FGSM(0.02, mode="keep")(model, x, y)
+        x_rfgsm = RFGSM(0.02, mode="keep", seed=5)(model, x, y)
+    loss = 0.6 * F.cross_entropy(model(x), y) + 0.4 * (0.3 * F.cross_entropy(model(x_fgsm), y)
+                                                        + 0.7 * F.cross_entropy(model(x_rfgsm), y))
+    loss.backward()
+    for a, p in zip(ours, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_sanity_flags_catch_probabilities_zero_gradients_and_training_mode():
+    torch.manual_seed(0)
+    base = build_model(ModelConfig("smallcnn", ["happy", "sad"], 16)).eval()
+    pixels = torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 4)
+    probs = torch.nn.Sequential(base, torch.nn.Softmax(dim=1))
+    flags = robustness_report(probs, pixels, labels, ["happy", "sad"], ["fgsm"], [0.01])["sanity_flags"]
+    assert any("probabilities" in f for f in flags)
+
+    class Masked(torch.nn.Module):  # rounds its input: gradients are zero everywhere
+        def __init__(self):
+            super().__init__()
+            self.net = base
+
+        def forward(self, x):
+            return self.net(x + (torch.round(x * 4) / 4 - x))
+
+    flags = robustness_report(Masked(), pixels, labels, ["happy", "sad"], [], [0.01])["sanity_flags"]
+    assert any("gradients are exactly zero" in f for f in flags)
+    base.train()
+    flags = robustness_report(base, pixels, labels, ["happy", "sad"], [], [0.01])["sanity_flags"]
+    assert any("training mode" in f for f in flags) and base.training
+
+
+def test_defense_cli_end_to_end(tmp_path, data_root):
+    common = ["train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", "happy,sad,surprise",
+              "--limit-per-class", "45", "--backbone", "smallcnn", "--input-size", "32", "--epochs", "4",
+              "--batch-size", "32", "--quiet"]
+    run(*common, "--out", tmp_path / "plain")
+    run(*common, "--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01", "--out", tmp_path / "def")
+    history = json.loads((tmp_path / "def" / "history.json").read_text())
+    assert {"val_fgsm_accuracy", "val_rfgsm_accuracy", "val_robust_accuracy", "val_differential_loss"} <= set(history[0])
+    metrics = json.loads((tmp_path / "def" / "metrics.json").read_text())
+    assert metrics["defense"]["methods"] == {"fgsm": 0.5, "rfgsm": 0.5} and metrics["defense"]["select"] == "mean"
+
+    out = tmp_path / "eval"
+    proc = run("evaluate", "--model", tmp_path / "def", "--baseline", tmp_path / "plain", "--attacks",
+               "fgsm,rfgsm,pgd,apgd", "--eps", "0.005,0.01", "--apgd-steps", "5", "--pgd-steps", "3",
+               "--corruptions", "jpeg,contrast", "--out", out)
+    result = json.loads((out / "robustness.json").read_text())
+    rob = result["robustness"]
+    assert set(rob["attacks"]) == {"fgsm", "rfgsm", "pgd", "apgd"} and set(rob["attacks"]["fgsm"]) == {"0.005", "0.01"}
+    assert set(rob["corruptions"]) == {"jpeg", "contrast"} and len(rob["corruptions"]["jpeg"]) == 5
+    for eps, worst in rob["worst_case"].items():
+        assert worst["accuracy"] <= min(rob["attacks"][n][eps]["accuracy"] for n in rob["attacks"])
+    fgsm = result["improvement"]["attacks"]["fgsm"]["0.01"]
+    base_acc = result["baseline_robustness"]["attacks"]["fgsm"]["0.01"]["accuracy"]
+    assert fgsm["baseline_accuracy"] == base_acc
+    assert fgsm["points"] == pytest.approx((rob["attacks"]["fgsm"]["0.01"]["accuracy"] - base_acc) * 100)
+    assert set(rob["per_class_accuracy"]["clean"]) == {"happy", "sad", "surprise"}
+    report = (out / "report.md").read_text()
+    for row in ("| FGSM |", "| R+FGSM |", "| Average |", "| PGD-3 |", "| APGD-5 |", "Worst case", "## Sanity flags"):
+        assert row in report, row
+    assert "%)" in report and ("↑" in report or "↓" in report or "=" in report)
+    for png in ("accuracy_vs_eps.png", "accuracy_bars.png", "per_class_boxes.png", "confusion_matrix.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+    sweep = tmp_path / "sweep"
+    run("sweep", "--model", tmp_path / "def", "--attack", "fgsm", "--eps", "0:0.02:0.01", "--out", sweep)
+    points = json.loads((sweep / "sweep.json").read_text())["points"]
+    assert [p["eps"] for p in points] == [0.0, 0.01, 0.02]
+    assert points[0]["accuracy"] >= points[-1]["accuracy"] and (sweep / "sweep.png").is_file()
+
+
+def test_bad_defense_cli_fails_before_any_work(tmp_path):
+    proc = run("train", "--dataset", "ckplus48", "--defense", "fgsm:0.5,rfgsm:0.6", "--out", tmp_path / "o",
+               check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "emoshield: error: defense weights must sum to 1, got 1.1 ({'fgsm': 0.5, 'rfgsm': 0.6})")
+    assert not (tmp_path / "o").exists()
