@@ -39,7 +39,7 @@ def test_trainer_learns_and_selects_best_epoch(tmp_path):
     assert [r["epoch"] for r in result.history] == list(range(1, 9))
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     # BatchNorm's running statistics need a few epochs before eval-mode accuracy catches up
-    assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history) >= 0.9
+    assert result.best_val_score == max(r["val_accuracy"] for r in result.history) >= 0.9
     best = result.history[result.best_epoch - 1]
     assert all(r["val_accuracy"] < best["val_accuracy"] or r["val_loss"] >= best["val_loss"] for r in result.history)
     assert saved and json.loads((tmp_path / "history.json").read_text()) == result.history

@@ -39,7 +39,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
         for j in range(len(classes)):
             ax.text(j, i, f"{counts[i, j]}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=8,
                     color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title(_wrap(title), fontsize=9)
+    ax.set_title(_wrap(title, 12 * len(classes) + 10), fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,86 @@
+"""Cost of one training step, side by side in one process: clean vs defended (S = {FGSM, R+FGSM},
+fused clean+FGSM pass, the default) vs defended with eval-mode attack generation (a
+separate FGSM pass) vs PGD-7 adversarial training. Ratios of medians over repeated
+interleaved runs, so machine drift cancels.
+
+    .venv/bin/python bench/train_step.py [--backbone resnet18] [--input-size 48] [--batch-size 128] [--repeats 7]
+
+Writes bench/results/train_step.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--input-size", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default="bench/results/train_step.json")
+    args = parser.parse_args()
+
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.training import DefenseConfig, TrainConfig, Trainer
+    from emoshield.training.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(args.backbone, ["disgust", "fear", "happy", "sad", "surprise"], args.input_size))
+    x = torch.rand(args.batch_size, 3, args.input_size, args.input_size)
+    y = torch.randint(0, 5, (args.batch_size,))
+    variants = {
+        "clean": None,
+        "defended (fused FGSM, train-mode BN)": DefenseConfig(),
+        "defended (eval-mode BN, separate FGSM)": DefenseConfig(attack_bn="eval"),
+        "PGD-7 adversarial training": DefenseConfig(methods={"pgd": 1.0}, beta0=0.5, pgd_steps=7),
+    }
+    trainers = {name: Trainer(model, TrainConfig(augment="none"), Path("/tmp"), progress=False, defense=d)
+                for name, d in variants.items()}
+    optimizer = make_optimizer(model, TrainConfig())
+    model.train()
+
+    def step(name: str) -> float:
+        trainer = trainers[name]
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if trainer.defense is None:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        else:
+            trainer._defended_backward(x, y, seed=0)
+        optimizer.step()
+        return time.perf_counter() - started
+
+    for name in variants:  # warm-up
+        step(name)
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name in variants:  # interleaved, so drift hits every variant alike
+            times[name].append(step(name))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
+        "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "median_seconds": medians,
+        "ratio_to_clean": {name: m / medians["clean"] for name, m in medians.items()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{args.backbone}, {args.input_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}\n\n| step | median s | x clean |\n|---|---:|---:|")
+    for name, m in medians.items():
+        print(f"| {name} | {m:.3f} | {m / medians['clean']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
