@@ -67,6 +67,18 @@ def plot_history(history: Sequence[dict], path: Path, title: str) -> Path:
     return path
 
 
+def _finish_accuracy_axes(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    """Shared ending of the accuracy plots: 0-105% axis, legend, wrapped title, save, close."""
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(_wrap(title), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_eps(curves: dict, path: Path, title: str, chance: float | None = None) -> Path:
     """curves: label -> (eps list, accuracy list); labels containing 'baseline' are dashed."""
     plt = _pyplot()
@@ -77,15 +89,8 @@ def plot_accuracy_vs_eps(curves: dict, path: Path, title: str, chance: float | N
     if chance:
         ax.axhline(chance * 100, color="gray", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xlabel("eps (L-inf, images in [0, 1])")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(_wrap(title), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_accuracy_axes(plt, fig, ax, path, title, "accuracy (%)")
 
 
 def plot_condition_bars(groups: dict, path: Path, title: str) -> Path:
@@ -99,14 +104,7 @@ def plot_condition_bars(groups: dict, path: Path, title: str) -> Path:
         bars = ax.bar(xs, [values.get(c, 0) * 100 for c in conditions], width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(conditions)), conditions)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
-    ax.set_title(_wrap(title), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_accuracy_axes(plt, fig, ax, path, title, "accuracy (%)")
 
 
 def plot_per_class_boxes(groups: dict, path: Path, title: str) -> Path:
@@ -124,11 +122,4 @@ def plot_per_class_boxes(groups: dict, path: Path, title: str) -> Path:
             box.set_alpha(0.6)
         ax.plot([], [], color=f"C{k}", linewidth=6, alpha=0.6, label=label)
     ax.set_xticks(range(len(conditions)), conditions)
-    ax.set_ylabel("per-class accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
-    ax.set_title(_wrap(title), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_accuracy_axes(plt, fig, ax, path, title, "per-class accuracy (%)")
