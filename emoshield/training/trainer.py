@@ -190,7 +190,7 @@ class Trainer:
         optimizer = make_optimizer(self.model, cfg)
         rates = lr_schedule(cfg.schedule, cfg.epochs, cfg.lr, cfg.decay_rate, cfg.decay_stride)
         history: list[dict] = []
-        best = {"epoch": 0, "accuracy": -1.0, "loss": math.inf}
+        best = {"epoch": 0, "score": -1.0, "loss": math.inf}
         start_epoch = 1
         if has_checkpoint(self.out_dir):
             if not resume:
@@ -216,13 +216,13 @@ class Trainer:
                 metrics = validation_metrics(self.model, val, cfg.eval_batch_size, self.defense, cfg.seed + epoch)
                 record.update(metrics)
                 val_loss, val_acc, score = metrics["val_loss"], metrics["val_accuracy"], metrics["val_score"]
-                improved = score > best["accuracy"] or (score == best["accuracy"] and val_loss < best["loss"])
+                improved = score > best["score"] or (score == best["score"] and val_loss < best["loss"])
             else:
                 val_loss, val_acc, improved = math.nan, math.nan, True
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if improved:
-                best = {"epoch": epoch, "accuracy": score if use_val else -1.0, "loss": val_loss if use_val else math.inf}
+                best = {"epoch": epoch, "score": score if use_val else -1.0, "loss": val_loss if use_val else math.inf}
                 if self.save_best is not None:
                     self.save_best(self.model)
             save_checkpoint(self.out_dir, self.model, optimizer, generator,
@@ -238,7 +238,7 @@ class Trainer:
                      f"| lr {rates[epoch - 1]:.2e} | {record['seconds']:.1f}s | ETA {_format_seconds(eta)}"
                      + (" *" if improved and use_val else ""))
         total = sum(r["seconds"] for r in history)
-        return TrainResult(history, best["epoch"], best["accuracy"] if use_val else None, total)
+        return TrainResult(history, best["epoch"], best["score"] if use_val else None, total)
 
     def _defense_json(self) -> dict | None:
         return asdict(self.defense) if self.defense is not None else None
