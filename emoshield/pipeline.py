@@ -316,12 +316,19 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
 
         comparison = compare_with_baseline(report, baseline_report)
         result.update(baseline=baseline_meta, baseline_robustness=baseline_report, improvement=comparison)
-    plots = _robustness_plots(report, baseline_report, meta, out_dir)
     _write_json(out_dir / "robustness.json", result)
+    write_robustness_outputs(out_dir, result)
+    return result
+
+
+def write_robustness_outputs(out_dir: Path, result: dict) -> None:
+    """report.md and the PNG plots of a robustness.json's content (re-renderable from the JSON alone)."""
     from .evaluation.report import robustness_markdown
 
-    (out_dir / "report.md").write_text(robustness_markdown(report, meta, comparison, baseline_meta, plots))
-    return result
+    report, baseline = result["robustness"], result.get("baseline_robustness")
+    plots = _robustness_plots(report, baseline, result["model"], Path(out_dir))
+    (Path(out_dir) / "report.md").write_text(
+        robustness_markdown(report, result["model"], result.get("improvement"), result.get("baseline"), plots))
 
 
 def _robustness(model, test, classes, options: RobustnessOptions, log=None) -> dict:

@@ -39,8 +39,11 @@ def _pct(value: float | None) -> str:
 
 
 def _arrow(delta: dict | None) -> str:
-    if not delta or delta.get("relative_percent") is None:
+    if not delta:
         return ""
+    if delta.get("relative_percent") is None:  # baseline at 0%: no relative change, give points
+        points = delta.get("points")
+        return "" if points is None else f" ({'↑' if points > 0 else '='} {points:.1f} pts over 0%)"
     rel = delta["relative_percent"]
     return f" ({'↑' if rel > 0 else '↓' if rel < 0 else '='} {abs(rel):.1f}%)"
 
