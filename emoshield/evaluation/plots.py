@@ -83,8 +83,11 @@ def plot_accuracy_vs_eps(curves: dict, path: Path, title: str, chance: float | N
     """curves: label -> (eps list, accuracy list); labels containing 'baseline' are dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours: dict[str, str] = {}
     for label, (eps, acc) in curves.items():
-        ax.plot(eps, [a * 100 for a in acc], marker="o", markersize=3, label=label,
+        series = label.split(" (")[0]  # same attack, same colour; the baseline is dashed
+        colour = colours.setdefault(series, f"C{len(colours)}")
+        ax.plot(eps, [a * 100 for a in acc], marker="o", markersize=3, label=label, color=colour,
                 linestyle="--" if "baseline" in label or "undefended" in label else "-")
     if chance:
         ax.axhline(chance * 100, color="gray", linewidth=0.8, linestyle=":", label="chance")
