@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--epochs", default="50")
     parser.add_argument("--seed", default="0")
     parser.add_argument("--protocols", default="reference,subject")
+    parser.add_argument("--attack-bn", default="train", choices=["train", "eval"],
+                        help="BatchNorm mode that generates the training perturbations")
     parser.add_argument("--out", default="results/defense_ckplus48")
     parser.add_argument("--work", default="runs/defense_ckplus48")
     args = parser.parse_args()
@@ -45,9 +47,11 @@ def main() -> int:
                   "--backbone", args.backbone, "--weights", args.weights, "--input-size", args.input_size,
                   "--epochs", args.epochs, "--seed", args.seed, "--quiet"]
         dirs = {}
-        for variant, extra in (("undefended", []),
-                               ("defended", ["--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01"])):
-            run_dir = Path(args.work) / f"{protocol}-{variant}"
+        defended = ["--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01",
+                    "--attack-bn", args.attack_bn]
+        for variant, extra in (("undefended", []), ("defended", defended)):
+            suffix = "-evalbn" if variant == "defended" and args.attack_bn == "eval" else ""
+            run_dir = Path(args.work) / f"{protocol}-{variant}{suffix}"
             dirs[variant] = run_dir
             if not (run_dir / "metrics.json").is_file():
                 resume = ["--resume"] if (run_dir / "checkpoint.safetensors").is_file() else []
@@ -93,7 +97,7 @@ def _markdown(summary: list[dict], args) -> str:
              f"{args.backbone} ({args.weights}) + localization head, {args.input_size} px, {args.epochs} epochs, "
              f"seed {args.seed}, SGD 0.01 + Algorithm 1, batch 128. Defense: S = {{FGSM, R+FGSM}}, "
              "beta_s = 0.5 each, beta0 = 0.5, eps 0.01, alpha eps/2, perturbations made with the current model "
-             "in every batch (train-mode BatchNorm), model selection on the mean of clean, FGSM and R+FGSM "
+             f"in every batch ({args.attack_bn}-mode BatchNorm), model selection on the mean of clean, FGSM and R+FGSM "
              "validation accuracy. PGD-10 (random start) and APGD-CE-50 are unseen in training. "
              "2 CPU cores.", "",
              "| protocol | model | " + " | ".join(keys) + " | s/epoch |", "|---|---|" + "---:|" * (len(keys) + 1)]
@@ -103,7 +107,8 @@ def _markdown(summary: list[dict], args) -> str:
             lines.append(f"| {s['protocol']} | {variant} | " + " | ".join(
                 f"{row[k]:.1%}" if k in row else "" for k in keys) + f" | {s['seconds_per_epoch'][variant]:.1f} |")
     lines += ["", "Full reports: " + ", ".join(f"[{s['protocol']}]({s['protocol']}/report.md)" for s in summary),
-              "", f"Produced by `python bench/defense_ckplus48.py --epochs {args.epochs}` at commit "
+              "", f"Produced by `python bench/defense_ckplus48.py --epochs {args.epochs} --attack-bn {args.attack_bn}"
+              f" --out {args.out}` at commit "
               f"`{summary[0]['model'].get('evaluated_by', 'unknown')}`."]
     return "\n".join(lines) + "\n"
 
