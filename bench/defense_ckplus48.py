@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--epochs", default="50")
     parser.add_argument("--seed", default="0")
     parser.add_argument("--protocols", default="reference,subject")
-    parser.add_argument("--attack-bn", default="train", choices=["train", "eval"],
+    parser.add_argument("--attack-bn", default="eval", choices=["train", "eval"],
                         help="BatchNorm mode that generates the training perturbations")
     parser.add_argument("--out", default="results/defense_ckplus48")
     parser.add_argument("--work", default="runs/defense_ckplus48")

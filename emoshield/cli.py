@@ -255,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=0.01, help="training perturbation size, L-inf on [0,1] images")
     g.add_argument("--alpha", type=float, help="R+FGSM random step (default eps/2); must be < eps")
     g.add_argument("--defense-pgd-steps", type=int, default=7, help="steps of pgd when it is a defense method")
-    g.add_argument("--attack-bn", choices=["train", "eval"], default="train",
-                   help="BatchNorm mode that generates training perturbations (default: %(default)s; see docs)")
+    g.add_argument("--attack-bn", choices=["train", "eval"], default="eval",
+                   help="BatchNorm mode that generates training perturbations: eval = running statistics (the "
+                        "deployed model), train = batch statistics, which makes FGSM free (default: %(default)s)")
     g.add_argument("--select", choices=["clean", "robust", "mean"], default="mean",
                    help="validation score for model selection with a defense: clean accuracy, robust (worst "
                         "over S) accuracy, or the mean of clean and per-method accuracies (default: %(default)s)")

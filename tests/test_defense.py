@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -57,17 +58,21 @@ def test_fused_fgsm_is_exact_and_attack_passes_leave_batchnorm_statistics_alone(
     assert model.features[1].momentum == 0.1, "momentum restored"
 
 
-def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path):
+@pytest.mark.parametrize("attack_bn", ["eval", "train"])
+def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path, attack_bn):
     model, x, y = _model_and_batch()
-    defense = DefenseConfig(methods={"fgsm": 0.3, "rfgsm": 0.7}, beta0=0.6, eps=0.02)
+    start = copy.deepcopy(model)  # the model as it was at the start of the step
+    defense = DefenseConfig(methods={"fgsm": 0.3, "rfgsm": 0.7}, beta0=0.6, eps=0.02, attack_bn=attack_bn)
     trainer = Trainer(model, TrainConfig(augment="none"), tmp_path, progress=False, defense=defense)
     trainer._defended_backward(x, y, seed=5)
     ours = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    # the same quantities, step by step: perturbations from the current model (train-mode BN)
+    assert model.training
+    model = start
+    # the same quantities, step by step: perturbations from the model at the start of the step
+    mode = "keep" if attack_bn == "train" else "eval"
     with frozen_batchnorm_stats(model):
-        x_fgsm = FGSM(0.02, mode="keep")(model, x, y)
-        x_rfgsm = RFGSM(0.02, mode="keep", seed=5)(model, x, y)
+        x_fgsm = FGSM(0.02, mode=mode)(model, x, y)
+        x_rfgsm = RFGSM(0.02, mode=mode, seed=5)(model, x, y)
     loss = 0.6 * F.cross_entropy(model(x), y) + 0.4 * (0.3 * F.cross_entropy(model(x_fgsm), y)
                                                         + 0.7 * F.cross_entropy(model(x_rfgsm), y))
     loss.backward()
@@ -109,6 +114,7 @@ def test_defense_cli_end_to_end(tmp_path, data_root):
     assert {"val_fgsm_accuracy", "val_rfgsm_accuracy", "val_robust_accuracy", "val_differential_loss"} <= set(history[0])
     metrics = json.loads((tmp_path / "def" / "metrics.json").read_text())
     assert metrics["defense"]["methods"] == {"fgsm": 0.5, "rfgsm": 0.5} and metrics["defense"]["select"] == "mean"
+    assert metrics["defense"]["attack_bn"] == "eval"
 
     out = tmp_path / "eval"
     proc = run("evaluate", "--model", tmp_path / "def", "--baseline", tmp_path / "plain", "--attacks",

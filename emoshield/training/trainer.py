@@ -274,24 +274,33 @@ class Trainer:
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
     def _defended_backward(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate the gradients of the differential loss (see defense.py); return (loss, clean logits)."""
+        """Accumulate the gradients of the differential loss (see defense.py); return (loss, clean logits).
+
+        Every perturbation is made with the model as it is at the start of the step: eval-mode
+        attacks run before any pass of this step updates BatchNorm's running statistics;
+        train-mode attacks do not depend on them.
+        """
         d, smoothing = self.defense, self.config.label_smoothing
-        fused_fgsm = "fgsm" in d.methods and d.attack_bn == "train"
+        active = [(name, beta) for name, beta in d.methods.items() if beta > 0]
+        perturbed: dict[str, torch.Tensor] = {}
+        if d.attack_bn == "eval":
+            for name, _beta in active:
+                perturbed[name] = d.attack(name, "eval", seed)(self.model, x, y)
+        fused_fgsm = d.attack_bn == "train" and any(name == "fgsm" for name, _ in active)
         x_clean = x.detach().requires_grad_(fused_fgsm)
         logits = self.model(x_clean)
         clean_loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         (d.beta0 * clean_loss).backward()
         total = d.beta0 * clean_loss.detach()
-        attack_mode = "keep" if d.attack_bn == "train" else "eval"
-        for name, beta in d.methods.items():
-            if beta == 0:
-                continue
-            if name == "fgsm" and fused_fgsm:
-                x_adv = (x + d.eps * x_clean.grad.sign()).clamp_(0, 1)
-            else:
-                with frozen_batchnorm_stats(self.model):
-                    x_adv = d.attack(name, attack_mode, seed)(self.model, x, y)
-            adv_loss = F.cross_entropy(self.model(x_adv), y, label_smoothing=smoothing)
+        if d.attack_bn == "train":
+            for name, _beta in active:
+                if name == "fgsm":  # the clean pass's input gradient is FGSM's, exactly
+                    perturbed[name] = (x + d.eps * x_clean.grad.sign()).clamp_(0, 1)
+                else:
+                    with frozen_batchnorm_stats(self.model):
+                        perturbed[name] = d.attack(name, "keep", seed)(self.model, x, y)
+        for name, beta in active:
+            adv_loss = F.cross_entropy(self.model(perturbed[name]), y, label_smoothing=smoothing)
             ((1 - d.beta0) * beta * adv_loss).backward()
             total = total + (1 - d.beta0) * beta * adv_loss.detach()
         return total, logits.detach()
