@@ -301,15 +301,11 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
     result = {"model": meta, "robustness": report}
     comparison, baseline_meta, baseline_report = None, None, None
     if baseline_dir is not None:
-        from .models import load_model
-
-        base_model = load_model(Path(baseline_dir) / "model.safetensors" if Path(baseline_dir).is_dir()
-                                else Path(baseline_dir))
+        base_model, _, _, baseline_meta = model_test_data(
+            baseline_dir, None if data is None or data.dataset is None else data, classes)
         if list(base_model.config.classes) != classes:
             raise EmoshieldError(f"baseline {baseline_dir} has classes {base_model.config.classes}, not {classes}")
-        _, _, _, baseline_meta = model_test_data(baseline_dir, None if data is None or data.dataset is None else data,
-                                                 classes)
-        base_test, _ = _decode_for(base_model, records, root, classes)
+        base_test, _ = _decode_for(base_model, records, root, classes)  # the same images as this model
         (log or print)("baseline:")
         baseline_report = _robustness(base_model, base_test, classes, robustness, log)
         from .evaluation.robustness import compare_with_baseline

@@ -46,22 +46,26 @@ def parse_eps_list(spec: str) -> list[float]:
 
 
 @torch.no_grad()
+def correct_under(model, x: torch.Tensor, y: torch.Tensor, attack=None, batch_size: int = 256) -> torch.Tensor:
+    """Per-sample correctness of `model` (as it is: callers set eval mode) on x, or on attack(x) if given."""
+    parts = []
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        parts.append(model(attack(model, xb, yb) if attack is not None else xb).argmax(1) == yb)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
 def worst_case_correct(model, x: torch.Tensor, y: torch.Tensor, attacks: list, batch_size: int = 256) -> dict:
     """Per-sample correctness: clean, under each attack, and in the worst case (a sample is
     robust only if it is classified correctly clean AND under every attack)."""
     was_training = model.training
     model.eval()
     try:
-        correct = {"clean": torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                                       for i in range(0, len(y), batch_size)])}
+        correct = {"clean": correct_under(model, x, y, None, batch_size)}
         for attack in attacks:
-            parts = []
-            for i in range(0, len(y), batch_size):
-                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-                parts.append(model(attack(model, xb, yb)).argmax(1) == yb)
-            correct[repr(attack)] = torch.cat(parts)
+            correct[repr(attack)] = correct_under(model, x, y, attack, batch_size)
         worst = correct["clean"].clone()
-        for key, value in correct.items():
+        for value in correct.values():
             worst &= value
         correct["worst_case"] = worst
     finally:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import corrupt, make_attack
-from ..attacks.registry import LABELS
+from ..attacks.registry import LABELS, correct_under
 from ..data.images import to_model_input
 
 
@@ -79,9 +79,7 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
     was_training = model.training
     model.eval()
     x_all = to_model_input(pixels)
-    with torch.no_grad():
-        clean_correct = torch.cat([model(x_all[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]
-                                   for i in range(0, len(labels), batch_size)])
+    clean_correct = correct_under(model, x_all, labels, None, batch_size)
     report = {"num_images": int(len(labels)), "classes": classes,
               "clean_accuracy": clean_correct.float().mean().item(),
               "per_class_accuracy": {"clean": _per_class(clean_correct, labels, classes)},
@@ -94,12 +92,7 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
         report["attacks"][name] = {}
         for eps in eps_list:
             attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed))
-            parts = []
-            for i in range(0, len(labels), batch_size):
-                xb, yb = x_all[i:i + batch_size], labels[i:i + batch_size]
-                with torch.no_grad():
-                    parts.append(model(attack(model, xb, yb)).argmax(1) == yb)
-            correct = torch.cat(parts)
+            correct = correct_under(model, x_all, labels, attack, batch_size)
             worst[eps] &= correct
             report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),
                                                    "per_class_accuracy": _per_class(correct, labels, classes),
