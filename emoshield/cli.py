@@ -201,18 +201,144 @@ def cmd_sweep(args) -> int:
     return 0 if result["points"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+# ---- keys, bundles, video, device ---------------------------------------------------------------
+
+def cmd_keys_generate(args) -> int:
+    from .tiers.signing import generate_keys
+
+    private, public = generate_keys(Path(args.out), overwrite=args.force)
+    print(f"private key: {private} (keep it on the edge node; mode 0600)\npublic key: {public} (give it to devices)")
+    return 0
+
+
+def cmd_bundle_export(args) -> int:
+    from .tiers.bundle import describe_bundle
+    from .tiers.export import QuantizationOptions, export_bundle
+
+    options = QuantizationOptions(args.calibration_images, args.calibration, not args.per_tensor, args.keep_fp32)
+    manifest = export_bundle(Path(args.model), Path(args.key), Path(args.out), args.name, args.version,
+                             args.data_root, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(describe_bundle(manifest))
+    m = manifest["metrics"]
+    print(f"int8 accuracy change: {m['int8_accuracy_change'] * 100:+.2f} points on {m['test_images']} test faces "
+          f"({manifest['training'].get('dataset')}, {manifest['training'].get('protocol')} protocol)")
+    return 0
+
+
+def cmd_bundle_verify(args) -> int:
+    from .tiers.bundle import verify_bundle
+
+    manifest = verify_bundle(Path(args.bundle), Path(args.pubkey), min_version=args.newer_than)
+    print(f"ok: {manifest['name']} v{manifest['version']}, signature and {len(manifest['files'])} file hashes verified")
+    return 0
+
+
+def cmd_bundle_inspect(args) -> int:
+    from .tiers.bundle import describe_bundle, read_manifest
+
+    manifest = read_manifest(Path(args.bundle))
+    print(json.dumps(manifest, indent=1) if args.json else describe_bundle(manifest))
+    return 0
+
+
+def cmd_data_video(args) -> int:
+    from .data.images import decode_images
+    from .data.video import write_face_video
+    from .pipeline import saved_split_records
+
+    model = Path(args.model)
+    records, root, _ = saved_split_records(model / "model.safetensors" if model.is_dir() else model, args.part,
+                                           args.data_root)
+    per_class: dict[str, list] = {}
+    for r in sorted(records, key=lambda r: r.path):
+        if len(per_class.setdefault(r.label, [])) < args.per_class:
+            per_class[r.label].append(r)
+    chosen = [r for group in zip(*per_class.values()) for r in group]  # classes interleaved
+    decoded = decode_images(root, chosen, args.face_px)
+    labels_file = write_face_video(list(decoded.pixels[:, 0] if decoded.pixels.shape[1] == 1 else
+                                        decoded.pixels.transpose(0, 2, 3, 1)[..., ::-1]),
+                                   [r.label for r in decoded.records], Path(args.out), args.fps, args.hold,
+                                   face_px=args.face_px)
+    print(f"{args.out}: {len(decoded.records)} {args.part} faces x {args.hold} frames at {args.fps:g} fps; "
+          f"ground truth in {labels_file}")
+    return 0
+
+
+def cmd_device_run(args) -> int:
+    from .tiers.device import run_device_command
+
+    return run_device_command(args)
+
+
+def _add_tier_commands(sub) -> None:
+    keys = sub.add_parser("keys", help="signing keys for model bundles").add_subparsers(dest="keys_command",
+                                                                                        required=True)
+    p = keys.add_parser("generate", help="write an Ed25519 key pair (private.key, public.key)")
+    p.add_argument("--out", required=True, help="folder for the key pair")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    p.set_defaults(func=cmd_keys_generate)
+
+    bundle = sub.add_parser("bundle", help="signed model bundles for devices").add_subparsers(
+        dest="bundle_command", required=True)
+    p = bundle.add_parser("export", help="weights + fp32 ONNX + int8 ONNX + signed manifest from a trained model")
+    p.add_argument("--model", required=True, help="training output folder")
+    p.add_argument("--key", required=True, help="Ed25519 private key (emoshield keys generate)")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--name", help="bundle name (default: the training folder's name)")
+    p.add_argument("--version", type=int, default=1, help="bundle version, a positive integer (default: 1)")
+    p.add_argument("--data-root", help="where the model's dataset lives (default: as trained)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training faces for int8 calibration")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
+    p.add_argument("--keep-fp32", default="first,last", help="layers left in fp32: first,last or '' (default: %(default)s)")
+    p.set_defaults(func=cmd_bundle_export)
+    p = bundle.add_parser("verify", help="check signature, file hashes and version; non-zero exit on any mismatch")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", required=True, help="Ed25519 public key")
+    p.add_argument("--newer-than", type=int, help="also require a version above this one")
+    p.set_defaults(func=cmd_bundle_verify)
+    p = bundle.add_parser("inspect", help="show a bundle's manifest (not verified)")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bundle_inspect)
+
+    device = sub.add_parser("device", help="the IoT device runtime (no torch)").add_subparsers(
+        dest="device_command", required=True)
+    p = device.add_parser("run", help="recognise emotions on video frames with a verified int8 bundle")
+    p.add_argument("--source", required=True, help="video file, camera:N, or a folder of images")
+    p.add_argument("--bundle", help="run this local bundle folder (no edge)")
+    p.add_argument("--pubkey", required=True, help="Ed25519 public key that signs the bundles")
+    p.add_argument("--store", help="the device's bundle store (default: $EMOSHIELD_CACHE/device)")
+    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument("--smooth", type=float, default=0.0, help="temporal smoothing a in [0, 1) (default: off)")
+    p.add_argument("--detect-every", type=int, default=1, help="run face detection every N frames")
+    p.add_argument("--jsonl", help="write per-frame JSON lines here (default: standard output)")
+    p.add_argument("--annotate", help="write an annotated video here")
+    p.add_argument("--truth", help="per-frame labels (FILE.labels.json from `emoshield data video`) to score")
+    p.add_argument("--max-frames", type=int, help="stop after N frames")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.set_defaults(func=cmd_device_run)
+
+
+TIER_COMMANDS = ("keys", "bundle", "device")
+
+
+def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
+    """The whole CLI; with torch_free, only the commands a device runs (they never import torch)."""
     from . import __version__
+
+    parser = argparse.ArgumentParser(prog="emoshield", description="Robust facial-expression recognition: "
+                                     "model library, training, evaluation, signed bundles, device runtime.")
+    parser.add_argument("--version", action="version", version=f"emoshield {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tier_commands(sub)
+    if torch_free:
+        return parser
     from .models import BACKBONES, HEADS
     from .models.heads import POOLING_HELP
     from .training import OPTIMIZERS, SCHEDULES
     from .attacks import CORRUPTIONS
     from .training.augment import AUGMENTATIONS
-
-    parser = argparse.ArgumentParser(prog="emoshield", description="Robust facial-expression recognition: "
-                                     "model library, training, evaluation.")
-    parser.add_argument("--version", action="version", version=f"emoshield {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="the model library").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("list", help="backbones and whether their pretrained weights are available")
@@ -227,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_summary)
+    p = data.add_parser("video", help="a test video of real faces from a trained model's split, with ground truth")
+    p.add_argument("--model", required=True, help="training output folder (its split.json picks the faces)")
+    p.add_argument("--part", choices=["train", "val", "test"], default="test")
+    p.add_argument("--data-root", help="where the dataset lives (default: as trained)")
+    p.add_argument("--per-class", type=int, default=4, help="faces per class (default: %(default)s)")
+    p.add_argument("--hold", type=int, default=8, help="frames per face (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--face-px", type=int, default=200, help="face size in the 640x480 frame")
+    p.add_argument("--out", required=True, help="video file (.mp4)")
+    p.set_defaults(func=cmd_data_video)
 
     p = sub.add_parser("train", help="train and evaluate an emotion model")
     _add_data_args(p)
@@ -296,7 +432,8 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(torch_free=bool(argv) and argv[0] in TIER_COMMANDS)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

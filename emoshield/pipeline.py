@@ -223,8 +223,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
 def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: list[str] | None = None):
     """(model, test records, dataset folder, meta) for a trained model: its own test split
     (split.json beside it) by default, or another dataset's (`data`; --protocol all = every image)."""
-    from .data import load_split, make_split
-    from .data.datasets import resolve_dataset_dir
+    from .data import make_split
     from .models import load_model
     from .provenance import git_commit
 
@@ -235,14 +234,7 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
     run_file = model_file.parent / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     if data is None or data.dataset is None:
-        split_file = model_file.parent / "split.json"
-        if not split_file.is_file():
-            raise EmoshieldError(f"{split_file} not found: pass --dataset and --data-root to choose test images")
-        split, header = load_split(split_file)
-        root = Path(header["dataset_dir"])
-        if data is not None and data.data_root:
-            root = resolve_dataset_dir(Path(data.data_root), header["dataset"])
-        records = split.test
+        records, root, header = saved_split_records(model_file, "test", data.data_root if data else None)
         meta = {k: run.get(k, header.get(k)) for k in
                 ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense")}
     else:
@@ -260,10 +252,45 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
     return model, [r for r in records if r.label in classes], root, meta
 
 
+def saved_split_records(model_file: Path, part: str, data_root: str | None = None):
+    """(records, dataset folder, split header) of one part of the split saved beside a model."""
+    from .data import load_split
+    from .data.datasets import resolve_dataset_dir
+
+    split_file = Path(model_file).parent / "split.json"
+    if not split_file.is_file():
+        raise EmoshieldError(f"{split_file} not found: pass --dataset and --data-root to choose images")
+    split, header = load_split(split_file)
+    root = Path(header["dataset_dir"])
+    if data_root:
+        root = resolve_dataset_dir(Path(data_root), header["dataset"])
+    return split.parts()[part], root, header
+
+
+def decode_split_part(model_file: Path, part: str, data_root: str | None = None, limit: int | None = None,
+                      seed: int = 0):
+    """A saved split's part decoded at the model's input size: (TensorData, records, model config);
+    `limit` keeps a seeded random subset (e.g. calibration images)."""
+    from .models.network import read_safetensors, ModelConfig
+
+    model_file = Path(model_file)
+    if model_file.is_dir():
+        model_file = model_file / "model.safetensors"
+    _tensors, meta = read_safetensors(model_file)
+    config = ModelConfig(**json.loads(meta["config"]))
+    records, root, _header = saved_split_records(model_file, part, data_root)
+    records = [r for r in records if r.label in config.classes]
+    if limit is not None and len(records) > limit:
+        records = random.Random(seed).sample(records, limit)
+    data, records = _decode_for(config, records, root, config.classes)
+    return data, records, config
+
+
 def _decode_for(model, records, root, classes):
     from .data.images import decode_images
 
-    decoded = decode_images(root, records, model.config.input_size)
+    config = getattr(model, "config", model)
+    decoded = decode_images(root, records, config.input_size)
     if not decoded.records:
         raise EmoshieldError(f"no readable test images of classes {', '.join(classes)} under {root}")
     return _tensor_data(decoded.pixels, decoded.records, classes), decoded.records

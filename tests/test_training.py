@@ -72,6 +72,24 @@ def test_augmentation_is_seeded_and_keeps_range():
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(2)) for f, o in zip(flipped, x))
 
 
+def test_strong_augmentation_erases_rectangles_and_jitters_light():
+    x = torch.rand(64, 1, 32, 32)
+    a = augment_batch(x, "strong", torch.Generator().manual_seed(3))
+    assert torch.equal(a, augment_batch(x, "strong", torch.Generator().manual_seed(3)))
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    # an erased rectangle is one constant value over >= 4% of the pixels; random pixels never repeat so
+    # often (0 and 1 do: jitter clips there)
+    top_share = torch.tensor([v[(v > 0) & (v < 1)].unique(return_counts=True)[1].max() / v.numel()
+                              for v in a.flatten(1)])
+    erased = top_share >= 0.04
+    assert 16 <= int(erased.sum()) <= 48  # about half the batch
+    assert (top_share[~erased] < 0.01).all()
+    # lighting: a flat grey face comes out brighter or darker, within +-25%
+    lit = augment_batch(torch.full((64, 1, 32, 32), 0.5), "strong", torch.Generator().manual_seed(4))
+    means = lit.mean(dim=(1, 2, 3))
+    assert means.std() > 0.03 and 0.5 * 0.75 - 1e-6 <= means.min() and means.max() <= 0.5 * 1.25 + 1e-6
+
+
 def _epoch_of(out):
     try:
         with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:

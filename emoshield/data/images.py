@@ -46,6 +46,11 @@ def _finish(image: np.ndarray, record: ImageRecord, size: int) -> np.ndarray:
     if record.crop is not None:
         x, y, w, h = record.crop
         image = image[y:y + h, x:x + w]
+    return resize_face(image, size)
+
+
+def resize_face(image: np.ndarray, size: int) -> np.ndarray:
+    """Square resize as in training (area when shrinking, linear when enlarging); devices use it too."""
     if image.shape[0] != size or image.shape[1] != size:
         shrink = image.shape[0] > size
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

@@ -144,6 +144,11 @@ def imagenet_available(name: str) -> str | None:
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 
 
+def imagenet_weights_path(name: str, entry_name: str | None = None) -> Path:
+    """Where the torch hub cache keeps (or would keep) a backbone's ImageNet weights file."""
+    return _cached_file(imagenet_entry(name, entry_name))
+
+
 def load_imagenet_state_dict(name: str, entry_name: str | None = None) -> tuple[dict, str]:
     """Load torchvision ImageNet weights from the local hub cache, checking the sha256 prefix."""
     entry = imagenet_entry(name, entry_name)

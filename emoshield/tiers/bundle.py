@@ -1,0 +1,129 @@
+"""Model bundles: a folder a device can trust without running any of its contents.
+
+    manifest.json        name, version, classes, preprocessing, backbone, per-file sha256,
+                         training config, metrics, creation time
+    manifest.sig         base64 Ed25519 signature of the canonical manifest
+    weights.safetensors  the trained weights (edge/cloud use; never pickle)
+    model.onnx           fp32 graph, input "image" N x 3 x S x S in [0, 1], output "logits"
+    model.int8.onnx      static QDQ int8 graph for devices
+
+The signature covers the manifest and the manifest covers every file by hash, so one
+signature check plus the hash checks verify the whole bundle. Torch-free: devices use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import EmoshieldError
+from .signing import load_public_key, sign, signature_valid
+
+FORMAT = "emoshield.bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+WEIGHTS = "weights.safetensors"
+ONNX_FP32 = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
+BUNDLE_FILES = (WEIGHTS, ONNX_FP32, ONNX_INT8)
+
+
+class BundleError(EmoshieldError):
+    """A bundle is missing, malformed, tampered with or not signed by the expected key."""
+
+
+def canonical_json(value) -> bytes:
+    """The bytes that are signed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal_bundle(bundle_dir: Path, manifest: dict, private_key) -> dict:
+    """Add the file hashes to `manifest`, write it and its signature into bundle_dir."""
+    bundle_dir = Path(bundle_dir)
+    files = {}
+    for name in BUNDLE_FILES:
+        path = bundle_dir / name
+        if path.is_file():
+            files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {**manifest, "format": FORMAT, "files": files}
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    (bundle_dir / SIGNATURE).write_text(sign(canonical_json(manifest), private_key) + "\n")
+    return manifest
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    """The manifest as written, unverified (for inspection and for choosing what to verify)."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: unknown bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                          f" (expected {FORMAT})")
+    return manifest
+
+
+def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
+                  required: tuple[str, ...] = (ONNX_INT8,)) -> dict:
+    """Check signature, every listed file's hash and size, the required files and, when
+    given, that the version is strictly above min_version. Returns the manifest; raises
+    BundleError naming the first problem. `public_key` is a key object or a PEM path."""
+    bundle_dir = Path(bundle_dir)
+    if isinstance(public_key, (str, Path)):
+        public_key = load_public_key(Path(public_key))
+    manifest = read_manifest(bundle_dir)
+    sig_path = bundle_dir / SIGNATURE
+    if not sig_path.is_file():
+        raise BundleError(f"{bundle_dir}: no {SIGNATURE} (unsigned bundle)")
+    if not signature_valid(canonical_json(manifest), sig_path.read_text(), public_key):
+        raise BundleError(f"{bundle_dir}: bad signature (manifest changed or signed by another key)")
+    files = manifest.get("files", {})
+    for name in required:
+        if name not in files:
+            raise BundleError(f"{bundle_dir}: manifest lists no {name}")
+    for name, entry in files.items():
+        path = bundle_dir / name
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise BundleError(f"{bundle_dir}: manifest names an unsafe file {name!r}")
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir}: {name} is missing")
+        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered or corrupt)")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{bundle_dir}: version {version!r} is not a positive integer")
+    if min_version is not None and version <= min_version:
+        raise BundleError(f"{bundle_dir}: version {version} is not newer than the installed {min_version}")
+    return manifest
+
+
+def describe_bundle(manifest: dict) -> str:
+    """A few human lines about a bundle (for `emoshield bundle inspect`)."""
+    metrics = manifest.get("metrics", {})
+    lines = [f"{manifest.get('name')} v{manifest.get('version')} ({manifest.get('format')}), "
+             f"created {manifest.get('created')}",
+             f"classes: {', '.join(manifest.get('classes', []))}",
+             f"backbone: {manifest.get('backbone', {}).get('name')} "
+             f"(initial weights {manifest.get('backbone', {}).get('weights')}), "
+             f"input {manifest.get('preprocessing', {}).get('input_size')} px "
+             f"{manifest.get('preprocessing', {}).get('channels')}"]
+    for key, label in (("test_accuracy", "test accuracy (torch)"), ("onnx_fp32_accuracy", "ONNX fp32 accuracy"),
+                       ("onnx_int8_accuracy", "ONNX int8 accuracy"), ("onnx_max_abs_diff", "max |torch - ONNX|")):
+        if key in metrics:
+            value = metrics[key]
+            lines.append(f"{label}: {value:.2%}" if "accuracy" in key else f"{label}: {value:.2e}")
+    for name, entry in manifest.get("files", {}).items():
+        lines.append(f"{name}: {entry['bytes'] / 1e6:.2f} MB sha256 {entry['sha256'][:16]}...")
+    return "\n".join(lines)

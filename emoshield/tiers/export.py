@@ -1,0 +1,221 @@
+"""Build a signed bundle from a trained model: safetensors weights, fp32 ONNX, static int8
+ONNX calibrated on real training faces, and a manifest with the accuracy of each.
+
+Quantization (onnxruntime static QDQ): weights int8 per output channel, activations int8
+with ranges calibrated on training faces the model saw (never test faces). The first
+convolution (raw pixels, 3 input channels) and the last layer (the logits) are kept in
+fp32 by default: they are tiny in compute and the most sensitive to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EmoshieldError
+from .bundle import BUNDLE_FILES, ONNX_FP32, ONNX_INT8, WEIGHTS, seal_bundle
+from .signing import load_private_key
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class QuantizationOptions:
+    """How model.int8.onnx is made."""
+
+    calibration_images: int = 256
+    method: str = "minmax"
+    per_channel: bool = True
+    keep_fp32: str = "first,last"  # first conv and/or last layer stay fp32 ("" = quantize all)
+
+    def validate(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise EmoshieldError(f"unknown calibration method {self.method!r}; choose {', '.join(CALIBRATION_METHODS)}")
+        if self.calibration_images < 1:
+            raise EmoshieldError("calibration needs at least one image")
+        unknown = set(filter(None, self.keep_fp32.split(","))) - {"first", "last"}
+        if unknown:
+            raise EmoshieldError(f"--keep-fp32 takes first and/or last, not {', '.join(sorted(unknown))}")
+
+
+def export_onnx(model, path: Path, input_size: int) -> None:
+    """fp32 ONNX with a dynamic batch axis: "image" (N x 3 x S x S, [0, 1]) -> "logits"."""
+    import torch
+
+    model.eval()
+    dummy = torch.rand(1, 3, input_size, input_size)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated but exact for these CNNs and needs no
+        # onnxscript; the torch.export one gives the same graph for them.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+
+
+def onnx_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for float32 N x 3 x S x S images in [0, 1]."""
+    return np.concatenate([session.run(None, {"image": images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, options: QuantizationOptions) -> dict:
+    """Static QDQ int8 quantization of fp32_path; returns what was kept in fp32."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, images: np.ndarray, batch: int = 32):
+            self.batches = iter([{"image": images[i:i + batch]} for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
+        compute = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        keep = set(filter(None, options.keep_fp32.split(",")))
+        exclude = ([compute[0].name] if "first" in keep and compute else []) + \
+                  ([compute[-1].name] if "last" in keep and len(compute) > 1 else [])
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[options.method]
+        quantize_static(str(prepared), str(out_path), Reader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=options.per_channel, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return {"fp32_nodes": exclude, "quantized_nodes": len(compute) - len(exclude)}
+
+
+def _images(data) -> np.ndarray:
+    from ..data.images import to_model_input
+
+    return to_model_input(data.pixels).numpy()
+
+
+def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str | None = None, version: int = 1,
+                  data_root: str | None = None, quantization: QuantizationOptions | None = None,
+                  log=print) -> dict:
+    """Write a signed bundle for the trained model in model_dir (its training output folder)."""
+    import torch
+
+    from ..models.network import load_model, save_model
+    from ..pipeline import decode_split_part
+    from ..provenance import git_commit
+
+    quantization = quantization or QuantizationOptions()
+    quantization.validate()
+    if version < 1:
+        raise EmoshieldError("a bundle version is a positive integer")
+    key = load_private_key(Path(private_key))
+    model_dir = Path(model_dir)
+    model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
+    model = load_model(model_file)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EmoshieldError(f"{out_dir} exists and is not empty (a bundle is written once)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    test, test_records, config = decode_split_part(model_file, "test", data_root)
+    calib, _, _ = decode_split_part(model_file, "train", data_root, limit=quantization.calibration_images)
+    x_test, y_test = _images(test), test.labels.numpy()
+    log(f"bundle: {len(test_records)} test faces, {len(calib)} training faces for int8 calibration")
+
+    save_model(model, out_dir / WEIGHTS)
+    export_onnx(model, out_dir / ONNX_FP32, config.input_size)
+    with torch.no_grad():
+        torch_logits = torch.cat([model(torch.from_numpy(x_test[i:i + 128])) for i in range(0, len(x_test), 128)]).numpy()
+    fp32_logits = onnx_logits(onnx_session(out_dir / ONNX_FP32), x_test)
+    kept = quantize_int8(out_dir / ONNX_FP32, out_dir / ONNX_INT8, _images(calib), quantization)
+    int8_logits = onnx_logits(onnx_session(out_dir / ONNX_INT8), x_test)
+
+    def accuracy(logits):
+        return float((logits.argmax(1) == y_test).mean())
+
+    metrics = {"test_images": len(y_test), "test_accuracy": accuracy(torch_logits),
+               "onnx_fp32_accuracy": accuracy(fp32_logits), "onnx_int8_accuracy": accuracy(int8_logits),
+               "onnx_max_abs_diff": float(np.abs(torch_logits - fp32_logits).max()),
+               "int8_prediction_agreement": float((int8_logits.argmax(1) == torch_logits.argmax(1)).mean())}
+    metrics["int8_accuracy_change"] = metrics["onnx_int8_accuracy"] - metrics["test_accuracy"]
+    run = _read_json(model_file.parent / "run.json")
+    train_metrics = _read_json(model_file.parent / "metrics.json")
+    robustness = _read_json(model_file.parent / "robustness.json")
+    gray = int(test.pixels.shape[1]) == 1
+    manifest = {
+        "name": name or model_file.parent.name, "version": int(version),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "classes": list(config.classes),
+        "preprocessing": {"input_size": config.input_size, "channels": "gray" if gray else "rgb",
+                          "range": "[0, 1] float32, N x 3 x S x S (gray repeated on 3 channels)",
+                          "normalization": {"mean": config.mean, "std": config.std, "inside_model": True},
+                          "face_margin": 0.1, "resize": "area when shrinking, linear when enlarging"},
+        "backbone": {"name": config.backbone, "head": config.head, "weights": config.weights,
+                     "sha256": _backbone_sha256(config)},
+        "training": {k: run.get(k) for k in ("dataset", "protocol", "fold", "folds", "epochs", "seed", "defense",
+                                             "train_config", "git_commit") if k in run},
+        "metrics": {**metrics, **{k: train_metrics[k] for k in ("best_epoch", "balanced_accuracy", "per_class_accuracy")
+                                  if k in train_metrics},
+                    **({"robustness": _robust_headline(robustness)} if robustness else {})},
+        "quantization": {**asdict(quantization), **kept, "format": "QDQ", "activations": "int8 asymmetric",
+                         "weights": "int8 symmetric" + (" per channel" if quantization.per_channel else "")},
+        "exported_by": git_commit(),
+    }
+    manifest = seal_bundle(out_dir, manifest, key)
+    log(f"bundle: {manifest['name']} v{version} in {out_dir} ({time.perf_counter() - started:.0f} s); "
+        f"test accuracy torch {metrics['test_accuracy']:.2%}, ONNX fp32 {metrics['onnx_fp32_accuracy']:.2%}, "
+        f"int8 {metrics['onnx_int8_accuracy']:.2%}; max |torch - ONNX| {metrics['onnx_max_abs_diff']:.1e}")
+    return manifest
+
+
+def copy_bundle(src: Path, dst: Path) -> None:
+    """Copy the files of a bundle (and nothing else) into dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*BUNDLE_FILES, "manifest.json", "manifest.sig"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _robust_headline(report: dict) -> dict:
+    rob = report.get("robustness", report)
+    out = {"clean": rob.get("clean_accuracy")}
+    for attack, by_eps in rob.get("attacks", {}).items():
+        for eps, value in by_eps.items():
+            out[f"{attack}@{eps}"] = value["accuracy"]
+    return out
+
+
+def _backbone_sha256(config) -> str | None:
+    """sha256 of the file the backbone's initial weights came from, when it is a local file."""
+    from ..models.library import imagenet_weights_path
+    from .bundle import sha256_file
+
+    weights = config.weights or ""
+    if weights.endswith(".safetensors") and Path(weights).is_file():
+        return sha256_file(Path(weights))
+    if weights.startswith("imagenet"):
+        path = imagenet_weights_path(config.backbone, weights.partition(":")[2] or None)
+        return sha256_file(path) if path.is_file() else None
+    return None
