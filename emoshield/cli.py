@@ -270,6 +270,151 @@ def cmd_device_run(args) -> int:
     return run_device_command(args)
 
 
+def _serve(app, host: str, port: int, what: str) -> None:
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"emoshield: note: {what} listens on {host}, not only on this machine", file=sys.stderr)
+    print(f"{what} on http://{host}:{port} (OpenAPI docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def cmd_cloud_add(args) -> int:
+    from .models import ModelConfig, build_model
+    from .tiers.library import add_entry
+
+    classes = [c for c in (args.classes or "").split(",") if c] or ["neutral", "happy"]
+    model = build_model(ModelConfig(backbone=args.backbone, classes=classes, input_size=args.input_size,
+                                    weights=args.weights))
+    meta = add_entry(args.name, model, Path(args.library) if args.library else None, data=args.weights,
+                     overwrite=args.force)
+    print(f"library entry {meta['name']}: {meta['backbone']} from {meta['initial_weights']}, "
+          f"{meta['bytes'] / 1e6:.1f} MB, sha256 {meta['sha256'][:16]}...")
+    return 0
+
+
+def cmd_cloud_list(args) -> int:
+    from .tiers.library import default_library, list_entries
+
+    entries = list_entries(Path(args.library) if args.library else None)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    print(f"model library {args.library or default_library()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        print(f"  {e['name']:<24} {e['backbone']:<14} {e['input_size']:>4} px  {e['data'] or '-':<28} "
+              f"sha256 {e['sha256'][:16]}")
+    return 0
+
+
+def cmd_cloud_serve(args) -> int:
+    from .tiers.cloud import create_app
+    from .tiers.library import default_library
+
+    library = Path(args.library) if args.library else default_library()
+    _serve(create_app(library), args.host, args.port, f"cloud model library {library}")
+    return 0
+
+
+def cmd_edge_serve(args) -> int:
+    import os
+    import secrets
+
+    from .tiers.edge import EdgeConfig, EdgeNode, create_app
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    token = args.admin_token or os.environ.get("EMOSHIELD_ADMIN_TOKEN")
+    if not token:
+        token_file = root / "admin.token"
+        if not token_file.is_file():
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        token = token_file.read_text().strip()
+        print(f"admin token in {token_file}", file=sys.stderr)
+    from .data import parse_classes
+
+    config = EdgeConfig(root=root, key=Path(args.key), classes=list(parse_classes(args.classes)),
+                        cloud_url=args.cloud, backbone=args.backbone, admin_token=token, name=args.name,
+                        epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,
+                        defense=args.defense, eps=args.eps, train_every=args.train_every,
+                        max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples)
+    if not config.key.is_file():
+        raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
+    node = EdgeNode(config)
+    node.start()
+    _serve(create_app(node), args.host, args.port, f"edge node {args.name} ({root})")
+    node.stop()
+    return 0
+
+
+def cmd_edge_enrol(args) -> int:
+    from .tiers.client import EdgeClient
+
+    print(json.dumps(EdgeClient(args.edge, args.admin_token).enrol(args.name)))
+    return 0
+
+
+def cmd_edge_upload(args) -> int:
+    from .data import make_split
+    from .pipeline import load_data
+    from .tiers.client import EdgeClient
+
+    dataset = load_data(_data_options(args), args.seed)
+    records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction).parts()[args.part]
+    per_class: dict[str, int] = {}
+    client = EdgeClient(args.edge, args.token)
+    sent = 0
+    for r in records:
+        if args.per_class and per_class.get(r.label, 0) >= args.per_class:
+            continue
+        path = dataset.root / r.path
+        data = path.read_bytes()
+        if r.crop is not None or path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            import cv2
+
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if r.crop is not None:
+                x, y, w, h = r.crop
+                image = image[y:y + h, x:x + w]
+            data = cv2.imencode(".png", image)[1].tobytes()
+        client.upload(data, r.label)
+        per_class[r.label] = per_class.get(r.label, 0) + 1
+        sent += 1
+    print(f"uploaded {sent} {args.part} faces of {dataset.name} ({', '.join(f'{k} {v}' for k, v in per_class.items())})")
+    return 0
+
+
+def cmd_edge_job(args) -> int:
+    import time
+
+    from .tiers.client import EdgeClient
+
+    client = EdgeClient(args.edge, args.admin_token)
+    job_id = client.call("POST", "/jobs")["job_id"]
+    print(f"queued job {job_id}", file=sys.stderr, flush=True)
+    if not args.wait:
+        print(json.dumps({"job_id": job_id}))
+        return 0
+    started, status = time.monotonic(), None
+    while True:
+        job = client.call("GET", f"/jobs/{job_id}")
+        if job["status"] != status:
+            status = job["status"]
+            print(f"job {job_id}: {status} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        if status in ("finished", "failed"):
+            break
+        if time.monotonic() - started > args.timeout:
+            raise EmoshieldError(f"job {job_id} still {status} after {args.timeout:.0f} s")
+        time.sleep(2)
+    print(json.dumps(job))
+    if status == "failed":
+        print(client.call("GET", f"/jobs/{job_id}/log", raw=True).decode()[-2000:], file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_tier_commands(sub) -> None:
     keys = sub.add_parser("keys", help="signing keys for model bundles").add_subparsers(dest="keys_command",
                                                                                         required=True)
@@ -307,6 +452,9 @@ def _add_tier_commands(sub) -> None:
     p = device.add_parser("run", help="recognise emotions on video frames with a verified int8 bundle")
     p.add_argument("--source", required=True, help="video file, camera:N, or a folder of images")
     p.add_argument("--bundle", help="run this local bundle folder (no edge)")
+    p.add_argument("--edge", help="edge node URL to pull verified bundles from (works offline with the last good one)")
+    p.add_argument("--token", help="this device's token from the edge's enrolment")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between update checks while running (0 = never)")
     p.add_argument("--pubkey", required=True, help="Ed25519 public key that signs the bundles")
     p.add_argument("--store", help="the device's bundle store (default: $EMOSHIELD_CACHE/device)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
@@ -318,6 +466,70 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--max-frames", type=int, help="stop after N frames")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
     p.set_defaults(func=cmd_device_run)
+
+
+def _add_service_commands(sub) -> None:
+    cloud = sub.add_parser("cloud", help="the cloud model library and its service").add_subparsers(
+        dest="cloud_command", required=True)
+    p = cloud.add_parser("add", help="add a backbone's weights to the model library")
+    p.add_argument("--library", help="library folder (default: $EMOSHIELD_LIBRARY or the cache)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="imagenet", help="scratch | imagenet[:ENTRY] | PATH.safetensors")
+    p.add_argument("--input-size", type=int, default=64)
+    p.add_argument("--classes", help="classes of the saved head, if any")
+    p.add_argument("--force", action="store_true", help="replace an existing entry")
+    p.set_defaults(func=cmd_cloud_add)
+    p = cloud.add_parser("list", help="entries of the model library")
+    p.add_argument("--library")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cloud_list)
+    p = cloud.add_parser("serve", help="serve the model library over HTTP (FastAPI)")
+    p.add_argument("--library")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.set_defaults(func=cmd_cloud_serve)
+
+    edge = sub.add_parser("edge", help="the edge node service and its clients").add_subparsers(
+        dest="edge_command", required=True)
+    p = edge.add_parser("serve", help="run an edge node: devices, uploads, defended training jobs, signed bundles")
+    p.add_argument("--root", required=True, help="the node's folder (SQLite, images, jobs, bundles)")
+    p.add_argument("--key", required=True, help="Ed25519 private key that signs bundles")
+    p.add_argument("--cloud", required=True, help="cloud service URL")
+    p.add_argument("--backbone", required=True, help="cloud library entry to fine-tune")
+    p.add_argument("--classes", required=True, help="emotion classes devices may upload")
+    p.add_argument("--name", default="edge")
+    p.add_argument("--admin-token", help="default: $EMOSHIELD_ADMIN_TOKEN, else generated into ROOT/admin.token")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--input-size", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--defense", default="fgsm:0.5,rfgsm:0.5")
+    p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--train-every", type=int, default=0, help="queue a job after N new samples (0 = on request)")
+    p.add_argument("--min-samples", type=int, default=10)
+    p.add_argument("--max-upload-bytes", type=int, default=2_000_000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8701)
+    p.set_defaults(func=cmd_edge_serve)
+    p = edge.add_parser("enrol", help="enrol a device; prints its id and token as JSON")
+    p.add_argument("--edge", required=True)
+    p.add_argument("--admin-token", required=True)
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_edge_enrol)
+    p = edge.add_parser("upload", help="upload a dataset split's faces as a device")
+    _add_data_args(p)
+    p.add_argument("--part", choices=["train", "val", "test"], default="train")
+    p.add_argument("--per-class", type=int, help="at most N faces per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--edge", required=True)
+    p.add_argument("--token", required=True)
+    p.set_defaults(func=cmd_edge_upload)
+    p = edge.add_parser("job", help="queue a training job (and --wait for it)")
+    p.add_argument("--edge", required=True)
+    p.add_argument("--admin-token", required=True)
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.set_defaults(func=cmd_edge_job)
 
 
 TIER_COMMANDS = ("keys", "bundle", "device")
@@ -339,6 +551,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     from .training import OPTIMIZERS, SCHEDULES
     from .attacks import CORRUPTIONS
     from .training.augment import AUGMENTATIONS
+
+    _add_service_commands(sub)
 
     models = sub.add_parser("models", help="the model library").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("list", help="backbones and whether their pretrained weights are available")

@@ -60,8 +60,15 @@ def validate_model_options(options: ModelOptions) -> None:
     if weights.endswith(".safetensors"):
         if not Path(weights).is_file():
             raise EmoshieldError(f"weights file {weights} does not exist")
+    elif weights.startswith("library:"):
+        from .tiers.library import read_entry
+
+        meta, _ = read_entry(weights.partition(":")[2].split("@")[0])
+        if meta["backbone"] != options.backbone:
+            raise EmoshieldError(f"library entry {meta['name']!r} is a {meta['backbone']}, not a {options.backbone}")
     elif weights != "scratch" and weights.partition(":")[0] != "imagenet":
-        raise EmoshieldError(f"unknown weights {weights!r}; use scratch, imagenet[:ENTRY] or a .safetensors file")
+        raise EmoshieldError(f"unknown weights {weights!r}; use scratch, imagenet[:ENTRY], library:NAME "
+                             "or a .safetensors file")
 
 
 @dataclass

@@ -95,8 +95,14 @@ def build_model(config: ModelConfig) -> EmotionNet:
     state_dict = None
     if source == "imagenet" or source.startswith("imagenet:"):
         state_dict, config.weights = load_imagenet_state_dict(config.backbone, source.partition(":")[2] or None)
+    elif source.startswith("library:"):
+        from ..tiers.library import read_entry
+
+        meta, library_file = read_entry(source.partition(":")[2].split("@")[0])
+        config.weights = f"library:{meta['name']}@{meta['sha256'][:12]}"  # which exact weights, for provenance
     elif source != "scratch" and not source.endswith(".safetensors"):
-        raise EmoshieldError(f"unknown weights {source!r}; use scratch, imagenet[:ENTRY] or a .safetensors file")
+        raise EmoshieldError(f"unknown weights {source!r}; use scratch, imagenet[:ENTRY], library:NAME "
+                             "or a .safetensors file")
     features, own_head = torchvision_parts(config.backbone, state_dict)
     if config.head == "backbone":
         head = resize_own_head(own_head, config.num_classes)
@@ -107,6 +113,8 @@ def build_model(config: ModelConfig) -> EmotionNet:
     model = EmotionNet(config, features, head)
     if source.endswith(".safetensors"):
         load_compatible_weights(model, Path(source))
+    elif source.startswith("library:"):
+        load_compatible_weights(model, library_file)
     return model
 
 

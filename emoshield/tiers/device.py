@@ -261,8 +261,10 @@ def annotate(frame: np.ndarray, result: FrameResult) -> np.ndarray:
 
 
 def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult], None],
-               annotated_video: Path | None = None, max_frames: int | None = None) -> dict:
-    """Analyze every frame of `source`; returns counts and throughput."""
+               annotated_video: Path | None = None, max_frames: int | None = None,
+               between_frames: Callable[[], None] | None = None) -> dict:
+    """Analyze every frame of `source`; returns counts and throughput. `between_frames` runs
+    before each frame (update checks); it may replace analyzer.classifier."""
     frames, fps = open_frames(source)
     writer = None
     started = time.perf_counter()
@@ -271,6 +273,8 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
         for index, t, frame in frames:
             if max_frames is not None and count >= max_frames:
                 break
+            if between_frames is not None:
+                between_frames()
             result = analyzer.analyze(index, t, frame)
             emit(result)
             count += 1
@@ -286,6 +290,30 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
     seconds = time.perf_counter() - started
     return {"frames": count, "frames_with_face": faces, "seconds": seconds,
             "fps": count / seconds if seconds > 0 else 0.0, "bundle_version": analyzer.classifier.version}
+
+
+def sync_from_edge(store: BundleStore, client, log: Callable[[str], None]) -> int | None:
+    """Install the edge's newest bundle when it is newer than the current one. Returns the new
+    version, or None when nothing changed: edge unreachable (the device goes on offline with
+    its last good bundle), nothing newer, or the bundle refused (reason logged)."""
+    from .client import ServiceError
+
+    try:
+        latest = client.latest_bundle()
+        if latest is None or (store.current_version() or 0) >= int(latest["version"]):
+            return None
+        (store.root / "staging").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=store.root / "staging") as tmp:
+            client.fetch_bundle(int(latest["version"]), latest["manifest"], Path(tmp))
+            manifest = store.install(Path(tmp))
+    except ServiceError as exc:
+        log(f"device: edge unreachable or failing, keeping bundle v{store.current_version()} ({exc})")
+        return None
+    except BundleError as exc:
+        log(f"device: refused a bundle, keeping v{store.current_version()}: {exc}")
+        return None
+    log(f"device: installed bundle v{manifest['version']} (previous v{store.state()['previous']})")
+    return int(manifest["version"])
 
 
 def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
@@ -304,19 +332,32 @@ def run_device_command(args) -> int:
 
     from ..paths import cache_dir
 
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    store = client = None
     if args.bundle:
+        if args.edge:
+            raise EmoshieldError("give --bundle DIR or --edge URL, not both")
         bundle_dir = Path(args.bundle)
         manifest = verify_bundle(bundle_dir, Path(args.pubkey))
         health_check(bundle_dir, args.precision)
     else:
         store = BundleStore(Path(args.store) if args.store else cache_dir() / "device", Path(args.pubkey))
+        if args.edge:
+            from .client import EdgeClient
+
+            if not args.token:
+                raise EmoshieldError("--edge needs the device's --token")
+            client = EdgeClient(args.edge, args.token)
+            sync_from_edge(store, client, log)
         bundle_dir = store.current_dir()
         if bundle_dir is None:
-            raise EmoshieldError(f"no bundle installed in {store.root}: give --bundle DIR (or --edge URL)")
+            raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
+                                 "give --bundle DIR or an --edge that has published one")
         manifest = verify_bundle(bundle_dir, store.public_key)
-    print(f"device: {manifest['name']} v{manifest['version']} verified ({args.precision}, "
-          f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})",
-          file=sys.stderr, flush=True)
+    log(f"device: {manifest['name']} v{manifest['version']} verified ({args.precision}, "
+        f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(EmotionClassifier(bundle_dir, args.precision, args.threads), args.smooth,
                              args.detect_every)
     results: list[FrameResult] = []
@@ -326,8 +367,22 @@ def run_device_command(args) -> int:
             results.append(result)
             print(result.to_json(), file=out)
 
+        last_check = [time.monotonic()]
+
+        def check_for_update() -> None:
+            if client is None or not args.poll or time.monotonic() - last_check[0] < args.poll:
+                return
+            last_check[0] = time.monotonic()
+            if sync_from_edge(store, client, log) is not None:
+                try:
+                    analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
+                except Exception as exc:  # the new bundle passed its probe but fails here: roll back
+                    log(f"device: bundle v{store.current_version()} failed to load ({exc}); rolling back to "
+                        f"v{store.rollback(str(exc))}")
+                    analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
+
         summary = run_frames(analyzer, args.source, emit, Path(args.annotate) if args.annotate else None,
-                             args.max_frames)
+                             args.max_frames, check_for_update)
     finally:
         if out is not sys.stdout:
             out.close()

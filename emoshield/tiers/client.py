@@ -1,0 +1,103 @@
+"""A small HTTP client for the edge and cloud services (stdlib only: devices run it too)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from ..errors import EmoshieldError
+
+
+class ServiceError(EmoshieldError):
+    """The service answered with an error status, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def request(method: str, url: str, token: str | None = None, body: dict | None = None,
+            data: bytes | None = None, content_type: str | None = None, timeout: float = 30, raw: bool = False):
+    """JSON (or raw bytes) from one HTTP call; ServiceError with the service's detail on failure."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if body is not None:
+        data, content_type = json.dumps(body).encode(), "application/json"
+    if content_type:
+        headers["Content-Type"] = content_type
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise ServiceError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip(), exc.code) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceError(f"{method} {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
+    return payload if raw else json.loads(payload or b"null")
+
+
+def download(url: str, dest: Path, token: str | None = None, timeout: float = 60) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r, \
+                open(dest, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except urllib.error.HTTPError as exc:
+        raise ServiceError(f"GET {url}: HTTP {exc.code}", exc.code) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceError(f"GET {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+def multipart(fields: dict[str, str], file_field: str, file_name: str, file_bytes: bytes) -> tuple[bytes, str]:
+    """Body and content type of a multipart/form-data upload."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode())
+    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; filename=\"{file_name}\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + file_bytes + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+class EdgeClient:
+    """What a device (or an admin script) does with an edge node."""
+
+    def __init__(self, url: str, token: str, timeout: float = 30):
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def call(self, method: str, path: str, **kwargs):
+        return request(method, self.url + path, self.token, timeout=self.timeout, **kwargs)
+
+    def enrol(self, name: str) -> dict:
+        return self.call("POST", "/devices", body={"name": name})
+
+    def upload(self, image_bytes: bytes, label: str, file_name: str = "face.png") -> dict:
+        body, content_type = multipart({"label": label}, "file", file_name, image_bytes)
+        return self.call("POST", "/samples", data=body, content_type=content_type)
+
+    def latest_bundle(self) -> dict | None:
+        try:
+            return self.call("GET", "/bundles/latest")
+        except ServiceError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def fetch_bundle(self, version: int, manifest: dict, dest: Path) -> Path:
+        """Download a bundle's manifest, signature and listed files into dest (unverified)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("manifest.json", "manifest.sig", *manifest.get("files", {})):
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ServiceError(f"bundle v{version} lists an unsafe file name {name!r}")
+            download(f"{self.url}/bundles/{int(version)}/{name}", dest / name, self.token, self.timeout)
+        return dest

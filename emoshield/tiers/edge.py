@@ -1,0 +1,432 @@
+"""The edge node as an HTTP service: devices enrol and upload labelled faces; training jobs
+(one worker, queued) fine-tune a backbone fetched from the cloud service and verified by
+hash, with the perturbation-aware defense; each finished job publishes a signed bundle
+with a higher version, which devices pull.
+
+    POST /devices                 admin  {"name"} -> {"device_id", "token"}
+    GET  /devices                 admin  enrolled devices (no tokens)
+    POST /samples                 device multipart file (PNG/JPEG, <= max size) + label
+    GET  /samples                 device that device's own samples only
+    POST /jobs                    admin  queue a training job
+    GET  /jobs, /jobs/{id}        admin  status; /jobs/{id}/log: the job's log text
+    GET  /bundles/latest          device the newest bundle's manifest
+    GET  /bundles/{v}/{file}      device a bundle file (manifest.json, manifest.sig, *.onnx, weights)
+    GET  /health
+
+Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in
+SQLite (WAL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
+sent by devices are never used as paths. Training runs `emoshield train` and
+`emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt.
+"""
+
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from ..errors import EmoshieldError
+from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT UNIQUE NOT NULL,
+                                    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, sha256 TEXT NOT NULL,
+                                    label TEXT NOT NULL, bytes INTEGER NOT NULL, kind TEXT NOT NULL,
+                                    created REAL NOT NULL, job_id INTEGER);
+CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, trigger TEXT NOT NULL,
+                                 created REAL NOT NULL, started REAL, finished REAL, samples INTEGER,
+                                 version INTEGER, error TEXT, metrics TEXT);
+CREATE TABLE IF NOT EXISTS bundles (version INTEGER PRIMARY KEY, job_id INTEGER, created REAL NOT NULL);
+"""
+IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
+SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
+
+try:  # the request body model must live at module level for FastAPI to resolve it
+    from pydantic import BaseModel
+
+    class Enrolment(BaseModel):
+        name: str
+except ImportError:  # pragma: no cover - pydantic comes with fastapi, which only the services need
+    Enrolment = None
+
+
+@dataclass
+class EdgeConfig:
+    """What an edge node trains and how it guards its inputs."""
+
+    root: Path
+    key: Path  # Ed25519 private key that signs bundles
+    classes: list[str]
+    cloud_url: str
+    backbone: str  # library entry name on the cloud
+    admin_token: str
+    name: str = "edge"
+    epochs: int = 10
+    input_size: int = 48
+    batch_size: int = 64
+    defense: str = "fgsm:0.5,rfgsm:0.5"
+    eps: float = 0.01
+    extra_train_args: list[str] = field(default_factory=list)
+    train_every: int = 0  # queue a job when this many new samples arrived (0 = only on request)
+    max_upload_bytes: int = 2_000_000
+    min_samples: int = 10
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class EdgeStore:
+    """SQLite (WAL) metadata + a content-addressed image folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.root / "edge.sqlite3", check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+        # a job that was running when the node stopped will never finish: mark it
+        self.db.execute("UPDATE jobs SET status='failed', error='edge node restarted' WHERE status='running'")
+
+    def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _x(self, sql: str, args: tuple = ()) -> int:
+        with self.lock:
+            return self.db.execute(sql, args).lastrowid
+
+    # devices
+    def enrol(self, name: str) -> tuple[str, str]:
+        device_id, token = "d" + secrets.token_hex(6), secrets.token_urlsafe(32)
+        self._x("INSERT INTO devices VALUES (?, ?, ?, ?)", (device_id, name, _hash_token(token), time.time()))
+        return device_id, token
+
+    def device_for(self, token: str) -> str | None:
+        rows = self._q("SELECT id FROM devices WHERE token_sha256 = ?", (_hash_token(token),))
+        return rows[0]["id"] if rows else None
+
+    def devices(self) -> list[dict]:
+        return [dict(r) for r in self._q("SELECT id, name, created FROM devices ORDER BY created")]
+
+    # samples
+    def cas_path(self, digest: str) -> Path:
+        return self.root / "cas" / digest[:2] / digest[2:]
+
+    def add_sample(self, device_id: str, data: bytes, label: str, kind: str) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.cas_path(digest)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        sample_id = self._x("INSERT INTO samples (device_id, sha256, label, bytes, kind, created) VALUES (?,?,?,?,?,?)",
+                            (device_id, digest, label, len(data), kind, time.time()))
+        return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data)}
+
+    def samples(self, device_id: str | None = None) -> list[dict]:
+        if device_id is None:
+            return [dict(r) for r in self._q("SELECT * FROM samples ORDER BY id")]
+        return [dict(r) for r in self._q("SELECT id, sha256, label, bytes, kind, created, job_id FROM samples "
+                                         "WHERE device_id = ? ORDER BY id", (device_id,))]
+
+    def new_sample_count(self) -> int:
+        return self._q("SELECT COUNT(*) AS n FROM samples WHERE job_id IS NULL")[0]["n"]
+
+    # jobs and bundles
+    def create_job(self, trigger: str) -> int:
+        return self._x("INSERT INTO jobs (status, trigger, created) VALUES ('queued', ?, ?)", (trigger, time.time()))
+
+    def job(self, job_id: int) -> dict | None:
+        rows = self._q("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        job = dict(rows[0])
+        job["metrics"] = json.loads(job["metrics"]) if job["metrics"] else None
+        return job
+
+    def jobs(self) -> list[dict]:
+        return [self.job(r["id"]) for r in self._q("SELECT id FROM jobs ORDER BY id")]
+
+    def active_jobs(self) -> int:
+        return self._q("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")[0]["n"]
+
+    def claim_next_job(self) -> int | None:
+        with self.lock:
+            row = self.db.execute("SELECT id FROM jobs WHERE status='queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            self.db.execute("UPDATE jobs SET status='running', started=? WHERE id=?", (time.time(), row["id"]))
+            return row["id"]
+
+    def update_job(self, job_id: int, **values) -> None:
+        if "metrics" in values:
+            values["metrics"] = json.dumps(values["metrics"])
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self._x(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
+
+    def mark_samples_used(self, job_id: int, sample_ids: list[int]) -> None:
+        with self.lock:
+            self.db.executemany("UPDATE samples SET job_id = ? WHERE id = ? AND job_id IS NULL",
+                                [(job_id, i) for i in sample_ids])
+
+    def latest_version(self) -> int:
+        return self._q("SELECT COALESCE(MAX(version), 0) AS v FROM bundles")[0]["v"]
+
+    def add_bundle(self, version: int, job_id: int) -> None:
+        self._x("INSERT INTO bundles VALUES (?, ?, ?)", (version, job_id, time.time()))
+
+    def bundle_dir(self, version: int) -> Path:
+        return self.root / "bundles" / f"v{int(version)}"
+
+
+def check_image(data: bytes, max_bytes: int) -> str:
+    """The image kind (png/jpg) of an upload, or EmoshieldError: size, type and decodability."""
+    if len(data) > max_bytes:
+        raise EmoshieldError(f"upload is {len(data)} bytes; the limit is {max_bytes}")
+    kind = next((k for magic, k in IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    if kind is None:
+        raise EmoshieldError("upload is not a PNG or JPEG image")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or min(image.shape[:2]) < 16:
+        raise EmoshieldError("upload does not decode to an image of at least 16x16 pixels")
+    return kind
+
+
+def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) -> tuple[dict, Path]:
+    """Metadata and local weights file of a cloud library entry, verified by sha256."""
+    with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout) as r:
+        meta = json.loads(r.read())
+    path = cache / f"{meta['sha256']}.safetensors"
+    if not path.is_file() or sha256_file(path) != meta["sha256"]:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}/weights", timeout=timeout) as r, \
+                open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        if sha256_file(tmp) != meta["sha256"]:
+            tmp.unlink()
+            raise EmoshieldError(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
+        tmp.replace(path)
+    return meta, path
+
+
+class EdgeNode:
+    """Store + job worker; the HTTP app is a thin shell over it."""
+
+    def __init__(self, config: EdgeConfig, on_publish: Callable[[int, dict], None] | None = None):
+        self.config = config
+        self.store = EdgeStore(config.root)
+        self.on_publish = on_publish
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="edge-jobs", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def queue_job(self, trigger: str) -> int:
+        job_id = self.store.create_job(trigger)
+        self._wake.set()
+        return job_id
+
+    def sample_added(self) -> int | None:
+        """Queue a job when enough new samples arrived (train_every) and none is pending."""
+        every = self.config.train_every
+        if every and self.store.new_sample_count() >= every and self.store.active_jobs() == 0:
+            return self.queue_job("auto")
+        return None
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            job_id = self.store.claim_next_job()
+            if job_id is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.run_job(job_id)
+            except Exception as exc:  # a failed job is recorded, the node keeps serving
+                self.store.update_job(job_id, status="failed", finished=time.time(),
+                                      error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                self._log(job_id, f"failed: {exc}")
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.config.root / "jobs" / str(int(job_id))
+
+    def _log(self, job_id: int, text: str) -> None:
+        folder = self.job_dir(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "log.txt", "a") as f:
+            f.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+
+    def _run(self, job_id: int, args: list[str]) -> None:
+        self._log(job_id, "$ emoshield " + " ".join(args))
+        with open(self.job_dir(job_id) / "log.txt", "a") as log:
+            proc = subprocess.run([sys.executable, "-m", "emoshield", *args], stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise EmoshieldError(f"`emoshield {args[0]}` exited with {proc.returncode} (see the job log)")
+
+    def run_job(self, job_id: int) -> dict:
+        cfg, store = self.config, self.store
+        samples = store.samples()
+        if len(samples) < cfg.min_samples:
+            raise EmoshieldError(f"{len(samples)} samples; a job needs at least {cfg.min_samples}")
+        folder = self.job_dir(job_id)
+        data = folder / "data"
+        for s in samples:  # an ImageFolder whose file names are <device>_<sha>: subject = device
+            target = data / s["label"] / f"{s['device_id']}_{s['sha256'][:16]}.{s['kind']}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                try:
+                    os.link(store.cas_path(s["sha256"]), target)
+                except OSError:
+                    shutil.copyfile(store.cas_path(s["sha256"]), target)
+        self._log(job_id, f"{len(samples)} samples from {len({s['device_id'] for s in samples})} device(s)")
+        meta, weights = fetch_backbone(cfg.cloud_url, cfg.backbone, cfg.root / "backbones")
+        self._log(job_id, f"backbone {meta['name']} ({meta['backbone']}) sha256 {meta['sha256'][:16]} verified")
+        run_dir = folder / "run"
+        self._run(job_id, ["train", "--dataset", "folder", "--data-root", str(data),
+                           "--classes", ",".join(cfg.classes), "--protocol", "reference",
+                           "--backbone", meta["backbone"], "--weights", str(weights),
+                           "--input-size", str(cfg.input_size), "--epochs", str(cfg.epochs),
+                           "--batch-size", str(cfg.batch_size), "--defense", cfg.defense, "--eps", str(cfg.eps),
+                           *cfg.extra_train_args, "--quiet", "--out", str(run_dir)])
+        version = store.latest_version() + 1
+        bundle = store.bundle_dir(version)
+        if bundle.exists():
+            shutil.rmtree(bundle)  # left by a job that died before recording it
+        self._run(job_id, ["bundle", "export", "--model", str(run_dir), "--key", str(cfg.key), "--out", str(bundle),
+                           "--version", str(version), "--name", cfg.name, "--calibration-images", "128"])
+        manifest = read_manifest(bundle)
+        store.add_bundle(version, job_id)
+        store.mark_samples_used(job_id, [s["id"] for s in samples])
+        metrics = {k: manifest["metrics"].get(k) for k in ("test_accuracy", "onnx_int8_accuracy", "test_images")}
+        store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
+                         metrics=metrics)
+        self._log(job_id, f"published bundle v{version}: {metrics}")
+        if self.on_publish:
+            self.on_publish(version, manifest)
+        return manifest
+
+
+def create_app(node: EdgeNode):
+    from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, UploadFile
+    from fastapi.responses import FileResponse, PlainTextResponse
+
+    store, cfg = node.store, node.config
+    app = FastAPI(title="emoshield edge", description="Edge node: devices, samples, training jobs, bundles.",
+                  version="1")
+
+    def bearer(authorization: str | None) -> str:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing bearer token")
+        return authorization.removeprefix("Bearer ").strip()
+
+    def admin(authorization: str | None = Header(default=None)) -> None:
+        if not secrets.compare_digest(bearer(authorization), cfg.admin_token):
+            raise HTTPException(403, "admin token required")
+
+    def device(authorization: str | None = Header(default=None)) -> str:
+        device_id = store.device_for(bearer(authorization))
+        if device_id is None:
+            raise HTTPException(403, "unknown device token")
+        return device_id
+
+    def device_or_admin(authorization: str | None = Header(default=None)) -> str:
+        token = bearer(authorization)
+        if secrets.compare_digest(token, cfg.admin_token):
+            return "admin"
+        return device(authorization)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "name": cfg.name, "latest_version": store.latest_version(),
+                "classes": cfg.classes}
+
+    @app.post("/devices", dependencies=[Depends(admin)])
+    def enrol(body: Enrolment) -> dict:
+        if not 0 < len(body.name) <= 64:
+            raise HTTPException(422, "device name must be 1-64 characters")
+        device_id, token = store.enrol(body.name)
+        return {"device_id": device_id, "token": token}
+
+    @app.get("/devices", dependencies=[Depends(admin)])
+    def devices() -> list[dict]:
+        return store.devices()
+
+    @app.post("/samples")
+    async def upload(file: UploadFile = File(...), label: str = Form(...), device_id: str = Depends(device)) -> dict:
+        if label not in cfg.classes:
+            raise HTTPException(422, f"label {label!r} is not one of {', '.join(cfg.classes)}")
+        data = await file.read(cfg.max_upload_bytes + 1)
+        try:
+            kind = check_image(data, cfg.max_upload_bytes)
+        except EmoshieldError as exc:
+            raise HTTPException(413 if "limit" in str(exc) else 415, str(exc)) from None
+        sample = store.add_sample(device_id, data, label, kind)
+        job = node.sample_added()
+        return {**sample, "queued_job": job}
+
+    @app.get("/samples")
+    def samples(device_id: str = Depends(device)) -> list[dict]:
+        return store.samples(device_id)
+
+    @app.post("/jobs", dependencies=[Depends(admin)])
+    def queue() -> dict:
+        return {"job_id": node.queue_job("request")}
+
+    @app.get("/jobs", dependencies=[Depends(admin)])
+    def jobs() -> list[dict]:
+        return store.jobs()
+
+    @app.get("/jobs/{job_id}", dependencies=[Depends(admin)])
+    def job(job_id: int) -> dict:
+        found = store.job(job_id)
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return found
+
+    @app.get("/jobs/{job_id}/log", dependencies=[Depends(admin)], response_class=PlainTextResponse)
+    def job_log(job_id: int) -> str:
+        path = node.job_dir(job_id) / "log.txt"
+        if store.job(job_id) is None or not path.is_file():
+            raise HTTPException(404, f"no log for job {job_id}")
+        return path.read_text()
+
+    @app.get("/bundles/latest", dependencies=[Depends(device_or_admin)])
+    def latest() -> dict:
+        version = store.latest_version()
+        if version == 0:
+            raise HTTPException(404, "no bundle published yet")
+        return {"version": version, "manifest": json.loads((store.bundle_dir(version) / MANIFEST).read_text())}
+
+    @app.get("/bundles/{version}/{name}", dependencies=[Depends(device_or_admin)])
+    def bundle_file(version: int, name: str):
+        path = store.bundle_dir(version) / name
+        if name not in SERVED_FILES or not path.is_file():
+            raise HTTPException(404, f"no file {name!r} in bundle v{version}")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    return app
