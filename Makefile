@@ -25,9 +25,7 @@ demo: setup
 	@test -n "$$EMOSHIELD_DATA" || { echo "set EMOSHIELD_DATA to the folder holding ckplus48/"; exit 2; }
 	$(BIN)/emoshield models list
 	$(BIN)/emoshield data summary --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0
-	$(BIN)/emoshield train --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0 \
-	    --backbone mobilenet_v2 --weights imagenet --input-size 64 --epochs 15 --schedule cosine --out $(DEMO_OUT) --quiet
-	$(BIN)/emoshield evaluate --model $(DEMO_OUT) --out $(DEMO_OUT)/evaluation
+	$(BIN)/python scripts/demo.py --work $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

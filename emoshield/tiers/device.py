@@ -312,7 +312,9 @@ def sync_from_edge(store: BundleStore, client, log: Callable[[str], None]) -> in
     except BundleError as exc:
         log(f"device: refused a bundle, keeping v{store.current_version()}: {exc}")
         return None
-    log(f"device: installed bundle v{manifest['version']} (previous v{store.state()['previous']})")
+    previous = store.state()["previous"]
+    log(f"device: installed bundle v{manifest['version']}"
+        + (f" (previous v{previous} kept for rollback)" if previous else " (first bundle)"))
     return int(manifest["version"])
 
 
