@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from defense_ckplus48 import CLASSES, emoshield
+from defense_ckplus48 import CLASSES, _headline, emoshield
 
 DEFENSE = ["--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01"]
 KEYS = ["clean", "fgsm@0.01", "rfgsm@0.01", "pgd@0.01", "apgd@0.01", "worst@0.01"]
@@ -75,16 +75,6 @@ def main() -> int:
         print(f"{name}: " + " ".join(f"{k} {row[k]:.1%}" for k in KEYS), flush=True)
     print((out / "results.md").read_text())
     return 0
-
-
-def _headline(report: dict) -> dict:
-    row = {"clean": report["clean_accuracy"]}
-    for attack, by_eps in report["attacks"].items():
-        for eps, value in by_eps.items():
-            row[f"{attack}@{eps}"] = value["accuracy"]
-    for eps, value in report["worst_case"].items():
-        row[f"worst@{eps}"] = value["accuracy"]
-    return row
 
 
 def _markdown(rows: list[dict], args) -> str:
