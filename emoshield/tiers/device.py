@@ -376,6 +376,7 @@ def run_device_command(args) -> int:
                 return
             last_check[0] = time.monotonic()
             if sync_from_edge(store, client, log) is not None:
+                analyzer._previous = None  # smoothing restarts: the new model may have other classes
                 try:
                     analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
                 except Exception as exc:  # the new bundle passed its probe but fails here: roll back
