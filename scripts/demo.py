@@ -1,9 +1,9 @@
 """`make demo`: the three tiers on loopback, on real faces.
 
-cloud (model library service) -> edge node (enrol a device, upload CK+48 training faces,
+cloud (model library service) + MQTT broker (Mosquitto) -> edge node (enrol a device, upload CK+48 training faces,
 defended training on a backbone fetched from the cloud and verified by hash, signed
 bundle) -> device (pulls, verifies and installs the bundle, recognises emotions on a
-video built from real test faces, torch-free) -> robustness table of the edge's model.
+video built from real test faces, torch-free, heartbeats over MQTT) -> robustness table of the edge's model.
 Every process it starts is stopped at the end. Work folder: runs/demo (replaced each run).
 
     .venv/bin/python scripts/demo.py [--data-root DIR] [--epochs 8] [--input-size 48]
@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from emoshield.errors import EmoshieldError
+from emoshield.tiers.mqtt import start_mosquitto
 
 FIVE = "happy,sad,surprise,disgust,fear"
 ADMIN = "demo-admin-token"
@@ -76,12 +79,22 @@ def main() -> int:
         wait_healthy(cloud_url, procs[-1])
         print(f"cloud serving on {cloud_url}", flush=True)
 
+        print("\n== MQTT broker ==", flush=True)
+        mqtt = []
+        try:
+            broker = f"127.0.0.1:{free_port()}"
+            procs.append(start_mosquitto(int(broker.rsplit(":", 1)[1]), work))
+            mqtt = ["--mqtt", broker]
+            print(f"mosquitto on {broker}: the edge announces bundles there, devices send heartbeats", flush=True)
+        except EmoshieldError as exc:
+            print(f"no MQTT ({exc}); devices poll the edge over HTTP", flush=True)
+
         print("\n== edge node ==", flush=True)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(work / "edge"), "--key",
              str(work / "keys" / "private.key"), "--cloud", cloud_url, "--backbone", "mobilenet_v2-imagenet",
              "--classes", FIVE, "--admin-token", ADMIN, "--epochs", str(args.epochs), "--input-size",
-             str(args.input_size), "--port", edge_url.rsplit(":", 1)[1]],
+             str(args.input_size), *mqtt, "--port", edge_url.rsplit(":", 1)[1]],
             stdout=open(work / "edge.log", "w"), stderr=subprocess.STDOUT))
         wait_healthy(edge_url, procs[-1])
         print(f"edge serving on {edge_url}", flush=True)
@@ -102,7 +115,14 @@ def main() -> int:
         emoshield("device", "run", "--edge", edge_url, "--token", device["token"], "--pubkey",
                   work / "keys" / "public.key", "--store", work / "device", "--source", video, "--smooth", "0.5",
                   "--jsonl", work / "device.jsonl", "--annotate", work / "annotated.mp4", "--truth",
-                  f"{video}.labels.json")
+                  f"{video}.labels.json", "--heartbeat", "2")
+        if mqtt:
+            from emoshield.tiers.client import request
+
+            time.sleep(0.5)  # the last heartbeat is on its way through the broker
+            row = [d for d in request("GET", edge_url + "/devices", ADMIN) if d["id"] == device["device_id"]][0]
+            print(f"edge sees {row['name']} ({row['id']}) running bundle v{row['running_version']} via MQTT "
+                  f"heartbeats: {row['telemetry']}", flush=True)
         lines = (work / "device.jsonl").read_text().splitlines()
         print("per-frame emotions (every 10th frame):")
         for line in lines[::10]:

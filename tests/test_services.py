@@ -1,11 +1,12 @@
-"""Cloud and edge as real processes on 127.0.0.1 (free ports): enrol devices, upload real
-faces, train a defended model from a cloud backbone verified by hash, publish a signed
-bundle, and a device pulls, verifies, installs and runs it, then goes on offline."""
+"""Cloud, edge, Mosquitto and devices as real processes on 127.0.0.1 (free ports): enrol
+devices, upload real faces, train a defended model from a cloud backbone verified by hash,
+publish a signed bundle; a device pulls, verifies, installs and runs it; a running device
+learns of the next bundle over MQTT (no polling) and reports it in its heartbeats; then it
+goes on offline."""
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from emoshield.tiers.client import EdgeClient, ServiceError, request
-from tests.conftest import FIVE
+from emoshield.tiers.mqtt import DeviceLink
+from tests.conftest import FIVE, free_port
 from tests.test_cli import run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*args, log: Path) -> subprocess.Popen:
@@ -42,7 +38,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 6
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, data_root):
+def services(tmp_path_factory, data_root, broker):
     tmp = tmp_path_factory.mktemp("services")
     run("keys", "generate", "--out", tmp / "keys")
     run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
@@ -57,11 +53,12 @@ def services(tmp_path_factory, data_root):
         edge = start("edge", "serve", "--root", tmp / "edge", "--key", tmp / "keys" / "private.key", "--cloud",
                      cloud_url, "--backbone", "smallcnn-test", "--classes", FIVE, "--admin-token", "admin-secret",
                      "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--max-upload-bytes", "200000",
-                     "--port", edge_port, log=tmp / "edge.log")
+                     "--mqtt", broker, "--port", edge_port, log=tmp / "edge.log")
         procs.append(edge)
         edge_url = f"http://127.0.0.1:{edge_port}"
         wait_healthy(edge_url, edge, tmp / "edge.log")
-        yield {"tmp": tmp, "cloud": cloud_url, "edge": edge_url, "edge_proc": edge, "data_root": data_root}
+        yield {"tmp": tmp, "cloud": cloud_url, "edge": edge_url, "edge_proc": edge, "data_root": data_root,
+               "broker": broker}
     finally:
         for proc in procs:
             proc.terminate()
@@ -132,9 +129,63 @@ def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(serv
     lines = [json.loads(x) for x in (tmp / "out.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(r["bundle_version"] == 1 for r in lines)
     assert sum(r["box"] is not None for r in lines) >= 2  # JAFFE faces are found
+    services["device_args"] = args
 
-    # the edge goes away: the device keeps serving with its last good bundle
+
+def running_version(edge: str, device_id: str):
+    row = [d for d in request("GET", edge + "/devices", "admin-secret") if d["id"] == device_id][0]
+    return row["running_version"]
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {timeout} s; device log:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(services):
+    edge, tmp = services["edge"], services["tmp"]
+    device = services["device"]
+    me = EdgeClient(edge, device["token"]).me()
+    assert me["mqtt"] == services["broker"] and me["id"] == device["device_id"]
+    log = tmp / "device-mqtt.log"
+    proc = start("device", "run", "--edge", edge, "--token", device["token"], "--pubkey", tmp / "keys" / "public.key",
+                 "--store", tmp / "device", "--source", tmp / "frames", "--loop", "--realtime", "--poll", "0",
+                 "--heartbeat", "0.5", "--max-frames", "600", "--jsonl", tmp / "mqtt.jsonl", log=log)
+    try:
+        # heartbeats reach the edge through the broker
+        wait_until(lambda: running_version(edge, me["id"]) == 1, 30, "heartbeat with v1", proc, log)
+        job = json.loads(run("edge", "job", "--edge", edge, "--admin-token", "admin-secret", "--wait",
+                             "--timeout", "400").stdout)
+        assert job["status"] == "finished" and job["version"] == 2
+        wait_until(lambda: running_version(edge, me["id"]) == 2, 60, "heartbeat with v2", proc, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "MQTT connected" in text and "bundle v2 announced over MQTT" in text and "installed bundle v2" in text
+    assert "FPS" in text  # SIGTERM still ends with the summary line
+    state = json.loads((tmp / "device" / "state.json").read_text())
+    assert state == {**state, "current": 2, "previous": 1}
+    versions = [json.loads(x)["bundle_version"] for x in (tmp / "mqtt.jsonl").read_text().splitlines()]
+    assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions)
+    # the announcement is retained: a device connecting now learns v2 at once
+    link = DeviceLink(services["broker"], me["edge"], "late-device")
+    try:
+        assert link.start()
+        deadline = time.monotonic() + 10
+        while link.announced != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.announced == 2
+    finally:
+        link.stop()
+
+
+def test_device_keeps_serving_offline_when_the_edge_is_gone(services):
+    args = services["device_args"]
     services["edge_proc"].terminate()
     services["edge_proc"].wait(timeout=30)
     proc = run(*args)
-    assert "unreachable" in proc.stderr and "v1 verified" in proc.stderr
+    assert "unreachable" in proc.stderr and "v2 verified" in proc.stderr

@@ -1,4 +1,5 @@
-"""Face detection and cropping with OpenCV's Haar cascade (ships with opencv-python-headless 4.x).
+"""Face detection and cropping: OpenCV's Haar cascade (ships with opencv-python-headless 4.x),
+or MTCNN (facenet-pytorch) where torch is available.
 
 Used for datasets whose faces are not cropped (JAFFE, raw video frames). Boxes are
 cached per file so a dataset is scanned once.
@@ -38,6 +39,45 @@ def detect_faces(gray: np.ndarray, min_size: int = 24) -> list[tuple[int, int, i
                                             minSize=(min_size, min_size))
     boxes = [tuple(int(v) for v in box) for box in (found if len(found) else [])]
     return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+
+
+DETECTORS = ("haar", "mtcnn")
+
+
+def face_detector(name: str = "haar", min_size: int = 24):
+    """A function BGR-or-gray frame -> face boxes (x, y, w, h), largest first.
+
+    haar: OpenCV's cascade (no torch; the device default). mtcnn: facenet-pytorch 2.5.3's
+    MTCNN (needs torch, so for edge-class machines; more robust to pose and light, slower
+    on a CPU). Its weights ship inside the wheel."""
+    if name == "haar":
+        def haar(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
+            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+            return detect_faces(gray, min_size)
+        return haar
+    if name == "mtcnn":
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError as exc:
+            raise EmoshieldError("the mtcnn detector needs facenet-pytorch==2.5.3 and torch "
+                                 "(pip install --no-deps facenet-pytorch==2.5.3; `make setup` does)") from exc
+        mtcnn = MTCNN(keep_all=True, min_face_size=min_size, device="cpu")
+
+        def detect(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB if frame.ndim == 3 else cv2.COLOR_GRAY2RGB)
+            found, probs = mtcnn.detect(rgb)
+            if found is None:
+                return []
+            h, w = rgb.shape[:2]
+            boxes = []
+            for (x0, y0, x1, y1), prob in zip(found, probs):
+                x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
+                x1, y1 = min(w, int(round(x1))), min(h, int(round(y1)))
+                if prob >= 0.9 and x1 - x0 >= min_size and y1 - y0 >= min_size:
+                    boxes.append((x0, y0, x1 - x0, y1 - y0))
+            return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+        return detect
+    raise EmoshieldError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTORS)}")
 
 
 def expand_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:

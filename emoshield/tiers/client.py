@@ -85,6 +85,10 @@ class EdgeClient:
         body, content_type = multipart({"label": label}, "file", file_name, image_bytes)
         return self.call("POST", "/samples", data=body, content_type=content_type)
 
+    def me(self) -> dict:
+        """This device's id and name, the edge's name and its MQTT broker (or None)."""
+        return self.call("GET", "/me")
+
     def latest_bundle(self) -> dict | None:
         try:
             return self.call("GET", "/bundles/latest")

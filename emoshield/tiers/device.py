@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from ..data.faces import DEFAULT_MARGIN, detect_faces, expand_box
+from ..data.faces import DEFAULT_MARGIN, expand_box, face_detector
 from ..data.images import resize_face
 from ..errors import EmoshieldError
 from .bundle import MANIFEST, ONNX_FP32, ONNX_INT8, BundleError, verify_bundle
@@ -224,6 +226,7 @@ class FrameAnalyzer:
     smoothing: float = 0.0
     detect_every: int = 1
     min_face: int = 24
+    detector: str = "haar"
     _previous: np.ndarray | None = field(default=None, repr=False)
     _box: tuple | None = field(default=None, repr=False)
 
@@ -232,11 +235,11 @@ class FrameAnalyzer:
             raise EmoshieldError("--smooth must be in [0, 1)")
         if self.detect_every < 1:
             raise EmoshieldError("--detect-every must be >= 1")
+        self._detect = face_detector(self.detector, self.min_face)
 
     def analyze(self, index: int, t: float, frame: np.ndarray) -> FrameResult:
         if index % self.detect_every == 0 or self._box is None:
-            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
-            boxes = detect_faces(gray, self.min_face)
+            boxes = self._detect(frame)
             self._box = boxes[0] if boxes else None
         if self._box is None:
             self._previous = None
@@ -260,19 +263,43 @@ def annotate(frame: np.ndarray, result: FrameResult) -> np.ndarray:
     return frame
 
 
+def _replayed(source: str) -> Iterator[tuple[int, float, np.ndarray]]:
+    """A video file or image folder played again and again (frame indices keep counting)."""
+    if source.startswith("camera:"):
+        raise EmoshieldError("--loop replays a video file or an image folder, not a camera")
+    offset, t_offset = 0, 0.0
+    while True:
+        frames, fps = open_frames(source)
+        count = 0
+        for index, t, frame in frames:
+            yield offset + index, t_offset + t, frame
+            count = index + 1
+        if count == 0:
+            return
+        offset, t_offset = offset + count, t_offset + count / fps
+
+
 def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult], None],
                annotated_video: Path | None = None, max_frames: int | None = None,
-               between_frames: Callable[[], None] | None = None) -> dict:
+               between_frames: Callable[[], None] | None = None, loop: bool = False,
+               realtime: bool = False) -> dict:
     """Analyze every frame of `source`; returns counts and throughput. `between_frames` runs
-    before each frame (update checks); it may replace analyzer.classifier."""
+    before each frame (update checks); it may replace analyzer.classifier. `loop` replays a
+    file source until max_frames; `realtime` paces frames at the source's rate, like a camera."""
     frames, fps = open_frames(source)
+    if loop:
+        frames.close()
+        frames = _replayed(source)
     writer = None
     started = time.perf_counter()
     count = faces = 0
+    interrupted = False
     try:
         for index, t, frame in frames:
             if max_frames is not None and count >= max_frames:
                 break
+            if realtime:
+                time.sleep(max(0.0, started + count / fps - time.perf_counter()))
             if between_frames is not None:
                 between_frames()
             result = analyzer.analyze(index, t, frame)
@@ -284,12 +311,15 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
                     h, w = frame.shape[:2]
                     writer = cv2.VideoWriter(str(annotated_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                 writer.write(annotate(frame, result))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly and still report
+        interrupted = True
     finally:
         if writer is not None:
             writer.release()
     seconds = time.perf_counter() - started
     return {"frames": count, "frames_with_face": faces, "seconds": seconds,
-            "fps": count / seconds if seconds > 0 else 0.0, "bundle_version": analyzer.classifier.version}
+            "fps": count / seconds if seconds > 0 else 0.0, "bundle_version": analyzer.classifier.version,
+            "interrupted": interrupted}
 
 
 def sync_from_edge(store: BundleStore, client, log: Callable[[str], None]) -> int | None:
@@ -318,10 +348,38 @@ def sync_from_edge(store: BundleStore, client, log: Callable[[str], None]) -> in
     return int(manifest["version"])
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def connect_mqtt(client, mode: str, log: Callable[[str], None]):
+    """The device's MQTT link (announcements in, heartbeats out), or None: mode 'off', no broker
+    advertised, the edge unreachable, or the broker down (the device then polls over HTTP)."""
+    from .client import ServiceError
+    from .mqtt import DeviceLink
+
+    if mode == "off":
+        return None
+    try:
+        me = client.me()
+    except ServiceError as exc:
+        log(f"device: no MQTT (edge unreachable: {exc}); polling over HTTP")
+        return None
+    broker = me.get("mqtt") if mode == "auto" else mode
+    if not broker:
+        return None
+    link = DeviceLink(broker, me["edge"], me["id"])
+    if link.start(wait=3.0):
+        log(f"device: MQTT connected to {broker} as {me['id']}; updates are announced, not polled")
+    else:
+        log(f"device: MQTT broker {broker} unreachable; polling the edge over HTTP until it answers")
+    return link
+
+
 def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
     """Accuracy of the per-frame labels against `emoshield data video`'s ground truth."""
     truth = json.loads(Path(truth_file).read_text())["frames"]
-    scored = [(r.label, truth[r.frame]) for r in results if r.frame < len(truth)]
+    scored = [(r.label, truth[r.frame % len(truth)]) for r in results]  # modulo: --loop replays
     detected = [(p, t) for p, t in scored if p is not None]
     return {"frames_scored": len(scored), "detection_rate": len(detected) / len(scored) if scored else 0.0,
             "accuracy_on_detected": sum(p == t for p, t in detected) / len(detected) if detected else 0.0,
@@ -337,7 +395,7 @@ def run_device_command(args) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    store = client = None
+    store = client = link = None
     if args.bundle:
         if args.edge:
             raise EmoshieldError("give --bundle DIR or --edge URL, not both")
@@ -353,6 +411,7 @@ def run_device_command(args) -> int:
                 raise EmoshieldError("--edge needs the device's --token")
             client = EdgeClient(args.edge, args.token)
             sync_from_edge(store, client, log)
+            link = connect_mqtt(client, args.mqtt, log)
         bundle_dir = store.current_dir()
         if bundle_dir is None:
             raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
@@ -361,20 +420,38 @@ def run_device_command(args) -> int:
     log(f"device: {manifest['name']} v{manifest['version']} verified ({args.precision}, "
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(EmotionClassifier(bundle_dir, args.precision, args.threads), args.smooth,
-                             args.detect_every)
+                             args.detect_every, detector=args.detector)
     results: list[FrameResult] = []
-    out = open(args.jsonl, "w") if args.jsonl else sys.stdout
+    out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         def emit(result: FrameResult) -> None:
             results.append(result)
             print(result.to_json(), file=out)
 
         last_check = [time.monotonic()]
+        last_beat = [0.0]
+        tried_announced = [0]
+        started = time.monotonic()
 
         def check_for_update() -> None:
-            if client is None or not args.poll or time.monotonic() - last_check[0] < args.poll:
+            now = time.monotonic()
+            if link is not None and now - last_beat[0] >= args.heartbeat:
+                last_beat[0] = now
+                link.heartbeat({"version": analyzer.classifier.version, "frames": len(results),
+                                "fps": len(results) / max(now - started, 1e-9),
+                                "faces": sum(r.box is not None for r in results)})
+            if client is None:
                 return
-            last_check[0] = time.monotonic()
+            announced = link.announced if link is not None else None
+            if announced and announced > (store.current_version() or 0) and announced > tried_announced[0]:
+                tried_announced[0] = announced  # one try per announced version; a refused one is not retried
+                log(f"device: bundle v{announced} announced over MQTT")
+            elif (not args.poll or now - last_check[0] < args.poll
+                  or (link is not None and link.connected.is_set())):
+                return  # polling only while no broker is connected
+            last_check[0] = now
             if sync_from_edge(store, client, log) is not None:
                 analyzer._previous = None  # smoothing restarts: the new model may have other classes
                 try:
@@ -385,10 +462,15 @@ def run_device_command(args) -> int:
                     analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
 
         summary = run_frames(analyzer, args.source, emit, Path(args.annotate) if args.annotate else None,
-                             args.max_frames, check_for_update)
+                             args.max_frames, check_for_update, loop=args.loop, realtime=args.realtime)
+        if link is not None:
+            link.heartbeat({"version": analyzer.classifier.version, "frames": summary["frames"],
+                            "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True})
     finally:
         if out is not sys.stdout:
             out.close()
+        if link is not None:
+            link.stop()
     line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face) in "
             f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
             f"{args.threads} thread(s), {args.precision})")

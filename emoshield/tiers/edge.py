@@ -4,7 +4,8 @@ hash, with the perturbation-aware defense; each finished job publishes a signed 
 with a higher version, which devices pull.
 
     POST /devices                 admin  {"name"} -> {"device_id", "token"}
-    GET  /devices                 admin  enrolled devices (no tokens)
+    GET  /devices                 admin  enrolled devices (no tokens), last heartbeat and running version
+    GET  /me                      device its id, the edge's name and MQTT broker (for announcements)
     POST /samples                 device multipart file (PNG/JPEG, <= max size) + label
     GET  /samples                 device that device's own samples only
     POST /jobs                    admin  queue a training job
@@ -16,7 +17,9 @@ with a higher version, which devices pull.
 Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in
 SQLite (WAL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
 sent by devices are never used as paths. Training runs `emoshield train` and
-`emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt.
+`emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt. With a broker
+(`--mqtt HOST:PORT`), each new bundle is announced as a retained MQTT message and device
+heartbeats are recorded (emoshield.tiers.mqtt).
 """
 
 
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, status TE
                                  created REAL NOT NULL, started REAL, finished REAL, samples INTEGER,
                                  version INTEGER, error TEXT, metrics TEXT);
 CREATE TABLE IF NOT EXISTS bundles (version INTEGER PRIMARY KEY, job_id INTEGER, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeats (device_id TEXT PRIMARY KEY, seen REAL NOT NULL, version INTEGER,
+                                       telemetry TEXT NOT NULL);
 """
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
@@ -84,6 +89,7 @@ class EdgeConfig:
     train_every: int = 0  # queue a job when this many new samples arrived (0 = only on request)
     max_upload_bytes: int = 2_000_000
     min_samples: int = 10
+    mqtt: str | None = None  # broker HOST:PORT for announcements and heartbeats (None = HTTP polling only)
 
 
 def _hash_token(token: str) -> str:
@@ -123,7 +129,23 @@ class EdgeStore:
         return rows[0]["id"] if rows else None
 
     def devices(self) -> list[dict]:
-        return [dict(r) for r in self._q("SELECT id, name, created FROM devices ORDER BY created")]
+        rows = self._q("SELECT d.id, d.name, d.created, h.seen AS last_seen, h.version AS running_version, "
+                       "h.telemetry FROM devices d LEFT JOIN heartbeats h ON h.device_id = d.id ORDER BY d.created")
+        return [{**dict(r), "telemetry": json.loads(r["telemetry"]) if r["telemetry"] else None} for r in rows]
+
+    def device(self, device_id: str) -> dict | None:
+        rows = self._q("SELECT id, name FROM devices WHERE id = ?", (device_id,))
+        return dict(rows[0]) if rows else None
+
+    def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
+        """Keep a device's latest heartbeat; heartbeats naming no enrolled device are dropped."""
+        if self.device(device_id) is None:
+            return False
+        version = telemetry.get("version")
+        self._x("INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?)",
+                (device_id, time.time(), int(version) if isinstance(version, int) else None,
+                 json.dumps(telemetry, sort_keys=True)[:4096]))
+        return True
 
     # samples
     def cas_path(self, digest: str) -> Path:
@@ -238,13 +260,26 @@ class EdgeNode:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="edge-jobs", daemon=True)
+        self.announcer = None
 
     def start(self) -> None:
+        if self.config.mqtt:
+            from .mqtt import EdgeAnnouncer
+
+            self.announcer = EdgeAnnouncer(self.config.mqtt, self.config.name, self.store.record_heartbeat)
+            if not self.announcer.start():
+                print(f"edge: MQTT broker {self.config.mqtt} not reachable yet; retrying in the background "
+                      "(devices poll meanwhile)", file=sys.stderr, flush=True)
+            version = self.store.latest_version()
+            if version:  # the broker may have lost its retained message (restart without persistence)
+                self.announcer.announce(version, read_manifest(self.store.bundle_dir(version)))
         self._worker.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.announcer is not None:
+            self.announcer.stop()
 
     def queue_job(self, trigger: str) -> int:
         job_id = self.store.create_job(trigger)
@@ -326,6 +361,8 @@ class EdgeNode:
         store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
                          metrics=metrics)
         self._log(job_id, f"published bundle v{version}: {metrics}")
+        if self.announcer is not None:
+            self.announcer.announce(version, manifest)
         if self.on_publish:
             self.on_publish(version, manifest)
         return manifest
@@ -375,6 +412,11 @@ def create_app(node: EdgeNode):
     @app.get("/devices", dependencies=[Depends(admin)])
     def devices() -> list[dict]:
         return store.devices()
+
+    @app.get("/me")
+    def me(device_id: str = Depends(device)) -> dict:
+        """What a device needs to join the edge's MQTT fan-out: its id, the edge's name, the broker."""
+        return {**store.device(device_id), "edge": cfg.name, "mqtt": cfg.mqtt}
 
     @app.post("/samples")
     async def upload(file: UploadFile = File(...), label: str = Form(...), device_id: str = Depends(device)) -> dict:
