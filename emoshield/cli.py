@@ -215,7 +215,8 @@ def cmd_bundle_export(args) -> int:
     from .tiers.bundle import describe_bundle
     from .tiers.export import QuantizationOptions, export_bundle
 
-    options = QuantizationOptions(args.calibration_images, args.calibration, not args.per_tensor, args.keep_fp32)
+    options = QuantizationOptions(args.calibration_images, args.calibration, not args.per_tensor, args.keep_fp32,
+                                  args.activations)
     manifest = export_bundle(Path(args.model), Path(args.key), Path(args.out), args.name, args.version,
                              args.data_root, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(describe_bundle(manifest))
@@ -436,6 +437,8 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--keep-fp32", default="first,last", help="layers left in fp32: first,last or '' (default: %(default)s)")
+    p.add_argument("--activations", choices=["uint8", "int8"], default="uint8",
+                   help="int8 model's activation type; uint8 (asymmetric) is onnxruntime's fast x86 kernel path")
     p.set_defaults(func=cmd_bundle_export)
     p = bundle.add_parser("verify", help="check signature, file hashes and version; non-zero exit on any mismatch")
     p.add_argument("bundle")
@@ -468,6 +471,9 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--smooth", type=float, default=0.0, help="temporal smoothing a in [0, 1) (default: off)")
     p.add_argument("--detect-every", type=int, default=1, help="run face detection every N frames")
+    p.add_argument("--detect-width", type=int, default=0,
+                   help="detect faces on frames shrunk to this width, e.g. 320 (default 0: full size)")
+    p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
     p.add_argument("--detector", choices=["haar", "mtcnn"], default="haar",
                    help="face detector: haar (OpenCV, torch-free; default) or mtcnn (facenet-pytorch; needs "
                         "torch, so for edge-class machines)")
@@ -475,7 +481,7 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--annotate", help="write an annotated video here")
     p.add_argument("--truth", help="per-frame labels (FILE.labels.json from `emoshield data video`) to score")
     p.add_argument("--max-frames", type=int, help="stop after N frames")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime and OpenCV threads (default: 1)")
     p.set_defaults(func=cmd_device_run)
 
 

@@ -44,14 +44,30 @@ def detect_faces(gray: np.ndarray, min_size: int = 24) -> list[tuple[int, int, i
 DETECTORS = ("haar", "mtcnn")
 
 
-def face_detector(name: str = "haar", min_size: int = 24):
-    """A function BGR-or-gray frame -> face boxes (x, y, w, h), largest first.
+def face_detector(name: str = "haar", min_size: int = 24, max_width: int = 0):
+    """A function BGR-or-gray frame -> face boxes (x, y, w, h) in frame pixels, largest first.
 
     haar: OpenCV's cascade (no torch; the device default). mtcnn: facenet-pytorch 2.5.3's
     MTCNN (needs torch, so for edge-class machines; more robust to pose and light, slower
-    on a CPU). Its weights ship inside the wheel."""
+    on a CPU). Its weights ship inside the wheel. max_width > 0 detects on a copy of the
+    frame shrunk to that width (detection cost falls with the pixel count; boxes are scaled back)."""
+    detect = _base_detector(name, min_size)
+    if max_width <= 0:
+        return detect
+
+    def shrunk(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
+        width = frame.shape[1]
+        if width <= max_width:
+            return detect(frame)
+        scale = max_width / width
+        small = cv2.resize(frame, (max_width, max(1, round(frame.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+        return [tuple(int(round(v / scale)) for v in box) for box in detect(small, max(12, round(min_size * scale)))]
+    return shrunk
+
+
+def _base_detector(name: str, default_min_size: int):
     if name == "haar":
-        def haar(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
+        def haar(frame: np.ndarray, min_size: int = default_min_size) -> list[tuple[int, int, int, int]]:
             gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
             return detect_faces(gray, min_size)
         return haar
@@ -61,9 +77,9 @@ def face_detector(name: str = "haar", min_size: int = 24):
         except ImportError as exc:
             raise EmoshieldError("the mtcnn detector needs facenet-pytorch==2.5.3 and torch "
                                  "(pip install --no-deps facenet-pytorch==2.5.3; `make setup` does)") from exc
-        mtcnn = MTCNN(keep_all=True, min_face_size=min_size, device="cpu")
+        mtcnn = MTCNN(keep_all=True, min_face_size=default_min_size, device="cpu")
 
-        def detect(frame: np.ndarray) -> list[tuple[int, int, int, int]]:
+        def detect(frame: np.ndarray, min_size: int = default_min_size) -> list[tuple[int, int, int, int]]:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB if frame.ndim == 3 else cv2.COLOR_GRAY2RGB)
             found, probs = mtcnn.detect(rgb)
             if found is None:

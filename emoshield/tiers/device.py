@@ -227,6 +227,7 @@ class FrameAnalyzer:
     detect_every: int = 1
     min_face: int = 24
     detector: str = "haar"
+    detect_width: int = 0  # detect on frames shrunk to this width (0 = full size)
     _previous: np.ndarray | None = field(default=None, repr=False)
     _box: tuple | None = field(default=None, repr=False)
 
@@ -235,7 +236,7 @@ class FrameAnalyzer:
             raise EmoshieldError("--smooth must be in [0, 1)")
         if self.detect_every < 1:
             raise EmoshieldError("--detect-every must be >= 1")
-        self._detect = face_detector(self.detector, self.min_face)
+        self._detect = face_detector(self.detector, self.min_face, self.detect_width)
 
     def analyze(self, index: int, t: float, frame: np.ndarray) -> FrameResult:
         if index % self.detect_every == 0 or self._box is None:
@@ -417,10 +418,11 @@ def run_device_command(args) -> int:
             raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
                                  "give --bundle DIR or an --edge that has published one")
         manifest = verify_bundle(bundle_dir, store.public_key)
+    cv2.setNumThreads(args.threads)  # OpenCV's detector threads too: --threads 1 means one core
     log(f"device: {manifest['name']} v{manifest['version']} verified ({args.precision}, "
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(EmotionClassifier(bundle_dir, args.precision, args.threads), args.smooth,
-                             args.detect_every, detector=args.detector)
+                             args.detect_every, detector=args.detector, detect_width=args.detect_width)
     results: list[FrameResult] = []
     out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
     if threading.current_thread() is threading.main_thread():
@@ -471,12 +473,35 @@ def run_device_command(args) -> int:
             out.close()
         if link is not None:
             link.stop()
+    summary["peak_rss_mb"] = peak_rss_mb()
     line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face) in "
             f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
             f"{args.threads} thread(s), {args.precision})")
     if args.truth:
         scores = score_against_truth(results, Path(args.truth))
+        summary.update(scores)
         line += (f"; accuracy {scores['accuracy_on_detected']:.1%} on frames with a face, "
                  f"{scores['accuracy_all_frames']:.1%} on all {scores['frames_scored']} frames")
+    line += f"; peak RSS {summary['peak_rss_mb']:.0f} MB"
     print(line, file=sys.stderr, flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps({**summary, "source": args.source, "precision": args.precision,
+                                                  "threads": args.threads, "detector": args.detector,
+                                                  "detect_every": args.detect_every,
+                                                  "detect_width": args.detect_width}, indent=1))
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM of its own address space. (ru_maxrss
+    survives exec on Linux, so a device started by a big parent, e.g. a torch benchmark,
+    would report the parent's footprint.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,8 +1,8 @@
 """Build a signed bundle from a trained model: safetensors weights, fp32 ONNX, static int8
 ONNX calibrated on real training faces, and a manifest with the accuracy of each.
 
-Quantization (onnxruntime static QDQ): weights int8 per output channel, activations int8
-with ranges calibrated on training faces the model saw (never test faces). The first
+Quantization (onnxruntime static QDQ): weights int8 per output channel, activations uint8
+(asymmetric; onnxruntime's fast x86 U8S8 kernels, int8 x int8 ran slower than fp32) with ranges calibrated on training faces the model saw (never test faces). The first
 convolution (raw pixels, 3 input channels) and the last layer (the logits) are kept in
 fp32 by default: they are tiny in compute and the most sensitive to rounding.
 """
@@ -34,6 +34,9 @@ class QuantizationOptions:
     method: str = "minmax"
     per_channel: bool = True
     keep_fp32: str = "first,last"  # first conv and/or last layer stay fp32 ("" = quantize all)
+    # uint8 activations x int8 weights is onnxruntime's fast x86 path (MLAS U8S8); int8 x int8
+    # ran slower than fp32 here (bench/device.py)
+    activations: str = "uint8"
 
     def validate(self) -> None:
         if self.method not in CALIBRATION_METHODS:
@@ -43,6 +46,8 @@ class QuantizationOptions:
         unknown = set(filter(None, self.keep_fp32.split(","))) - {"first", "last"}
         if unknown:
             raise EmoshieldError(f"--keep-fp32 takes first and/or last, not {', '.join(sorted(unknown))}")
+        if self.activations not in ("uint8", "int8"):
+            raise EmoshieldError(f"activations are uint8 or int8, not {self.activations!r}")
 
 
 def export_onnx(model, path: Path, input_size: int) -> None:
@@ -99,7 +104,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, opti
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[options.method]
         quantize_static(str(prepared), str(out_path), Reader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=options.per_channel, activation_type=QuantType.QInt8,
+                        per_channel=options.per_channel,
+                        activation_type=QuantType.QUInt8 if options.activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return {"fp32_nodes": exclude, "quantized_nodes": len(compute) - len(exclude)}
@@ -175,7 +181,8 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
         "metrics": {**metrics, **{k: train_metrics[k] for k in ("best_epoch", "balanced_accuracy", "per_class_accuracy")
                                   if k in train_metrics},
                     **({"robustness": _robust_headline(robustness)} if robustness else {})},
-        "quantization": {**asdict(quantization), **kept, "format": "QDQ", "activations": "int8 asymmetric",
+        "quantization": {**asdict(quantization), **kept, "format": "QDQ",
+                         "activations": f"{quantization.activations} asymmetric",
                          "weights": "int8 symmetric" + (" per channel" if quantization.per_channel else "")},
         "exported_by": git_commit(),
     }

@@ -1,0 +1,49 @@
+"""Where every bench script records its numbers: bench/results.json (headline keys, merged
+across scripts) and one section of BENCHMARKS.md per script (replaced on each run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+HEADER = """# Benchmarks
+
+Every number here comes from a script in `bench/`, run on this project's 2-core CPU machines,
+and is a ratio or a median of interleaved repeats measured side by side in one run (absolute
+times drift on shared machines). Headline keys are in `bench/results.json`; each section below
+is rewritten by the script it names.
+"""
+
+
+def machine() -> dict:
+    import numpy
+
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": numpy.__version__}
+    for name in ("torch", "onnxruntime", "cv2", "torchattacks"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def record(section: str, keys: dict, markdown: str) -> None:
+    """Merge headline `keys` into bench/results.json and replace `section` in BENCHMARKS.md."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results.update(keys)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True))
+    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS.write_text(text)
