@@ -95,7 +95,8 @@ def _markdown(summary: list[dict], args) -> str:
             "pgd@0.01", "apgd@0.01", "worst@0.01"]
     lines = ["# Undefended vs defended: CK+48, 5 classes", "",
              f"{args.backbone} ({args.weights}) + localization head, {args.input_size} px, {args.epochs} epochs, "
-             f"seed {args.seed}, SGD 0.01 + Algorithm 1, batch 128. Defense: S = {{FGSM, R+FGSM}}, "
+             f"seed {args.seed}, SGD 0.01 + Algorithm 1, emoshield's default batch 32 and `--augment strong` "
+             "(both models). Defense: S = {FGSM, R+FGSM}, "
              "beta_s = 0.5 each, beta0 = 0.5, eps 0.01, alpha eps/2, perturbations made with the current model "
              f"in every batch ({args.attack_bn}-mode BatchNorm), model selection on the mean of clean, FGSM and R+FGSM "
              "validation accuracy. PGD-10 (random start) and APGD-CE-50 are unseen in training. "
