@@ -23,7 +23,8 @@ def trained(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("tiers") / "run"
     run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
         "--fold", "0", "--limit-per-class", "40", "--backbone", "mobilenet_v2", "--weights", "imagenet",
-        "--input-size", "48", "--epochs", "4", "--batch-size", "32", "--schedule", "cosine", "--out", out, "--quiet")
+        "--input-size", "48", "--epochs", "8", "--batch-size", "32", "--schedule", "cosine", "--out", out, "--quiet")
+    # 8 epochs: a model that learned something (~70%); int8 agreement is meaningless near chance
     return out
 
 

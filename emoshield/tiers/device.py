@@ -423,13 +423,17 @@ def run_device_command(args) -> int:
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(EmotionClassifier(bundle_dir, args.precision, args.threads), args.smooth,
                              args.detect_every, detector=args.detector, detect_width=args.detect_width)
-    results: list[FrameResult] = []
+    results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
+    counts = {"frames": 0, "faces": 0}
     out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         def emit(result: FrameResult) -> None:
-            results.append(result)
+            counts["frames"] += 1
+            counts["faces"] += result.box is not None
+            if args.truth:
+                results.append(result)
             print(result.to_json(), file=out)
 
         last_check = [time.monotonic()]
@@ -441,9 +445,8 @@ def run_device_command(args) -> int:
             now = time.monotonic()
             if link is not None and now - last_beat[0] >= args.heartbeat:
                 last_beat[0] = now
-                link.heartbeat({"version": analyzer.classifier.version, "frames": len(results),
-                                "fps": len(results) / max(now - started, 1e-9),
-                                "faces": sum(r.box is not None for r in results)})
+                link.heartbeat({"version": analyzer.classifier.version, "frames": counts["frames"],
+                                "fps": counts["frames"] / max(now - started, 1e-9), "faces": counts["faces"]})
             if client is None:
                 return
             announced = link.announced if link is not None else None
@@ -467,7 +470,8 @@ def run_device_command(args) -> int:
                              args.max_frames, check_for_update, loop=args.loop, realtime=args.realtime)
         if link is not None:
             link.heartbeat({"version": analyzer.classifier.version, "frames": summary["frames"],
-                            "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True})
+                            "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True},
+                           wait=2.0)
     finally:
         if out is not sys.stdout:
             out.close()

@@ -76,12 +76,18 @@ class _Link:
         self.client.loop_start()
         return self.connected.wait(wait)
 
-    def publish(self, topic: str, payload: dict, retain: bool = False) -> None:
-        self.client.publish(topic, json.dumps(payload, sort_keys=True), qos=1, retain=retain)
+    def publish(self, topic: str, payload: dict, retain: bool = False, wait: float = 0.0) -> None:
+        """QoS 1 publish; `wait` > 0 blocks until the broker acknowledged it (or that many seconds)."""
+        info = self.client.publish(topic, json.dumps(payload, sort_keys=True), qos=1, retain=retain)
+        if wait > 0 and self.connected.is_set():
+            try:
+                info.wait_for_publish(timeout=wait)
+            except (RuntimeError, ValueError):
+                pass  # dropped (disconnected meanwhile): heartbeats are best effort
 
     def stop(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 class EdgeAnnouncer(_Link):
@@ -125,8 +131,9 @@ class DeviceLink(_Link):
             return
         self.announced = max(version, self.announced or 0)
 
-    def heartbeat(self, payload: dict) -> None:
-        self.publish(HEARTBEAT_TOPIC.format(edge=self.edge, device=self.device_id), {**payload, "time": time.time()})
+    def heartbeat(self, payload: dict, wait: float = 0.0) -> None:
+        self.publish(HEARTBEAT_TOPIC.format(edge=self.edge, device=self.device_id), {**payload, "time": time.time()},
+                     wait=wait)
 
 
 def start_mosquitto(port: int, folder: Path, timeout: float = 10.0) -> subprocess.Popen:
