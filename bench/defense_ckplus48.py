@@ -4,6 +4,7 @@ defended model is evaluated against its undefended twin with FGSM/R+FGSM/PGD/APG
 camera corruptions.
 
     .venv/bin/python bench/defense_ckplus48.py [--data-root DIR] [--epochs 50] [--protocols reference,subject]
+    (also --protocols prototype: reference frames split 2 train / 0 val / 1 test, last epoch kept)
 
 Writes results/defense_ckplus48/<protocol>/ (report.md, robustness.json, PNGs) and
 results/defense_ckplus48/summary.{json,md}; training folders stay under runs/ (not committed).
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 CLASSES = "happy,sad,surprise,disgust,fear"
+# "prototype": the reference frame split without validation frames (2 train / 1 test per CK+
+# sequence, last epoch kept), as the prototype quoted in issue 3 did
+PROTOCOL_ARGS = {"prototype": ["--protocol", "reference", "--val-fraction", "0"]}
 
 
 def emoshield(*args: str) -> None:
@@ -41,9 +45,11 @@ def main() -> int:
     parser.add_argument("--work", default="runs/defense_ckplus48")
     args = parser.parse_args()
     data = ["--data-root", args.data_root] if args.data_root else []
-    summary = []
+    summary_path = Path(args.out) / "summary.json"  # rows of other protocols are kept
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else []
     for protocol in args.protocols.split(","):
-        common = ["--dataset", "ckplus48", *data, "--classes", CLASSES, "--protocol", protocol, "--fold", "0",
+        split = PROTOCOL_ARGS.get(protocol, ["--protocol", protocol])
+        common = ["--dataset", "ckplus48", *data, "--classes", CLASSES, *split, "--fold", "0",
                   "--backbone", args.backbone, "--weights", args.weights, "--input-size", args.input_size,
                   "--epochs", args.epochs, "--seed", args.seed, "--quiet"]
         dirs = {}
@@ -67,6 +73,7 @@ def main() -> int:
         result = json.loads((out / "robustness.json").read_text())
         epoch_seconds = {v: [r["seconds"] for r in json.loads((d / "history.json").read_text())]
                          for v, d in dirs.items()}
+        summary = [row for row in summary if row["protocol"] != protocol]
         summary.append({
             "protocol": protocol, "model": result["model"], "baseline": result["baseline"],
             "defended": _headline(result["robustness"]), "undefended": _headline(result["baseline_robustness"]),
@@ -107,6 +114,9 @@ def _markdown(summary: list[dict], args) -> str:
             row = s[variant]
             lines.append(f"| {s['protocol']} | {variant} | " + " | ".join(
                 f"{row[k]:.1%}" if k in row else "" for k in keys) + f" | {s['seconds_per_epoch'][variant]:.1f} |")
+    if any(s["protocol"] == "prototype" for s in summary):
+        lines += ["", "prototype = the reference frame split without validation frames (CK+48: 2 train / 1 test "
+                      "frames per sequence, as the prototype in issue 3), so the last epoch is kept."]
     lines += ["", "Full reports: " + ", ".join(f"[{s['protocol']}]({s['protocol']}/report.md)" for s in summary),
               "", f"Produced by `python bench/defense_ckplus48.py --epochs {args.epochs} --attack-bn {args.attack_bn}"
               f" --out {args.out}` at commit "

@@ -23,7 +23,8 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True, pr
     p.add_argument("--classes", help="comma-separated classes, e.g. happy,sad,surprise,disgust,fear "
                                      "(the reference's 5); default: all in the dataset")
     p.add_argument("--val-fraction", type=float, default=0.15,
-                   help="share of training subjects used for validation in the subject protocol")
+                   help="share of training subjects used for validation in the subject protocol; "
+                        "0 with the reference protocol: no validation frames (they go to train), last epoch kept")
     p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
     p.add_argument("--subject-pattern", help="regex whose first group is the subject id in a file name "
                                              "(liris, folder)")

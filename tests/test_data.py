@@ -72,6 +72,19 @@ def test_reference_split_80_10_10_on_long_sequences():
     records = [ImageRecord(f"v{v}/{f}.png", "happy", "s", f"v{v}", f) for v in range(3) for f in range(100)]
     split = reference_split(records, seed=0)
     assert (len(split.train), len(split.val), len(split.test)) == (240, 30, 30)
+    no_val = reference_split(records, seed=0, validation=False)
+    assert (len(no_val.train), len(no_val.val), len(no_val.test)) == (270, 0, 30)
+    assert [r.path for r in no_val.test] == [r.path for r in split.test]  # same test frames
+
+
+def test_reference_split_without_validation_is_the_prototypes_2_1(data_root):
+    ds = load_dataset("ckplus48", data_root, FIVE)
+    split = make_split(ds, "reference", seed=0, val_fraction=0)
+    per_sequence = defaultdict(Counter)
+    for name, part in split.parts().items():
+        for r in part:
+            per_sequence[r.sequence][name] += 1
+    assert all(c == Counter(train=2, test=1) for c in per_sequence.values())
 
 
 def test_subject_split_is_subject_independent(data_root):

@@ -8,7 +8,9 @@ Protocols:
   train; the rest is train. Which frames go where is a seeded shuffle within the
   sequence. CK+48 has 3 frames per sequence, so it is exactly 1 train / 1 val / 1 test.
   Single-image "sequences" (still-image datasets) are pooled per class and divided by
-  the same rule, i.e. a stratified ~80/10/10 image split.
+  the same rule, i.e. a stratified ~80/10/10 image split. With `--val-fraction 0` the
+  validation frames go to train instead (CK+48: 2 train / 1 test frames per sequence, the
+  split of the issue's prototype) and the last epoch is kept, as there is nothing to select on.
   Neighbouring frames are near-identical, so this protocol inflates accuracy.
 - subject: subject-independent k-fold. Subjects are shuffled with the seed and dealt
   round-robin into k folds; fold K is the test set; validation subjects (a
@@ -77,17 +79,18 @@ def load_split(path: Path) -> tuple[Split, dict]:
     return split, header
 
 
-def _reference_counts(n: int) -> tuple[int, int, int]:
+def _reference_counts(n: int, validation: bool = True) -> tuple[int, int, int]:
     if n >= 3:
         held = max(1, int(math.floor(0.1 * n + 0.5)))
-        return n - 2 * held, held, held
+        return (n - 2 * held, held, held) if validation else (n - held, 0, held)
     if n == 2:
         return 1, 0, 1
     return n, 0, 0
 
 
-def reference_split(records: list[ImageRecord], seed: int = 0) -> Split:
-    """SPEC §3's per-sequence frame split (see module docstring for the exact rule)."""
+def reference_split(records: list[ImageRecord], seed: int = 0, validation: bool = True) -> Split:
+    """SPEC §3's per-sequence frame split (see module docstring for the exact rule);
+    validation=False gives the would-be validation frames to train (no model selection)."""
     by_sequence: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in records:
         by_sequence[record.sequence].append(record)
@@ -99,7 +102,7 @@ def reference_split(records: list[ImageRecord], seed: int = 0) -> Split:
     for sequence in sorted(by_sequence):
         frames = sorted(by_sequence[sequence], key=lambda r: (r.frame, r.path))
         rng.shuffle(frames)
-        n_train, n_val, _ = _reference_counts(len(frames))
+        n_train, n_val, _ = _reference_counts(len(frames), validation)
         train += frames[:n_train]
         val += frames[n_train:n_train + n_val]
         test += frames[n_train + n_val:]
@@ -141,7 +144,7 @@ def make_split(dataset: FaceDataset, protocol: str, fold: int = 0, folds: int = 
                val_fraction: float = 0.15) -> Split:
     """Build the split of `dataset` under `protocol`; deterministic for a seed."""
     if protocol == "reference":
-        split = reference_split(dataset.records, seed)
+        split = reference_split(dataset.records, seed, validation=val_fraction > 0)
     elif protocol == "subject":
         split = subject_split(dataset.records, fold, folds, seed, val_fraction)
     elif protocol == "official":
