@@ -162,3 +162,39 @@ def test_eps_lists():
     assert parse_eps_list("0.005,0.01") == [0.005, 0.01]
     with pytest.raises(EmoshieldError):
         parse_eps_list("a,b")
+
+
+def test_eval_graph_is_the_same_function_and_the_fast_path_the_same_attack():
+    from emoshield.attacks.base import attack_context, eval_graph
+
+    model = build_model(ModelConfig("mobilenet_v2", ["a", "b", "c", "d"], 32))
+    with torch.no_grad():  # give BatchNorm non-trivial statistics, so folding has work to do
+        model.train()
+        for _ in range(3):
+            model(torch.rand(16, 3, 32, 32))
+    model.eval()
+    x, y = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.randint(0, 4, (24,))
+    with attack_context(model, "eval"):
+        fast = eval_graph(model)
+        norms = [n for n, m in fast.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert norms == ["inner.head.norm"], norms  # all 52 after a convolution are folded; the head's follows pooling
+        assert torch.allclose(fast(x), model(x), atol=1e-4)
+    for make in (lambda fast: FGSM(EPS, fast=fast), lambda fast: PGD(EPS, steps=3, fast=fast)):
+        a, b = make(True)(model, x, y), make(False)(model, x, y)
+        assert a.is_contiguous() and (a - x).abs().max() <= EPS + 1e-6
+        # sign(gradient) may flip where the gradient is ~0 (float rounding): allow a tiny share
+        assert ((a - b).abs() <= 1e-5).float().mean() >= 0.999
+    # a model torch.fx cannot trace is attacked as it is
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_model()
+
+        def forward(self, x):
+            return self.net(x) if x.sum() > 0 else -self.net(x)
+
+    branchy = Branchy().eval()
+    with attack_context(branchy, "eval"):
+        assert eval_graph(branchy) is branchy
+    x, y = batch()
+    assert torch.equal(FGSM(EPS)(branchy, x, y), FGSM(EPS, fast=False)(branchy, x, y))

@@ -35,9 +35,9 @@ class APGD(LinfAttack):
     name = "apgd"
 
     def __init__(self, eps: float, steps: int = 50, restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                 mode: str = "eval", seed: int = 0):
+                 mode: str = "eval", seed: int = 0, fast: bool = True):
         super().__init__(eps, steps=steps, step_size=2 * eps, random_start="uniform", restarts=restarts, mode=mode,
-                         seed=seed)
+                         seed=seed, fast=fast)
         self.rho, self.momentum = rho, momentum
 
     def _run(self, model, x, y, generator):

@@ -9,7 +9,10 @@ Every attack here is a configuration of `LinfAttack` (FGSM, R+FGSM, PGD) or exte
 - x is never modified; the result is detached, within eps of x in L-inf, and in [0, 1];
 - the loss is summed over the batch, so each sample's gradient is independent of the
   batch it came in (with eval-mode BatchNorm): a slice of a batch gives the same result;
-- random starts come from a torch.Generator seeded per call (`seed`), reproducibly.
+- random starts come from a torch.Generator seeded per call (`seed`), reproducibly;
+- in eval mode the gradients come from `eval_graph(model)`: the same function with each
+  BatchNorm folded into its convolution and channels_last memory (exact up to float
+  rounding, 1.3-2.4x faster on CPU; bench/attacks.py). `fast=False` uses the module as is.
 """
 
 from __future__ import annotations
@@ -44,6 +47,31 @@ def attack_context(model: torch.nn.Module, mode: str = "eval"):
         model.train(was_training)
 
 
+class _ChannelsLast(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+
+def eval_graph(model: torch.nn.Module) -> torch.nn.Module:
+    """A faster stand-in for `model` in eval mode, for attack passes: a copy with every
+    Conv+BatchNorm pair folded into one convolution (torch.fx) and channels_last weights and
+    inputs. Same function up to float rounding; its weights are a snapshot (rebuilt per attack
+    call, so training steps always attack the current model). Call with the model in eval mode
+    and its parameters frozen (attack_context does both); falls back to `model` itself when the
+    model cannot be traced."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model, inplace=False)
+    except Exception:  # not traceable by torch.fx (data-dependent control flow): run it as is
+        return model
+    return _ChannelsLast(folded.to(memory_format=torch.channels_last)).eval()
+
+
 def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d sum-CE / dx, logits) at x; call inside attack_context."""
     x = x.detach().clone().requires_grad_(True)
@@ -70,7 +98,8 @@ class LinfAttack:
     name = "linf"
 
     def __init__(self, eps: float, steps: int = 1, step_size: float | None = None, random_start: str | None = None,
-                 start_size: float | None = None, restarts: int = 1, mode: str = "eval", seed: int = 0):
+                 start_size: float | None = None, restarts: int = 1, mode: str = "eval", seed: int = 0,
+                 fast: bool = True):
         if not eps >= 0:
             raise EmoshieldError(f"eps must be >= 0, got {eps}")
         if steps < 1 or restarts < 1:
@@ -80,6 +109,7 @@ class LinfAttack:
         if mode not in MODES:
             raise EmoshieldError(f"unknown attack mode {mode!r}; choose one of {', '.join(MODES)}")
         self.eps, self.steps, self.restarts, self.mode, self.seed = float(eps), steps, restarts, mode, seed
+        self.fast = fast
         self.step_size = float(eps if step_size is None else step_size)
         self.random_start = random_start
         self.start_size = float(eps if start_size is None else start_size)
@@ -113,6 +143,8 @@ class LinfAttack:
             return x.clone()
         generator = torch.Generator().manual_seed(self.seed)
         with attack_context(model, self.mode):
+            if self.fast and self.mode == "eval":
+                model = eval_graph(model)
             best = self._run(model, x, y, generator)
             for _ in range(self.restarts - 1):
                 with torch.no_grad():
@@ -121,4 +153,4 @@ class LinfAttack:
                     break
                 candidate = self._run(model, x, y, generator)
                 best = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), best, candidate)
-        return best.detach()
+        return best.detach().contiguous()

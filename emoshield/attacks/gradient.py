@@ -11,8 +11,8 @@ class FGSM(LinfAttack):
 
     name = "fgsm"
 
-    def __init__(self, eps: float, mode: str = "eval", seed: int = 0):
-        super().__init__(eps, steps=1, step_size=eps, random_start=None, mode=mode, seed=seed)
+    def __init__(self, eps: float, mode: str = "eval", seed: int = 0, fast: bool = True):
+        super().__init__(eps, steps=1, step_size=eps, random_start=None, mode=mode, seed=seed, fast=fast)
 
 
 class RFGSM(LinfAttack):
@@ -24,14 +24,15 @@ class RFGSM(LinfAttack):
 
     name = "rfgsm"
 
-    def __init__(self, eps: float, alpha: float | None = None, mode: str = "eval", seed: int = 0):
+    def __init__(self, eps: float, alpha: float | None = None, mode: str = "eval", seed: int = 0,
+                 fast: bool = True):
         alpha = eps / 2 if alpha is None else float(alpha)
         if eps > 0 and not eps > alpha:
             raise EmoshieldError(f"R+FGSM needs eps > alpha, got eps={eps:g}, alpha={alpha:g}")
         if alpha < 0:
             raise EmoshieldError("R+FGSM needs alpha >= 0")
         super().__init__(eps, steps=1, step_size=eps - alpha, random_start="sign", start_size=alpha, mode=mode,
-                         seed=seed)
+                         seed=seed, fast=fast)
         self.alpha = alpha
 
 
@@ -42,6 +43,7 @@ class PGD(LinfAttack):
     name = "pgd"
 
     def __init__(self, eps: float, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-                 restarts: int = 1, mode: str = "eval", seed: int = 0):
+                 restarts: int = 1, mode: str = "eval", seed: int = 0, fast: bool = True):
         super().__init__(eps, steps=steps, step_size=2.5 * eps / steps if step_size is None else step_size,
-                         random_start="uniform" if random_start else None, restarts=restarts, mode=mode, seed=seed)
+                         random_start="uniform" if random_start else None, restarts=restarts, mode=mode, seed=seed,
+                         fast=fast)
