@@ -295,6 +295,48 @@ def cmd_cloud_add(args) -> int:
     return 0
 
 
+def cmd_cloud_pretrain(args) -> int:
+    """Train a backbone on a big face corpus (FER2013's official split) and add it to the library."""
+    from .models import load_model
+    from .pipeline import DataOptions, ModelOptions, train_model
+    from .tiers.library import add_entry, check_name, entry_dir
+    from .training import TrainConfig
+
+    name = check_name(args.name or f"{args.backbone}-{args.dataset}-{args.input_size}px")
+    library = Path(args.library) if args.library else None
+    if entry_dir(name, library).exists() and not args.force:
+        raise EmoshieldError(f"library entry {entry_dir(name, library)} exists (pass --force to replace it)")
+    work = Path(args.work) if args.work else Path("runs") / "pretrain" / name
+    data = DataOptions(dataset=args.dataset, data_root=args.data_root, protocol="official", classes=args.classes,
+                       limit_per_class=args.limit_per_class)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                         augment=args.augment, seed=args.seed)
+    if (work / "metrics.json").is_file():
+        print(f"{work} already holds a finished training: adding it", file=sys.stderr)
+        metrics = json.loads((work / "metrics.json").read_text())
+    else:
+        resume = (work / "checkpoint.safetensors").is_file()
+        if resume:
+            print(f"resuming the interrupted training in {work}", file=sys.stderr)
+        metrics = train_model(data, ModelOptions(backbone=args.backbone, weights=args.weights,
+                                                 input_size=args.input_size),
+                              config, work, resume=resume, progress=not args.quiet,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    counts = json.loads((work / "run.json").read_text())["counts"]
+    meta = add_entry(name, load_model(work), library,
+                     data=f"{args.dataset} official split: train {counts['train']}, val (PublicTest) {counts['val']}, "
+                          f"test (PrivateTest) {counts['test']} images",
+                     epochs=metrics.get("epochs", args.epochs),
+                     accuracy={"test": metrics["test_accuracy"], "test_balanced": metrics["balanced_accuracy"],
+                               "test_images": metrics["num_images"], "best_epoch": metrics.get("best_epoch"),
+                               "training_folder": str(work)},
+                     overwrite=args.force)
+    print(f"library entry {meta['name']}: {meta['backbone']} {meta['input_size']} px pretrained on {args.dataset}, "
+          f"test (PrivateTest) accuracy {metrics['test_accuracy']:.2%} on {metrics['num_images']} images; "
+          f"sha256 {meta['sha256'][:16]}; fine-tune with --weights library:{meta['name']}")
+    return 0
+
+
 def cmd_cloud_list(args) -> int:
     from .tiers.library import default_library, list_entries
 
@@ -498,6 +540,26 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--classes", help="classes of the saved head, if any")
     p.add_argument("--force", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_cloud_add)
+    p = cloud.add_parser("pretrain", help="train a backbone on FER2013 (official split) and add it to the library")
+    p.add_argument("--dataset", default="fer2013", choices=["fer2013"])
+    p.add_argument("--data-root", help="folder holding fer2013/ (default: $EMOSHIELD_DATA)")
+    p.add_argument("--classes", help="default: all 7 FER2013 classes")
+    p.add_argument("--limit-per-class", type=int, help="about N images per class over all splits (quick runs)")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", default="imagenet", help="starting weights: imagenet (where shipped) or scratch")
+    p.add_argument("--input-size", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--schedule", choices=["reference", "constant", "cosine"], default="cosine")
+    p.add_argument("--augment", choices=["none", "flip", "standard", "strong"], default="strong")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="library entry name (default: BACKBONE-fer2013-SIZEpx)")
+    p.add_argument("--library", help="library folder (default: $EMOSHIELD_LIBRARY or the cache)")
+    p.add_argument("--work", help="training folder (default: runs/pretrain/NAME); an interrupted run resumes")
+    p.add_argument("--force", action="store_true", help="replace an existing entry")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cloud_pretrain)
     p = cloud.add_parser("list", help="entries of the model library")
     p.add_argument("--library")
     p.add_argument("--json", action="store_true")

@@ -192,3 +192,33 @@ def test_mtcnn_option_finds_the_faces_haar_finds(data_root):
     assert mtcnn(np.zeros((120, 160, 3), np.uint8)) == []
     with pytest.raises(EmoshieldError, match="unknown face detector"):
         face_detector("yolo")
+
+
+def test_cloud_pretrain_adds_a_fer2013_backbone_that_training_loads_by_name(tmp_path, data_root, monkeypatch):
+    from safetensors.torch import load_file
+
+    from emoshield.tiers.library import read_entry
+
+    library, name = tmp_path / "library", "smallcnn-fer2013-32px"
+    pretrain = ["cloud", "pretrain", "--data-root", data_root, "--backbone", "smallcnn", "--weights", "scratch",
+                "--input-size", "32", "--epochs", "1", "--limit-per-class", "30", "--library", library,
+                "--work", tmp_path / "pretrain", "--quiet"]
+    proc = run(*pretrain)
+    assert f"fine-tune with --weights library:{name}" in proc.stdout
+    meta, weights = read_entry(name, library)
+    assert meta["classes"] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    assert meta["data"].startswith("fer2013 official split") and meta["accuracy"]["test_images"] > 0
+    again = run(*pretrain, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+    # the edge-side trainer loads it by name (features only: the 7-class head does not fit 5 classes)
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
+    out = tmp_path / "finetune"
+    run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
+        "--limit-per-class", "10", "--backbone", "smallcnn", "--weights", f"library:{name}", "--input-size", "32",
+        "--epochs", "1", "--freeze-features", "--out", out, "--quiet")
+    recorded = json.loads((out / "run.json").read_text())["model_config"]["weights"]
+    assert recorded == f"library:{name}@{meta['sha256'][:12]}"
+    pretrained, tuned = load_file(weights), load_file(out / "model.safetensors")
+    features = [k for k in pretrained if k.startswith("features.")]
+    assert features and all(np.array_equal(pretrained[k].numpy(), tuned[k].numpy()) for k in features)
