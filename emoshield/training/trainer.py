@@ -256,7 +256,8 @@ class Trainer:
             batches.pop()  # a last batch of one sample breaks BatchNorm
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not self.progress,
-                   file=sys.stderr, mininterval=1.0, unit="batch")
+                   file=sys.stderr, unit="batch",
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
         for index in bar:
             x = augment_batch(to_model_input(data.pixels[index]), cfg.augment, generator)
             y = data.labels[index]
@@ -272,7 +273,7 @@ class Trainer:
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
     def _defended_backward(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
