@@ -66,6 +66,8 @@ def test_retained_announcement_reaches_late_devices_and_heartbeats_are_recorded(
         time.sleep(0.5)
         assert [d["id"] for d in store.devices()] == [device_id]
         assert not store.record_heartbeat("d-not-enrolled", {"version": 1})
+        assert not store.record_heartbeat(device_id, {"version": 5, "junk": "x" * 5000})  # oversized: dropped
+        assert store.devices()[0]["running_version"] == 4
     finally:
         for client in (*links, announcer, other_edge):
             client.stop()

@@ -138,13 +138,13 @@ class EdgeStore:
         return dict(rows[0]) if rows else None
 
     def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
-        """Keep a device's latest heartbeat; heartbeats naming no enrolled device are dropped."""
-        if self.device(device_id) is None:
+        """Keep a device's latest heartbeat; heartbeats naming no enrolled device, or over 4 KB, are dropped."""
+        text = json.dumps(telemetry, sort_keys=True)
+        if len(text) > 4096 or self.device(device_id) is None:
             return False
         version = telemetry.get("version")
         self._x("INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?)",
-                (device_id, time.time(), int(version) if isinstance(version, int) else None,
-                 json.dumps(telemetry, sort_keys=True)[:4096]))
+                (device_id, time.time(), int(version) if isinstance(version, int) else None, text))
         return True
 
     # samples
