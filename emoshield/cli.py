@@ -202,6 +202,28 @@ def cmd_sweep(args) -> int:
     return 0 if result["points"] else 1
 
 
+def cmd_reproduce(args) -> int:
+    """The reference study end to end (SPEC §7), resumable; prints where the report is."""
+    from .attacks import parse_eps_list
+    from .reproduce import Study, StudyOptions
+
+    options = StudyOptions(
+        dataset=args.dataset, protocol=args.protocol, data_root=args.data_root, classes=args.classes,
+        backbones=[b for b in args.backbones.split(",") if b], input_size=args.input_size, epochs=args.epochs,
+        seeds=[int(s) for s in args.seeds.split(",")], folds=args.folds,
+        fold_list=[int(f) for f in args.fold_list.split(",")] if args.fold_list else None,
+        eps=parse_eps_list(args.eps), limit_per_class=args.limit_per_class, quick=args.quick)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
+    result = Study(options, out, work, command=["emoshield", *args.argv]).run()
+    holds = sum(c["holds"] for c in result["claims"])
+    print(f"study done: {holds}/{len(result['claims'])} of the reference's claims hold here")
+    for claim in result["claims"]:
+        print(f"  {'holds ' if claim['holds'] else 'FAILS '} {claim['claim']}: {claim['ours']}")
+    print(f"  report: {out / 'report.md'}\n  every number: {out / 'results.json'}\n  training folders: {work}")
+    return 0
+
+
 # ---- keys, bundles, video, device ---------------------------------------------------------------
 
 def cmd_keys_generate(args) -> int:
@@ -721,6 +743,28 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     _add_attack_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("reproduce", help="the reference study end to end: every table, plot and claim (SPEC §7)")
+    p.add_argument("--dataset", choices=["ckplus48", "jaffe", "fer2013", "liris"], required=True)
+    p.add_argument("--data-root", help="folder holding the dataset folder (default: $EMOSHIELD_DATA)")
+    p.add_argument("--protocol", choices=["reference", "subject"], default="reference",
+                   help="reference = SPEC §3 frame split; subject = subject-independent, every fold (default: %(default)s)")
+    p.add_argument("--classes", help="default: the reference's 5 classes on ckplus48, else all")
+    p.add_argument("--backbones", default="resnet18,mobilenet_v2",
+                   help="comma-separated; each starts from the cloud library's entry for it at --input-size, "
+                        "else ImageNet weights, else scratch (default: %(default)s)")
+    p.add_argument("--input-size", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="subject folds (default: %(default)s)")
+    p.add_argument("--fold-list", help="only these folds, e.g. 0,1 (default: all)")
+    p.add_argument("--eps", default="0.005,0.01,0.015", help="attack eps of Tables III/IV (default: %(default)s)")
+    p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
+    p.add_argument("--quick", action="store_true",
+                   help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")
+    p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")
+    p.add_argument("--work", help="training folders and checkpoints (default: runs/reproduce/<OUT's name>); "
+                                  "re-running resumes")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 
@@ -735,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(torch_free=bool(argv) and argv[0] in TIER_COMMANDS)
     args = parser.parse_args(argv)
+    args.argv = argv  # the exact command, for reports
     try:
         return args.func(args)
     except EmoshieldError as exc:

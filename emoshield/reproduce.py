@@ -1,0 +1,397 @@
+"""The reference study, end to end (`emoshield reproduce`): every table, plot and claim of SPEC §7
+on one dataset under one split protocol, over folds and seeds, into one folder.
+
+For each backbone, fold and seed it trains (resumably, under WORK):
+  localization  pretrained weights + localization head (the reference's model)
+  own-head      the same weights + the backbone's own classifier (the reference's baseline)
+  scratch       random weights + localization head (convergence curves)
+  imagenet      ImageNet weights + localization head, when the pretrained weights came from the
+                cloud library and torchvision ImageNet weights are cached (convergence curves)
+  defended      pretrained + localization head + SPEC §6 defense (S = {FGSM, R+FGSM})
+then evaluates the defended model against its undefended twin (FGSM, R+FGSM, PGD, APGD at
+each eps, camera corruptions) and sweeps FGSM's eps on the undefended one.
+
+OUT gets report.md (tables inline, plots linked), results.json (every number, per run and
+aggregated as mean ± std over folds x seeds, the claims check, the command, options and git
+commit) and PNGs. Training folders, checkpoints and per-run reports stay under WORK.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EmoshieldError
+
+# SPEC §3: the reference's 5 classes; CK+48 has all of them
+REFERENCE_CLASSES = "happy,sad,surprise,disgust,fear"
+DEFAULT_CLASSES = {"ckplus48": REFERENCE_CLASSES}
+ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd"]
+UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
+SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
+
+
+@dataclass
+class StudyOptions:
+    dataset: str
+    protocol: str = "reference"
+    data_root: str | None = None
+    classes: str | None = None
+    backbones: list[str] = field(default_factory=lambda: ["resnet18", "mobilenet_v2"])
+    input_size: int = 48
+    epochs: int = 50
+    seeds: list[int] = field(default_factory=lambda: [0])
+    folds: int = 5
+    fold_list: list[int] | None = None  # subject protocol: which folds (default: all)
+    eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.015])
+    sweep_eps: list[float] = field(default_factory=lambda: list(SWEEP_EPS))
+    pgd_steps: int = 10
+    apgd_steps: int = 50
+    limit_per_class: int | None = None
+    quick: bool = False
+
+    def resolved(self) -> "StudyOptions":
+        """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
+        if self.protocol not in ("reference", "subject"):
+            raise EmoshieldError(f"--protocol must be reference or subject, got {self.protocol!r}")
+        if not self.backbones:
+            raise EmoshieldError("--backbones is empty")
+        out = StudyOptions(**asdict(self))
+        out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
+        if out.quick:
+            out.epochs = min(out.epochs, 2)
+            out.limit_per_class = out.limit_per_class or 12
+            out.folds = min(out.folds, 2) if out.protocol == "subject" else out.folds
+            out.seeds = out.seeds[:1]
+            out.eps = [0.005, 0.01, 0.015]
+            out.sweep_eps = [0.002, 0.006, 0.01]
+            out.pgd_steps, out.apgd_steps = 3, 5
+        if out.protocol == "reference":
+            out.fold_list = [0]
+        elif out.fold_list is None:
+            out.fold_list = list(range(out.folds))
+        bad = [f for f in out.fold_list if not 0 <= f < out.folds]
+        if bad:
+            raise EmoshieldError(f"folds {bad} out of range for --folds {out.folds}")
+        return out
+
+
+def pretrained_weights(backbone: str, input_size: int) -> str:
+    """The best starting point here: the cloud library's entry for this backbone and input size
+    (highest test accuracy), else cached ImageNet weights, else scratch."""
+    from .models.library import imagenet_available
+    from .tiers.library import list_entries
+
+    entries = [e for e in list_entries() if e["backbone"] == backbone and e["input_size"] == input_size]
+    if entries:
+        best = max(entries, key=lambda e: (e.get("accuracy") or {}).get("test") or 0)
+        return f"library:{best['name']}"
+    return "imagenet" if imagenet_available(backbone) else "scratch"
+
+
+def _run_plan(backbone: str, weights: str) -> dict[str, tuple[str, str, bool]]:
+    """run name -> (weights, head, defended)."""
+    from .models.library import imagenet_available
+
+    plan = {"localization": (weights, "localization", False), "own-head": (weights, "backbone", False)}
+    if weights != "scratch":
+        plan["scratch"] = ("scratch", "localization", False)
+    if weights.startswith("library:") and imagenet_available(backbone):
+        plan["imagenet"] = ("imagenet", "localization", False)
+    plan["defended"] = (weights, "localization", True)
+    return plan
+
+
+class Study:
+    """Runs (or resumes) the study and writes OUT; `log` gets one line per step."""
+
+    def __init__(self, options: StudyOptions, out: Path, work: Path, command: list[str] | None = None, log=None):
+        self.options = options.resolved()
+        self.out, self.work = Path(out), Path(work)
+        self.command = command or []
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.weights = {b: pretrained_weights(b, self.options.input_size) for b in self.options.backbones}
+
+    def _check_work(self) -> None:
+        """A work folder belongs to one set of options: resuming with others would mix results.
+        Backbones, folds and seeds are free: each unit has its own folder, so several processes
+        can fill one study (e.g. --fold-list 0,1 and 2,3,4 side by side) and a last run collects."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        marker = self.work / "study.json"
+        options = {k: v for k, v in asdict(self.options).items() if k not in UNIT_OPTIONS}
+        saved = json.loads(marker.read_text()) if marker.is_file() else {"options": options, "weights": {}}
+        clash = [b for b, w in self.weights.items() if saved["weights"].get(b, w) != w]
+        if saved["options"] != options or clash:
+            raise EmoshieldError(f"{self.work} holds a study with other options or weights ({marker}); "
+                                 "pass another --work or delete it")
+        saved["weights"].update(self.weights)
+        marker.write_text(json.dumps(saved, indent=1))
+
+    def units(self) -> list[tuple[str, int, int]]:
+        return [(b, f, s) for b in self.options.backbones for f in self.options.fold_list for s in self.options.seeds]
+
+    def run(self) -> dict:
+        from .provenance import git_commit
+
+        started = time.time()
+        self._check_work()
+        opts = self.options
+        for b, w in self.weights.items():
+            self.log(f"{b}: pretrained weights {w}")
+        steps = [(b, f, s, name) for b, f, s in self.units() for name in _run_plan(b, self.weights[b])]
+        steps += [(b, f, s, "evaluate") for b, f, s in self.units()]
+        total = len(steps)
+        timings_file = self.work / "timings.json"
+        timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+        for i, (backbone, fold, seed, name) in enumerate(steps, 1):
+            folder = self.unit_dir(backbone, fold, seed)
+            tag = f"[{i}/{total}] {backbone} fold {fold} seed {seed} {name}"
+            step_started = time.perf_counter()
+            if name == "evaluate":
+                done = self._evaluate(folder, tag)
+            else:
+                done = self._train(backbone, fold, seed, name, folder / name, tag)
+            seconds = time.perf_counter() - step_started
+            if not done:  # interrupted steps count from their last resume
+                timings[f"{backbone}/fold{fold}-seed{seed}/{name}"] = seconds
+                timings_file.write_text(json.dumps(timings, indent=1))
+            self.log(f"{tag}: {'already done' if done else f'finished in {seconds:.0f} s'}")
+        result = self.collect()
+        result.update(command=self.command, options=asdict(opts), weights=self.weights, git_commit=git_commit(),
+                      step_seconds=timings, compute_seconds=sum(timings.values()),
+                      wall_seconds_this_invocation=time.time() - started)
+        self.write(result)
+        return result
+
+    def unit_dir(self, backbone: str, fold: int, seed: int) -> Path:
+        return self.work / backbone / f"fold{fold}-seed{seed}"
+
+    def _data(self, fold: int):
+        from .pipeline import DataOptions
+
+        o = self.options
+        return DataOptions(dataset=o.dataset, data_root=o.data_root, protocol=o.protocol, fold=fold, folds=o.folds,
+                           classes=o.classes, limit_per_class=o.limit_per_class)
+
+    def _train(self, backbone: str, fold: int, seed: int, name: str, folder: Path, tag: str) -> bool:
+        from .pipeline import ModelOptions, train_model
+        from .training import DefenseConfig, TrainConfig
+
+        if (folder / "metrics.json").is_file():
+            return True
+        weights, head, defended = _run_plan(backbone, self.weights[backbone])[name]
+        resume = (folder / "checkpoint.safetensors").is_file()
+        self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
+                 f"{', defended' if defended else ''}, {self.options.epochs} epochs)")
+        train_model(self._data(fold), ModelOptions(backbone=backbone, weights=weights, head=head,
+                                                   input_size=self.options.input_size),
+                    TrainConfig(epochs=self.options.epochs, seed=seed), folder, resume=resume, progress=False,
+                    log=lambda m: self.log(f"  {m}"), defense=DefenseConfig() if defended else None)
+        return False
+
+    def _evaluate(self, folder: Path, tag: str) -> bool:
+        from .pipeline import RobustnessOptions, evaluate_model, sweep_model
+
+        o = self.options
+        done = True
+        if not (folder / "robustness" / "robustness.json").is_file():
+            done = False
+            evaluate_model(folder / "defended", folder / "robustness", None,
+                           RobustnessOptions(ATTACKS, o.eps, _all_corruptions(), o.pgd_steps,
+                                             o.apgd_steps), baseline_dir=folder / "localization",
+                           log=lambda m: None)
+        if not (folder / "sweep" / "sweep.json").is_file():
+            done = False
+            sweep_model(folder / "localization", "fgsm", o.sweep_eps, folder / "sweep", log=lambda m: None)
+        return done
+
+    # ---- collecting -------------------------------------------------------------------------
+
+    def collect(self) -> dict:
+        """Every number of every unit, and their mean ± std over folds x seeds."""
+        per_unit: dict = {}
+        for backbone, fold, seed in self.units():
+            folder = self.unit_dir(backbone, fold, seed)
+            runs = {}
+            for name in _run_plan(backbone, self.weights[backbone]):
+                metrics = json.loads((folder / name / "metrics.json").read_text())
+                history = json.loads((folder / name / "history.json").read_text())
+                runs[name] = {
+                    "weights": metrics["weights"], "head": metrics["head"], "test_accuracy": metrics["test_accuracy"],
+                    "balanced_accuracy": metrics["balanced_accuracy"], "best_epoch": metrics.get("best_epoch"),
+                    "confusion_matrix": metrics["confusion_matrix"], "per_class_accuracy": metrics["per_class_accuracy"],
+                    "num_images": metrics["num_images"], "history": history,
+                    "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+                    **convergence(history)}
+            robustness = json.loads((folder / "robustness" / "robustness.json").read_text())
+            sweep = json.loads((folder / "sweep" / "sweep.json").read_text())
+            counts = json.loads((folder / "localization" / "run.json").read_text())["counts"]
+            per_unit.setdefault(backbone, {})[f"fold{fold}-seed{seed}"] = {
+                "fold": fold, "seed": seed, "runs": runs, "counts": counts,
+                "class_counts": _class_counts(folder / "localization" / "split.json"),
+                "defended": headline(robustness["robustness"]), "undefended": headline(robustness["baseline_robustness"]),
+                "per_class": {"defended": _per_class_conditions(robustness["robustness"]),
+                              "undefended": _per_class_conditions(robustness["baseline_robustness"])},
+                "sweep": sweep["points"], "sanity_flags": robustness["robustness"]["sanity_flags"]}
+        summary = {b: summarize(units) for b, units in per_unit.items()}
+        meta = json.loads((self.unit_dir(*self.units()[0]) / "localization" / "run.json").read_text())
+        return {"dataset": meta["dataset"], "classes": meta["classes"], "protocol": self.options.protocol,
+                "units": per_unit, "summary": summary,
+                "claims": check_claims(summary, len(meta["classes"]), self.options)}
+
+    def write(self, result: dict) -> None:
+        from .evaluation.study_report import study_markdown, study_plots
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        plots = study_plots(result, self.out)
+        result["plots"] = plots
+        (self.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (self.out / "report.md").write_text(study_markdown(result, plots))
+        (self.out / "command.txt").write_text(" ".join(self.command) + "\n")
+
+
+def _all_corruptions() -> list[str]:
+    from .attacks import parse_corruptions
+
+    return parse_corruptions("all")
+
+
+def _class_counts(split_file: Path) -> dict:
+    """Table II: images per class in each part of the split."""
+    from .data import load_split
+
+    split, _ = load_split(split_file)
+    table: dict = {}
+    for part, records in split.parts().items():
+        for r in records:
+            table.setdefault(r.label, {"train": 0, "val": 0, "test": 0})[part] += 1
+    return table
+
+
+def convergence(history: list[dict], loss_below: float = 1.0, accuracy_above: float = 0.95) -> dict:
+    """The reference's convergence figures: first epoch whose training loss is below 1, and first
+    epoch whose validation (else training) accuracy passes 95%; None when never reached."""
+    key = "val_accuracy" if any("val_accuracy" in h for h in history) else "train_accuracy"
+    loss_epoch = next((h["epoch"] for h in history if h["train_loss"] < loss_below), None)
+    acc_epoch = next((h["epoch"] for h in history if (h.get(key) or 0) >= accuracy_above), None)
+    return {"epochs_to_loss_below_1": loss_epoch, "epochs_to_accuracy_95": acc_epoch, "accuracy_curve": key}
+
+
+def headline(report: dict) -> dict:
+    """Flat accuracy figures of one robustness report: clean, attack@eps, worst@eps, corruption means."""
+    row = {"clean": report["clean_accuracy"]}
+    for name, by_eps in report["attacks"].items():
+        for eps, value in by_eps.items():
+            row[f"{name}@{eps}"] = value["accuracy"]
+    for eps, value in report["worst_case"].items():
+        row[f"worst@{eps}"] = value["accuracy"]
+    for name, by_severity in report["corruptions"].items():
+        row[f"corruption:{name}"] = sum(v["accuracy"] for v in by_severity.values()) / len(by_severity)
+    return row
+
+
+def _per_class_conditions(report: dict) -> dict:
+    """class accuracies under clean and each attack at the middle eps (the box plots)."""
+    from .attacks.registry import LABELS
+
+    attacks = report["attacks"]
+    eps_keys = sorted({e for by_eps in attacks.values() for e in by_eps}, key=float)
+    mid = eps_keys[len(eps_keys) // 2]
+    out = {"benign": report["per_class_accuracy"]["clean"]}
+    out.update({f"{LABELS[n]} {mid}": attacks[n][mid]["per_class_accuracy"] for n in attacks if mid in attacks[n]})
+    return out
+
+
+def mean_std(values: list) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": values}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "values": values}
+
+
+def summarize(units: dict) -> dict:
+    """mean ± std over the units (folds x seeds) of each run's accuracy and convergence and of
+    each robustness figure."""
+    first = next(iter(units.values()))
+    out: dict = {"runs": {}, "defended": {}, "undefended": {}, "sweep": {}}
+    for name in first["runs"]:
+        out["runs"][name] = {k: mean_std([u["runs"][name][k] for u in units.values()])
+                             for k in ("test_accuracy", "balanced_accuracy", "epochs_to_loss_below_1",
+                                       "epochs_to_accuracy_95", "seconds_per_epoch")}
+    for variant in ("defended", "undefended"):
+        out[variant] = {k: mean_std([u[variant].get(k) for u in units.values()]) for k in first[variant]}
+    for i, point in enumerate(first["sweep"]):
+        if point["eps"] > 0:  # eps 0 is the clean accuracy, reported with the runs
+            out["sweep"][f"{point['eps']:g}"] = mean_std([u["sweep"][i]["accuracy"] for u in units.values()])
+    return out
+
+
+def _m(summary: dict, *path) -> float | None:
+    node = summary
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return None
+    return node["mean"]
+
+
+def check_claims(summary: dict, num_classes: int, options: StudyOptions) -> list[dict]:
+    """Each SPEC §7 claim with the reference's figure, ours (mean over units) and whether it holds here.
+    A claim 'holds' when its qualitative statement is true of our means; the rule is stated."""
+    chance = 1 / num_classes
+    eps = [f"{e:g}" for e in options.eps]
+    mid = eps[len(eps) // 2]
+    claims = []
+
+    def add(claim, reference, ours, holds, rule):
+        claims.append({"claim": claim, "reference": reference, "ours": ours, "holds": bool(holds), "rule": rule})
+
+    for b, s in summary.items():
+        loc, own = _m(s, "runs", "localization", "test_accuracy"), _m(s, "runs", "own-head", "test_accuracy")
+        add(f"{b}: the localization head beats the backbone's own head", "VGG16 95.67% vs 88.32%; AlexNet 95.09% vs 87.29%",
+            f"{loc:.2%} vs {own:.2%}", loc > own, "localization > own head (clean test accuracy)")
+        defended = _m(s, "defended", "clean")
+        undefended = _m(s, "undefended", "clean")
+        add(f"{b}: the defense costs little clean accuracy", "VGG16 95.67% -> 94.97% (-0.7 pt); AlexNet -1.5 pt",
+            f"{undefended:.2%} -> {defended:.2%} ({(defended - undefended) * 100:+.1f} pt)",
+            defended >= undefended - 0.02, "drop <= 2 points")
+        pre_loss = _m(s, "runs", "localization", "epochs_to_loss_below_1")
+        pre_acc = _m(s, "runs", "localization", "epochs_to_accuracy_95")
+        if "scratch" in s["runs"]:
+            sc_loss = _m(s, "runs", "scratch", "epochs_to_loss_below_1")
+            sc_acc = _m(s, "runs", "scratch", "epochs_to_accuracy_95")
+            fmt = lambda v: "never" if v is None else f"{v:.1f}"  # noqa: E731
+            add(f"{b}: pretrained weights converge within 2 epochs, scratch needs >= 17 (loss < 1) / >= 20 (accuracy > 95%)",
+                "pretrained <= 2 / <= 2 epochs; scratch >= 17 / >= 20",
+                f"pretrained {fmt(pre_loss)} / {fmt(pre_acc)}; scratch {fmt(sc_loss)} / {fmt(sc_acc)} epochs",
+                pre_loss is not None and pre_loss <= 2 and pre_acc is not None and pre_acc <= 2,
+                "pretrained reaches both within 2 epochs (mean over units; 'never' counts as not reached)")
+        above = {e: v["mean"] for e, v in s["sweep"].items() if float(e) > 0.006}
+        add(f"{b}: undefended accuracy under FGSM falls below chance once eps > 0.006",
+            f"below 20% (chance) for eps > 0.006",
+            ", ".join(f"{e}: {v:.1%}" for e, v in above.items()) + f" (chance {chance:.0%})",
+            bool(above) and all(v < chance for v in above.values()), "every swept eps > 0.006 below chance")
+        fg = [_m(s, "defended", f"fgsm@{e}") for e in eps]
+        rf = [_m(s, "defended", f"rfgsm@{e}") for e in eps]
+        fg_u = _m(s, "undefended", f"fgsm@{mid}")
+        add(f"{b}: the defense lifts FGSM accuracy at eps {mid} far above the undefended model",
+            "VGG16 85.76% vs 7.22%; FGSM .005/.01/.015 = 90.84/85.76/82.75%",
+            f"{fg[len(fg) // 2]:.2%} vs {fg_u:.2%}; FGSM " + "/".join(f"{v:.1%}" for v in fg),
+            fg[len(fg) // 2] >= max(2 * fg_u, fg_u + 0.3), "defended >= 2x undefended and >= +30 points")
+        add(f"{b}: R+FGSM is the weaker attack on the defended model at every eps",
+            "VGG16 R+FGSM 93.31/90.84/87.99% vs FGSM 90.84/85.76/82.75%",
+            "R+FGSM " + "/".join(f"{v:.1%}" for v in rf), all(r >= f for r, f in zip(rf, fg)),
+            "R+FGSM accuracy >= FGSM accuracy at each eps")
+        pgd, pgd_u = _m(s, "defended", f"pgd@{mid}"), _m(s, "undefended", f"pgd@{mid}")
+        apgd = _m(s, "defended", f"apgd@{mid}")
+        add(f"{b}: the defense carries over to the unseen PGD attack (eps {mid})", "VGG16 83.29% vs 0.41%",
+            f"{pgd:.2%} vs {pgd_u:.2%} (APGD: {apgd:.2%})", pgd >= pgd_u + 0.3 and apgd >= pgd - 0.1,
+            "defended PGD >= undefended + 30 points, and APGD within 10 points of PGD (no gradient masking)")
+    return claims

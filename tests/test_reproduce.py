@@ -1,0 +1,91 @@
+"""`emoshield reproduce --quick`: the whole study on a tiny slice, end to end, and its resume."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emoshield.reproduce import convergence, mean_std
+
+from tests.conftest import FIVE
+
+
+def run(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "emoshield", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"emoshield {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_convergence_counts_the_first_epoch_past_each_threshold():
+    history = [{"epoch": 1, "train_loss": 1.4, "val_accuracy": 0.6}, {"epoch": 2, "train_loss": 0.9, "val_accuracy": 0.9},
+               {"epoch": 3, "train_loss": 1.1, "val_accuracy": 0.96}]
+    assert convergence(history) == {"epochs_to_loss_below_1": 2, "epochs_to_accuracy_95": 3,
+                                    "accuracy_curve": "val_accuracy"}
+    never = convergence([{"epoch": 1, "train_loss": 1.5, "train_accuracy": 0.5}])
+    assert never["epochs_to_loss_below_1"] is None and never["accuracy_curve"] == "train_accuracy"
+    stat = mean_std([0.5, 0.7, None])
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.6) and stat["std"] == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
+    import os
+
+    library = tmp_path / "library"
+    env = {**os.environ, "EMOSHIELD_LIBRARY": str(library)}
+    # the cloud tier's FER2013 backbone (tiny): the study must start from it and compare with scratch
+    run("cloud", "pretrain", "--data-root", data_root, "--backbone", "smallcnn", "--weights", "scratch",
+        "--input-size", "32", "--epochs", "1", "--limit-per-class", "20", "--work", tmp_path / "pretrain",
+        "--quiet", env=env)
+    out, work = tmp_path / "study", tmp_path / "work"
+    study = ["reproduce", "--dataset", "ckplus48", "--data-root", data_root, "--protocol", "subject",
+             "--backbones", "smallcnn", "--input-size", "32", "--quick", "--out", out, "--work", work]
+    proc = run(*study, env=env)
+    assert re.search(r"study done: \d/7 of the reference's claims hold here", proc.stdout)
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["weights"] == {"smallcnn": "library:smallcnn-fer2013-32px"}
+    assert result["classes"] == sorted(FIVE.split(","))
+    units = result["units"]["smallcnn"]
+    assert sorted(units) == ["fold0-seed0", "fold1-seed0"]  # --quick: 2 subject folds, one seed
+    for unit in units.values():
+        runs = unit["runs"]
+        assert set(runs) == {"localization", "own-head", "scratch", "defended"}
+        assert runs["localization"]["weights"].startswith("library:smallcnn-fer2013-32px@")
+        assert runs["scratch"]["weights"] == "scratch" and runs["own-head"]["head"] == "backbone"
+        assert all(len(r["history"]) == 2 for r in runs.values())  # --quick: 2 epochs
+        assert {"clean", "fgsm@0.01", "rfgsm@0.01", "pgd@0.01", "apgd@0.01", "corruption:jpeg"} <= set(unit["defended"])
+        # the table's figures are the per-unit evaluation's, not recomputed elsewhere
+        saved = json.loads((work / "smallcnn" / f"fold{unit['fold']}-seed0" / "robustness" / "robustness.json").read_text())
+        assert unit["defended"]["pgd@0.01"] == saved["robustness"]["attacks"]["pgd"]["0.01"]["accuracy"]
+        assert unit["undefended"]["clean"] == saved["baseline_robustness"]["clean_accuracy"]
+        assert unit["runs"]["localization"]["test_accuracy"] == pytest.approx(unit["undefended"]["clean"])
+    # subject folds: every kept image is tested exactly once over the 2 folds
+    tested = sum(u["counts"]["test"] for u in units.values())
+    assert tested == sum(units["fold0-seed0"]["counts"].values())
+    summary = result["summary"]["smallcnn"]
+    clean = summary["runs"]["localization"]["test_accuracy"]
+    assert clean["n"] == 2 and clean["mean"] == pytest.approx(sum(clean["values"]) / 2)
+    assert [c["holds"] in (True, False) for c in result["claims"]] == [True] * 7
+
+    report = (out / "report.md").read_text()
+    for section in ("Table II", "Clean test accuracy", "Convergence", "FGSM accuracy vs eps", "Table III",
+                    "Camera corruptions", "claims, checked", "--quick"):
+        assert section in report
+    for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
+        assert (out / image).is_file() and (out / image).stat().st_size > 1000
+    assert len(re.findall(r"!\[", report)) == 6  # 2 confusion matrices, convergence, sweep, bars, per-class boxes
+    assert "reproduce" in (out / "command.txt").read_text()
+
+    # re-running resumes: nothing is trained or evaluated again, and the numbers are the same
+    started = time.perf_counter()
+    again = run(*study, env=env)
+    assert again.stderr.count("already done") == 10 and time.perf_counter() - started < 60
+    assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
+    # the same work folder with other options is refused (it would mix results)
+    other = run(*study, "--epochs", "1", env=env, check=False)
+    assert other.returncode == 2 and "other options" in other.stderr
