@@ -142,6 +142,8 @@ def cmd_train(args) -> int:
     metrics = train_model(_data_options(args), model, config, Path(args.out), resume=args.resume,
                           progress=not args.quiet, log=lambda m: print(m, file=sys.stderr, flush=True),
                           defense=defense)
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     out = Path(args.out)
     print(f"test accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
           f"{metrics['num_images']} images; best epoch {metrics['best_epoch']}")
@@ -334,6 +336,10 @@ def cmd_cloud_pretrain(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                          augment=args.augment, seed=args.seed)
     if (work / "metrics.json").is_file():
+        from .training.distributed import is_main_process
+
+        if not is_main_process():
+            return 0
         print(f"{work} already holds a finished training: adding it", file=sys.stderr)
         metrics = json.loads((work / "metrics.json").read_text())
     else:
@@ -344,6 +350,8 @@ def cmd_cloud_pretrain(args) -> int:
                                                  input_size=args.input_size),
                               config, work, resume=resume, progress=not args.quiet,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
+        if metrics is None:  # a torchrun rank other than 0: rank 0 adds the entry
+            return 0
     counts = json.loads((work / "run.json").read_text())["counts"]
     meta = add_entry(name, load_model(work), library,
                      data=f"{args.dataset} official split: train {counts['train']}, val (PublicTest) {counts['val']}, "

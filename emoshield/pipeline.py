@@ -172,10 +172,13 @@ def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path,
 
 
 def train_model(data: DataOptions, model_options: ModelOptions, train_config, out_dir: Path,
-                resume: bool = False, progress: bool = True, log=None, defense=None) -> dict:
+                resume: bool = False, progress: bool = True, log=None, defense=None) -> dict | None:
     """Train (with the perturbation-aware defense when `defense` is given) and evaluate one
-    model; returns metrics.json's content."""
+    model; returns metrics.json's content. Under torchrun every rank trains its shard and
+    rank 0 alone writes files and evaluates (the other ranks return None)."""
     import torch
+
+    from .training.distributed import is_main_process
 
     from .evaluation.plots import plot_history
     from .evaluation.report import describe_run
@@ -189,13 +192,17 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     validate_model_options(model_options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    if not main:
+        log = lambda m: None  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prepared = prepare_data(data, model_options.input_size, train_config.seed)
     for w in caught:
         (log or print)(f"warning: {w.message}")
     dataset, split = prepared.dataset, prepared.split
-    split.save(out_dir / "split.json", dataset)
+    if main:
+        split.save(out_dir / "split.json", dataset)
     torch.manual_seed(train_config.seed)
     config = ModelConfig(backbone=model_options.backbone, classes=list(dataset.classes),
                          input_size=model_options.input_size, head=model_options.head,
@@ -205,17 +212,24 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     meta = run_metadata(data, model_options, train_config.epochs, train_config.seed, config.weights,
                         list(dataset.classes))
     meta["defense"] = asdict(defense) if defense is not None else None
-    _write_json(out_dir / "run.json", {
-        **meta, "data_options": asdict(data), "model_options": asdict(model_options),
-        "train_config": asdict(train_config), "model_config": asdict(config), "run": run_info(),
-        "counts": {k: len(v) for k, v in prepared.parts.items()},
-        "skipped": [list(s) for s in dataset.skipped], "unreadable": [list(f) for f in prepared.failures],
-    })
+    from .training.distributed import init_distributed
+
+    dist = init_distributed()
+    meta["processes"] = 1 if dist is None else dist.world_size
+    if main:
+        _write_json(out_dir / "run.json", {
+            **meta, "data_options": asdict(data), "model_options": asdict(model_options),
+            "train_config": asdict(train_config), "model_config": asdict(config), "run": run_info(),
+            "counts": {k: len(v) for k, v in prepared.parts.items()},
+            "skipped": [list(s) for s in dataset.skipped], "unreadable": [list(f) for f in prepared.failures],
+        })
     (log or print)(f"training: {describe_run(meta)}; images train/val/test = "
                    f"{len(prepared.parts['train'])}/{len(prepared.parts['val'])}/{len(prepared.parts['test'])}")
-    trainer = Trainer(model, train_config, out_dir, progress=progress, log=log, defense=defense,
+    trainer = Trainer(model, train_config, out_dir, progress=progress, log=log, defense=defense, dist=dist,
                       save_best=lambda m: save_model(m, out_dir / "model.safetensors", meta))
     result = trainer.fit(prepared.parts["train"], prepared.parts["val"], resume=resume)
+    if not main:
+        return None
     plot_history(result.history, out_dir / "training_curves.png", describe_run(meta))
     from .models import load_model
 

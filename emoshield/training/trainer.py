@@ -166,7 +166,10 @@ class Trainer:
     (best epoch on validation) and OUT/history.json."""
 
     def __init__(self, model, config: TrainConfig, out_dir: Path, save_best=None, progress: bool = True,
-                 log=None, defense=None):
+                 log=None, defense=None, dist=None):
+        """dist: a DistContext (torchrun); by default the launch's, None for one process."""
+        from .distributed import init_distributed
+
         config.validate()
         if defense is not None:
             defense.validate()
@@ -176,7 +179,11 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.save_best = save_best  # callable(model) that writes the selected model
         self.progress = progress
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.dist = dist if dist is not None else init_distributed()
+        self.is_main = self.dist is None or self.dist.is_main
+        self.progress = progress and self.is_main
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log if self.is_main else (lambda msg: None)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -204,6 +211,10 @@ class Trainer:
                                      "resume with the same options")
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
             self.log(f"resuming from epoch {state['epoch']} of {cfg.epochs} in {self.out_dir}")
+        if self.dist is not None:
+            self.dist.broadcast_model(self.model)
+            self.log(f"data parallel over {self.dist.world_size} processes ({self.dist.backend}): global batch "
+                     f"{cfg.batch_size}, {cfg.batch_size // self.dist.world_size} per process")
         use_val = val is not None and len(val) > 0
         if not use_val:
             self.log("no validation images: the last epoch is kept as the model")
@@ -214,6 +225,10 @@ class Trainer:
                 group["lr"] = rates[epoch - 1]
             train_loss, train_acc = self._train_epoch(train, optimizer, generator, epoch)
             record = {"epoch": epoch, "lr": rates[epoch - 1], "train_loss": train_loss, "train_accuracy": train_acc}
+            if self.dist is not None:
+                self.dist.average_buffers(self.model)  # one model on every rank from here
+                if not self.is_main:
+                    continue  # rank 0 validates, selects and writes; the others go on training
             if use_val:
                 metrics = validation_metrics(self.model, val, cfg.eval_batch_size, self.defense, cfg.seed + epoch)
                 record.update(metrics)
@@ -239,6 +254,8 @@ class Trainer:
             self.log(f"epoch {epoch}/{cfg.epochs} train loss {train_loss:.3f} acc {train_acc:.3f}{val_text} "
                      f"| lr {rates[epoch - 1]:.2e} | {record['seconds']:.1f}s | ETA {_format_seconds(eta)}"
                      + (" *" if improved and use_val else ""))
+        if self.dist is not None:
+            self.dist.barrier()
         total = sum(r["seconds"] for r in history)
         return TrainResult(history, best["epoch"], best["score"] if use_val else None, total)
 
@@ -252,31 +269,49 @@ class Trainer:
         self._set_train_mode()
         order = torch.randperm(len(data), generator=generator)
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < 2:
-            batches.pop()  # a last batch of one sample breaks BatchNorm
+        world = 1 if self.dist is None else self.dist.world_size
+        if len(batches) > 1 and len(batches[-1]) < 2 * world:
+            batches.pop()  # a last batch (or shard) of one sample breaks BatchNorm
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not self.progress,
                    file=sys.stderr, unit="batch",
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
         for index in bar:
+            # the whole global batch is augmented on every rank, so the random stream (and the
+            # images) are those of a single process; each rank then keeps its shard
             x = augment_batch(to_model_input(data.pixels[index]), cfg.augment, generator)
             y = data.labels[index]
+            global_size = len(y)
+            scale = 1.0
+            if self.dist is not None:
+                x, y = self.dist.shard(x), self.dist.shard(y)
+                scale = self.dist.loss_scale(len(y), global_size)
             optimizer.zero_grad(set_to_none=True)
             if self.defense is None:
-                logits = self.model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                loss.backward()
+                with self._synced():
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    (loss * scale).backward()
             else:
                 seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-                loss, logits = self._defended_backward(x, y, seed)
+                loss, logits = self._defended_backward(x, y, seed, scale)
+            if self.dist is not None:
+                self.dist.average_gradients(self.model, 1 / self.dist.world_size)
             optimizer.step()
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        if self.dist is not None:
+            total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
-    def _defended_backward(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _synced(self):
+        """Global-batch BatchNorm statistics under torchrun; nothing to do in one process."""
+        return contextlib.nullcontext() if self.dist is None else self.dist.synced_batchnorm(self.model)
+
+    def _defended_backward(self, x: torch.Tensor, y: torch.Tensor, seed: int,
+                           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradients of the differential loss (see defense.py); return (loss, clean logits).
 
         Every perturbation is made with the model as it is at the start of the step: eval-mode
@@ -289,11 +324,16 @@ class Trainer:
         if d.attack_bn == "eval":
             for name, _beta in active:
                 perturbed[name] = d.attack(name, "eval", seed)(self.model, x, y)
+        with self._synced():
+            return self._differential_backward(x, y, seed, scale, active, perturbed)
+
+    def _differential_backward(self, x, y, seed: int, scale: float, active: list, perturbed: dict):
+        d, smoothing = self.defense, self.config.label_smoothing
         fused_fgsm = d.attack_bn == "train" and any(name == "fgsm" for name, _ in active)
         x_clean = x.detach().requires_grad_(fused_fgsm)
         logits = self.model(x_clean)
         clean_loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        (d.beta0 * clean_loss).backward()
+        (d.beta0 * scale * clean_loss).backward()
         total = d.beta0 * clean_loss.detach()
         if d.attack_bn == "train":
             for name, _beta in active:
@@ -304,6 +344,6 @@ class Trainer:
                         perturbed[name] = d.attack(name, "keep", seed)(self.model, x, y)
         for name, beta in active:
             adv_loss = F.cross_entropy(self.model(perturbed[name]), y, label_smoothing=smoothing)
-            ((1 - d.beta0) * beta * adv_loss).backward()
+            ((1 - d.beta0) * beta * scale * adv_loss).backward()
             total = total + (1 - d.beta0) * beta * adv_loss.detach()
         return total, logits.detach()
