@@ -9,7 +9,8 @@ export EMOSHIELD_DATA
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= runs/demo
 
-# Debian packages the services need: Mosquitto (MQTT broker) for the device/edge tests and demo.
+# Debian packages the services need: Mosquitto (MQTT broker) for the device/edge tests and demo;
+# PostgreSQL (server binaries only; tests start their own throwaway cluster) for the metadata-store tests.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system demo test clean
@@ -21,6 +22,10 @@ system:
 	  echo "installing Debian's mosquitto (MQTT broker)"; \
 	  $(SUDO) apt-get install -y -q mosquitto >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q mosquitto >/dev/null; }; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null || { \
+	  echo "installing Debian's postgresql (metadata store tests)"; \
+	  $(SUDO) apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q postgresql >/dev/null; }; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

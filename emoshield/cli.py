@@ -413,7 +413,8 @@ def cmd_edge_serve(args) -> int:
                         cloud_url=args.cloud, backbone=args.backbone, admin_token=token, name=args.name,
                         epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,
                         defense=args.defense, eps=args.eps, train_every=args.train_every,
-                        max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt)
+                        max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt,
+                        database=args.database or os.environ.get("EMOSHIELD_DATABASE_URL"))
     if not config.key.is_file():
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
     node = EdgeNode(config)
@@ -616,6 +617,9 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--defense", default="fgsm:0.5,rfgsm:0.5")
     p.add_argument("--eps", type=float, default=0.01)
     p.add_argument("--train-every", type=int, default=0, help="queue a job after N new samples (0 = on request)")
+    p.add_argument("--database", help="SQLAlchemy URL of the metadata store, e.g. "
+                                      "postgresql+psycopg://USER@HOST:PORT/DB (default: $EMOSHIELD_DATABASE_URL, "
+                                      "else SQLite in ROOT/edge.sqlite3)")
     p.add_argument("--mqtt", help="MQTT broker HOST:PORT: announce new bundles (retained) and record device "
                                   "heartbeats (default: none; devices poll over HTTP)")
     p.add_argument("--min-samples", type=int, default=10)

@@ -40,3 +40,30 @@ def broker(tmp_path_factory):
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """SQLAlchemy URL of a PostgreSQL server started for the test session (127.0.0.1, free port)."""
+    from emoshield.tiers.postgres import start_postgres, stop_postgres
+
+    server, url = start_postgres(free_port())
+    yield url
+    stop_postgres(server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """Each metadata-store test runs on SQLite (the embedded default) and on PostgreSQL; each gets an
+    empty database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edge.sqlite3'}"
+    url = request.getfixturevalue("postgres")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:  # a fresh schema per test
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url

@@ -37,9 +37,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 6
     raise AssertionError(f"service at {url} not healthy in {timeout} s: {log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory, data_root, broker):
-    tmp = tmp_path_factory.mktemp("services")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def services(request, tmp_path_factory, data_root, broker):
+    """The whole suite runs twice: edge metadata in SQLite (default), then in PostgreSQL."""
+    tmp = tmp_path_factory.mktemp(f"services-{request.param}")
+    database = ["--database", request.getfixturevalue("postgres")] if request.param == "postgresql" else []
     run("keys", "generate", "--out", tmp / "keys")
     run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
         "--weights", "scratch", "--input-size", "32")
@@ -53,12 +55,13 @@ def services(tmp_path_factory, data_root, broker):
         edge = start("edge", "serve", "--root", tmp / "edge", "--key", tmp / "keys" / "private.key", "--cloud",
                      cloud_url, "--backbone", "smallcnn-test", "--classes", FIVE, "--admin-token", "admin-secret",
                      "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--max-upload-bytes", "200000",
-                     "--mqtt", broker, "--port", edge_port, log=tmp / "edge.log")
+                     "--mqtt", broker, "--port", edge_port, "--name", f"edge-{request.param}", *database,
+                     log=tmp / "edge.log")
         procs.append(edge)
         edge_url = f"http://127.0.0.1:{edge_port}"
         wait_healthy(edge_url, edge, tmp / "edge.log")
         yield {"tmp": tmp, "cloud": cloud_url, "edge": edge_url, "edge_proc": edge, "data_root": data_root,
-               "broker": broker}
+               "broker": broker, "name": f"edge-{request.param}"}
     finally:
         for proc in procs:
             proc.terminate()
@@ -115,7 +118,7 @@ def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(serv
     log = request("GET", f"{edge}/jobs/{job['id']}/log", "admin-secret", raw=True).decode()
     assert "verified" in log and "published bundle v1" in log
     latest = EdgeClient(edge, device["token"]).latest_bundle()
-    assert latest["version"] == 1 and latest["manifest"]["name"] == "edge"
+    assert latest["version"] == 1 and latest["manifest"]["name"] == services["name"]
 
     frames = tmp / "frames"
     frames.mkdir()

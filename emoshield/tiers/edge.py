@@ -14,8 +14,9 @@ with a higher version, which devices pull.
     GET  /bundles/{v}/{file}      device a bundle file (manifest.json, manifest.sig, *.onnx, weights)
     GET  /health
 
-Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in
-SQLite (WAL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
+Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in a
+SQL database (emoshield.tiers.store: SQLite in the edge's folder by default, or any SQLAlchemy
+URL, e.g. PostgreSQL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
 sent by devices are never used as paths. Training runs `emoshield train` and
 `emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt. With a broker
 (`--mqtt HOST:PORT`), each new bundle is announced as a retained MQTT message and device
@@ -23,12 +24,10 @@ heartbeats are recorded (emoshield.tiers.mqtt).
 """
 
 
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,20 +42,8 @@ import numpy as np
 
 from ..errors import EmoshieldError
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
+from .store import EdgeStore
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, name TEXT NOT NULL, token_sha256 TEXT UNIQUE NOT NULL,
-                                    created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS samples (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, sha256 TEXT NOT NULL,
-                                    label TEXT NOT NULL, bytes INTEGER NOT NULL, kind TEXT NOT NULL,
-                                    created REAL NOT NULL, job_id INTEGER);
-CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, trigger TEXT NOT NULL,
-                                 created REAL NOT NULL, started REAL, finished REAL, samples INTEGER,
-                                 version INTEGER, error TEXT, metrics TEXT);
-CREATE TABLE IF NOT EXISTS bundles (version INTEGER PRIMARY KEY, job_id INTEGER, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS heartbeats (device_id TEXT PRIMARY KEY, seen REAL NOT NULL, version INTEGER,
-                                       telemetry TEXT NOT NULL);
-"""
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
 
@@ -89,134 +76,8 @@ class EdgeConfig:
     train_every: int = 0  # queue a job when this many new samples arrived (0 = only on request)
     max_upload_bytes: int = 2_000_000
     min_samples: int = 10
+    database: str | None = None  # SQLAlchemy URL of the metadata store (None = SQLite in root)
     mqtt: str | None = None  # broker HOST:PORT for announcements and heartbeats (None = HTTP polling only)
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class EdgeStore:
-    """SQLite (WAL) metadata + a content-addressed image folder."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
-        self.db = sqlite3.connect(self.root / "edge.sqlite3", check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        # a job that was running when the node stopped will never finish: mark it
-        self.db.execute("UPDATE jobs SET status='failed', error='edge node restarted' WHERE status='running'")
-
-    def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self.lock:
-            return self.db.execute(sql, args).fetchall()
-
-    def _x(self, sql: str, args: tuple = ()) -> int:
-        with self.lock:
-            return self.db.execute(sql, args).lastrowid
-
-    # devices
-    def enrol(self, name: str) -> tuple[str, str]:
-        device_id, token = "d" + secrets.token_hex(6), secrets.token_urlsafe(32)
-        self._x("INSERT INTO devices VALUES (?, ?, ?, ?)", (device_id, name, _hash_token(token), time.time()))
-        return device_id, token
-
-    def device_for(self, token: str) -> str | None:
-        rows = self._q("SELECT id FROM devices WHERE token_sha256 = ?", (_hash_token(token),))
-        return rows[0]["id"] if rows else None
-
-    def devices(self) -> list[dict]:
-        rows = self._q("SELECT d.id, d.name, d.created, h.seen AS last_seen, h.version AS running_version, "
-                       "h.telemetry FROM devices d LEFT JOIN heartbeats h ON h.device_id = d.id ORDER BY d.created")
-        return [{**dict(r), "telemetry": json.loads(r["telemetry"]) if r["telemetry"] else None} for r in rows]
-
-    def device(self, device_id: str) -> dict | None:
-        rows = self._q("SELECT id, name FROM devices WHERE id = ?", (device_id,))
-        return dict(rows[0]) if rows else None
-
-    def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
-        """Keep a device's latest heartbeat; heartbeats naming no enrolled device, or over 4 KB, are dropped."""
-        text = json.dumps(telemetry, sort_keys=True)
-        if len(text) > 4096 or self.device(device_id) is None:
-            return False
-        version = telemetry.get("version")
-        self._x("INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?)",
-                (device_id, time.time(), int(version) if isinstance(version, int) else None, text))
-        return True
-
-    # samples
-    def cas_path(self, digest: str) -> Path:
-        return self.root / "cas" / digest[:2] / digest[2:]
-
-    def add_sample(self, device_id: str, data: bytes, label: str, kind: str) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.cas_path(digest)
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        sample_id = self._x("INSERT INTO samples (device_id, sha256, label, bytes, kind, created) VALUES (?,?,?,?,?,?)",
-                            (device_id, digest, label, len(data), kind, time.time()))
-        return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data)}
-
-    def samples(self, device_id: str | None = None) -> list[dict]:
-        if device_id is None:
-            return [dict(r) for r in self._q("SELECT * FROM samples ORDER BY id")]
-        return [dict(r) for r in self._q("SELECT id, sha256, label, bytes, kind, created, job_id FROM samples "
-                                         "WHERE device_id = ? ORDER BY id", (device_id,))]
-
-    def new_sample_count(self) -> int:
-        return self._q("SELECT COUNT(*) AS n FROM samples WHERE job_id IS NULL")[0]["n"]
-
-    # jobs and bundles
-    def create_job(self, trigger: str) -> int:
-        return self._x("INSERT INTO jobs (status, trigger, created) VALUES ('queued', ?, ?)", (trigger, time.time()))
-
-    def job(self, job_id: int) -> dict | None:
-        rows = self._q("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if not rows:
-            return None
-        job = dict(rows[0])
-        job["metrics"] = json.loads(job["metrics"]) if job["metrics"] else None
-        return job
-
-    def jobs(self) -> list[dict]:
-        return [self.job(r["id"]) for r in self._q("SELECT id FROM jobs ORDER BY id")]
-
-    def active_jobs(self) -> int:
-        return self._q("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")[0]["n"]
-
-    def claim_next_job(self) -> int | None:
-        with self.lock:
-            row = self.db.execute("SELECT id FROM jobs WHERE status='queued' ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self.db.execute("UPDATE jobs SET status='running', started=? WHERE id=?", (time.time(), row["id"]))
-            return row["id"]
-
-    def update_job(self, job_id: int, **values) -> None:
-        if "metrics" in values:
-            values["metrics"] = json.dumps(values["metrics"])
-        sets = ", ".join(f"{k} = ?" for k in values)
-        self._x(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
-
-    def mark_samples_used(self, job_id: int, sample_ids: list[int]) -> None:
-        with self.lock:
-            self.db.executemany("UPDATE samples SET job_id = ? WHERE id = ? AND job_id IS NULL",
-                                [(job_id, i) for i in sample_ids])
-
-    def latest_version(self) -> int:
-        return self._q("SELECT COALESCE(MAX(version), 0) AS v FROM bundles")[0]["v"]
-
-    def add_bundle(self, version: int, job_id: int) -> None:
-        self._x("INSERT INTO bundles VALUES (?, ?, ?)", (version, job_id, time.time()))
-
-    def bundle_dir(self, version: int) -> Path:
-        return self.root / "bundles" / f"v{int(version)}"
 
 
 def check_image(data: bytes, max_bytes: int) -> str:
@@ -255,7 +116,7 @@ class EdgeNode:
 
     def __init__(self, config: EdgeConfig, on_publish: Callable[[int, dict], None] | None = None):
         self.config = config
-        self.store = EdgeStore(config.root)
+        self.store = EdgeStore(config.root, config.database)
         self.on_publish = on_publish
         self._wake = threading.Event()
         self._stop = threading.Event()

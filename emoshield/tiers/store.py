@@ -1,0 +1,240 @@
+"""The edge node's metadata store: devices, uploads, jobs, bundles, heartbeats (SQLAlchemy Core).
+
+Any SQLAlchemy URL works: the embedded default is SQLite in WAL mode inside the edge's folder
+(`sqlite:///ROOT/edge.sqlite3`); a fleet points its edges at PostgreSQL
+(`postgresql+psycopg://USER@HOST:PORT/DB`), where job claims use SELECT ... FOR UPDATE SKIP
+LOCKED so several workers never take the same job. Image bytes and bundles stay on disk
+(content-addressed), only their metadata lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, insert,
+                        select, update)
+from sqlalchemy.engine import make_url
+
+from ..errors import EmoshieldError
+
+METADATA = MetaData()
+DEVICES = Table("devices", METADATA,
+                Column("id", String(32), primary_key=True), Column("name", Text, nullable=False),
+                Column("token_sha256", String(64), unique=True, nullable=False), Column("created", Float, nullable=False))
+SAMPLES = Table("samples", METADATA,
+                Column("id", Integer, primary_key=True, autoincrement=True),
+                Column("device_id", String(32), nullable=False), Column("sha256", String(64), nullable=False),
+                Column("label", Text, nullable=False), Column("bytes", Integer, nullable=False),
+                Column("kind", Text, nullable=False), Column("created", Float, nullable=False),
+                Column("job_id", Integer))
+JOBS = Table("jobs", METADATA,
+             Column("id", Integer, primary_key=True, autoincrement=True), Column("status", String(16), nullable=False),
+             Column("trigger", Text, nullable=False), Column("created", Float, nullable=False),
+             Column("started", Float), Column("finished", Float), Column("samples", Integer),
+             Column("version", Integer), Column("error", Text), Column("metrics", Text))
+BUNDLES = Table("bundles", METADATA,
+                Column("version", Integer, primary_key=True, autoincrement=False), Column("job_id", Integer),
+                Column("created", Float, nullable=False))
+HEARTBEATS = Table("heartbeats", METADATA,
+                   Column("device_id", String(32), primary_key=True), Column("seen", Float, nullable=False),
+                   Column("version", Integer), Column("telemetry", Text, nullable=False))
+JOB_FIELDS = {c.name for c in JOBS.columns} - {"id"}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def make_engine(url: str):
+    """An engine for `url`; SQLite gets WAL, a busy timeout and cross-thread use."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise EmoshieldError(f"not a database URL: {url!r} ({exc})") from None
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record):
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+
+        return engine
+    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+class EdgeStore:
+    """Metadata in a SQL database + a content-addressed image folder under `root`."""
+
+    def __init__(self, root: Path, database: str | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = database or f"sqlite:///{self.root / 'edge.sqlite3'}"
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        # SQLite has one writer at a time: serialise here instead of retrying "database is locked"
+        self._lock = threading.Lock() if self.dialect == "sqlite" else None
+        try:
+            METADATA.create_all(self.engine)
+        except Exception as exc:
+            raise EmoshieldError(f"cannot open the metadata database {self.engine.url!r}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        # a job that was running when the node stopped will never finish: mark it
+        with self._begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.status == "running")
+                         .values(status="failed", error="edge node restarted"))
+
+    @contextmanager
+    def _begin(self):
+        """A transaction (committed on success), serialised on SQLite."""
+        with self._lock or nullcontext():
+            with self.engine.begin() as conn:
+                yield conn
+
+    def _rows(self, query) -> list[dict]:
+        with self._begin() as conn:
+            return [dict(r) for r in conn.execute(query).mappings().all()]
+
+    def _scalar(self, query):
+        with self._begin() as conn:
+            return conn.execute(query).scalar()
+
+    # devices
+    def enrol(self, name: str) -> tuple[str, str]:
+        device_id, token = "d" + secrets.token_hex(6), secrets.token_urlsafe(32)
+        with self._begin() as conn:
+            conn.execute(insert(DEVICES).values(id=device_id, name=name, token_sha256=hash_token(token),
+                                                created=time.time()))
+        return device_id, token
+
+    def device_for(self, token: str) -> str | None:
+        return self._scalar(select(DEVICES.c.id).where(DEVICES.c.token_sha256 == hash_token(token)))
+
+    def devices(self) -> list[dict]:
+        d, h = DEVICES, HEARTBEATS
+        rows = self._rows(select(d.c.id, d.c.name, d.c.created, h.c.seen.label("last_seen"),
+                                 h.c.version.label("running_version"), h.c.telemetry)
+                          .select_from(d.outerjoin(h, h.c.device_id == d.c.id)).order_by(d.c.created, d.c.id))
+        return [{**r, "telemetry": json.loads(r["telemetry"]) if r["telemetry"] else None} for r in rows]
+
+    def device(self, device_id: str) -> dict | None:
+        rows = self._rows(select(DEVICES.c.id, DEVICES.c.name).where(DEVICES.c.id == device_id))
+        return rows[0] if rows else None
+
+    def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
+        """Keep a device's latest heartbeat; heartbeats naming no enrolled device, or over 4 KB, are dropped."""
+        text = json.dumps(telemetry, sort_keys=True)
+        if len(text) > 4096 or self.device(device_id) is None:
+            return False
+        version = telemetry.get("version")
+        values = {"seen": time.time(), "version": int(version) if isinstance(version, int) else None,
+                  "telemetry": text}
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        statement = upsert(HEARTBEATS).values(device_id=device_id, **values)
+        with self._begin() as conn:
+            conn.execute(statement.on_conflict_do_update(index_elements=[HEARTBEATS.c.device_id], set_=values))
+        return True
+
+    # samples
+    def cas_path(self, digest: str) -> Path:
+        return self.root / "cas" / digest[:2] / digest[2:]
+
+    def add_sample(self, device_id: str, data: bytes, label: str, kind: str) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.cas_path(digest)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        with self._begin() as conn:
+            result = conn.execute(insert(SAMPLES).values(device_id=device_id, sha256=digest, label=label,
+                                                         bytes=len(data), kind=kind, created=time.time()))
+            sample_id = result.inserted_primary_key[0]
+        return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data)}
+
+    def samples(self, device_id: str | None = None) -> list[dict]:
+        s = SAMPLES
+        if device_id is None:
+            return self._rows(select(s).order_by(s.c.id))
+        return self._rows(select(s.c.id, s.c.sha256, s.c.label, s.c.bytes, s.c.kind, s.c.created, s.c.job_id)
+                          .where(s.c.device_id == device_id).order_by(s.c.id))
+
+    def new_sample_count(self) -> int:
+        return self._scalar(select(func.count()).select_from(SAMPLES).where(SAMPLES.c.job_id.is_(None)))
+
+    # jobs and bundles
+    def create_job(self, trigger: str) -> int:
+        with self._begin() as conn:
+            result = conn.execute(insert(JOBS).values(status="queued", trigger=trigger, created=time.time()))
+            return result.inserted_primary_key[0]
+
+    def job(self, job_id: int) -> dict | None:
+        rows = self._rows(select(JOBS).where(JOBS.c.id == job_id))
+        if not rows:
+            return None
+        job = rows[0]
+        job["metrics"] = json.loads(job["metrics"]) if job["metrics"] else None
+        return job
+
+    def jobs(self) -> list[dict]:
+        return [{**j, "metrics": json.loads(j["metrics"]) if j["metrics"] else None}
+                for j in self._rows(select(JOBS).order_by(JOBS.c.id))]
+
+    def active_jobs(self) -> int:
+        return self._scalar(select(func.count()).select_from(JOBS).where(JOBS.c.status.in_(("queued", "running"))))
+
+    def claim_next_job(self) -> int | None:
+        """Mark the oldest queued job running and return its id; one claimer wins per job."""
+        query = select(JOBS.c.id).where(JOBS.c.status == "queued").order_by(JOBS.c.id).limit(1)
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        while True:
+            with self._begin() as conn:
+                job_id = conn.execute(query).scalar()
+                if job_id is None:
+                    return None
+                # the status condition makes the claim atomic where rows are not locked (SQLite
+                # shared by several processes): a claimer that lost the race updates no row
+                won = conn.execute(update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status == "queued")
+                                   .values(status="running", started=time.time())).rowcount
+            if won:
+                return job_id
+
+    def update_job(self, job_id: int, **values) -> None:
+        unknown = set(values) - JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields {sorted(unknown)}")
+        if "metrics" in values:
+            values["metrics"] = json.dumps(values["metrics"])
+        with self._begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
+
+    def mark_samples_used(self, job_id: int, sample_ids: list[int]) -> None:
+        if not sample_ids:
+            return
+        with self._begin() as conn:
+            conn.execute(update(SAMPLES).where(SAMPLES.c.id.in_(sample_ids), SAMPLES.c.job_id.is_(None))
+                         .values(job_id=job_id))
+
+    def latest_version(self) -> int:
+        return self._scalar(select(func.coalesce(func.max(BUNDLES.c.version), 0)))
+
+    def add_bundle(self, version: int, job_id: int) -> None:
+        with self._begin() as conn:
+            conn.execute(insert(BUNDLES).values(version=version, job_id=job_id, created=time.time()))
+
+    def bundle_dir(self, version: int) -> Path:
+        return self.root / "bundles" / f"v{int(version)}"
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,72 @@
+"""The edge's metadata store, on SQLite (embedded default) and PostgreSQL (a real server on
+127.0.0.1): the same behaviour, including concurrent job claims."""
+
+import threading
+
+import pytest
+
+from emoshield.errors import EmoshieldError
+from emoshield.tiers.store import EdgeStore
+
+
+def test_store_round_trip_and_restart(tmp_path, database):
+    store = EdgeStore(tmp_path / "edge", database)
+    device_id, token = store.enrol("camera-a")
+    assert store.device_for(token) == device_id and store.device_for("wrong") is None
+    first = store.add_sample(device_id, b"\x89PNG fake", "happy", "png")
+    second = store.add_sample(device_id, b"\x89PNG other", "sad", "png")
+    assert second["id"] > first["id"] and store.new_sample_count() == 2
+    assert store.cas_path(first["sha256"]).read_bytes() == b"\x89PNG fake"
+    assert [s["label"] for s in store.samples(device_id)] == ["happy", "sad"]
+
+    assert store.record_heartbeat(device_id, {"version": 3, "fps": 20.5})
+    assert store.record_heartbeat(device_id, {"version": 4, "fps": 21.0})  # upsert: the latest only
+    assert not store.record_heartbeat("d-unknown", {"version": 1})
+    (row,) = store.devices()
+    assert row["running_version"] == 4 and row["telemetry"] == {"fps": 21.0, "version": 4}
+
+    job = store.create_job("manual")
+    assert store.claim_next_job() == job and store.claim_next_job() is None
+    store.update_job(job, metrics={"test_accuracy": 0.9}, samples=2)
+    store.mark_samples_used(job, [first["id"], second["id"]])
+    assert store.new_sample_count() == 0 and store.job(job)["metrics"] == {"test_accuracy": 0.9}
+    with pytest.raises(ValueError):
+        store.update_job(job, **{"status = 'x'; --": 1})  # field names never reach SQL text
+    assert store.latest_version() == 0
+    store.add_bundle(1, job)
+    assert store.latest_version() == 1
+    store.close()
+
+    # a node restarting finds its data, and a job that was running is marked failed
+    again = EdgeStore(tmp_path / "edge", database)
+    assert again.job(job) == {**again.job(job), "status": "failed", "error": "edge node restarted"}
+    assert again.device_for(token) == device_id and again.latest_version() == 1
+    again.close()
+
+
+def test_concurrent_claims_take_each_job_once(tmp_path, database):
+    stores = [EdgeStore(tmp_path / "edge", database) for _ in range(4)]  # 4 workers, own connection pools
+    jobs = {stores[0].create_job("manual") for _ in range(40)}
+    claimed, lock = [], threading.Lock()
+
+    def worker(store):
+        while (job := store.claim_next_job()) is not None:
+            with lock:
+                claimed.append(job)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(jobs)  # every job once, none twice
+    assert stores[0].active_jobs() == 40  # claimed jobs count as running
+    for s in stores:
+        s.close()
+
+
+def test_a_bad_database_url_is_a_one_line_error(tmp_path):
+    with pytest.raises(EmoshieldError, match="not a database URL"):
+        EdgeStore(tmp_path, "not a url")
+    with pytest.raises(EmoshieldError, match="cannot open the metadata database"):
+        EdgeStore(tmp_path, "postgresql+psycopg://nobody@127.0.0.1:1/none")
