@@ -20,6 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from emoshield.reproduce import headline as _headline  # noqa: E402
+
 CLASSES = "happy,sad,surprise,disgust,fear"
 # "prototype": the reference frame split without validation frames (2 train / 1 test per CK+
 # sequence, last epoch kept), as the prototype quoted in issue 3 did
@@ -85,16 +89,6 @@ def main() -> int:
     (Path(args.out) / "summary.md").write_text(_markdown(summary, args))
     print((Path(args.out) / "summary.md").read_text())
     return 0
-
-
-def _headline(rep: dict) -> dict:
-    row = {"clean": rep["clean_accuracy"]}
-    for name, by_eps in rep["attacks"].items():
-        for eps, value in by_eps.items():
-            row[f"{name}@{eps}"] = value["accuracy"]
-    for eps, value in rep["worst_case"].items():
-        row[f"worst@{eps}"] = value["accuracy"]
-    return row
 
 
 def _markdown(summary: list[dict], args) -> str:

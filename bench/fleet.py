@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import record  # noqa: E402
-from emoshield.tiers.bundle import MANIFEST, BundleError  # noqa: E402
-from emoshield.tiers.client import EdgeClient, ServiceError, request  # noqa: E402
+from emoshield.tiers.bundle import MANIFEST  # noqa: E402
+from emoshield.tiers.client import EdgeClient, request, wait_healthy  # noqa: E402
 from emoshield.tiers.device import BundleStore, sync_from_edge  # noqa: E402
 from emoshield.tiers.mqtt import DeviceLink, EdgeAnnouncer, start_mosquitto  # noqa: E402
 
@@ -55,17 +55,6 @@ def serve(*args, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "emoshield", *map(str, args)], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
                                                            "OMP_NUM_THREADS": "1"})
-
-
-def wait_healthy(url: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            request("GET", url + "/health", timeout=2)
-            return
-        except ServiceError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} not healthy in {timeout} s")
 
 
 class SimDevice(threading.Thread):
@@ -125,6 +114,7 @@ def main() -> int:
         emoshield("cloud", "add", "--library", work / "library", "--name", "smallcnn-fleet", "--backbone",
                   "smallcnn", "--weights", "scratch", "--input-size", "32")
         broker_port = free_port()
+        (work / "mqtt").mkdir()
         procs.append(start_mosquitto(broker_port, work / "mqtt"))
         broker = f"127.0.0.1:{broker_port}"
         databases = [[] for _ in range(args.edges)]
@@ -172,7 +162,7 @@ def main() -> int:
         print(f"{len(devices)} devices connected in {time.time() - started:.1f} s", flush=True)
 
         # phase 1: every edge trains and publishes v1; every device must end up serving it
-        jobs = {e["name"]: request("POST", e["url"] + "/jobs", "admin")["id"] for e in edges}
+        jobs = {e["name"]: request("POST", e["url"] + "/jobs", "admin")["job_id"] for e in edges}
         finished: dict[str, float] = {}
         deadline = time.time() + args.timeout
         while len(finished) < len(edges) and time.time() < deadline:

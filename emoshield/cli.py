@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          augment=args.augment, label_smoothing=args.label_smoothing,
-                         freeze_features=args.freeze_features, seed=args.seed)
+                         freeze_features=args.freeze_features, seed=args.seed, device=args.device, amp=args.amp)
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
                          input_size=args.input_size, dropout=args.dropout)
     defense = None
@@ -334,7 +334,7 @@ def cmd_cloud_pretrain(args) -> int:
     data = DataOptions(dataset=args.dataset, data_root=args.data_root, protocol="official", classes=args.classes,
                        limit_per_class=args.limit_per_class)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                         augment=args.augment, seed=args.seed)
+                         augment=args.augment, seed=args.seed, device=args.device, amp=args.amp)
     if (work / "metrics.json").is_file():
         from .training.distributed import is_main_process
 
@@ -589,6 +589,7 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--library", help="library folder (default: $EMOSHIELD_LIBRARY or the cache)")
     p.add_argument("--work", help="training folder (default: runs/pretrain/NAME); an interrupted run resumes")
     p.add_argument("--force", action="store_true", help="replace an existing entry")
+    _add_device_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cloud_pretrain)
     p = cloud.add_parser("list", help="entries of the model library")
@@ -731,6 +732,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--select", choices=["clean", "robust", "mean"], default="mean",
                    help="validation score for model selection with a defense: clean accuracy, robust (worst "
                         "over S) accuracy, or the mean of clean and per-method accuracies (default: %(default)s)")
+    _add_device_args(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -780,6 +782,15 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when torch sees one), cpu, cuda or cuda:N; under torchrun each process "
+                        "takes its LOCAL_RANK's GPU (default: %(default)s)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision for the training passes (float16 on CUDA, bfloat16 on CPU); "
+                        "attack passes stay float32 so that gradient signs are not lost to rounding")
+
+
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size 2.5*eps/steps)")
     p.add_argument("--apgd-steps", type=int, default=50, help="APGD iterations")
@@ -800,6 +811,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emoshield: interrupted (a training run continues with --resume)", file=sys.stderr)
         return 130
+    finally:
+        distributed = sys.modules.get("emoshield.training.distributed")  # only if training ran
+        if distributed is not None:
+            distributed.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     rank 0 alone writes files and evaluates (the other ranks return None)."""
     import torch
 
-    from .training.distributed import is_main_process
+    from .training.distributed import init_distributed
 
     from .evaluation.plots import plot_history
     from .evaluation.report import describe_run
@@ -192,7 +192,8 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     validate_model_options(model_options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    main = is_main_process()
+    dist = init_distributed(train_config.device)  # None for one process
+    main = dist is None or dist.is_main
     if not main:
         log = lambda m: None  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
@@ -212,10 +213,10 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     meta = run_metadata(data, model_options, train_config.epochs, train_config.seed, config.weights,
                         list(dataset.classes))
     meta["defense"] = asdict(defense) if defense is not None else None
-    from .training.distributed import init_distributed
-
-    dist = init_distributed()
     meta["processes"] = 1 if dist is None else dist.world_size
+    from .training.devices import resolve_device
+
+    meta["device"] = str(resolve_device(train_config.device, 0 if dist is None else dist.local_rank))
     if main:
         _write_json(out_dir / "run.json", {
             **meta, "data_options": asdict(data), "model_options": asdict(model_options),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -375,7 +374,7 @@ def check_claims(summary: dict, num_classes: int, options: StudyOptions) -> list
                 "pretrained reaches both within 2 epochs (mean over units; 'never' counts as not reached)")
         above = {e: v["mean"] for e, v in s["sweep"].items() if float(e) > 0.006}
         add(f"{b}: undefended accuracy under FGSM falls below chance once eps > 0.006",
-            f"below 20% (chance) for eps > 0.006",
+            "below 20% (chance) for eps > 0.006",
             ", ".join(f"{e}: {v:.1%}" for e, v in above.items()) + f" (chance {chance:.0%})",
             bool(above) and all(v < chance for v in above.values()), "every swept eps > 0.006 below chance")
         fg = [_m(s, "defended", f"fgsm@{e}") for e in eps]

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from emoshield.errors import EmoshieldError
+from emoshield.tiers.client import wait_healthy
 from emoshield.tiers.mqtt import start_mosquitto
 
 FIVE = "happy,sad,surprise,disgust,fear"
@@ -38,21 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    from emoshield.tiers.client import ServiceError, request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"service for {url} exited with {proc.returncode}")
-        try:
-            request("GET", url + "/health", timeout=2)
-            return
-        except ServiceError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} did not come up in {timeout} s")
 
 
 def main() -> int:

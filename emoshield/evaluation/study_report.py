@@ -222,7 +222,7 @@ def _counts_table(result: dict) -> list[str]:
     for c in result["classes"]:
         row = table.get(c, {})
         lines.append(f"| {c} | {row.get('train', 0)} | {row.get('val', 0)} | {row.get('test', 0)} |")
-    lines.append(f"| **all** | " + " | ".join(str(first["counts"].get(p, 0)) for p in ("train", "val", "test")) + " |")
+    lines.append("| **all** | " + " | ".join(str(first["counts"].get(p, 0)) for p in ("train", "val", "test")) + " |")
     if len({k.split("-")[0] for k in units}) > 1:
         lines += ["", "Per fold (train/val/test): " + "; ".join(
             f"{k.split('-')[0]} {u['counts']['train']}/{u['counts']['val']}/{u['counts']['test']}"

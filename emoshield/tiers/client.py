@@ -105,3 +105,20 @@ class EdgeClient:
                 raise ServiceError(f"bundle v{version} lists an unsafe file name {name!r}")
             download(f"{self.url}/bundles/{int(version)}/{name}", dest / name, self.token, self.timeout)
         return dest
+
+
+def wait_healthy(url: str, process=None, timeout: float = 60) -> dict:
+    """Poll URL/health until it answers (its JSON), the service `process` exits, or `timeout`
+    seconds pass (ServiceError in both of the last cases)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ServiceError(f"the service for {url} exited with status {process.returncode}")
+        try:
+            return request("GET", url + "/health", timeout=2)
+        except ServiceError:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{url} did not become healthy in {timeout:g} s") from None
+            time.sleep(0.3)

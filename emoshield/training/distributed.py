@@ -100,7 +100,8 @@ class DistContext:
     def sum(self, *values: float) -> list[float]:
         import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.float64)
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -122,7 +123,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # float64 sums, as torch's CPU kernel accumulates: float32 sums lose the variance of
         # nearly constant channels (erased patches, ReLU zeros) and the runs drift apart
         pack = torch.cat([x.sum(dims, dtype=torch.float64),
-                          torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)])
+                          torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)])
         dist.all_reduce(pack)
         count = pack[-1].item()
         mean = (pack[:-1] / count).to(x.dtype)
@@ -178,8 +179,9 @@ _SYNCED = {nn.BatchNorm1d: _SyncedBatchNorm1d, nn.BatchNorm2d: _SyncedBatchNorm2
 _CONTEXT: DistContext | None = None
 
 
-def init_distributed() -> DistContext | None:
-    """The process group of a torchrun launch (created once), or None for a single process."""
+def init_distributed(device: str = "auto") -> DistContext | None:
+    """The process group of a torchrun launch (created once; NCCL when `device` resolves to a
+    GPU, else gloo), or None for a single process."""
     global _CONTEXT
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -187,8 +189,12 @@ def init_distributed() -> DistContext | None:
     if _CONTEXT is None:
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("EMOSHIELD_DEVICE", "cpu") == "cuda" \
-            else "gloo"
+        from .devices import resolve_device
+
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        backend = "nccl" if resolve_device(device, local_rank).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(resolve_device(device, local_rank))
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -198,6 +204,18 @@ def init_distributed() -> DistContext | None:
                                local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=backend,
                                sync_batchnorm=os.environ.get("EMOSHIELD_SYNC_BN", "1") != "0")
     return _CONTEXT
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits: a gloo group still alive at exit
+    can abort the process (SIGABRT, "terminate called without an active exception")."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _CONTEXT = None
 
 
 def is_main_process() -> bool:

@@ -48,6 +48,8 @@ class TrainConfig:
     freeze_features: bool = False
     seed: int = 0
     eval_batch_size: int = 256
+    device: str = "auto"  # auto = the GPU when there is one (not part of the resume check)
+    amp: bool = False  # mixed precision for the training passes; attacks stay float32 (devices.py)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -62,6 +64,9 @@ class TrainConfig:
             raise EmoshieldError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTATIONS:
             raise EmoshieldError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        from .devices import resolve_device
+
+        resolve_device(self.device)
 
 
 @dataclass
@@ -91,13 +96,23 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# settings of the resume check that do not change what is computed
+RESUME_FREE = ("device",)
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of the model in eval mode for uint8 images (caller's mode restored)."""
+    """Logits (on the CPU) of the model in eval mode for uint8 images (caller's mode restored)."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
-        outs = [model(to_model_input(pixels[i:i + batch_size])) for i in range(0, pixels.shape[0], batch_size)]
+        outs = [model(to_model_input(pixels[i:i + batch_size].to(device))).cpu()
+                for i in range(0, pixels.shape[0], batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0, 0)
@@ -124,11 +139,12 @@ def validation_metrics(model: torch.nn.Module, data: TensorData, batch_size: int
         attack = defense.attack(name, "eval", seed)
         losses, correct = [], []
         for i in range(0, len(data), batch_size):
-            x, y = to_model_input(data.pixels[i:i + batch_size]), data.labels[i:i + batch_size]
+            device = model_device(model)
+            x, y = to_model_input(data.pixels[i:i + batch_size].to(device)), data.labels[i:i + batch_size].to(device)
             with torch.no_grad():
                 adv_logits = model(attack(model, x, y))
-            losses.append(F.cross_entropy(adv_logits, y, reduction="sum"))
-            correct.append(adv_logits.argmax(1) == y)
+            losses.append(F.cross_entropy(adv_logits, y, reduction="sum").cpu())
+            correct.append((adv_logits.argmax(1) == y).cpu())
         correct_all = torch.cat(correct)
         out[f"val_{name}_accuracy"] = correct_all.float().mean().item()
         accuracies.append(out[f"val_{name}_accuracy"])
@@ -154,6 +170,15 @@ def frozen_batchnorm_stats(model: torch.nn.Module):
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+def _same_config(saved: dict | None, current: dict) -> bool:
+    """Resume only with the same settings; device is free, and settings added since the checkpoint
+    was written count as their defaults."""
+    if saved is None:
+        return False
+    defaults = asdict(TrainConfig())
+    return all(saved.get(k, defaults[k]) == v for k, v in current.items() if k not in RESUME_FREE)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -184,6 +209,10 @@ class Trainer:
         self.progress = progress and self.is_main
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.log = log if self.is_main else (lambda msg: None)
+        from .devices import grad_scaler, resolve_device
+
+        self.device = resolve_device(config.device, 0 if self.dist is None else self.dist.local_rank)
+        self.scaler = grad_scaler(self.device, config.amp)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -195,6 +224,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
+        self.model.to(self.device)
+        if cfg.amp:
+            self.log(f"mixed precision on {self.device.type}: training passes in "
+                     f"{'float16' if self.device.type == 'cuda' else 'bfloat16'}, attacks in float32")
         self.model.freeze_features(cfg.freeze_features)
         optimizer = make_optimizer(self.model, cfg)
         rates = lr_schedule(cfg.schedule, cfg.epochs, cfg.lr, cfg.decay_rate, cfg.decay_stride)
@@ -206,7 +239,7 @@ class Trainer:
                 raise EmoshieldError(f"{self.out_dir} already holds a training checkpoint; "
                                      "pass --resume to continue it or choose another --out")
             state = load_checkpoint(self.out_dir, self.model, optimizer, generator)
-            if state.get("train_config") != asdict(cfg) or state.get("defense") != self._defense_json():
+            if not _same_config(state.get("train_config"), asdict(cfg)) or state.get("defense") != self._defense_json():
                 raise EmoshieldError(f"{self.out_dir}: the checkpoint was made with other training options; "
                                      "resume with the same options")
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
@@ -286,18 +319,21 @@ class Trainer:
             if self.dist is not None:
                 x, y = self.dist.shard(x), self.dist.shard(y)
                 scale = self.dist.loss_scale(len(y), global_size)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if self.defense is None:
                 with self._synced():
-                    logits = self.model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                    (loss * scale).backward()
+                    with self._autocast():
+                        logits = self.model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    self.scaler.scale(loss * scale).backward()
             else:
                 seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
                 loss, logits = self._defended_backward(x, y, seed, scale)
             if self.dist is not None:
                 self.dist.average_gradients(self.model, 1 / self.dist.world_size)
-            optimizer.step()
+            self.scaler.step(optimizer)
+            self.scaler.update()
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -305,6 +341,11 @@ class Trainer:
         if self.dist is not None:
             total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
         return total_loss / max(seen, 1), correct / max(seen, 1)
+
+    def _autocast(self):
+        from .devices import autocast
+
+        return autocast(self.device, self.config.amp)
 
     def _synced(self):
         """Global-batch BatchNorm statistics under torchrun; nothing to do in one process."""
@@ -318,7 +359,7 @@ class Trainer:
         attacks run before any pass of this step updates BatchNorm's running statistics;
         train-mode attacks do not depend on them.
         """
-        d, smoothing = self.defense, self.config.label_smoothing
+        d = self.defense
         active = [(name, beta) for name, beta in d.methods.items() if beta > 0]
         perturbed: dict[str, torch.Tensor] = {}
         if d.attack_bn == "eval":
@@ -329,21 +370,24 @@ class Trainer:
 
     def _differential_backward(self, x, y, seed: int, scale: float, active: list, perturbed: dict):
         d, smoothing = self.defense, self.config.label_smoothing
-        fused_fgsm = d.attack_bn == "train" and any(name == "fgsm" for name, _ in active)
+        # the clean pass's input gradient is FGSM's only in float32 (see devices.py)
+        fused_fgsm = d.attack_bn == "train" and not self.config.amp and any(name == "fgsm" for name, _ in active)
         x_clean = x.detach().requires_grad_(fused_fgsm)
-        logits = self.model(x_clean)
-        clean_loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        (d.beta0 * scale * clean_loss).backward()
+        with self._autocast():
+            logits = self.model(x_clean)
+            clean_loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        self.scaler.scale(d.beta0 * scale * clean_loss).backward()
         total = d.beta0 * clean_loss.detach()
         if d.attack_bn == "train":
             for name, _beta in active:
-                if name == "fgsm":  # the clean pass's input gradient is FGSM's, exactly
+                if name == "fgsm" and fused_fgsm:  # the clean pass's input gradient is FGSM's, exactly
                     perturbed[name] = (x + d.eps * x_clean.grad.sign()).clamp_(0, 1)
                 else:
                     with frozen_batchnorm_stats(self.model):
                         perturbed[name] = d.attack(name, "keep", seed)(self.model, x, y)
         for name, beta in active:
-            adv_loss = F.cross_entropy(self.model(perturbed[name]), y, label_smoothing=smoothing)
-            ((1 - d.beta0) * beta * scale * adv_loss).backward()
+            with self._autocast():
+                adv_loss = F.cross_entropy(self.model(perturbed[name]).float(), y, label_smoothing=smoothing)
+            self.scaler.scale((1 - d.beta0) * beta * scale * adv_loss).backward()
             total = total + (1 - d.beta0) * beta * adv_loss.detach()
         return total, logits.detach()
