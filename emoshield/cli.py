@@ -386,7 +386,11 @@ def cmd_cloud_serve(args) -> int:
     from .tiers.library import default_library
 
     library = Path(args.library) if args.library else default_library()
-    _serve(create_app(library), args.host, args.port, f"cloud model library {library}")
+    import os
+
+    database = args.database or os.environ.get("EMOSHIELD_CLOUD_DATABASE_URL")
+    _serve(create_app(library, database), args.host, args.port,
+           f"cloud model library {library}" + (" (catalog in a database)" if database else ""))
     return 0
 
 
@@ -600,6 +604,8 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--library")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--database", help="SQLAlchemy URL of a catalog the library is indexed into at start and "
+                                      "served from (default: $EMOSHIELD_CLOUD_DATABASE_URL, else the folder itself)")
     p.set_defaults(func=cmd_cloud_serve)
 
     edge = sub.add_parser("edge", help="the edge node service and its clients").add_subparsers(

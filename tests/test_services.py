@@ -48,7 +48,9 @@ def services(request, tmp_path_factory, data_root, broker):
     cloud_port, edge_port = free_port(), free_port()
     procs = []
     try:
-        cloud = start("cloud", "serve", "--library", tmp / "library", "--port", cloud_port, log=tmp / "cloud.log")
+        cloud = start("cloud", "serve", "--library", tmp / "library", "--port", cloud_port,
+                      *database,  # postgresql: the cloud's catalog and the edge's store in one server
+                      log=tmp / "cloud.log")
         procs.append(cloud)
         cloud_url = f"http://127.0.0.1:{cloud_port}"
         wait_healthy(cloud_url, cloud, tmp / "cloud.log")

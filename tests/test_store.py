@@ -70,3 +70,23 @@ def test_a_bad_database_url_is_a_one_line_error(tmp_path):
         EdgeStore(tmp_path, "not a url")
     with pytest.raises(EmoshieldError, match="cannot open the metadata database"):
         EdgeStore(tmp_path, "postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path, database):
+    from fastapi.testclient import TestClient
+
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.tiers.cloud import create_app
+    from emoshield.tiers.library import add_entry
+    from emoshield.tiers.store import LibraryCatalog
+
+    library = tmp_path / "library"
+    meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
+    client = TestClient(create_app(library, database))
+    assert client.get("/health").json()["catalog"] == "database"
+    assert [e["name"] for e in client.get("/backbones").json()] == ["tiny"]
+    weights = client.get("/backbones/tiny/weights")
+    assert weights.headers["x-content-sha256"] == meta["sha256"] and len(weights.content) == meta["bytes"]
+    assert client.get("/backbones/nope").status_code == 404
+    # the catalog is the database's: another replica reads the same entries without the folder scan
+    assert [e["sha256"] for e in LibraryCatalog(database).entries()] == [meta["sha256"]]

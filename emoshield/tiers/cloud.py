@@ -7,7 +7,9 @@ their sha256, so edge nodes can fetch one and verify it before training on it.
     GET /backbones/{name}/weights     the safetensors file (X-Content-SHA256 header)
 
 OpenAPI docs at /docs. Read-only: entries are added with `emoshield cloud add` or
-`emoshield cloud pretrain`.
+`emoshield cloud pretrain`. With a database (`--database URL`, any SQLAlchemy URL), the entries
+found in the library folder are indexed there at start and the service answers from that
+catalog, so several replicas over one shared library folder serve one consistent list.
 """
 
 from __future__ import annotations
@@ -15,17 +17,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EmoshieldError
-from .library import list_entries, read_entry
+from .library import WEIGHTS_FILE, entry_dir, list_entries, read_entry
 
 
-def create_app(library: Path):
+def create_app(library: Path, database: str | None = None):
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse
 
     library = Path(library)
     app = FastAPI(title="emoshield cloud", description="Model library of pretrained backbones.", version="1")
+    catalog = None
+    if database:
+        from .store import LibraryCatalog
+
+        catalog = LibraryCatalog(database)
+        catalog.sync(list_entries(library), lambda name: entry_dir(name, library) / WEIGHTS_FILE)
+
+    def entries() -> list[dict]:
+        return catalog.entries() if catalog else list_entries(library)
 
     def entry(name: str):
+        if catalog:
+            found = catalog.entry(name)
+            if found is None or not found[1].is_file():
+                raise HTTPException(status_code=404, detail=f"no library entry {name!r}")
+            return found
         try:
             return read_entry(name, library, verify=False)
         except EmoshieldError as exc:
@@ -33,11 +49,11 @@ def create_app(library: Path):
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "entries": len(list_entries(library))}
+        return {"status": "ok", "entries": len(entries()), "catalog": "database" if catalog else "folder"}
 
     @app.get("/backbones")
     def backbones() -> list[dict]:
-        return list_entries(library)
+        return entries()
 
     @app.get("/backbones/{name}")
     def backbone(name: str) -> dict:

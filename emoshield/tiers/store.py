@@ -1,4 +1,5 @@
-"""The edge node's metadata store: devices, uploads, jobs, bundles, heartbeats (SQLAlchemy Core).
+"""Metadata stores on SQLAlchemy Core: the edge node's (devices, uploads, jobs, bundles,
+heartbeats) and the cloud's catalog of library entries.
 
 Any SQLAlchemy URL works: the embedded default is SQLite in WAL mode inside the edge's folder
 (`sqlite:///ROOT/edge.sqlite3`); a fleet points its edges at PostgreSQL
@@ -23,7 +24,13 @@ from sqlalchemy.engine import make_url
 
 from ..errors import EmoshieldError
 
-METADATA = MetaData()
+METADATA = MetaData()  # the edge's tables
+CATALOG_METADATA = MetaData()  # the cloud's table
+BACKBONES = Table("backbones", CATALOG_METADATA,
+                  Column("name", String(64), primary_key=True), Column("backbone", String(32), nullable=False),
+                  Column("input_size", Integer, nullable=False), Column("sha256", String(64), nullable=False),
+                  Column("path", Text, nullable=False), Column("metadata", Text, nullable=False),
+                  Column("indexed", Float, nullable=False))
 DEVICES = Table("devices", METADATA,
                 Column("id", String(32), primary_key=True), Column("name", Text, nullable=False),
                 Column("token_sha256", String(64), unique=True, nullable=False), Column("created", Float, nullable=False))
@@ -69,26 +76,33 @@ def make_engine(url: str):
     return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
-class EdgeStore:
-    """Metadata in a SQL database + a content-addressed image folder under `root`."""
+class SqlStore:
+    """An engine, its tables created, and short transactions (serialised on SQLite)."""
 
-    def __init__(self, root: Path, database: str | None = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.url = database or f"sqlite:///{self.root / 'edge.sqlite3'}"
-        self.engine = make_engine(self.url)
+    def __init__(self, url: str, metadata: MetaData):
+        self.url = url
+        self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         # SQLite has one writer at a time: serialise here instead of retrying "database is locked"
         self._lock = threading.Lock() if self.dialect == "sqlite" else None
         try:
-            METADATA.create_all(self.engine)
+            metadata.create_all(self.engine)
         except Exception as exc:
             raise EmoshieldError(f"cannot open the metadata database {self.engine.url!r}: "
                                  f"{str(exc).splitlines()[0]}") from None
-        # a job that was running when the node stopped will never finish: mark it
-        with self._begin() as conn:
-            conn.execute(update(JOBS).where(JOBS.c.status == "running")
-                         .values(status="failed", error="edge node restarted"))
+
+    def _upsert(self, table: Table, key: str, values: dict):
+        """INSERT ... ON CONFLICT (key) DO UPDATE, in this database's dialect."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        statement = upsert(table).values(**values)
+        return statement.on_conflict_do_update(index_elements=[table.c[key]],
+                                               set_={k: v for k, v in values.items() if k != key})
+
+    def close(self) -> None:
+        self.engine.dispose()
 
     @contextmanager
     def _begin(self):
@@ -104,6 +118,44 @@ class EdgeStore:
     def _scalar(self, query):
         with self._begin() as conn:
             return conn.execute(query).scalar()
+
+
+class LibraryCatalog(SqlStore):
+    """The cloud's index of library entries in a database (`cloud serve --database URL`), so that
+    several cloud replicas over one shared file store answer from one catalog."""
+
+    def __init__(self, database: str):
+        super().__init__(database, CATALOG_METADATA)
+
+    def sync(self, entries: list[dict], folder_of) -> int:
+        """Upsert the entries found on disk (`folder_of(name)` -> weights path); returns how many."""
+        with self._begin() as conn:
+            for e in entries:
+                conn.execute(self._upsert(BACKBONES, "name", {
+                    "name": e["name"], "backbone": e["backbone"], "input_size": e["input_size"], "sha256": e["sha256"],
+                    "path": str(folder_of(e["name"])), "metadata": json.dumps(e, sort_keys=True),
+                    "indexed": time.time()}))
+        return len(entries)
+
+    def entries(self) -> list[dict]:
+        return [json.loads(r["metadata"]) for r in self._rows(select(BACKBONES.c.metadata).order_by(BACKBONES.c.name))]
+
+    def entry(self, name: str) -> tuple[dict, Path] | None:
+        rows = self._rows(select(BACKBONES.c.metadata, BACKBONES.c.path).where(BACKBONES.c.name == name))
+        return (json.loads(rows[0]["metadata"]), Path(rows[0]["path"])) if rows else None
+
+
+class EdgeStore(SqlStore):
+    """Metadata in a SQL database + a content-addressed image folder under `root`."""
+
+    def __init__(self, root: Path, database: str | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        super().__init__(database or f"sqlite:///{self.root / 'edge.sqlite3'}", METADATA)
+        # a job that was running when the node stopped will never finish: mark it
+        with self._begin() as conn:
+            conn.execute(update(JOBS).where(JOBS.c.status == "running")
+                         .values(status="failed", error="edge node restarted"))
 
     # devices
     def enrol(self, name: str) -> tuple[str, str]:
@@ -133,15 +185,10 @@ class EdgeStore:
         if len(text) > 4096 or self.device(device_id) is None:
             return False
         version = telemetry.get("version")
-        values = {"seen": time.time(), "version": int(version) if isinstance(version, int) else None,
-                  "telemetry": text}
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as upsert
-        statement = upsert(HEARTBEATS).values(device_id=device_id, **values)
+        values = {"device_id": device_id, "seen": time.time(),
+                  "version": int(version) if isinstance(version, int) else None, "telemetry": text}
         with self._begin() as conn:
-            conn.execute(statement.on_conflict_do_update(index_elements=[HEARTBEATS.c.device_id], set_=values))
+            conn.execute(self._upsert(HEARTBEATS, "device_id", values))
         return True
 
     # samples
@@ -235,6 +282,3 @@ class EdgeStore:
 
     def bundle_dir(self, version: int) -> Path:
         return self.root / "bundles" / f"v{int(version)}"
-
-    def close(self) -> None:
-        self.engine.dispose()
