@@ -97,12 +97,13 @@ class DefenseConfig:
         if self.select not in SELECTIONS:
             raise EmoshieldError(f"--select must be one of {', '.join(SELECTIONS)}")
 
-    def attack(self, name: str, mode: str, seed: int):
-        """The attack object that generates method `name`'s perturbations."""
+    def attack(self, name: str, mode: str, seed: int, fast: bool = True):
+        """The attack object that generates method `name`'s perturbations (fast=False: run the
+        model given as is, e.g. an eval_graph the caller already built)."""
         from ..attacks import FGSM, PGD, RFGSM
 
         if name == "fgsm":
-            return FGSM(self.eps, mode=mode, seed=seed)
+            return FGSM(self.eps, mode=mode, seed=seed, fast=fast)
         if name == "rfgsm":
-            return RFGSM(self.eps, alpha=self.rfgsm_alpha, mode=mode, seed=seed)
-        return PGD(self.eps, steps=self.pgd_steps, mode=mode, seed=seed)
+            return RFGSM(self.eps, alpha=self.rfgsm_alpha, mode=mode, seed=seed, fast=fast)
+        return PGD(self.eps, steps=self.pgd_steps, mode=mode, seed=seed, fast=fast)

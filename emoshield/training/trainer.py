@@ -363,8 +363,13 @@ class Trainer:
         active = [(name, beta) for name, beta in d.methods.items() if beta > 0]
         perturbed: dict[str, torch.Tensor] = {}
         if d.attack_bn == "eval":
+            # one BatchNorm-folded copy of this step's model serves every method's attack
+            from ..attacks.base import attack_context, eval_graph
+
+            with attack_context(self.model, "eval"):
+                graph = eval_graph(self.model)
             for name, _beta in active:
-                perturbed[name] = d.attack(name, "eval", seed)(self.model, x, y)
+                perturbed[name] = d.attack(name, "eval", seed, fast=False)(graph, x, y)
         with self._synced():
             return self._differential_backward(x, y, seed, scale, active, perturbed)
 
