@@ -218,6 +218,9 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     result = Study(options, out, work, command=["emoshield", *args.argv]).run()
+    if result is None:
+        print(f"study not complete yet: steps are running in other processes; re-run to collect ({work})")
+        return 0
     holds = sum(c["holds"] for c in result["claims"])
     print(f"study done: {holds}/{len(result['claims'])} of the reference's claims hold here")
     for claim in result["claims"]:

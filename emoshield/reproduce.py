@@ -18,8 +18,10 @@ commit) and PNGs. Training folders, checkpoints and per-run reports stay under W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,21 +147,32 @@ class Study:
         steps = [(b, f, s, name) for b, f, s in self.units() for name in _run_plan(b, self.weights[b])]
         steps += [(b, f, s, "evaluate") for b, f, s in self.units()]
         total = len(steps)
-        timings_file = self.work / "timings.json"
-        timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+        timings_dir = self.work / "timings"  # one file per step: processes sharing WORK do not clash
+        timings_dir.mkdir(exist_ok=True)
+        busy = 0
         for i, (backbone, fold, seed, name) in enumerate(steps, 1):
             folder = self.unit_dir(backbone, fold, seed)
             tag = f"[{i}/{total}] {backbone} fold {fold} seed {seed} {name}"
             step_started = time.perf_counter()
-            if name == "evaluate":
-                done = self._evaluate(folder, tag)
-            else:
-                done = self._train(backbone, fold, seed, name, folder / name, tag)
+            with step_lock(folder / name) as mine:
+                if not mine:
+                    state = "running in another process"
+                elif name == "evaluate":
+                    state = self._evaluate(folder, tag)
+                else:
+                    state = self._train(backbone, fold, seed, name, folder / name, tag)
             seconds = time.perf_counter() - step_started
-            if not done:  # interrupted steps count from their last resume
-                timings[f"{backbone}/fold{fold}-seed{seed}/{name}"] = seconds
-                timings_file.write_text(json.dumps(timings, indent=1))
-            self.log(f"{tag}: {'already done' if done else f'finished in {seconds:.0f} s'}")
+            if state == "finished":  # interrupted steps count from their last resume
+                (timings_dir / f"{backbone}-fold{fold}-seed{seed}-{name}.json").write_text(json.dumps(seconds))
+            busy += state != "finished" and state != "already done"
+            self.log(f"{tag}: {state}" + (f" in {seconds:.0f} s" if state == "finished" else ""))
+        if busy:
+            self.log(f"{busy} step(s) are running in other processes or wait for them; run this command again "
+                     "when they are done to write the report")
+            return None
+        legacy = self.work / "timings.json"  # written by the first version of this command
+        timings = {k.replace("/", "-"): v for k, v in json.loads(legacy.read_text()).items()} if legacy.is_file() else {}
+        timings.update({p.stem: json.loads(p.read_text()) for p in sorted(timings_dir.glob("*.json"))})
         result = self.collect()
         result.update(command=self.command, options=asdict(opts), weights=self.weights, git_commit=git_commit(),
                       step_seconds=timings, compute_seconds=sum(timings.values()),
@@ -177,12 +190,12 @@ class Study:
         return DataOptions(dataset=o.dataset, data_root=o.data_root, protocol=o.protocol, fold=fold, folds=o.folds,
                            classes=o.classes, limit_per_class=o.limit_per_class)
 
-    def _train(self, backbone: str, fold: int, seed: int, name: str, folder: Path, tag: str) -> bool:
+    def _train(self, backbone: str, fold: int, seed: int, name: str, folder: Path, tag: str) -> str:
         from .pipeline import ModelOptions, train_model
         from .training import DefenseConfig, TrainConfig
 
         if (folder / "metrics.json").is_file():
-            return True
+            return "already done"
         weights, head, defended = _run_plan(backbone, self.weights[backbone])[name]
         resume = (folder / "checkpoint.safetensors").is_file()
         self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
@@ -191,12 +204,14 @@ class Study:
                                                    input_size=self.options.input_size),
                     TrainConfig(epochs=self.options.epochs, seed=seed), folder, resume=resume, progress=False,
                     log=lambda m: self.log(f"  {m}"), defense=DefenseConfig() if defended else None)
-        return False
+        return "finished"
 
-    def _evaluate(self, folder: Path, tag: str) -> bool:
+    def _evaluate(self, folder: Path, tag: str) -> str:
         from .pipeline import RobustnessOptions, evaluate_model, sweep_model
 
         o = self.options
+        if not all((folder / run / "metrics.json").is_file() for run in ("defended", "localization")):
+            return "waiting for its trainings (another process)"
         done = True
         if not (folder / "robustness" / "robustness.json").is_file():
             done = False
@@ -207,7 +222,7 @@ class Study:
         if not (folder / "sweep" / "sweep.json").is_file():
             done = False
             sweep_model(folder / "localization", "fgsm", o.sweep_eps, folder / "sweep", log=lambda m: None)
-        return done
+        return "already done" if done else "finished"
 
     # ---- collecting -------------------------------------------------------------------------
 
@@ -252,6 +267,39 @@ class Study:
         (self.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
         (self.out / "report.md").write_text(study_markdown(result, plots))
         (self.out / "command.txt").write_text(" ".join(self.command) + "\n")
+
+
+@contextlib.contextmanager
+def step_lock(path: Path):
+    """Yields True when this process owns step `path` (a lock file with our pid; a stale lock of a
+    dead process is taken over), False when a live process is running it."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)  # raises when no such process
+                alive = pid != os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                alive = False
+            except PermissionError:
+                alive = True
+            if alive:
+                yield False
+                return
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def _all_corruptions() -> list[str]:

@@ -89,3 +89,21 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
     # the same work folder with other options is refused (it would mix results)
     other = run(*study, "--epochs", "1", env=env, check=False)
     assert other.returncode == 2 and "other options" in other.stderr
+
+
+def test_step_lock_lets_one_process_run_a_step_and_takes_over_stale_locks(tmp_path):
+    from emoshield.reproduce import step_lock
+
+    step = tmp_path / "unit" / "defended"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "unit").mkdir()
+        (tmp_path / "unit" / "defended.lock").write_text(str(other.pid))
+        with step_lock(step) as mine:
+            assert mine is False  # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    with step_lock(step) as mine:  # its holder is dead: taken over
+        assert mine is True and (tmp_path / "unit" / "defended.lock").read_text() == str(__import__("os").getpid())
+    assert not (tmp_path / "unit" / "defended.lock").exists()
