@@ -72,6 +72,9 @@ def main() -> int:
     lines += ["", "Reference (LIRIS-CSE, VGG16): localization head 95.67, own head 88.32, defended clean 94.97, "
                   "FGSM 0.01 85.76 (undefended 7.22), R+FGSM 0.01 90.84, PGD 83.29 (undefended 0.41). "
                   "Compute = the study's training and evaluation time on 2 CPU cores (per study, both backbones).", ""]
+    reading = Path(args.studies) / "reading.md"  # the hand-written interpretation, kept beside the studies
+    if reading.is_file():
+        lines += [reading.read_text().strip(), ""]
     claims: dict[str, list] = {}
     for r in studies:
         for c in r["claims"]:
