@@ -44,8 +44,9 @@ def test_amp_trains_in_bfloat16_but_attacks_in_float32(tmp_path, monkeypatch):
         return grad, logits
 
     monkeypatch.setattr(base, "input_gradient", recording_gradient)
+    # the hook is copied into the attacks' BatchNorm-folded graph too, where the conv is in eval mode
     model.features[0].register_forward_hook(
-        lambda module, inputs, output: train_dtypes.append(output.dtype) if torch.is_grad_enabled() and model.training
+        lambda module, inputs, output: train_dtypes.append(output.dtype) if torch.is_grad_enabled() and module.training
         else None)
     Trainer(model, TrainConfig(epochs=1, batch_size=8, amp=True, device="cpu"), tmp_path, progress=False,
             log=lambda m: None, defense=DefenseConfig()).fit(data, None)

@@ -73,20 +73,31 @@ def test_a_bad_database_url_is_a_one_line_error(tmp_path):
 
 
 def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path, database):
-    from fastapi.testclient import TestClient
+    import subprocess
+    import sys
 
     from emoshield.models import ModelConfig, build_model
-    from emoshield.tiers.cloud import create_app
+    from emoshield.tiers.client import download, request, wait_healthy
     from emoshield.tiers.library import add_entry
     from emoshield.tiers.store import LibraryCatalog
+    from tests.conftest import free_port
 
     library = tmp_path / "library"
     meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
-    client = TestClient(create_app(library, database))
-    assert client.get("/health").json()["catalog"] == "database"
-    assert [e["name"] for e in client.get("/backbones").json()] == ["tiny"]
-    weights = client.get("/backbones/tiny/weights")
-    assert weights.headers["x-content-sha256"] == meta["sha256"] and len(weights.content) == meta["bytes"]
-    assert client.get("/backbones/nope").status_code == 404
+    port = free_port()
+    cloud = subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library", str(library),
+                              "--port", str(port), "--database", database], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_healthy(url, cloud)["catalog"] == "database"
+        assert [e["name"] for e in request("GET", url + "/backbones")] == ["tiny"]
+        download(url + "/backbones/tiny/weights", tmp_path / "w.safetensors")
+        assert (tmp_path / "w.safetensors").stat().st_size == meta["bytes"]
+        with pytest.raises(Exception, match="404"):
+            request("GET", url + "/backbones/nope")
+    finally:
+        cloud.terminate()
+        cloud.wait(timeout=30)
     # the catalog is the database's: another replica reads the same entries without the folder scan
     assert [e["sha256"] for e in LibraryCatalog(database).entries()] == [meta["sha256"]]
