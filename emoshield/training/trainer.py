@@ -203,7 +203,6 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.save_best = save_best  # callable(model) that writes the selected model
-        self.progress = progress
         self.dist = dist if dist is not None else init_distributed()
         self.is_main = self.dist is None or self.dist.is_main
         self.progress = progress and self.is_main
