@@ -39,11 +39,19 @@ def _units_label(result: dict) -> str:
     return f"{where}, seeds {', '.join(map(str, opts['seeds']))}"
 
 
+def _context(result: dict) -> str:
+    """What every plot title says: data, protocol, input size, epochs, seeds."""
+    opts = result["options"]
+    return (f"{result['dataset']}, {result['protocol']} protocol, {opts['input_size']} px, {opts['epochs']} epochs, "
+            f"seed {','.join(map(str, opts['seeds']))}")
+
+
 def study_plots(result: dict, out: Path) -> dict[str, str]:
     """Write the PNGs; returns title -> file name."""
     from .plots import _pyplot, plot_condition_bars, plot_confusion_matrix, plot_per_class_boxes
 
     out = Path(out)
+    context = _context(result)
     plots: dict[str, str] = {}
     classes = result["classes"]
     chance = 1 / len(classes)
@@ -53,9 +61,10 @@ def study_plots(result: dict, out: Path) -> dict[str, str]:
             matrix = np.sum([u["runs"][run]["confusion_matrix"] for u in units.values()], axis=0)
             name = f"confusion_{backbone}_{run}.png"
             plot_confusion_matrix(matrix.tolist(), classes, out / name,
-                                  f"{backbone}, {RUN_LABELS[run]}: test counts summed over {len(units)} unit(s)")
+                                  f"{backbone}, {RUN_LABELS[run]}: test counts summed over {len(units)} unit(s); {context}")
             plots[f"{backbone} {RUN_LABELS[run]} confusion matrix"] = name
-        plots[f"{backbone} convergence"] = _plot_convergence(backbone, units, out / f"convergence_{backbone}.png")
+        plots[f"{backbone} convergence"] = _plot_convergence(backbone, units, out / f"convergence_{backbone}.png",
+                                                             context)
         mid = _eps_keys(summary)[len(_eps_keys(summary)) // 2]
         bars = {}
         for variant in ("undefended", "defended"):
@@ -64,7 +73,7 @@ def study_plots(result: dict, out: Path) -> dict[str, str]:
                              **{f"{label} {mid}": s[f"{key}@{mid}"]["mean"] for key, label in
                                 (("fgsm", "FGSM"), ("rfgsm", "R+FGSM"), ("pgd", "PGD"), ("apgd", "APGD"))
                                 if f"{key}@{mid}" in s}}
-        plot_condition_bars(bars, out / f"bars_{backbone}.png", f"{backbone}: mean over {len(units)} unit(s)")
+        plot_condition_bars(bars, out / f"bars_{backbone}.png", f"{backbone}: mean over {len(units)} unit(s); {context}")
         plots[f"{backbone} accuracy bars"] = f"bars_{backbone}.png"
         boxes = {}
         for variant in ("undefended", "defended"):
@@ -72,7 +81,7 @@ def study_plots(result: dict, out: Path) -> dict[str, str]:
             boxes[variant] = {cond: {c: _mean([u["per_class"][variant][cond][c] for u in units.values()])
                                      for c in classes} for cond in conditions}
         plot_per_class_boxes(boxes, out / f"per_class_{backbone}.png",
-                             f"{backbone}: per-class accuracy, mean over {len(units)} unit(s)")
+                             f"{backbone}: per-class accuracy, mean over {len(units)} unit(s); {context}")
         plots[f"{backbone} per-class accuracy"] = f"per_class_{backbone}.png"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -92,7 +101,7 @@ def study_plots(result: dict, out: Path) -> dict[str, str]:
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{result['dataset']}: FGSM accuracy vs eps, mean over units", fontsize=9)
+    ax.set_title(f"FGSM accuracy vs eps, mean over units; {context}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fgsm_vs_eps.png", dpi=110)
     plt.close(fig)
@@ -105,7 +114,7 @@ def _mean(values: list) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _plot_convergence(backbone: str, units: dict, path: Path) -> str:
+def _plot_convergence(backbone: str, units: dict, path: Path, context: str) -> str:
     """Training loss and accuracy per epoch (mean over units) for pretrained vs scratch (vs ImageNet)."""
     from .plots import _pyplot
 
@@ -128,7 +137,8 @@ def _plot_convergence(backbone: str, units: dict, path: Path) -> str:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    fig.suptitle(f"{backbone} + localization head: pretrained vs scratch, mean over {len(units)} unit(s)", fontsize=9)
+    fig.suptitle(f"{backbone} + localization head: pretrained vs scratch, mean over {len(units)} unit(s); {context}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
