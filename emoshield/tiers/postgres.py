@@ -41,6 +41,7 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
     """(server process, URL) of a fresh cluster on 127.0.0.1:port; stop it with stop_postgres."""
     bindir = postgres_bindir()
     # a folder the server user can reach (pytest's tmp folders are private to root)
+    owned = folder is None
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="emoshield-pg-"))
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
@@ -72,12 +73,13 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
     if created.returncode != 0:
         server.kill()
         raise EmoshieldError(f"createdb failed: {created.stderr.strip()}")
-    server.folder = folder  # for stop_postgres
+    server.folder, server.owned_folder = folder, owned  # for stop_postgres
     return server, f"postgresql+psycopg://postgres@127.0.0.1:{port}/emoshield"
 
 
 def stop_postgres(server: subprocess.Popen) -> None:
-    """Fast shutdown (pg_ctl stop -m fast: runuser does not pass signals on), then remove the folder."""
+    """Fast shutdown (pg_ctl stop -m fast: runuser does not pass signals on), then remove the folder
+    when start_postgres made it."""
     folder = Path(getattr(server, "folder", ""))
     if server.poll() is None:
         subprocess.run(_as_server_user([str(postgres_bindir() / "pg_ctl"), "stop", "-D", str(folder / "data"),
@@ -87,5 +89,5 @@ def stop_postgres(server: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    if folder.name.startswith("emoshield-pg-") or (folder / "data").is_dir():
+    if getattr(server, "owned_folder", False):
         shutil.rmtree(folder, ignore_errors=True)
