@@ -198,3 +198,93 @@ def test_eval_graph_is_the_same_function_and_the_fast_path_the_same_attack():
         assert eval_graph(branchy) is branchy
     x, y = batch()
     assert torch.equal(FGSM(EPS)(branchy, x, y), FGSM(EPS, fast=False)(branchy, x, y))
+
+
+def test_eval_graph_is_cached_and_refreshed_when_the_model_changes():
+    import gc
+
+    from emoshield.attacks import folding
+    from emoshield.attacks.base import attack_context
+
+    model = tiny_model()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        model.train()
+        model(torch.rand(32, 3, 16, 16))
+    model.eval()
+    x, y = batch(64)
+    with attack_context(model, "eval"):
+        graph = folding.eval_graph(model)
+        assert graph is not model and folding.eval_graph(model) is graph  # unchanged model: reused
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in graph.modules())
+    # an optimizer step (foreach kernels), a state load and BatchNorm statistics each change the function
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, foreach=True)
+    other = tiny_model(seed=1).state_dict()
+
+    def sgd_step():
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def train_mode_forward():
+        model.train()
+        with torch.no_grad():
+            model(x + 0.5)
+
+    for change in (sgd_step, lambda: model.load_state_dict(other), train_mode_forward):
+        change()
+        model.eval()
+        with attack_context(model, "eval"):
+            assert not torch.allclose(graph(x), model(x), atol=1e-3)  # stale until the next call
+            assert folding.eval_graph(model) is graph  # same structure: refreshed in place
+            assert torch.allclose(graph(x), model(x), atol=1e-5)
+            rebuilt = folding.FoldedModel(model)  # the refresh equals a fresh fold, bit for bit
+            assert torch.equal(rebuilt(x), graph(x))
+    # the attacks see the current model through the cache
+    a, b = PGD(EPS, steps=3)(model, x, y), PGD(EPS, steps=3, fast=False)(model, x, y)
+    assert ((a - b).abs() <= 1e-5).float().mean() >= 0.999
+    # a replaced layer is a new structure: a new copy
+    model[3] = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    with attack_context(model, "eval"):
+        assert folding.eval_graph(model) is not graph
+        assert torch.allclose(folding.eval_graph(model)(x), model(x), atol=1e-5)
+    # an attack too small to repay building a copy runs the module as is, and caches nothing
+    small = tiny_model(seed=2).eval()
+    with attack_context(small, "eval"):
+        assert folding.eval_graph(small, gradient_images=8) is small
+    assert small not in folding._CACHE
+    assert torch.equal(FGSM(EPS)(small, x[:8], y[:8]), FGSM(EPS, fast=False)(small, x[:8], y[:8]))
+    # a cached copy does not keep its model alive
+    entries = len(folding._CACHE)
+    del model, optimizer, graph, rebuilt
+    gc.collect()
+    assert len(folding._CACHE) == entries - 1
+
+
+def test_attacks_give_back_each_submodules_own_mode():
+    model = tiny_model()
+    model.train()
+    model[1].eval()  # frozen BatchNorm inside a training model, as fine-tuning recipes do
+    x, y = batch()
+    for make in ALL:
+        make()(model, x, y)
+        assert model.training and model[0].training and model[-1].training and not model[1].training
+
+
+def test_folding_leaves_shared_convolutions_alone():
+    from emoshield.attacks.folding import FoldedModel
+
+    class Shared(torch.nn.Module):  # one convolution used twice, once before a BatchNorm
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.norm(self.conv(x)) + self.conv(x)
+
+    model = Shared()
+    with torch.no_grad():
+        model(torch.rand(8, 3, 8, 8))  # running statistics away from 0 / 1
+    model.eval()
+    folded = FoldedModel(model)
+    x = torch.rand(4, 3, 8, 8)
+    assert folded.pairs == [] and torch.allclose(folded(x), model(x), atol=1e-6)

@@ -10,9 +10,11 @@ Every attack here is a configuration of `LinfAttack` (FGSM, R+FGSM, PGD) or exte
 - the loss is summed over the batch, so each sample's gradient is independent of the
   batch it came in (with eval-mode BatchNorm): a slice of a batch gives the same result;
 - random starts come from a torch.Generator seeded per call (`seed`), reproducibly;
-- in eval mode the gradients come from `eval_graph(model)`: the same function with each
-  BatchNorm folded into its convolution and channels_last memory (exact up to float
-  rounding, 1.3-2.4x faster on CPU; bench/attacks.py). `fast=False` uses the module as is.
+- in eval mode the gradients come from `eval_graph(model)` (folding.py): the same function
+  with each BatchNorm folded into its convolution and channels_last memory (exact up to float
+  rounding, 1.1-2x faster per gradient on CPU; bench/attacks.py), cached per model and
+  refreshed when its weights change; an attack too small to repay building that copy runs
+  the module as is. `fast=False` always uses the module as is.
 """
 
 from __future__ import annotations
@@ -23,53 +25,36 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmoshieldError
+from .folding import eval_graph
 
 MODES = ("eval", "train", "keep")
 
 
 @contextlib.contextmanager
 def attack_context(model: torch.nn.Module, mode: str = "eval"):
-    """Put the model in the attack's mode, freeze its parameters, enable grad; restore all after."""
+    """Put the model in the attack's mode, freeze its parameters, enable grad; restore all after.
+
+    Each submodule's own mode comes back (a training model with frozen BatchNorm layers keeps
+    them frozen), and nothing is toggled when the model already is in the attack's mode."""
     if mode not in MODES:
         raise EmoshieldError(f"unknown attack mode {mode!r}; choose one of {', '.join(MODES)}")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    if mode != "keep":
+    if mode != "keep" and any(flag != (mode == "train") for _, flag in modes):
         model.train(mode == "train")
-    for p, _ in flags:
-        p.requires_grad_(False)  # no weight gradients: faster, and the caller's .grad stays untouched
+    for p, flag in flags:
+        if flag:
+            p.requires_grad_(False)  # no weight gradients: faster, and the caller's .grad stays untouched
     try:
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-class _ChannelsLast(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
-
-
-def eval_graph(model: torch.nn.Module) -> torch.nn.Module:
-    """A faster stand-in for `model` in eval mode, for attack passes: a copy with every
-    Conv+BatchNorm pair folded into one convolution (torch.fx) and channels_last weights and
-    inputs. Same function up to float rounding; its weights are a snapshot (rebuilt per attack
-    call, so training steps always attack the current model). Call with the model in eval mode
-    and its parameters frozen (attack_context does both); falls back to `model` itself when the
-    model cannot be traced."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        folded = fuse(model, inplace=False)
-    except Exception:  # not traceable by torch.fx (data-dependent control flow): run it as is
-        return model
-    return _ChannelsLast(folded.to(memory_format=torch.channels_last)).eval()
+            if flag:
+                p.requires_grad_(True)
+        for m, flag in modes:
+            if m.training != flag:
+                m.training = flag
 
 
 def input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +129,7 @@ class LinfAttack:
         generator = torch.Generator().manual_seed(self.seed)
         with attack_context(model, self.mode):
             if self.fast and self.mode == "eval":
-                model = eval_graph(model)
+                model = eval_graph(model, gradient_images=x.shape[0] * self.steps * self.restarts)
             best = self._run(model, x, y, generator)
             for _ in range(self.restarts - 1):
                 with torch.no_grad():

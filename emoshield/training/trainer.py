@@ -363,10 +363,11 @@ class Trainer:
         perturbed: dict[str, torch.Tensor] = {}
         if d.attack_bn == "eval":
             # one BatchNorm-folded copy of this step's model serves every method's attack
-            from ..attacks.base import attack_context, eval_graph
+            from ..attacks.base import attack_context
+            from ..attacks.folding import eval_graph
 
             with attack_context(self.model, "eval"):
-                graph = eval_graph(self.model)
+                graph = eval_graph(self.model, gradient_images=x.shape[0] * len(active))
             for name, _beta in active:
                 perturbed[name] = d.attack(name, "eval", seed, fast=False)(graph, x, y)
         with self._synced():
