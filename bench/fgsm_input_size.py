@@ -1,0 +1,138 @@
+"""Does input size explain why our undefended models survive FGSM that SPEC §7 says breaks
+them (below chance once eps > 0.006, at 480 px)? The same undefended training at several input
+sizes, each one's FGSM sweep, and the input gradient's L1 norm: FGSM's first-order loss
+increase is eps x ||grad_x L||_1, a sum over pixels, so it grows with the pixel count unless
+the per-pixel gradient shrinks as fast.
+
+    EMOSHIELD_DATA=../shared/data .venv/bin/python bench/fgsm_input_size.py \
+        [--sizes 48,64,96,128] [--backbone mobilenet_v2] [--weights imagenet] [--dataset ckplus48] \
+        [--protocol reference] [--classes ...] [--epochs 50] [--seed 0] [--work runs/bench/fgsm_input_size] \
+        [--out results/fgsm_input_size]
+
+Training uses emoshield's defaults (batch 32, `--augment strong`, SGD 0.01 + Algorithm 1),
+the recipe of `emoshield reproduce`'s localization runs; finished sizes are skipped and an
+interrupted one resumes. Writes OUT/results.json, OUT/results.md and OUT/sweep.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EPS = [0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
+
+
+def gradient_l1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> list[float]:
+    """Per-image L1 norm of d CE / d x (eval mode, images in [0, 1]); x: uint8 images."""
+    from emoshield.attacks.base import attack_context, input_gradient
+    from emoshield.training.trainer import to_model_input
+
+    norms = []
+    with attack_context(model, "eval"):
+        for i in range(0, len(x), batch):
+            grad, _ = input_gradient(model, to_model_input(x[i:i + batch]), y[i:i + batch])
+            norms += grad.abs().flatten(1).sum(1).tolist()
+    return norms
+
+
+def run_size(args, size: int, log) -> dict:
+    from emoshield.pipeline import (DataOptions, ModelOptions, _decode_for, model_test_data, sweep_model,
+                                    train_model)
+    from emoshield.training import TrainConfig
+
+    folder = Path(args.work) / f"{args.backbone}-{size}px"
+    started = time.perf_counter()
+    if not (folder / "metrics.json").is_file():
+        resume = (folder / "checkpoint.safetensors").is_file()
+        log(f"{size} px: {'resuming' if resume else 'training'} {args.backbone} ({args.weights}), {args.epochs} epochs")
+        train_model(DataOptions(dataset=args.dataset, protocol=args.protocol, fold=0, classes=args.classes),
+                    ModelOptions(backbone=args.backbone, weights=args.weights, input_size=size),
+                    TrainConfig(epochs=args.epochs, seed=args.seed), folder, resume=resume, progress=False,
+                    log=lambda m: log(f"  {m}"))
+    train_seconds = time.perf_counter() - started
+    sweep = sweep_model(folder, "fgsm", EPS, folder / "sweep", log=lambda m: None)
+    model, records, root, meta = model_test_data(folder)
+    test, _ = _decode_for(model, records, root, meta["classes"])
+    norms = gradient_l1(model, test.pixels, test.labels)
+    chance = 1 / len(meta["classes"])
+    below = [p["eps"] for p in sweep["points"] if p["eps"] > 0 and p["accuracy"] < chance]
+    median = statistics.median(norms)
+    log(f"{size} px: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
+        f"{next(p['accuracy'] for p in sweep['points'] if p['eps'] == 0.01):.1%}, median ||grad||_1 {median:.1f}")
+    return {"input_size": size, "meta": meta, "points": sweep["points"], "first_eps_below_chance": below[0] if below else None,
+            "gradient_l1_median": median, "gradient_l1_per_pixel_median": median / (3 * size * size),
+            "first_order_loss_increase_at_0.006": 0.006 * median, "seconds": train_seconds, "folder": str(folder)}
+
+
+def write(rows: list[dict], args, out: Path) -> None:
+    from emoshield.evaluation.plots import plot_accuracy_vs_eps
+    from emoshield.evaluation.report import describe_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    chance = 1 / len(rows[0]["meta"]["classes"])
+    (out / "results.json").write_text(json.dumps({"command": sys.argv, "chance": chance, "rows": rows}, indent=1,
+                                                 default=str))
+    plot_accuracy_vs_eps({f"{r['input_size']} px": ([p["eps"] for p in r["points"]],
+                                                    [p["accuracy"] for p in r["points"]]) for r in rows},
+                         out / "sweep.png", f"FGSM, undefended {args.backbone} ({args.weights}), "
+                         f"{args.dataset} {args.protocol}", chance=chance)
+    eps_cols = [e for e in EPS if e in (0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03)]
+    lines = ["# FGSM accuracy of undefended models against input size", "",
+             f"Every row: {describe_run(dict(rows[0]['meta'], input_size='N'))}; emoshield defaults (batch 32, "
+             f"`--augment strong`, SGD 0.01 + Algorithm 1), undefended. Test images: the protocol's test split. "
+             f"Chance = {chance:.0%}. ||g||_1 = L1 norm of the input gradient of the cross-entropy, per image "
+             "(median over the test images); FGSM's first-order loss increase is eps x ||g||_1.", "",
+             "Command: `" + " ".join(["python", "bench/fgsm_input_size.py"] + sys.argv[1:]) + "`", "",
+             "| input px | clean | " + " | ".join(f"FGSM {e:g}" for e in eps_cols)
+             + " | first eps below chance | median ‖g‖₁ | per pixel | 0.006 x ‖g‖₁ | train s |",
+             "|---:|---:|" + "---:|" * len(eps_cols) + "---:|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = {p["eps"]: p["accuracy"] for p in r["points"]}
+        first = r["first_eps_below_chance"]
+        lines.append(f"| {r['input_size']} | {acc[0.0]:.1%} | " + " | ".join(f"{acc[e]:.1%}" for e in eps_cols)
+                     + f" | {first if first is not None else '> 0.03'} | {r['gradient_l1_median']:.1f} | "
+                     f"{r['gradient_l1_per_pixel_median']:.2e} | {r['first_order_loss_increase_at_0.006']:.2f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "![FGSM accuracy vs eps per input size](sweep.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="48,64,96,128")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--dataset", default="ckplus48")
+    parser.add_argument("--protocol", default="reference")
+    parser.add_argument("--classes", default=None, help="default: the reference's classes where the dataset has them")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="runs/bench/fgsm_input_size")
+    parser.add_argument("--out", default="results/fgsm_input_size")
+    args = parser.parse_args()
+    from emoshield.reproduce import DEFAULT_CLASSES
+
+    args.classes = args.classes or DEFAULT_CLASSES.get(args.dataset)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        rows.append(run_size(args, size, log))
+        write(rows, args, Path(args.out))  # a partial table after every size
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
