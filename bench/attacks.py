@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import ROOT, machine, record  # noqa: E402
+from report import ROOT, interleaved_medians, machine, record  # noqa: E402
 
 EPS = 0.01
 
@@ -62,13 +60,7 @@ def bench_backbone(backbone: str, size: int, batch: int, repeats: int) -> dict:
                                                      random_start=False)(x, y),
     }
     outputs = {name: run() for name, run in runners.items()}  # warm-up, and the examples to compare
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    seconds = interleaved_medians(runners, repeats)
     agreement = {}
     for attack in ("fgsm", "pgd"):
         theirs = outputs[f"{attack} torchattacks"]
@@ -83,13 +75,7 @@ def bench_backbone(backbone: str, size: int, batch: int, repeats: int) -> dict:
         pair = {"ours": lambda: FGSM(EPS)(model, xs, ys), "torchattacks": lambda: torchattacks.FGSM(model, eps=EPS)(xs, ys)}
         for run in pair.values():  # warm-up (oneDNN builds its kernels per shape)
             run()
-        t = {name: [] for name in pair}
-        for _ in range(repeats):
-            for name, run in pair.items():
-                started = time.perf_counter()
-                run()
-                t[name].append(time.perf_counter() - started)
-        small[n] = {name: statistics.median(v) for name, v in t.items()}
+        small[n] = interleaved_medians(pair, repeats)
     return {"backbone": backbone, "input_size": size, "batch_size": batch, "repeats": repeats,
             "median_seconds": seconds, "agreement_with_torchattacks": agreement, "small_batch_fgsm_seconds": small,
             "fgsm_speed_vs_torchattacks": seconds["fgsm torchattacks"] / seconds["fgsm ours"],

@@ -47,3 +47,18 @@ def record(section: str, keys: dict, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
+
+
+def interleaved_medians(runners: dict, repeats: int) -> dict:
+    """Median seconds of each runner over `repeats` rounds that run every runner once in turn,
+    so drift on a shared machine hits all of them alike (warm up before calling)."""
+    import statistics
+    import time
+
+    times: dict = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
