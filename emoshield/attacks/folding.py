@@ -54,40 +54,48 @@ def _version_key(model: nn.Module) -> tuple | None:
         return None
 
 
+def _fold_graph(model: nn.Module) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+    """A traced copy of `model` whose foldable convolutions (see FoldedModel) got a bias and
+    whose BatchNorm after each is gone; their weights are set by FoldedModel.refresh."""
+    graph_module = fx.symbolic_trace(copy.deepcopy(model))  # raises when not traceable
+    modules = dict(graph_module.named_modules())
+    calls: dict[str, int] = {}  # a convolution called at several places (shared weights) stays as is
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs: list[tuple[str, str]] = []
+    for node in list(graph_module.graph.nodes):
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        source = node.args[0] if node.args else None
+        if not (isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats
+                and isinstance(source, fx.Node) and source.op == "call_module"
+                and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1
+                and calls[source.target] == 1):
+            continue
+        conv = modules[source.target]  # already a copy: it becomes the folded convolution
+        if conv.bias is None:
+            conv.bias = nn.Parameter(conv.weight.new_empty(conv.out_channels))
+        node.replace_all_uses_with(source)
+        graph_module.graph.erase_node(node)
+        pairs.append((source.target, node.target))
+    graph_module.graph.lint()
+    graph_module.recompile()
+    graph_module.delete_all_unused_submodules()
+    for p in graph_module.parameters():
+        p.requires_grad_(False)
+    return graph_module.to(memory_format=torch.channels_last).eval(), pairs
+
+
 class FoldedModel(_ChannelsLast):
     """A traced copy of `model` with Conv2d -> BatchNorm2d pairs folded (where the convolution is
     called once, its output feeds only the BatchNorm, and the BatchNorm uses running
     statistics); `refresh` re-copies every weight from the model and re-folds, in place."""
 
     def __init__(self, model: nn.Module):
-        graph_module = fx.symbolic_trace(copy.deepcopy(model))  # raises when not traceable
-        modules = dict(graph_module.named_modules())
-        calls: dict[str, int] = {}  # a convolution called at several places (shared weights) stays as is
-        for node in graph_module.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        self.pairs: list[tuple[str, str]] = []
-        for node in list(graph_module.graph.nodes):
-            norm = modules.get(node.target) if node.op == "call_module" else None
-            source = node.args[0] if node.args else None
-            if not (isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats
-                    and isinstance(source, fx.Node) and source.op == "call_module"
-                    and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1
-                    and calls[source.target] == 1):
-                continue
-            conv = modules[source.target]  # already a copy: it becomes the folded convolution
-            if conv.bias is None:
-                conv.bias = nn.Parameter(conv.weight.new_empty(conv.out_channels))
-            node.replace_all_uses_with(source)
-            graph_module.graph.erase_node(node)
-            self.pairs.append((source.target, node.target))
-        graph_module.graph.lint()
-        graph_module.recompile()
-        graph_module.delete_all_unused_submodules()
-        for p in graph_module.parameters():
-            p.requires_grad_(False)
-        super().__init__(graph_module.to(memory_format=torch.channels_last).eval())
-        self._folded_names = {name for name, _ in self.pairs}
+        graph_module, pairs = _fold_graph(model)
+        super().__init__(graph_module)
+        self.pairs = pairs
+        self._folded_names = {name for name, _ in pairs}
         self.refresh(model)
 
     @torch.no_grad()
