@@ -1,8 +1,8 @@
 """Does input size explain why our undefended models survive FGSM that SPEC §7 says breaks
 them (below chance once eps > 0.006, at 480 px)? The same undefended training at several input
-sizes, each one's FGSM sweep, and the input gradient's L1 norm: FGSM's first-order loss
-increase is eps x ||grad_x L||_1, a sum over pixels, so it grows with the pixel count unless
-the per-pixel gradient shrinks as fast.
+sizes, each one's FGSM sweep, and per test image the first-order eps that flips it: an L-inf
+step of eps changes the logit margin m by about eps x ||grad_x m||_1, a sum over pixels, which
+grows with the pixel count unless the per-pixel gradient shrinks as fast.
 
     EMOSHIELD_DATA=../shared/data .venv/bin/python bench/fgsm_input_size.py \
         [--sizes 48,64,96,128] [--backbone mobilenet_v2] [--weights imagenet] [--dataset ckplus48] \
@@ -31,17 +31,28 @@ sys.path.insert(0, str(ROOT))
 EPS = [0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
-def gradient_l1(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> list[float]:
-    """Per-image L1 norm of d CE / d x (eval mode, images in [0, 1]); x: uint8 images."""
-    from emoshield.attacks.base import attack_context, input_gradient
+def flip_eps(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> tuple[list[float], list[float]]:
+    """Per test image: the eps at which a first-order (linear) model of the logit margin
+    m = z_y - max_{k != y} z_k reaches 0 under an L-inf step, eps* = m / ||grad_x m||_1
+    (0 for images already misclassified), and ||grad_x m||_1 itself. FGSM at eps flips
+    roughly the images with eps* < eps, so the median eps* says where accuracy halves."""
+    from emoshield.attacks.base import attack_context
     from emoshield.training.trainer import to_model_input
 
-    norms = []
+    flips, norms = [], []
     with attack_context(model, "eval"):
         for i in range(0, len(x), batch):
-            grad, _ = input_gradient(model, to_model_input(x[i:i + batch]), y[i:i + batch])
-            norms += grad.abs().flatten(1).sum(1).tolist()
-    return norms
+            xb = to_model_input(x[i:i + batch]).requires_grad_(True)
+            yb = y[i:i + batch]
+            logits = model(xb)
+            true = logits.gather(1, yb[:, None])[:, 0]
+            other = logits.masked_fill(torch.nn.functional.one_hot(yb, logits.shape[1]).bool(), float("-inf")).amax(1)
+            margin = true - other
+            (grad,) = torch.autograd.grad(margin.sum(), xb)
+            l1 = grad.abs().flatten(1).sum(1)
+            norms += l1.tolist()
+            flips += torch.where(margin > 0, margin.detach() / l1.clamp_min(1e-12), torch.zeros_like(l1)).tolist()
+    return flips, norms
 
 
 def run_size(args, size: int, log) -> dict:
@@ -62,15 +73,17 @@ def run_size(args, size: int, log) -> dict:
     sweep = sweep_model(folder, "fgsm", EPS, folder / "sweep", log=lambda m: None)
     model, records, root, meta = model_test_data(folder)
     test, _ = _decode_for(model, records, root, meta["classes"])
-    norms = gradient_l1(model, test.pixels, test.labels)
+    flips, norms = flip_eps(model, test.pixels, test.labels)
     chance = 1 / len(meta["classes"])
     below = [p["eps"] for p in sweep["points"] if p["eps"] > 0 and p["accuracy"] < chance]
-    median = statistics.median(norms)
+    median = statistics.median(flips)
     log(f"{size} px: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
-        f"{next(p['accuracy'] for p in sweep['points'] if p['eps'] == 0.01):.1%}, median ||grad||_1 {median:.1f}")
+        f"{next(p['accuracy'] for p in sweep['points'] if p['eps'] == 0.01):.1%}, median first-order flip eps {median:.4f}")
     return {"input_size": size, "meta": meta, "points": sweep["points"], "first_eps_below_chance": below[0] if below else None,
-            "gradient_l1_median": median, "gradient_l1_per_pixel_median": median / (3 * size * size),
-            "first_order_loss_increase_at_0.006": 0.006 * median, "seconds": train_seconds, "folder": str(folder)}
+            "flip_eps_median": median, "flip_eps_share_below_0.006": sum(f < 0.006 for f in flips) / len(flips),
+            "margin_gradient_l1_median": statistics.median(norms),
+            "margin_gradient_l1_per_pixel_median": statistics.median(norms) / (3 * size * size),
+            "seconds": train_seconds, "folder": str(folder)}
 
 
 def write(rows: list[dict], args, out: Path) -> None:
@@ -89,19 +102,21 @@ def write(rows: list[dict], args, out: Path) -> None:
     lines = ["# FGSM accuracy of undefended models against input size", "",
              f"Every row: {describe_run(dict(rows[0]['meta'], input_size='N'))}; emoshield defaults (batch 32, "
              f"`--augment strong`, SGD 0.01 + Algorithm 1), undefended. Test images: the protocol's test split. "
-             f"Chance = {chance:.0%}. ||g||_1 = L1 norm of the input gradient of the cross-entropy, per image "
-             "(median over the test images); FGSM's first-order loss increase is eps x ||g||_1.", "",
+             f"Chance = {chance:.0%}. Per test image, with the logit margin m = z_true - max other z: "
+             "‖∇m‖₁ = L1 norm of its input gradient, and eps* = m / ‖∇m‖₁, the L-inf step at which the "
+             "linearised margin reaches 0 (0 when already wrong); FGSM at eps flips roughly the images with "
+             "eps* < eps. Medians over the test images.", "",
              "Command: `" + " ".join(["python", "bench/fgsm_input_size.py"] + sys.argv[1:]) + "`", "",
              "| input px | clean | " + " | ".join(f"FGSM {e:g}" for e in eps_cols)
-             + " | first eps below chance | median ‖g‖₁ | per pixel | 0.006 x ‖g‖₁ | train s |",
+             + " | first eps below chance | median eps* | eps* < 0.006 | median ‖∇m‖₁ | per pixel | train s |",
              "|---:|---:|" + "---:|" * len(eps_cols) + "---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = {p["eps"]: p["accuracy"] for p in r["points"]}
         first = r["first_eps_below_chance"]
         lines.append(f"| {r['input_size']} | {acc[0.0]:.1%} | " + " | ".join(f"{acc[e]:.1%}" for e in eps_cols)
-                     + f" | {first if first is not None else '> 0.03'} | {r['gradient_l1_median']:.1f} | "
-                     f"{r['gradient_l1_per_pixel_median']:.2e} | {r['first_order_loss_increase_at_0.006']:.2f} | "
-                     f"{r['seconds']:.0f} |")
+                     + f" | {first if first is not None else '> 0.03'} | {r['flip_eps_median']:.4f} | "
+                     f"{r['flip_eps_share_below_0.006']:.1%} | {r['margin_gradient_l1_median']:.0f} | "
+                     f"{r['margin_gradient_l1_per_pixel_median']:.2e} | {r['seconds']:.0f} |")
     lines += ["", "![FGSM accuracy vs eps per input size](sweep.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
 
