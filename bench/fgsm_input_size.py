@@ -6,8 +6,8 @@ grows with the pixel count unless the per-pixel gradient shrinks as fast.
 
     EMOSHIELD_DATA=../shared/data .venv/bin/python bench/fgsm_input_size.py \
         [--sizes 48,64,96,128] [--backbone mobilenet_v2] [--weights imagenet] [--dataset ckplus48] \
-        [--protocol reference] [--classes ...] [--epochs 50] [--seed 0] [--work runs/bench/fgsm_input_size] \
-        [--out results/fgsm_input_size]
+        [--protocol reference] [--classes ...] [--epochs 50] [--augment strong] [--seed 0] [--work runs/bench/fgsm_input_size] \
+        [--out results/fgsm_input_size] [--also DIR,DIR]
 
 Training uses emoshield's defaults (batch 32, `--augment strong`, SGD 0.01 + Algorithm 1),
 the recipe of `emoshield reproduce`'s localization runs; finished sizes are skipped and an
@@ -55,35 +55,45 @@ def flip_eps(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> tuple[
     return flips, norms
 
 
-def run_size(args, size: int, log) -> dict:
-    from emoshield.pipeline import (DataOptions, ModelOptions, _decode_for, model_test_data, sweep_model,
-                                    train_model)
+def train_size(args, size: int, log) -> tuple[Path, float]:
+    """Train (or resume, or find finished) the undefended model at `size` px: (folder, seconds)."""
+    from emoshield.pipeline import DataOptions, ModelOptions, train_model
     from emoshield.training import TrainConfig
 
-    folder = Path(args.work) / f"{args.backbone}-{size}px"
+    folder = Path(args.work) / (f"{args.backbone}-{size}px" + ("" if args.augment == "strong" else f"-{args.augment}"))
     started = time.perf_counter()
     if not (folder / "metrics.json").is_file():
         resume = (folder / "checkpoint.safetensors").is_file()
         log(f"{size} px: {'resuming' if resume else 'training'} {args.backbone} ({args.weights}), {args.epochs} epochs")
         train_model(DataOptions(dataset=args.dataset, protocol=args.protocol, fold=0, classes=args.classes),
                     ModelOptions(backbone=args.backbone, weights=args.weights, input_size=size),
-                    TrainConfig(epochs=args.epochs, seed=args.seed), folder, resume=resume, progress=False,
+                    TrainConfig(epochs=args.epochs, seed=args.seed, augment=args.augment), folder, resume=resume,
+                    progress=False,
                     log=lambda m: log(f"  {m}"))
-    train_seconds = time.perf_counter() - started
+    return folder, time.perf_counter() - started
+
+
+def analyse(folder: Path, log) -> dict:
+    """FGSM sweep and first-order flip eps of the model in `folder`, on its own test split."""
+    from emoshield.pipeline import _decode_for, model_test_data, sweep_model
+
     sweep = sweep_model(folder, "fgsm", EPS, folder / "sweep", log=lambda m: None)
     model, records, root, meta = model_test_data(folder)
     test, _ = _decode_for(model, records, root, meta["classes"])
     flips, norms = flip_eps(model, test.pixels, test.labels)
     chance = 1 / len(meta["classes"])
     below = [p["eps"] for p in sweep["points"] if p["eps"] > 0 and p["accuracy"] < chance]
+    size = meta["input_size"]
+    augment = json.loads((folder / "run.json").read_text())["train_config"]["augment"]
+    label = f"{meta['backbone']} ({meta['weights']}, {meta['head']} head) {size} px, augment {augment}"
     median = statistics.median(flips)
-    log(f"{size} px: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
+    log(f"{label}: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
         f"{next(p['accuracy'] for p in sweep['points'] if p['eps'] == 0.01):.1%}, median first-order flip eps {median:.4f}")
-    return {"input_size": size, "meta": meta, "points": sweep["points"], "first_eps_below_chance": below[0] if below else None,
+    return {"label": label, "input_size": size, "meta": meta, "points": sweep["points"],
+            "first_eps_below_chance": below[0] if below else None,
             "flip_eps_median": median, "flip_eps_share_below_0.006": sum(f < 0.006 for f in flips) / len(flips),
             "margin_gradient_l1_median": statistics.median(norms),
-            "margin_gradient_l1_per_pixel_median": statistics.median(norms) / (3 * size * size),
-            "seconds": train_seconds, "folder": str(folder)}
+            "margin_gradient_l1_per_pixel_median": statistics.median(norms) / (3 * size * size), "folder": str(folder)}
 
 
 def write(rows: list[dict], args, out: Path) -> None:
@@ -94,29 +104,30 @@ def write(rows: list[dict], args, out: Path) -> None:
     chance = 1 / len(rows[0]["meta"]["classes"])
     (out / "results.json").write_text(json.dumps({"command": sys.argv, "chance": chance, "rows": rows}, indent=1,
                                                  default=str))
-    plot_accuracy_vs_eps({f"{r['input_size']} px": ([p["eps"] for p in r["points"]],
-                                                    [p["accuracy"] for p in r["points"]]) for r in rows},
-                         out / "sweep.png", f"FGSM, undefended {args.backbone} ({args.weights}), "
-                         f"{args.dataset} {args.protocol}", chance=chance)
+    plot_accuracy_vs_eps({r["label"]: ([p["eps"] for p in r["points"]], [p["accuracy"] for p in r["points"]])
+                          for r in rows},
+                         out / "sweep.png", f"FGSM on undefended models, {args.dataset} {args.protocol}", chance=chance)
     eps_cols = [e for e in EPS if e in (0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03)]
     lines = ["# FGSM accuracy of undefended models against input size", "",
-             f"Every row: {describe_run(dict(rows[0]['meta'], input_size='N'))}; emoshield defaults (batch 32, "
-             f"`--augment strong`, SGD 0.01 + Algorithm 1), undefended. Test images: the protocol's test split. "
+             f"Rows by input size: {describe_run(dict(rows[0]['meta'], input_size='N'))}; emoshield defaults "
+             f"(batch 32, SGD 0.01 + Algorithm 1; augmentation as named), undefended; other rows (`--also`): the "
+             f"same data, split, epochs, seed and recipe with the backbone and weights named. Test images: the protocol's test split. "
              f"Chance = {chance:.0%}. Per test image, with the logit margin m = z_true - max other z: "
              "‖∇m‖₁ = L1 norm of its input gradient, and eps* = m / ‖∇m‖₁, the L-inf step at which the "
              "linearised margin reaches 0 (0 when already wrong); FGSM at eps flips roughly the images with "
              "eps* < eps. Medians over the test images.", "",
              "Command: `" + " ".join(["python", "bench/fgsm_input_size.py"] + sys.argv[1:]) + "`", "",
-             "| input px | clean | " + " | ".join(f"FGSM {e:g}" for e in eps_cols)
+             "| model | clean | " + " | ".join(f"FGSM {e:g}" for e in eps_cols)
              + " | first eps below chance | median eps* | eps* < 0.006 | median ‖∇m‖₁ | per pixel | train s |",
-             "|---:|---:|" + "---:|" * len(eps_cols) + "---:|---:|---:|---:|---:|"]
+             "|---|---:|" + "---:|" * len(eps_cols) + "---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = {p["eps"]: p["accuracy"] for p in r["points"]}
         first = r["first_eps_below_chance"]
-        lines.append(f"| {r['input_size']} | {acc[0.0]:.1%} | " + " | ".join(f"{acc[e]:.1%}" for e in eps_cols)
+        lines.append(f"| {r['label']} | {acc[0.0]:.1%} | " + " | ".join(f"{acc[e]:.1%}" for e in eps_cols)
                      + f" | {first if first is not None else '> 0.03'} | {r['flip_eps_median']:.4f} | "
                      f"{r['flip_eps_share_below_0.006']:.1%} | {r['margin_gradient_l1_median']:.0f} | "
-                     f"{r['margin_gradient_l1_per_pixel_median']:.2e} | {r['seconds']:.0f} |")
+                     f"{r['margin_gradient_l1_per_pixel_median']:.2e} | "
+                     + (f"{r['seconds']:.0f} |" if r.get("seconds") is not None else "— |"))
     lines += ["", "![FGSM accuracy vs eps per input size](sweep.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
 
@@ -130,9 +141,12 @@ def main() -> int:
     parser.add_argument("--protocol", default="reference")
     parser.add_argument("--classes", default=None, help="default: the reference's classes where the dataset has them")
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--augment", default="strong", choices=["none", "flip", "standard", "strong"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/bench/fgsm_input_size")
     parser.add_argument("--out", default="results/fgsm_input_size")
+    parser.add_argument("--also", help="comma-separated folders of other trained models to analyse the same way "
+                                       "(e.g. a reproduce study's scratch runs)")
     args = parser.parse_args()
     from emoshield.reproduce import DEFAULT_CLASSES
 
@@ -143,8 +157,12 @@ def main() -> int:
 
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        rows.append(run_size(args, size, log))
+        folder, seconds = train_size(args, size, log)
+        rows.append(dict(analyse(folder, log), seconds=seconds))
         write(rows, args, Path(args.out))  # a partial table after every size
+    for folder in filter(None, (args.also or "").split(",")):
+        rows.append(analyse(Path(folder), log))
+        write(rows, args, Path(args.out))
     print((Path(args.out) / "results.md").read_text())
     return 0
 
