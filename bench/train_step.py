@@ -12,17 +12,16 @@ in bench/results.json and the "train_step" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, record  # noqa: E402
+from report import interleaved_medians, machine, record  # noqa: E402
 
 
 DEFAULT = "defended (eval-mode BN, the default)"
@@ -60,9 +59,8 @@ def main() -> int:
 
     from emoshield.attacks.folding import _CACHE
 
-    def step(name: str) -> float:
+    def step(name: str) -> None:
         trainer = trainers[name]
-        started = time.perf_counter()
         if name == REBUILT:
             _CACHE.clear()
         optimizer.zero_grad(set_to_none=True)
@@ -71,15 +69,11 @@ def main() -> int:
         else:
             trainer._defended_backward(x, y, seed=0)
         optimizer.step()
-        return time.perf_counter() - started
 
-    for name in variants:  # warm-up
-        step(name)
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name in variants:  # interleaved, so drift hits every variant alike
-            times[name].append(step(name))
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    runners = {name: functools.partial(step, name) for name in variants}
+    for run in runners.values():  # warm-up
+        run()
+    medians = interleaved_medians(runners, args.repeats)
     result = {
         "backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
