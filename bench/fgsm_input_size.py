@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,13 +54,12 @@ def flip_eps(model, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> tuple[
     return flips, norms
 
 
-def train_size(args, size: int, log) -> tuple[Path, float]:
-    """Train (or resume, or find finished) the undefended model at `size` px: (folder, seconds)."""
+def train_size(args, size: int, log) -> Path:
+    """Train (or resume, or find finished) the undefended model at `size` px; its folder."""
     from emoshield.pipeline import DataOptions, ModelOptions, train_model
     from emoshield.training import TrainConfig
 
     folder = Path(args.work) / (f"{args.backbone}-{size}px" + ("" if args.augment == "strong" else f"-{args.augment}"))
-    started = time.perf_counter()
     if not (folder / "metrics.json").is_file():
         resume = (folder / "checkpoint.safetensors").is_file()
         log(f"{size} px: {'resuming' if resume else 'training'} {args.backbone} ({args.weights}), {args.epochs} epochs")
@@ -70,7 +68,7 @@ def train_size(args, size: int, log) -> tuple[Path, float]:
                     TrainConfig(epochs=args.epochs, seed=args.seed, augment=args.augment), folder, resume=resume,
                     progress=False,
                     log=lambda m: log(f"  {m}"))
-    return folder, time.perf_counter() - started
+    return folder
 
 
 def analyse(folder: Path, log) -> dict:
@@ -85,6 +83,8 @@ def analyse(folder: Path, log) -> dict:
     below = [p["eps"] for p in sweep["points"] if p["eps"] > 0 and p["accuracy"] < chance]
     size = meta["input_size"]
     augment = json.loads((folder / "run.json").read_text())["train_config"]["augment"]
+    history = folder / "history.json"
+    seconds = sum(e.get("seconds", 0) for e in json.loads(history.read_text())) if history.is_file() else None
     label = f"{meta['backbone']} ({meta['weights']}, {meta['head']} head) {size} px, augment {augment}"
     median = statistics.median(flips)
     log(f"{label}: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
@@ -93,24 +93,57 @@ def analyse(folder: Path, log) -> dict:
             "first_eps_below_chance": below[0] if below else None,
             "flip_eps_median": median, "flip_eps_share_below_0.006": sum(f < 0.006 for f in flips) / len(flips),
             "margin_gradient_l1_median": statistics.median(norms),
-            "margin_gradient_l1_per_pixel_median": statistics.median(norms) / (3 * size * size), "folder": str(folder)}
+            "margin_gradient_l1_per_pixel_median": statistics.median(norms) / (3 * size * size),
+            "seconds": seconds, "folder": str(folder)}
+
+
+def short_label(row: dict) -> str:
+    weights = row["meta"]["weights"]
+    source = "FER2013" if weights.startswith("library:") else weights.split(":")[0]
+    augment = row["label"].rsplit("augment ", 1)[-1]
+    return f"{row['meta']['backbone']} {source} {row['input_size']} px" + ("" if augment == "strong" else f", {augment} aug.")
+
+
+def plot(rows: list[dict], path: Path, title: str, chance: float) -> None:
+    """One line per model: the input-size series in one colour map, the other rows dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    sizes = [r for r in rows if r.get("by_size")]
+    for i, r in enumerate(rows):
+        by_size = r.get("by_size")
+        colour = plt.cm.viridis(0.1 + 0.75 * sizes.index(r) / max(len(sizes) - 1, 1)) if by_size else f"C{i % 10}"
+        ax.plot([p["eps"] for p in r["points"]], [p["accuracy"] * 100 for p in r["points"]], marker="o",
+                markersize=3, color=colour, linestyle="-" if by_size else "--", label=short_label(r))
+    ax.axhline(chance * 100, color="gray", linewidth=0.8, linestyle=":", label="chance")
+    ax.axvline(0.006, color="red", linewidth=0.6, linestyle=":", label="eps 0.006 (SPEC §7)")
+    ax.set_xlabel("eps (L-inf, images in [0, 1])")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write(rows: list[dict], args, out: Path) -> None:
-    from emoshield.evaluation.plots import plot_accuracy_vs_eps
     from emoshield.evaluation.report import describe_run
 
     out.mkdir(parents=True, exist_ok=True)
     chance = 1 / len(rows[0]["meta"]["classes"])
     (out / "results.json").write_text(json.dumps({"command": sys.argv, "chance": chance, "rows": rows}, indent=1,
                                                  default=str))
-    plot_accuracy_vs_eps({r["label"]: ([p["eps"] for p in r["points"]], [p["accuracy"] for p in r["points"]])
-                          for r in rows},
-                         out / "sweep.png", f"FGSM on undefended models, {args.dataset} {args.protocol}", chance=chance)
+    plot(rows, out / "sweep.png", f"FGSM on undefended models, {args.dataset} {args.protocol} protocol, "
+         f"{rows[0]['meta']['epochs']} epochs, seed {rows[0]['meta']['seed']}", chance)
     eps_cols = [e for e in EPS if e in (0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03)]
     lines = ["# FGSM accuracy of undefended models against input size", "",
              f"Rows by input size: {describe_run(dict(rows[0]['meta'], input_size='N'))}; emoshield defaults "
-             f"(batch 32, SGD 0.01 + Algorithm 1; augmentation as named), undefended; other rows (`--also`): the "
+             f"(batch 32, SGD 0.01 + Algorithm 1; augmentation as named), undefended; training s = wall seconds of the 50 epochs on 2 shared CPU cores (other jobs running beside); other rows (`--also`): the "
              f"same data, split, epochs, seed and recipe with the backbone and weights named. Test images: the protocol's test split. "
              f"Chance = {chance:.0%}. Per test image, with the logit margin m = z_true - max other z: "
              "‖∇m‖₁ = L1 norm of its input gradient, and eps* = m / ‖∇m‖₁, the L-inf step at which the "
@@ -118,7 +151,7 @@ def write(rows: list[dict], args, out: Path) -> None:
              "eps* < eps. Medians over the test images.", "",
              "Command: `" + " ".join(["python", "bench/fgsm_input_size.py"] + sys.argv[1:]) + "`", "",
              "| model | clean | " + " | ".join(f"FGSM {e:g}" for e in eps_cols)
-             + " | first eps below chance | median eps* | eps* < 0.006 | median ‖∇m‖₁ | per pixel | train s |",
+             + " | first eps below chance | median eps* | eps* < 0.006 | median ‖∇m‖₁ | per pixel | training s |",
              "|---|---:|" + "---:|" * len(eps_cols) + "---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = {p["eps"]: p["accuracy"] for p in r["points"]}
@@ -157,8 +190,7 @@ def main() -> int:
 
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        folder, seconds = train_size(args, size, log)
-        rows.append(dict(analyse(folder, log), seconds=seconds))
+        rows.append(dict(analyse(train_size(args, size, log), log), by_size=True))
         write(rows, args, Path(args.out))  # a partial table after every size
     for folder in filter(None, (args.also or "").split(",")):
         rows.append(analyse(Path(folder), log))
