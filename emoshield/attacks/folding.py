@@ -132,9 +132,10 @@ def eval_graph(model: nn.Module, gradient_images: int | None = None) -> nn.Modul
     eval mode and its parameters frozen (attack_context does both). Returns `model` itself when
     torch.fx cannot trace it, or when no copy exists yet and `gradient_images` (batch size x
     gradient evaluations of the coming attack) is below FOLD_MIN_GRADIENT_IMAGES."""
+    too_small = gradient_images is not None and gradient_images < FOLD_MIN_GRADIENT_IMAGES
     with _LOCK:
         entry = _CACHE.get(model)
-        if entry is None and gradient_images is not None and gradient_images < FOLD_MIN_GRADIENT_IMAGES:
+        if entry is None and too_small:  # before computing the keys: small attacks stay cheap
             return model
         structure, version = _structure_key(model), _version_key(model)
         if entry is not None and entry[0] == structure:
@@ -144,7 +145,7 @@ def eval_graph(model: nn.Module, gradient_images: int | None = None) -> nn.Modul
                 entry[2].refresh(model)
                 entry[1] = version
             return entry[2].eval()
-        if gradient_images is not None and gradient_images < FOLD_MIN_GRADIENT_IMAGES:
+        if too_small:
             return model
         try:
             folded = FoldedModel(model)
