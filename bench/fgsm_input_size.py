@@ -89,7 +89,7 @@ def analyse(folder: Path, log) -> dict:
     median = statistics.median(flips)
     log(f"{label}: clean {sweep['points'][0]['accuracy']:.1%}, FGSM 0.01 "
         f"{next(p['accuracy'] for p in sweep['points'] if p['eps'] == 0.01):.1%}, median first-order flip eps {median:.4f}")
-    return {"label": label, "input_size": size, "meta": meta, "points": sweep["points"],
+    return {"label": label, "input_size": size, "augment": augment, "meta": meta, "points": sweep["points"],
             "first_eps_below_chance": below[0] if below else None,
             "flip_eps_median": median, "flip_eps_share_below_0.006": sum(f < 0.006 for f in flips) / len(flips),
             "margin_gradient_l1_median": statistics.median(norms),
@@ -100,8 +100,8 @@ def analyse(folder: Path, log) -> dict:
 def short_label(row: dict) -> str:
     weights = row["meta"]["weights"]
     source = "FER2013" if weights.startswith("library:") else weights.split(":")[0]
-    augment = row["label"].rsplit("augment ", 1)[-1]
-    return f"{row['meta']['backbone']} {source} {row['input_size']} px" + ("" if augment == "strong" else f", {augment} aug.")
+    return (f"{row['meta']['backbone']} {source} {row['input_size']} px"
+            + ("" if row["augment"] == "strong" else f", {row['augment']} aug."))
 
 
 def plot(rows: list[dict], path: Path, title: str, chance: float) -> None:
