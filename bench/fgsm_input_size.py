@@ -59,7 +59,8 @@ def train_size(args, size: int, log) -> Path:
     from emoshield.pipeline import DataOptions, ModelOptions, train_model
     from emoshield.training import TrainConfig
 
-    folder = Path(args.work) / (f"{args.backbone}-{size}px" + ("" if args.augment == "strong" else f"-{args.augment}"))
+    folder = Path(args.work) / (f"{args.backbone}-{size}px" + ("" if args.augment == "strong" else f"-{args.augment}")
+                                + ("" if args.seed == 0 else f"-seed{args.seed}"))
     if not (folder / "metrics.json").is_file():
         resume = (folder / "checkpoint.safetensors").is_file()
         log(f"{size} px: {'resuming' if resume else 'training'} {args.backbone} ({args.weights}), {args.epochs} epochs")
