@@ -21,11 +21,22 @@ is rewritten by the script it names.
 """
 
 
+def cpu_bfloat16() -> str:
+    """The CPU's native bfloat16 support (AMX / AVX512-BF16), which decides whether --amp pays off."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(found) or "none"
+
+
 def machine() -> dict:
     import numpy
 
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": numpy.__version__}
+            "numpy": numpy.__version__, "cpu_bfloat16": cpu_bfloat16()}
     for name in ("torch", "onnxruntime", "cv2", "torchattacks"):
         try:
             info[name] = __import__(name).__version__

@@ -1,7 +1,8 @@
 """Cost of one training step, side by side in one process: clean vs defended (S = {FGSM, R+FGSM},
-fused clean+FGSM pass, the default) vs defended with eval-mode attack generation (a
-separate FGSM pass) vs PGD-7 adversarial training. Ratios of medians over repeated
-interleaved runs, so machine drift cancels.
+eval-mode attack passes, the default) vs defended with the fused clean+FGSM pass (train-mode
+BN) vs PGD-7 adversarial training, and clean / defended with `--amp` (training passes in
+bfloat16, attack passes still float32). Ratios of medians over repeated interleaved runs, so
+machine drift cancels.
 
     .venv/bin/python bench/train_step.py [--backbone resnet18] [--input-size 48] [--batch-size 128] [--repeats 7]
 
@@ -26,6 +27,8 @@ from report import interleaved_medians, machine, record  # noqa: E402
 
 DEFAULT = "defended (eval-mode BN, the default)"
 REBUILT = "the same, folded copy rebuilt every step (before it was refreshed in place)"
+CLEAN_AMP = "clean, --amp (bfloat16 training pass)"
+DEFENDED_AMP = "defended, --amp (attack passes float32, training passes bfloat16)"
 
 
 def main() -> int:
@@ -51,8 +54,11 @@ def main() -> int:
         DEFAULT: DefenseConfig(attack_bn="eval"),
         REBUILT: DefenseConfig(attack_bn="eval"),
         "PGD-7 adversarial training": DefenseConfig(methods={"pgd": 1.0}, beta0=0.5, pgd_steps=7),
+        CLEAN_AMP: None,
+        DEFENDED_AMP: DefenseConfig(attack_bn="eval"),
     }
-    trainers = {name: Trainer(model, TrainConfig(augment="none"), Path("/tmp"), progress=False, defense=d)
+    trainers = {name: Trainer(model, TrainConfig(augment="none", amp=name in (CLEAN_AMP, DEFENDED_AMP)), Path("/tmp"),
+                              progress=False, defense=d)
                 for name, d in variants.items()}
     optimizer = make_optimizer(model, TrainConfig())
     model.train()
@@ -65,7 +71,9 @@ def main() -> int:
             _CACHE.clear()
         optimizer.zero_grad(set_to_none=True)
         if trainer.defense is None:
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            with trainer._autocast():
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
         else:
             trainer._defended_backward(x, y, seed=0)
         optimizer.step()
@@ -89,13 +97,17 @@ def main() -> int:
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps ({info['cpus']} cores; "
           f"torch {info.get('torch')}). Defended = S {{FGSM, R+FGSM}}: perturbations made with the current model, "
           "then one forward/backward on clean + both perturbed batches (SPEC §6). Eval-mode attack passes run on "
-          "a BatchNorm-folded channels_last copy of the current weights.", "",
+          "a BatchNorm-folded channels_last copy of the current weights. `--amp` runs the training passes "
+          "under bfloat16 autocast (weights and attack passes stay float32); it pays off only on CPUs with "
+          f"native bfloat16 (this one: {info['cpu_bfloat16']}).", "",
           "| step | median s | x clean |", "|---|---:|---:|"]
     md += [f"| {name} | {m:.3f} | {m / medians['clean']:.2f} |" for name, m in medians.items()]
     ratios = result["ratio_to_clean"]
     record("train_step", {"defended_step_ratio": ratios[DEFAULT],
                           "defended_step_ratio_train_bn": ratios["defended (fused FGSM, train-mode BN)"],
-                          "pgd7_step_ratio": ratios["PGD-7 adversarial training"]}, "\n".join(md))
+                          "pgd7_step_ratio": ratios["PGD-7 adversarial training"],
+                          "defended_amp_step_ratio": ratios[DEFENDED_AMP],
+                          "defended_amp_vs_clean_amp": medians[DEFENDED_AMP] / medians[CLEAN_AMP]}, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -371,29 +371,35 @@ def cmd_cloud_pretrain(args) -> int:
 
 
 def cmd_cloud_list(args) -> int:
-    from .tiers.library import default_library, list_entries
+    from .tiers.library import list_entries, search_path
 
-    entries = list_entries(Path(args.library) if args.library else None)
+    library = Path(args.library) if args.library else None
+    entries = list_entries(library)
     if args.json:
         print(json.dumps(entries, indent=1))
         return 0
-    print(f"model library {args.library or default_library()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    print(f"model library {' + '.join(str(p) for p in search_path(library))}: "
+          f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
-        print(f"  {e['name']:<24} {e['backbone']:<14} {e['input_size']:>4} px  {e['data'] or '-':<28} "
+        test = (e.get("accuracy") or {}).get("test")
+        print(f"  {e['name']:<24} {e['backbone']:<14} {e['input_size']:>4} px  "
+              f"test {f'{test:.1%}' if test is not None else '-':>6}  {'embedded' if e.get('embedded') else 'user':<8}  "
               f"sha256 {e['sha256'][:16]}")
     return 0
 
 
 def cmd_cloud_serve(args) -> int:
-    from .tiers.cloud import create_app
-    from .tiers.library import default_library
-
-    library = Path(args.library) if args.library else default_library()
     import os
+
+    from .tiers.cloud import create_app
+    from .tiers.library import search_path
+
+    library = Path(args.library) if args.library else None
 
     database = args.database or os.environ.get("EMOSHIELD_CLOUD_DATABASE_URL")
     _serve(create_app(library, database), args.host, args.port,
-           f"cloud model library {library}" + (" (catalog in a database)" if database else ""))
+           f"cloud model library {' + '.join(str(p) for p in search_path(library))}"
+           + (" (catalog in a database)" if database else ""))
     return 0
 
 
@@ -600,11 +606,13 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cloud_pretrain)
     p = cloud.add_parser("list", help="entries of the model library")
-    p.add_argument("--library")
+    p.add_argument("--library", help="list this folder only (default: $EMOSHIELD_LIBRARY or the cache, "
+                                     "then the embedded library shipped with emoshield)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cloud_list)
     p = cloud.add_parser("serve", help="serve the model library over HTTP (FastAPI)")
-    p.add_argument("--library")
+    p.add_argument("--library", help="serve this folder only (default: $EMOSHIELD_LIBRARY or the cache, "
+                                     "then the embedded library shipped with emoshield)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--database", help="SQLAlchemy URL of a catalog the library is indexed into at start and "

@@ -117,7 +117,7 @@ def test_defense_cli_end_to_end(tmp_path, data_root):
     assert metrics["defense"]["attack_bn"] == "eval"
 
     out = tmp_path / "eval"
-    proc = run("evaluate", "--model", tmp_path / "def", "--baseline", tmp_path / "plain", "--attacks",
+    run("evaluate", "--model", tmp_path / "def", "--baseline", tmp_path / "plain", "--attacks",
                "fgsm,rfgsm,pgd,apgd", "--eps", "0.005,0.01", "--apgd-steps", "5", "--pgd-steps", "3",
                "--corruptions", "jpeg,contrast", "--out", out)
     result = json.loads((out / "robustness.json").read_text())

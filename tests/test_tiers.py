@@ -222,3 +222,42 @@ def test_cloud_pretrain_adds_a_fer2013_backbone_that_training_loads_by_name(tmp_
     pretrained, tuned = load_file(weights), load_file(out / "model.safetensors")
     features = [k for k in pretrained if k.startswith("features.")]
     assert features and all(np.array_equal(pretrained[k].numpy(), tuned[k].numpy()) for k in features)
+
+
+def _fake_entry(root, name, backbone):
+    from emoshield.tiers.bundle import sha256_file
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "weights.safetensors").write_bytes(name.encode())
+    meta = {"name": name, "backbone": backbone, "input_size": 48, "data": "", "sha256": sha256_file(folder / "weights.safetensors")}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_library_search_path_user_entries_first_then_the_embedded_library(tmp_path, monkeypatch):
+    from emoshield.tiers import library as lib
+
+    user, embedded = tmp_path / "user", tmp_path / "embedded"
+    monkeypatch.setattr(lib, "EMBEDDED_LIBRARY", embedded)
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(user))
+    _fake_entry(embedded, "shipped", "smallcnn")
+    _fake_entry(embedded, "both", "smallcnn")
+    _fake_entry(user, "both", "resnet18")
+    _fake_entry(user, "mine", "resnet18")
+
+    entries = {e["name"]: e for e in lib.list_entries()}
+    assert sorted(entries) == ["both", "mine", "shipped"]
+    assert entries["shipped"].get("embedded") is True
+    assert entries["both"]["backbone"] == "resnet18" and "embedded" not in entries["both"]  # the user's overrides
+    meta, weights = lib.read_entry("shipped")
+    assert meta["embedded"] and weights == embedded / "shipped" / "weights.safetensors"
+    assert lib.read_entry("both")[1] == user / "both" / "weights.safetensors"
+    # writing never targets the embedded library; an explicit library is searched alone
+    assert lib.entry_dir("shipped") == user / "shipped"
+    assert [e["name"] for e in lib.list_entries(user)] == ["both", "mine"]
+    with pytest.raises(EmoshieldError, match="no library entry 'shipped'"):
+        lib.read_entry("shipped", user)
+    (embedded / "shipped" / "weights.safetensors").write_bytes(b"replaced")
+    with pytest.raises(EmoshieldError, match="sha256 does not match"):
+        lib.read_entry("shipped")

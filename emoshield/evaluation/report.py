@@ -105,7 +105,7 @@ def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None
                 value = report["worst_case"].get(e)
                 delta = comparison["worst_case"].get(e) if comparison else None
                 cells.append(_pct(value["accuracy"]) + _arrow(delta) if value else "")
-            lines.append(f"| **Worst case** (all attacks) | " + " | ".join(cells) + " |")
+            lines.append("| **Worst case** (all attacks) | " + " | ".join(cells) + " |")
         lines.append("")
     if report["corruptions"]:
         lines += ["## Camera corruptions", "", "| corruption | " + " | ".join(f"severity {s}" for s in range(1, 6))

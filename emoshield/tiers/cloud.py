@@ -6,6 +6,7 @@ their sha256, so edge nodes can fetch one and verify it before training on it.
     GET /backbones/{name}             metadata (backbone, input size, data, accuracy, sha256, ...)
     GET /backbones/{name}/weights     the safetensors file (X-Content-SHA256 header)
 
+By default it serves the user's library and then the embedded one (tiers/library.py).
 OpenAPI docs at /docs. Read-only: entries are added with `emoshield cloud add` or
 `emoshield cloud pretrain`. With a database (`--database URL`, any SQLAlchemy URL), the entries
 found in the library folder are indexed there at start and the service answers from that
@@ -17,21 +18,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EmoshieldError
-from .library import WEIGHTS_FILE, entry_dir, list_entries, read_entry
+from .library import WEIGHTS_FILE, find_entry_dir, list_entries, read_entry
 
 
-def create_app(library: Path, database: str | None = None):
+def create_app(library: Path | None = None, database: str | None = None):
+    """The service over one library folder, or (None) the default search path: the user's
+    library, then the embedded one."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse
 
-    library = Path(library)
+    library = Path(library) if library is not None else None
     app = FastAPI(title="emoshield cloud", description="Model library of pretrained backbones.", version="1")
     catalog = None
     if database:
         from .store import LibraryCatalog
 
         catalog = LibraryCatalog(database)
-        catalog.sync(list_entries(library), lambda name: entry_dir(name, library) / WEIGHTS_FILE)
+        catalog.sync(list_entries(library), lambda name: find_entry_dir(name, library) / WEIGHTS_FILE)
 
     def entries() -> list[dict]:
         return catalog.entries() if catalog else list_entries(library)

@@ -5,8 +5,12 @@
                                    epochs, accuracy, sha256 of the weights file, creation time
 
 `--weights library:NAME` in training reads LIB/NAME (LIB = $EMOSHIELD_LIBRARY, default
-<cache>/library). Reading is torch-free (the cloud service only lists and serves files);
-adding an entry builds the model and so imports torch.
+<cache>/library), and, when LIB has no such entry, the embedded library shipped inside the
+package (emoshield/library: small backbones this project pretrained itself, so a fresh clone
+has a FER2013-pretrained starting point without any download; README "Model library" says how
+to rebuild them). An explicit library folder (`--library`) is searched alone. Reading is
+torch-free (the cloud service only lists and serves files); adding an entry builds the model
+and so imports torch.
 """
 
 from __future__ import annotations
@@ -26,8 +30,19 @@ METADATA_FILE = "metadata.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+EMBEDDED_LIBRARY = Path(__file__).resolve().parent.parent / "library"
+
+
 def default_library() -> Path:
     return Path(os.environ["EMOSHIELD_LIBRARY"]) if os.environ.get("EMOSHIELD_LIBRARY") else cache_dir() / "library"
+
+
+def search_path(library: Path | None = None) -> list[Path]:
+    """Folders searched for entries, first match wins: an explicit library alone; by default the
+    user's library, then the embedded one (so a user entry of the same name overrides it)."""
+    if library is not None:
+        return [Path(library)]
+    return [default_library()] + ([EMBEDDED_LIBRARY] if EMBEDDED_LIBRARY.is_dir() else [])
 
 
 def check_name(name: str) -> str:
@@ -38,29 +53,46 @@ def check_name(name: str) -> str:
 
 
 def entry_dir(name: str, library: Path | None = None) -> Path:
+    """Where entry `name` is written (the explicit or the user's library; never the embedded one)."""
     return Path(library or default_library()) / check_name(name)
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / METADATA_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def find_entry_dir(name: str, library: Path | None = None) -> Path | None:
+    """The folder holding entry `name` along the search path, or None."""
+    check_name(name)
+    return next((root / name for root in search_path(library) if _complete(root / name)), None)
+
+
 def list_entries(library: Path | None = None) -> list[dict]:
-    """Metadata of every entry, sorted by name (entries without metadata are skipped)."""
-    root = Path(library or default_library())
-    if not root.is_dir():
-        return []
-    entries = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        meta = folder / METADATA_FILE
-        if meta.is_file() and (folder / WEIGHTS_FILE).is_file():
-            entries.append(json.loads(meta.read_text()))
-    return entries
+    """Metadata of every entry along the search path, sorted by name (entries without metadata
+    are skipped; an embedded entry is marked "embedded": true)."""
+    found: dict[str, dict] = {}
+    for root in search_path(library):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if folder.name not in found and _complete(folder):
+                found[folder.name] = _metadata(folder)
+    return [found[name] for name in sorted(found)]
+
+
+def _metadata(folder: Path) -> dict:
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    return {**meta, "embedded": True} if folder.parent == EMBEDDED_LIBRARY else meta
 
 
 def read_entry(name: str, library: Path | None = None, verify: bool = True) -> tuple[dict, Path]:
     """(metadata, weights path) of one entry; with verify, the file's sha256 must match."""
-    folder = entry_dir(name, library)
-    if not (folder / METADATA_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+    folder = find_entry_dir(name, library)
+    if folder is None:
         names = ", ".join(e["name"] for e in list_entries(library)) or "none"
-        raise EmoshieldError(f"no library entry {name!r} in {folder.parent} (entries: {names})")
-    meta = json.loads((folder / METADATA_FILE).read_text())
+        searched = ", ".join(str(p) for p in search_path(library))
+        raise EmoshieldError(f"no library entry {name!r} in {searched} (entries: {names})")
+    meta = _metadata(folder)
     if verify and sha256_file(folder / WEIGHTS_FILE) != meta.get("sha256"):
         raise EmoshieldError(f"{folder / WEIGHTS_FILE}: sha256 does not match its metadata (corrupt or replaced)")
     return meta, folder / WEIGHTS_FILE
