@@ -1,7 +1,8 @@
 """RESULTS.md from the committed study folders (results/reproduce/*/results.json): our numbers
-beside the reference's, a headline table and one table per claim.
+beside the reference's, a headline table and one table per claim; plus the cloud tier's FER2013
+pretraining runs (results/cloud_pretrain/*/, copied there by scripts/collect_pretrain.py).
 
-    .venv/bin/python scripts/results_md.py [--studies results/reproduce] [--out RESULTS.md]
+    .venv/bin/python scripts/results_md.py [--studies results/reproduce] [--pretrain results/cloud_pretrain] [--out RESULTS.md]
 """
 
 from __future__ import annotations
@@ -30,6 +31,34 @@ def _pct(stat: dict | None) -> str:
     return text + (f" ± {stat['std'] * 100:.1f}" if stat.get("n", 1) > 1 else "")
 
 
+BEST_PUBLISHED_FER2013 = 73.28  # single-network PrivateTest accuracy quoted in issue 4
+
+
+def pretraining_table(root: Path) -> list[str]:
+    """The cloud library's FER2013 runs: how each was trained and its PrivateTest accuracy."""
+    rows = []
+    for path in sorted(root.glob("*/metrics.json")):
+        m, run = json.loads(path.read_text()), json.loads((path.parent / "run.json").read_text())
+        cfg = run["train_config"]
+        history = json.loads((path.parent / "history.json").read_text())
+        best = max(history, key=lambda e: e["val_accuracy"])
+        rows.append(
+            f"| [{path.parent.name}]({path.parent.as_posix()}/report.md) | {m['backbone']} | {m['weights']} | "
+            f"{m['input_size']} px | {m['epochs']} | {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']}, "
+            f"`--augment {cfg['augment']}` | {'bfloat16 (`--amp`)' if cfg.get('amp') else 'float32'} | "
+            f"{m['train_seconds'] / 3600:.1f} h | {best['val_accuracy'] * 100:.1f} (epoch {best['epoch']}) | "
+            f"**{m['test_accuracy'] * 100:.1f}** | {m['balanced_accuracy'] * 100:.1f} |")
+    if not rows:
+        return []
+    return ["## The cloud tier: backbones pretrained on FER2013", "",
+            "`emoshield cloud pretrain` on FER2013's official split (train 28,709; PublicTest 3,589 picks the "
+            "epoch; PrivateTest 3,589 is the test), 7 classes, seed 0, 2 CPU cores, one crop at test time. "
+            f"Best published single model: {BEST_PUBLISHED_FER2013} (Khaireddin & Chen 2021, a tuned VGG variant at 48 px).", "",
+            "| run | backbone | from | input | epochs | batch, lr, schedule, augmentation | precision | training "
+            "time | PublicTest (best epoch) | PrivateTest | balanced |",
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|", *rows, ""]
+
+
 def _study_name(result: dict) -> str:
     return f"{result['dataset']} {result['protocol']}"
 
@@ -37,6 +66,7 @@ def _study_name(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", default="results/reproduce")
+    parser.add_argument("--pretrain", default="results/cloud_pretrain")
     parser.add_argument("--out", default="RESULTS.md")
     args = parser.parse_args()
     studies = []
@@ -72,6 +102,7 @@ def main() -> int:
     lines += ["", "Reference (LIRIS-CSE, VGG16): localization head 95.67, own head 88.32, defended clean 94.97, "
                   "FGSM 0.01 85.76 (undefended 7.22), R+FGSM 0.01 90.84, PGD 83.29 (undefended 0.41). "
                   "Compute = the study's training and evaluation time on 2 CPU cores (per study, both backbones).", ""]
+    lines += pretraining_table(Path(args.pretrain))
     reading = Path(args.studies) / "reading.md"  # the hand-written interpretation, kept beside the studies
     if reading.is_file():
         lines += [reading.read_text().strip(), ""]
