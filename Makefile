@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 # PostgreSQL (server binaries only; tests start their own throwaway cluster) for the metadata-store tests.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system demo test clean
+.PHONY: setup system demo test clean embedded-library
 
 setup: system $(STAMP)
 
@@ -43,6 +43,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Rebuild the model library entry shipped in emoshield/library (FER2013, ~1 h on 2 cores with
+# bfloat16 support; resumes when interrupted). See README "Models".
+embedded-library: setup
+	$(BIN)/emoshield cloud pretrain --backbone smallcnn --weights scratch --input-size 48 --epochs 30 \
+		--batch-size 64 --lr 0.02 --augment standard --amp --library emoshield/library --force \
+		--work runs/pretrain/smallcnn-fer2013-48px-amp
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
