@@ -7,7 +7,7 @@
 `--weights library:NAME` in training reads LIB/NAME (LIB = $EMOSHIELD_LIBRARY, default
 <cache>/library), and, when LIB has no such entry, the embedded library shipped inside the
 package (emoshield/library: small backbones this project pretrained itself, so a fresh clone
-has a FER2013-pretrained starting point without any download; README "Model library" says how
+has a FER2013-pretrained starting point without any download; README "Models" says how
 to rebuild them). An explicit library folder (`--library`) is searched alone. Reading is
 torch-free (the cloud service only lists and serves files); adding an entry builds the model
 and so imports torch.
