@@ -149,26 +149,17 @@ class Study:
         total = len(steps)
         timings_dir = self.work / "timings"  # one file per step: processes sharing WORK do not clash
         timings_dir.mkdir(exist_ok=True)
-        busy = 0
-        for i, (backbone, fold, seed, name) in enumerate(steps, 1):
-            folder = self.unit_dir(backbone, fold, seed)
-            tag = f"[{i}/{total}] {backbone} fold {fold} seed {seed} {name}"
-            step_started = time.perf_counter()
-            with step_lock(folder / name) as mine:
-                if not mine:
-                    state = "running in another process"
-                elif name == "evaluate":
-                    state = self._evaluate(folder, tag)
-                else:
-                    state = self._train(backbone, fold, seed, name, folder / name, tag)
-            seconds = time.perf_counter() - step_started
-            if state == "finished":  # interrupted steps count from their last resume
-                (timings_dir / f"{backbone}-fold{fold}-seed{seed}-{name}.json").write_text(json.dumps(seconds))
-            busy += state != "finished" and state != "already done"
-            self.log(f"{tag}: {state}" + (f" in {seconds:.0f} s" if state == "finished" else ""))
-        if busy:
-            self.log(f"{busy} step(s) are running in other processes or wait for them; run this command again "
-                     "when they are done to write the report")
+        # passes over the steps not done yet, while one makes progress: a step another process
+        # finished (or whose trainings it finished) during our pass is collected (or run) by the next
+        pending = list(enumerate(steps, 1))
+        while pending:
+            left = [(i, step) for i, step in pending if not self._step(i, total, *step, timings_dir)]
+            if len(left) == len(pending):
+                break
+            pending = left
+        if pending:
+            self.log(f"{len(pending)} step(s) are running in other processes or wait for them; run this command "
+                     "again when they are done to write the report")
             return None
         legacy = self.work / "timings.json"  # written by the first version of this command
         timings = {k.replace("/", "-"): v for k, v in json.loads(legacy.read_text()).items()} if legacy.is_file() else {}
@@ -179,6 +170,24 @@ class Study:
                       wall_seconds_this_invocation=time.time() - started)
         self.write(result)
         return result
+
+    def _step(self, i: int, total: int, backbone: str, fold: int, seed: int, name: str, timings_dir: Path) -> bool:
+        """Run one step unless it is done or another process holds it; True when it is done."""
+        folder = self.unit_dir(backbone, fold, seed)
+        tag = f"[{i}/{total}] {backbone} fold {fold} seed {seed} {name}"
+        step_started = time.perf_counter()
+        with step_lock(folder / name) as mine:
+            if not mine:
+                state = "running in another process"
+            elif name == "evaluate":
+                state = self._evaluate(folder, tag)
+            else:
+                state = self._train(backbone, fold, seed, name, folder / name, tag)
+        seconds = time.perf_counter() - step_started
+        if state == "finished":  # interrupted steps count from their last resume
+            (timings_dir / f"{backbone}-fold{fold}-seed{seed}-{name}.json").write_text(json.dumps(seconds))
+        self.log(f"{tag}: {state}" + (f" in {seconds:.0f} s" if state == "finished" else ""))
+        return state in ("finished", "already done")
 
     def unit_dir(self, backbone: str, fold: int, seed: int) -> Path:
         return self.work / backbone / f"fold{fold}-seed{seed}"

@@ -107,3 +107,56 @@ def test_step_lock_lets_one_process_run_a_step_and_takes_over_stale_locks(tmp_pa
     with step_lock(step) as mine:  # its holder is dead: taken over
         assert mine is True and (tmp_path / "unit" / "defended.lock").read_text() == str(__import__("os").getpid())
     assert not (tmp_path / "unit" / "defended.lock").exists()
+
+
+def test_a_step_another_process_finishes_during_our_pass_is_collected_not_reported_as_running(tmp_path, monkeypatch):
+    """Several processes can fill one study; the last one to finish writes the report even when
+    a step it found busy was finished by its owner while this process worked on others."""
+    import os
+
+    from emoshield.reproduce import Study, StudyOptions
+
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "library"))  # no library entry: from scratch
+    lines: list[str] = []
+    study = Study(StudyOptions(dataset="ckplus48", backbones=["smallcnn"], input_size=32), tmp_path / "out",
+                  tmp_path / "work", log=lines.append)
+    unit = study.unit_dir("smallcnn", 0, 0)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def other_process_finishes():
+        (unit / "own-head").mkdir(parents=True, exist_ok=True)
+        (unit / "own-head" / "metrics.json").write_text("{}")
+        (unit / "own-head.lock").unlink()
+
+    def train(backbone, fold, seed, name, folder, tag):  # Study._train's contract, without the training
+        if (folder / "metrics.json").is_file():
+            return "already done"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text("{}")
+        if name == "defended" and finish_during_pass:
+            other_process_finishes()
+        return "finished"
+
+    monkeypatch.setattr(study, "_train", train)
+    monkeypatch.setattr(study, "_evaluate", lambda folder, tag: "finished")
+    monkeypatch.setattr(study, "collect", lambda: {"collected": True})
+    written = []
+    monkeypatch.setattr(study, "write", written.append)
+    try:
+        unit.mkdir(parents=True)
+        (unit / "own-head.lock").write_text(str(owner.pid))  # a live process runs own-head
+        finish_during_pass = False
+        assert study.run() is None and written == []  # it is still running at the end: nothing to collect
+        assert lines[-1].startswith("1 step(s) are running in other processes")
+        finish_during_pass = True  # now its owner finishes it while we train the defended model
+        (unit / "defended" / "metrics.json").unlink()
+        lines.clear()
+        result = study.run()
+    finally:
+        owner.kill()
+        owner.wait()
+    assert result is not None and result["collected"] and len(written) == 1
+    assert not any("running in other processes" in line and "step(s)" in line for line in lines)
+    assert sum("own-head: running in another process" in line for line in lines) == 1
+    assert sum("own-head: already done" in line for line in lines) == 1
+    assert os.path.isfile(unit / "own-head" / "metrics.json")

@@ -19,6 +19,8 @@ import weakref
 import torch
 from torch import fx, nn
 
+from .kernels import accelerate_convolutions
+
 # below this many (images x gradient evaluations) building a folded copy costs more than it
 # saves (resnet18 and mobilenet_v2 at 48 px, one thread: batch 16 x 1 gradient loses 1.7-2.2x,
 # 32 x 2 breaks even)
@@ -81,6 +83,7 @@ def _fold_graph(model: nn.Module) -> tuple[fx.GraphModule, list[tuple[str, str]]
     graph_module.graph.lint()
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()
+    accelerate_convolutions(graph_module)
     for p in graph_module.parameters():
         p.requires_grad_(False)
     return graph_module.to(memory_format=torch.channels_last).eval(), pairs
