@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          augment=args.augment, label_smoothing=args.label_smoothing,
-                         freeze_features=args.freeze_features, seed=args.seed, device=args.device, amp=args.amp)
+                         freeze_features=args.freeze_features, seed=args.seed, device=args.device, amp=args.amp,
+                         memory_format=args.memory_format)
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
                          input_size=args.input_size, dropout=args.dropout)
     defense = None
@@ -337,7 +338,8 @@ def cmd_cloud_pretrain(args) -> int:
     data = DataOptions(dataset=args.dataset, data_root=args.data_root, protocol="official", classes=args.classes,
                        limit_per_class=args.limit_per_class)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-                         augment=args.augment, seed=args.seed, device=args.device, amp=args.amp)
+                         augment=args.augment, seed=args.seed, device=args.device, amp=args.amp,
+                         memory_format=args.memory_format)
     if (work / "metrics.json").is_file():
         from .training.distributed import is_main_process
 
@@ -806,6 +808,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true",
                    help="mixed precision for the training passes (float16 on CUDA, bfloat16 on CPU); "
                         "attack passes stay float32 so that gradient signs are not lost to rounding")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="layout of the model while it trains: channels_last is 1.1-1.7x faster on CPU; "
+                        "contiguous makes runs with different process counts match to 1e-5 (torch's "
+                        "channels_last CPU BatchNorm sums in float32) (default: %(default)s)")
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:

@@ -47,10 +47,13 @@ def relative_distance(a, b):
 
 
 def test_two_gloo_processes_match_one_process_and_resume(tmp_path, data_root):
+    # contiguous layout: torch's channels_last CPU BatchNorm (the default layout's) sums in float32,
+    # ~20x further from float64 than its contiguous kernel, while synced BatchNorm sums in float64
+    exact = ["--memory-format", "contiguous"]
     one = tmp_path / "one"
-    emoshield(one, 3, data_root)
+    emoshield(one, 3, data_root, extra=exact)
     two = tmp_path / "two"
-    proc = emoshield(two, 3, data_root, processes=2)
+    proc = emoshield(two, 3, data_root, processes=2, extra=exact)
     assert "data parallel over 2 processes (gloo): global batch 16, 8 per process" in proc.stderr
     assert proc.stdout.count("test accuracy") == 1  # rank 0 alone reports and writes
     run = json.loads((two / "run.json").read_text())
@@ -71,7 +74,11 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path, data_root):
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (one, two))
     assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 1 / m1["num_images"]
 
-    # killed after its first checkpoint, restarted with --resume: ends where the uninterrupted run ends
+    # killed after its first checkpoint, restarted with --resume: ends where the uninterrupted run
+    # ends (in the default channels_last layout)
+    two = tmp_path / "two-channels-last"
+    emoshield(two, 3, data_root, processes=2)
+    w2, m2 = weights(two), json.loads((two / "metrics.json").read_text())
     resumed = tmp_path / "resumed"
     proc = emoshield(resumed, 3, data_root, processes=2, wait=False)
     deadline = time.time() + 120

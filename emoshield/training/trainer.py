@@ -50,6 +50,10 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "auto"  # auto = the GPU when there is one (not part of the resume check)
     amp: bool = False  # mixed precision for the training passes; attacks stay float32 (devices.py)
+    # channels_last: oneDNN's (and cuDNN's) fast convolution layout, 1.1x (resnet18), 1.3x (smallcnn)
+    # and 2.0x (mobilenet_v2) faster training steps on CPU; torch's channels_last CPU BatchNorm
+    # sums in float32, so "contiguous" is the layout whose runs match across process counts to 1e-5
+    memory_format: str = "channels_last"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -64,6 +68,9 @@ class TrainConfig:
             raise EmoshieldError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTATIONS:
             raise EmoshieldError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise EmoshieldError(f"unknown memory format {self.memory_format!r}; "
+                                 f"choose one of {', '.join(MEMORY_FORMATS)}")
         from .devices import resolve_device
 
         resolve_device(self.device)
@@ -99,6 +106,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 # settings of the resume check that do not change what is computed
 RESUME_FREE = ("device",)
@@ -223,7 +232,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        self.model.to(self.device)
+        self.model.to(self.device, memory_format=MEMORY_FORMATS[cfg.memory_format])
         if cfg.amp:
             self.log(f"mixed precision on {self.device.type}: training passes in "
                      f"{'float16' if self.device.type == 'cuda' else 'bfloat16'}, attacks in float32")
