@@ -32,7 +32,7 @@ CLASSES = ["disgust", "fear", "happy", "sad", "surprise"]
 def epoch_seconds(backbone: str, images: int, size: int, defended: bool) -> float:
     from emoshield.models import ModelConfig, build_model
     from emoshield.training import DefenseConfig, TrainConfig, Trainer
-    from emoshield.training.trainer import TensorData, make_optimizer
+    from emoshield.training.trainer import MEMORY_FORMATS, TensorData, make_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone, CLASSES, size))
@@ -40,6 +40,7 @@ def epoch_seconds(backbone: str, images: int, size: int, defended: bool) -> floa
     data = TensorData(torch.randint(0, 256, (images, 1, size, size), generator=g, dtype=torch.uint8),
                       torch.randint(0, len(CLASSES), (images,), generator=g))
     config = TrainConfig(epochs=1)
+    model.to(memory_format=MEMORY_FORMATS[config.memory_format])  # as Trainer.fit does
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, config, Path(tmp), progress=False, defense=DefenseConfig() if defended else None)
         optimizer = make_optimizer(model, config)
@@ -89,8 +90,8 @@ def main() -> int:
                                                   "rows": rows, "exponents": exponents}, indent=1))
     _plot(rows, args, out / "scaling.png")
     md = [f"## How training cost grows (`python bench/scaling.py --backbone {args.backbone}`)", "",
-          f"Seconds for one training epoch of the real epoch loop (default batch 32, `--augment strong`; defended = "
-          f"S {{FGSM, R+FGSM}}, eval-BN), {args.backbone}, {torch.get_num_threads()} threads, {info['cpus']} cores, "
+          f"Seconds for one training epoch of the real epoch loop (default batch 32, `--augment strong`, "
+          f"channels_last model; defended = S {{FGSM, R+FGSM}}, eval-BN), {args.backbone}, {torch.get_num_threads()} threads, {info['cpus']} cores, "
           f"one run per point. Left: {args.base_size} px, more images; right: {args.base_images} images, bigger "
           "inputs. Exponent b of seconds ~ x^b fitted on log-log axes. Plot: "
           "[bench/results/scaling.png](bench/results/scaling.png).", "",
