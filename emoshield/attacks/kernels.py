@@ -36,15 +36,15 @@ class _SpaceToDepthInputGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: "AttackConv2d") -> torch.Tensor:
-        ctx.module, ctx.in_size = module, x.shape[-2:]
+        # the kernel as of this forward pass, so the gradient matches the output it belongs to
+        ctx.weight, ctx.stride, ctx.padding = module._space_to_depth_weight(), module.stride[0], module.padding
+        ctx.in_size = x.shape[-2:]
         return module._plain(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        module = ctx.module
-        (stride, _), (pad_h, pad_w) = module.stride, module.padding
-        height, width = ctx.in_size
-        shuffled = F.pixel_shuffle(F.conv_transpose2d(grad, module._space_to_depth_weight()), stride)
+        (pad_h, pad_w), (height, width) = ctx.padding, ctx.in_size
+        shuffled = F.pixel_shuffle(F.conv_transpose2d(grad, ctx.weight), ctx.stride)
         # rows/columns of the padded input no output reads get no gradient
         shuffled = F.pad(shuffled, (0, max(0, pad_w + width - shuffled.shape[-1]),
                                     0, max(0, pad_h + height - shuffled.shape[-2])))
@@ -83,9 +83,13 @@ class AttackConv2d(nn.Conv2d):
         return super().forward(x)
 
     def _check_cache(self) -> None:
+        """Drop derived kernels when the weights changed in place (version counter) or moved."""
         tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        if key != self._cache_key:
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter: never reuse
+            key = None
+        if key is None or key != self._cache_key:
             self._cache_key, self._dense, self._s2d_weight = key, {}, None
 
     def _uses_dense(self, height: int, width: int) -> bool:
@@ -100,7 +104,8 @@ class AttackConv2d(nn.Conv2d):
         """(M, bias) with flat_out = flat_in @ M.T + bias (F.linear: MKL runs this layout ~1.5x
         faster than flat_in @ M at batch 128), flat = (row, column, channel) order, i.e. a
         channels_last map read as one vector."""
-        if (height, width) not in self._dense:
+        entry = self._dense.get((height, width))  # locals throughout: safe beside a concurrent reset
+        if entry is None:
             (kernel_h, kernel_w), (stride_h, stride_w) = self.kernel_size, self.stride
             (pad_h, pad_w), (dil_h, dil_w) = self.padding, self.dilation
             out_h, out_w = self._out_hw(height, width)
@@ -116,8 +121,9 @@ class AttackConv2d(nn.Conv2d):
                             if 0 <= ix < width:
                                 matrix[oy, ox, :, iy, ix, :] += self.weight[:, :, ky, kx]
             bias = None if self.bias is None else self.bias.repeat(out_h * out_w)
-            self._dense[(height, width)] = (matrix.reshape(-1, height * width * self.in_channels), bias)
-        return self._dense[(height, width)]
+            entry = (matrix.reshape(-1, height * width * self.in_channels), bias)
+            self._dense[(height, width)] = entry
+        return entry
 
     def _uses_space_to_depth(self) -> bool:
         stride_h, stride_w = self.stride
@@ -127,15 +133,17 @@ class AttackConv2d(nn.Conv2d):
     @torch.no_grad()
     def _space_to_depth_weight(self) -> torch.Tensor:
         """The kernel as a stride-1 kernel over pixel_unshuffle(padded input, stride)."""
-        if self._s2d_weight is None:
+        weight = self._s2d_weight
+        if weight is None:
             stride = self.stride[0]
             (kernel_h, kernel_w) = self.kernel_size
             taps_h, taps_w = -(-kernel_h // stride), -(-kernel_w // stride)
             weight = F.pad(self.weight.contiguous(), (0, taps_w * stride - kernel_w, 0, taps_h * stride - kernel_h))
             weight = weight.reshape(self.out_channels, self.in_channels, taps_h, stride, taps_w, stride)
-            self._s2d_weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(
+            weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(
                 self.out_channels, self.in_channels * stride * stride, taps_h, taps_w).contiguous()
-        return self._s2d_weight
+            self._s2d_weight = weight
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
