@@ -260,6 +260,15 @@ def test_eval_graph_is_cached_and_refreshed_when_the_model_changes():
     assert len(folding._CACHE) == entries - 1
 
 
+def test_a_model_made_under_inference_mode_is_refused_clearly_and_left_as_it_was():
+    with torch.inference_mode():
+        model = tiny_model()
+    x, y = batch()
+    with pytest.raises(EmoshieldError, match="inference tensors"):
+        FGSM(EPS)(model, x, y)
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+
+
 def test_attacks_give_back_each_submodules_own_mode():
     model = tiny_model()
     model.train()

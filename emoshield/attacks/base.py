@@ -39,6 +39,9 @@ def attack_context(model: torch.nn.Module, mode: str = "eval"):
     them frozen), and nothing is toggled when the model already is in the attack's mode."""
     if mode not in MODES:
         raise EmoshieldError(f"unknown attack mode {mode!r}; choose one of {', '.join(MODES)}")
+    if any(p.is_inference() for p in model.parameters()):
+        raise EmoshieldError("the model's parameters are inference tensors (made under torch.inference_mode()); "
+                             "build or load the model outside inference mode to attack it")
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     if mode != "keep" and any(flag != (mode == "train") for _, flag in modes):
