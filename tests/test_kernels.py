@@ -121,3 +121,8 @@ def test_resnet18_attack_copy_at_48px_uses_both_paths_and_keeps_the_input_gradie
     assert swapped["inner.features.0"]._s2d_weight is not None  # the 7x7 stride-2 RGB stem
     assert torch.allclose(logits, ref_logits, atol=1e-4)
     assert torch.allclose(grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item())
+    from emoshield.attacks.folding import FoldedModel
+
+    plain = FoldedModel(model, kernels=False)  # the fold alone (bench/attacks.py's "fold only")
+    assert not any(isinstance(m, AttackConv2d) for m in plain.modules())
+    assert torch.allclose(plain(x), ref_logits, atol=1e-4)

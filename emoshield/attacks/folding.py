@@ -56,9 +56,10 @@ def _version_key(model: nn.Module) -> tuple | None:
         return None
 
 
-def _fold_graph(model: nn.Module) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+def _fold_graph(model: nn.Module, kernels: bool = True) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
     """A traced copy of `model` whose foldable convolutions (see FoldedModel) got a bias and
-    whose BatchNorm after each is gone; their weights are set by FoldedModel.refresh."""
+    whose BatchNorm after each is gone; their weights are set by FoldedModel.refresh. With
+    `kernels`, convolutions take kernels.py's faster forms where they apply."""
     graph_module = fx.symbolic_trace(copy.deepcopy(model))  # raises when not traceable
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}  # a convolution called at several places (shared weights) stays as is
@@ -83,7 +84,8 @@ def _fold_graph(model: nn.Module) -> tuple[fx.GraphModule, list[tuple[str, str]]
     graph_module.graph.lint()
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()
-    accelerate_convolutions(graph_module)
+    if kernels:
+        accelerate_convolutions(graph_module)
     for p in graph_module.parameters():
         p.requires_grad_(False)
     return graph_module.to(memory_format=torch.channels_last).eval(), pairs
@@ -94,8 +96,8 @@ class FoldedModel(_ChannelsLast):
     called once, its output feeds only the BatchNorm, and the BatchNorm uses running
     statistics); `refresh` re-copies every weight from the model and re-folds, in place."""
 
-    def __init__(self, model: nn.Module):
-        graph_module, pairs = _fold_graph(model)
+    def __init__(self, model: nn.Module, kernels: bool = True):
+        graph_module, pairs = _fold_graph(model, kernels)
         super().__init__(graph_module)
         self.pairs = pairs
         self._folded_names = {name for name, _ in pairs}
