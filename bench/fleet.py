@@ -46,6 +46,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN = "fleet-admin-token"  # handed to the edges in their environment, never on a command line
+
+
 def emoshield(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "emoshield", *map(str, args)], check=True, capture_output=True,
                           text=True, **kwargs)
@@ -54,7 +57,7 @@ def emoshield(*args, **kwargs) -> subprocess.CompletedProcess:
 def serve(*args, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "emoshield", *map(str, args)], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                           "OMP_NUM_THREADS": "1"})
+                                                           "OMP_NUM_THREADS": "1", "EMOSHIELD_ADMIN_TOKEN": ADMIN})
 
 
 class SimDevice(threading.Thread):
@@ -140,20 +143,20 @@ def main() -> int:
             port = free_port()
             procs.append(serve("edge", "serve", "--root", work / f"edge{i}", "--name", f"edge{i}", "--key",
                                work / "keys" / "private.key", "--cloud", cloud, "--backbone", "smallcnn-fleet",
-                               "--classes", FIVE, "--admin-token", "admin", "--epochs", "1", "--input-size", "32",
+                               "--classes", FIVE, "--epochs", "1", "--input-size", "32",
                                "--batch-size", "16", "--mqtt", broker, "--port", port, *databases[i],
                                log=work / f"edge{i}.log"))
             edges.append({"name": f"edge{i}", "url": f"http://127.0.0.1:{port}", "db": databases[i]})
         for edge in edges:
             wait_healthy(edge["url"])
-            uploader = EdgeClient(edge["url"], "admin").enrol("uploader")
+            uploader = EdgeClient(edge["url"], ADMIN).enrol("uploader")
             emoshield("edge", "upload", "--dataset", "ckplus48", "--data-root", args.data_root, "--classes", FIVE,
-                      "--protocol", "subject", "--per-class", "4", "--edge", edge["url"], "--token",
-                      uploader["token"])
+                      "--protocol", "subject", "--per-class", "4", "--edge", edge["url"],
+                      env={**os.environ, "EMOSHIELD_DEVICE_TOKEN": uploader["token"]})
         started = time.time()
         for edge in edges:
             for k in range(args.devices):
-                enrolled = EdgeClient(edge["url"], "admin").enrol(f"camera-{k}")
+                enrolled = EdgeClient(edge["url"], ADMIN).enrol(f"camera-{k}")
                 store = BundleStore(work / "devices" / edge["name"] / enrolled["device_id"], work / "keys" / "public.key")
                 device = SimDevice(edge["url"], edge["name"], broker, enrolled["token"], enrolled["device_id"], store)
                 device.edge = edge["name"]
@@ -162,12 +165,12 @@ def main() -> int:
         print(f"{len(devices)} devices connected in {time.time() - started:.1f} s", flush=True)
 
         # phase 1: every edge trains and publishes v1; every device must end up serving it
-        jobs = {e["name"]: request("POST", e["url"] + "/jobs", "admin")["job_id"] for e in edges}
+        jobs = {e["name"]: request("POST", e["url"] + "/jobs", ADMIN)["job_id"] for e in edges}
         finished: dict[str, float] = {}
         deadline = time.time() + args.timeout
         while len(finished) < len(edges) and time.time() < deadline:
             for e in edges:
-                job = request("GET", f"{e['url']}/jobs/{jobs[e['name']]}", "admin")
+                job = request("GET", f"{e['url']}/jobs/{jobs[e['name']]}", ADMIN)
                 if job["status"] == "failed":
                     raise SystemExit(f"{e['name']} job failed: {job.get('error')}")
                 if job["status"] == "finished":
@@ -178,7 +181,7 @@ def main() -> int:
         latencies = [d.installed[1] - finished[d.edge] for d in devices if 1 in d.installed]
         serving = sum(1 in d.installed for d in devices)
         time.sleep(2)  # last heartbeats
-        seen = sum(r["running_version"] == 1 for e in edges for r in request("GET", e["url"] + "/devices", "admin")
+        seen = sum(r["running_version"] == 1 for e in edges for r in request("GET", e["url"] + "/devices", ADMIN)
                    if r["name"].startswith("camera-"))
         print(f"v1: {serving}/{len(devices)} devices serving; job finished -> device serving: median "
               f"{statistics.median(latencies):.2f} s, p95 {percentile(latencies, 0.95):.2f} s, last "

@@ -232,6 +232,47 @@ def cmd_reproduce(args) -> int:
 
 # ---- keys, bundles, video, device ---------------------------------------------------------------
 
+ADMIN_TOKEN_ENV, DEVICE_TOKEN_ENV = "EMOSHIELD_ADMIN_TOKEN", "EMOSHIELD_DEVICE_TOKEN"
+
+
+def _add_token_args(p: argparse.ArgumentParser, kind: str, required_help: str = "") -> None:
+    """--KIND-token-file FILE (or $EMOSHIELD_KIND_TOKEN); a token on the command line is refused:
+    every user of the machine sees it in `ps`."""
+    env = ADMIN_TOKEN_ENV if kind == "admin" else DEVICE_TOKEN_ENV
+    flag = "--admin-token" if kind == "admin" else "--token"
+    p.add_argument(f"{flag}-file", help=f"file holding the {kind} token (default: ${env}){required_help}")
+    p.add_argument(flag, help=argparse.SUPPRESS)  # refused with a pointer to the two ways that are safe
+
+
+def _token(args, kind: str, required: bool = True) -> str | None:
+    import os
+
+    from .tiers.wire import MIN_TOKEN_LENGTH, RemoteValueError, parse_token
+
+    env = ADMIN_TOKEN_ENV if kind == "admin" else DEVICE_TOKEN_ENV
+    flag = "--admin-token" if kind == "admin" else "--token"
+    attr = "admin_token" if kind == "admin" else "token"
+    if getattr(args, attr, None) is not None:
+        raise EmoshieldError(f"{flag} on a command line is visible to every user of this machine (ps); "
+                             f"put the token in a file for {flag}-file FILE, or in ${env}")
+    source = getattr(args, f"{attr}_file", None)
+    if source:
+        try:
+            token = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EmoshieldError(f"{source}: cannot read the {kind} token ({exc.__class__.__name__})") from None
+    else:
+        source, token = f"${env}", os.environ.get(env)
+        if token is None:
+            if required:
+                raise EmoshieldError(f"give the {kind} token with {flag}-file FILE or ${env}")
+            return None
+    try:
+        return parse_token(token, f"{kind} token from {source}", MIN_TOKEN_LENGTH)
+    except RemoteValueError as exc:
+        raise EmoshieldError(str(exc)) from None
+
+
 def cmd_keys_generate(args) -> int:
     from .tiers.signing import generate_keys
 
@@ -245,13 +286,18 @@ def cmd_bundle_export(args) -> int:
     from .tiers.export import QuantizationOptions, export_bundle
 
     options = QuantizationOptions(args.calibration_images, args.calibration, not args.per_tensor, args.keep_fp32,
-                                  args.activations)
+                                  args.activations, args.int8_weights, args.reduce_range, args.probes,
+                                  args.self_check_min_agreement)
     manifest = export_bundle(Path(args.model), Path(args.key), Path(args.out), args.name, args.version,
                              args.data_root, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(describe_bundle(manifest))
     m = manifest["metrics"]
     print(f"int8 accuracy change: {m['int8_accuracy_change'] * 100:+.2f} points on {m['test_images']} test faces "
           f"({manifest['training'].get('dataset')}, {manifest['training'].get('protocol')} protocol)")
+    if "self_check" in manifest:
+        check = manifest["self_check"]
+        print(f"int8 self-check: {check['probes']} probe faces ({check['faces']}), int8 agrees with fp32 on "
+              f"{check['export_agreement']:.1%} here; devices fall back to fp32 below {check['min_agreement']:.0%}")
     return 0
 
 
@@ -296,6 +342,8 @@ def cmd_data_video(args) -> int:
 
 def cmd_device_run(args) -> int:
     from .tiers.device import run_device_command
+
+    args.device_token = _token(args, "device") if args.edge else None
 
     return run_device_command(args)
 
@@ -413,14 +461,15 @@ def cmd_edge_serve(args) -> int:
 
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    token = args.admin_token or os.environ.get("EMOSHIELD_ADMIN_TOKEN")
-    if not token:
+    token = _token(args, "admin", required=False)
+    if token is None:
         token_file = root / "admin.token"
         if not token_file.is_file():
-            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32))
-        token = token_file.read_text().strip()
+        args.admin_token_file = token_file
+        token = _token(args, "admin")  # an empty or whitespace file is refused, never accepted
         print(f"admin token in {token_file}", file=sys.stderr)
     from .data import parse_classes
 
@@ -434,7 +483,11 @@ def cmd_edge_serve(args) -> int:
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
     node = EdgeNode(config)
     node.start()
-    _serve(create_app(node), args.host, args.port, f"edge node {args.name} ({root})")
+    app = create_app(node)
+    # on SIGTERM uvicorn shuts down, then re-raises the signal: the node must stop (and stop its
+    # job's child processes) during the shutdown, not after _serve returns
+    app.router.on_shutdown.append(node.stop)
+    _serve(app, args.host, args.port, f"edge node {args.name} ({root})")
     node.stop()
     return 0
 
@@ -442,7 +495,7 @@ def cmd_edge_serve(args) -> int:
 def cmd_edge_enrol(args) -> int:
     from .tiers.client import EdgeClient
 
-    print(json.dumps(EdgeClient(args.edge, args.admin_token).enrol(args.name)))
+    print(json.dumps(EdgeClient(args.edge, _token(args, "admin")).enrol(args.name)))
     return 0
 
 
@@ -454,7 +507,7 @@ def cmd_edge_upload(args) -> int:
     dataset = load_data(_data_options(args), args.seed)
     records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction).parts()[args.part]
     per_class: dict[str, int] = {}
-    client = EdgeClient(args.edge, args.token)
+    client = EdgeClient(args.edge, _token(args, "device"))
     sent = 0
     for r in records:
         if args.per_class and per_class.get(r.label, 0) >= args.per_class:
@@ -481,7 +534,7 @@ def cmd_edge_job(args) -> int:
 
     from .tiers.client import EdgeClient
 
-    client = EdgeClient(args.edge, args.admin_token)
+    client = EdgeClient(args.edge, _token(args, "admin"))
     job_id = client.call("POST", "/jobs")["job_id"]
     print(f"queued job {job_id}", file=sys.stderr, flush=True)
     if not args.wait:
@@ -527,7 +580,16 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--keep-fp32", default="first,last", help="layers left in fp32: first,last or '' (default: %(default)s)")
     p.add_argument("--activations", choices=["uint8", "int8"], default="uint8",
-                   help="int8 model's activation type; uint8 (asymmetric) is onnxruntime's fast x86 kernel path")
+                   help="int8 model's activation type (default: %(default)s, asymmetric)")
+    p.add_argument("--int8-weights", choices=["uint8", "int8"], default="uint8",
+                   help="int8 model's weight type: uint8 (default) gives exact integer kernels on every x86 CPU; "
+                        "int8 is faster but saturates on CPUs without VNNI unless --reduce-range (docs/int8.md)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights: int8 weights without overflow on CPUs without VNNI, one bit less precise")
+    p.add_argument("--probes", type=int, default=64,
+                   help="held-out faces (with fp32 logits) for the device's int8 self-check; 0 = none (default: 64)")
+    p.add_argument("--self-check-min-agreement", type=float, default=0.9,
+                   help="devices use fp32 when int8 agrees with fp32 on fewer of the probes (default: %(default)s)")
     p.set_defaults(func=cmd_bundle_export)
     p = bundle.add_parser("verify", help="check signature, file hashes and version; non-zero exit on any mismatch")
     p.add_argument("bundle")
@@ -545,7 +607,7 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--source", required=True, help="video file, camera:N, or a folder of images")
     p.add_argument("--bundle", help="run this local bundle folder (no edge)")
     p.add_argument("--edge", help="edge node URL to pull verified bundles from (works offline with the last good one)")
-    p.add_argument("--token", help="this device's token from the edge's enrolment")
+    _add_token_args(p, "device", "; needed with --edge")
     p.add_argument("--poll", type=float, default=10.0,
                    help="seconds between HTTP update checks while no MQTT broker is connected (0 = never)")
     p.add_argument("--mqtt", default="auto",
@@ -630,7 +692,7 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--backbone", required=True, help="cloud library entry to fine-tune")
     p.add_argument("--classes", required=True, help="emotion classes devices may upload")
     p.add_argument("--name", default="edge")
-    p.add_argument("--admin-token", help="default: $EMOSHIELD_ADMIN_TOKEN, else generated into ROOT/admin.token")
+    _add_token_args(p, "admin", ", else generated into ROOT/admin.token (mode 0600)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--input-size", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=64)
@@ -649,7 +711,7 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_edge_serve)
     p = edge.add_parser("enrol", help="enrol a device; prints its id and token as JSON")
     p.add_argument("--edge", required=True)
-    p.add_argument("--admin-token", required=True)
+    _add_token_args(p, "admin")
     p.add_argument("--name", required=True)
     p.set_defaults(func=cmd_edge_enrol)
     p = edge.add_parser("upload", help="upload a dataset split's faces as a device")
@@ -658,11 +720,11 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--per-class", type=int, help="at most N faces per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--edge", required=True)
-    p.add_argument("--token", required=True)
+    _add_token_args(p, "device")
     p.set_defaults(func=cmd_edge_upload)
     p = edge.add_parser("job", help="queue a training job (and --wait for it)")
     p.add_argument("--edge", required=True)
-    p.add_argument("--admin-token", required=True)
+    _add_token_args(p, "admin")
     p.add_argument("--wait", action="store_true")
     p.add_argument("--timeout", type=float, default=3600)
     p.set_defaults(func=cmd_edge_job)

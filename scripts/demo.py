@@ -35,6 +35,14 @@ def emoshield(*args, capture: bool = False) -> subprocess.CompletedProcess:
                           capture_output=capture)
 
 
+def token_file(path: Path, token: str) -> Path:
+    """Tokens live in 0600 files (or environment variables), never on command lines."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,6 +64,7 @@ def main() -> int:
     try:
         print("\n== cloud: model library ==", flush=True)
         emoshield("keys", "generate", "--out", work / "keys")
+        admin = token_file(work / "admin.token", ADMIN)
         emoshield("cloud", "add", "--library", work / "library", "--name", "mobilenet_v2-imagenet",
                   "--backbone", "mobilenet_v2", "--weights", "imagenet", "--input-size", args.input_size)
         cloud_url, edge_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
@@ -79,18 +88,18 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(work / "edge"), "--key",
              str(work / "keys" / "private.key"), "--cloud", cloud_url, "--backbone", "mobilenet_v2-imagenet",
-             "--classes", FIVE, "--admin-token", ADMIN, "--epochs", str(args.epochs), "--input-size",
+             "--classes", FIVE, "--admin-token-file", str(admin), "--epochs", str(args.epochs), "--input-size",
              str(args.input_size), *mqtt, "--port", edge_url.rsplit(":", 1)[1]],
             stdout=open(work / "edge.log", "w"), stderr=subprocess.STDOUT))
         wait_healthy(edge_url, procs[-1])
         print(f"edge serving on {edge_url}", flush=True)
-        device = json.loads(emoshield("edge", "enrol", "--edge", edge_url, "--admin-token", ADMIN, "--name",
+        device = json.loads(emoshield("edge", "enrol", "--edge", edge_url, "--admin-token-file", admin, "--name",
                                       "camera-1", capture=True).stdout)
         print(f"enrolled device {device['device_id']}", flush=True)
         emoshield("edge", "upload", "--dataset", "ckplus48", "--data-root", args.data_root, "--classes", FIVE,
                   "--protocol", "subject", "--fold", "0", "--part", "train", "--edge", edge_url,
-                  "--token", device["token"])
-        job = json.loads(emoshield("edge", "job", "--edge", edge_url, "--admin-token", ADMIN, "--wait",
+                  "--token-file", token_file(work / "device.token", device["token"]))
+        job = json.loads(emoshield("edge", "job", "--edge", edge_url, "--admin-token-file", admin, "--wait",
                                    capture=True).stdout)
         print(f"job {job['id']} {job['status']}: bundle v{job['version']}, {job['metrics']}", flush=True)
 
@@ -98,7 +107,7 @@ def main() -> int:
         run_dir = work / "edge" / "jobs" / str(job["id"]) / "run"
         video = work / "faces.mp4"
         emoshield("data", "video", "--model", run_dir, "--per-class", "4", "--hold", "10", "--out", video)
-        emoshield("device", "run", "--edge", edge_url, "--token", device["token"], "--pubkey",
+        emoshield("device", "run", "--edge", edge_url, "--token-file", work / "device.token", "--pubkey",
                   work / "keys" / "public.key", "--store", work / "device", "--source", video, "--smooth", "0.5",
                   "--jsonl", work / "device.jsonl", "--annotate", work / "annotated.mp4", "--truth",
                   f"{video}.labels.json", "--heartbeat", "2")

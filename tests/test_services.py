@@ -25,6 +25,14 @@ def start(*args, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def token_file(folder: Path, name: str, token: str) -> Path:
+    """A token in a 0600 file: tokens never travel on command lines (visible in ps)."""
+    path = Path(folder) / f"{name}.token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -43,6 +51,7 @@ def services(request, tmp_path_factory, data_root, broker):
     tmp = tmp_path_factory.mktemp(f"services-{request.param}")
     database = ["--database", request.getfixturevalue("postgres")] if request.param == "postgresql" else []
     run("keys", "generate", "--out", tmp / "keys")
+    token_file(tmp, "admin", "admin-secret")
     run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
         "--weights", "scratch", "--input-size", "32")
     cloud_port, edge_port = free_port(), free_port()
@@ -55,7 +64,7 @@ def services(request, tmp_path_factory, data_root, broker):
         cloud_url = f"http://127.0.0.1:{cloud_port}"
         wait_healthy(cloud_url, cloud, tmp / "cloud.log")
         edge = start("edge", "serve", "--root", tmp / "edge", "--key", tmp / "keys" / "private.key", "--cloud",
-                     cloud_url, "--backbone", "smallcnn-test", "--classes", FIVE, "--admin-token", "admin-secret",
+                     cloud_url, "--backbone", "smallcnn-test", "--classes", FIVE, "--admin-token-file", tmp / "admin.token",
                      "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--max-upload-bytes", "200000",
                      "--mqtt", broker, "--port", edge_port, "--name", f"edge-{request.param}", *database,
                      log=tmp / "edge.log")
@@ -97,7 +106,7 @@ def test_edge_guards_enrolment_and_uploads(services):
         request("GET", edge + "/samples")
     # each device sees only its own samples
     proc = run("edge", "upload", "--dataset", "ckplus48", "--data-root", services["data_root"], "--classes", FIVE,
-               "--protocol", "subject", "--per-class", "5", "--edge", edge, "--token", a["token"])
+               "--protocol", "subject", "--per-class", "5", "--edge", edge, "--token-file", token_file(services["tmp"], "a", a["token"]))
     assert "uploaded 25 train faces" in proc.stdout
     assert len(EdgeClient(edge, a["token"]).call("GET", "/samples")) == 25
     assert len(device_b.call("GET", "/samples")) == 1
@@ -110,11 +119,60 @@ def cv2_png(data_root) -> bytes:
     return path.read_bytes()
 
 
+def _raw(url: str, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw request bytes (headers no client library would send) and read the status line."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_edge_answers_hostile_requests_with_4xx_and_keeps_serving(services):
+    from tests.test_hostile import _jpeg_declaring, _png
+
+    edge = services["edge"]
+    for value in (b"Bearer \xe9", b"Bearer \xa0", b"Bearer   ", b"Bearer", b"Basic YWRtaW4=", b"Bearer \xff" * 300):
+        status, _ = _raw(edge, b"GET /devices HTTP/1.1\r\nHost: x\r\nAuthorization: " + value + b"\r\n")
+        assert status == 401, value
+    for path in ("/jobs/99999999999999999999999", "/jobs/-1", "/jobs/99999999999999999999999/log",
+                 "/bundles/99999999999999999999999/model.onnx"):
+        with pytest.raises(ServiceError, match="HTTP 422"):
+            request("GET", edge + path, "admin-secret")
+    device = EdgeClient(edge, EdgeClient(edge, "admin-secret").enrol("hostile")["token"])
+    bomb = _png(32768, 32768, (b"\x00" * 4097) * 32768)  # 1 Gpixel when decoded
+    assert len(bomb) < 200_000  # under the edge's byte limit: only the pixel cap stops it
+    for image in (bomb, _jpeg_declaring(32768, 32768), _png(60000, 60000)):
+        started = time.monotonic()
+        with pytest.raises(ServiceError, match="HTTP 413 .*pixels"):
+            device.upload(image, "happy")
+        assert time.monotonic() - started < 2
+    # a huge body is refused before it is read: unauthenticated with 401, authenticated with 413
+    multipart = b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1500000000\r\n"
+    started = time.monotonic()
+    status, _ = _raw(edge, b"POST /samples HTTP/1.1\r\nHost: x\r\n" + multipart, b"--b\r\n" + b"0" * 65536)
+    assert status == 401
+    status, _ = _raw(edge, b"POST /samples HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + device.token.encode()
+                     + b"\r\n" + multipart, b"--b\r\n" + b"0" * 65536)
+    assert status == 413 and time.monotonic() - started < 5
+    with pytest.raises(ServiceError, match="HTTP 422"):  # not multipart at all
+        device.call("POST", "/samples", data=b"{}", content_type="application/json")
+    assert request("GET", edge + "/health")["status"] == "ok"
+    assert device.upload(cv2_png(services["data_root"]), "happy")["sha256"]  # still serving
+
+
 def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(services):
     edge, tmp = services["edge"], services["tmp"]
     device = services.get("device") or EdgeClient(edge, "admin-secret").enrol("camera-c")
     assert EdgeClient(edge, device["token"]).latest_bundle() is None
-    proc = run("edge", "job", "--edge", edge, "--admin-token", "admin-secret", "--wait", "--timeout", "400")
+    proc = run("edge", "job", "--edge", edge, "--admin-token-file", tmp / "admin.token", "--wait", "--timeout", "400")
     job = json.loads(proc.stdout)
     assert job["status"] == "finished" and job["version"] == 1 and job["samples"] >= 10
     log = request("GET", f"{edge}/jobs/{job['id']}/log", "admin-secret", raw=True).decode()
@@ -126,7 +184,7 @@ def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(serv
     frames.mkdir()
     for path in sorted((Path(services["data_root"]) / "jaffe").iterdir())[:3]:
         shutil.copyfile(path, frames / path.name)
-    args = ["device", "run", "--edge", edge, "--token", device["token"], "--pubkey", tmp / "keys" / "public.key",
+    args = ["device", "run", "--edge", edge, "--token-file", token_file(tmp, "device", device["token"]), "--pubkey", tmp / "keys" / "public.key",
             "--store", tmp / "device", "--source", frames, "--jsonl", tmp / "out.jsonl"]
     proc = run(*args)
     assert "installed bundle v1" in proc.stderr and "FPS" in proc.stderr
@@ -156,16 +214,20 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
     me = EdgeClient(edge, device["token"]).me()
     assert me["mqtt"] == services["broker"] and me["id"] == device["device_id"]
     log = tmp / "device-mqtt.log"
-    proc = start("device", "run", "--edge", edge, "--token", device["token"], "--pubkey", tmp / "keys" / "public.key",
+    proc = start("device", "run", "--edge", edge, "--token-file", token_file(tmp, "device", device["token"]), "--pubkey", tmp / "keys" / "public.key",
                  "--store", tmp / "device", "--source", tmp / "frames", "--loop", "--realtime", "--poll", "0",
                  "--heartbeat", "0.5", "--max-frames", "600", "--jsonl", tmp / "mqtt.jsonl", log=log)
     try:
         # heartbeats reach the edge through the broker
         wait_until(lambda: running_version(edge, me["id"]) == 1, 30, "heartbeat with v1", proc, log)
-        job = json.loads(run("edge", "job", "--edge", edge, "--admin-token", "admin-secret", "--wait",
+        job = json.loads(run("edge", "job", "--edge", edge, "--admin-token-file", tmp / "admin.token", "--wait",
                              "--timeout", "400").stdout)
         assert job["status"] == "finished" and job["version"] == 2
         wait_until(lambda: running_version(edge, me["id"]) == 2, 60, "heartbeat with v2", proc, log)
+        # heartbeats say which precision the device chose after the int8 self-check on this CPU
+        telemetry = [d for d in request("GET", edge + "/devices", "admin-secret") if d["id"] == me["id"]][0]["telemetry"]
+        assert telemetry["precision"] in ("int8", "fp32") and telemetry["self_check"]["requested"] == "int8"
+        assert telemetry["self_check"]["probes"] > 0 and 0 <= telemetry["self_check"]["agreement"] <= 1
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -6,6 +6,9 @@
     weights.safetensors  the trained weights (edge/cloud use; never pickle)
     model.onnx           fp32 graph, input "image" N x 3 x S x S in [0, 1], output "logits"
     model.int8.onnx      static QDQ int8 graph for devices
+    probes.safetensors   held-out faces (uint8) and the fp32 model's logits on them: the device
+                         runs its int8 model on them at install and falls back to fp32 when the
+                         two disagree (int8 kernels differ between CPUs)
 
 The signature covers the manifest and the manifest covers every file by hash, so one
 signature check plus the hash checks verify the whole bundle. Torch-free: devices use it.
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from ..errors import EmoshieldError
 from .signing import load_public_key, sign, signature_valid
+from .wire import MAX_VERSION
 
 FORMAT = "emoshield.bundle/1"
 MANIFEST = "manifest.json"
@@ -26,11 +30,25 @@ SIGNATURE = "manifest.sig"
 WEIGHTS = "weights.safetensors"
 ONNX_FP32 = "model.onnx"
 ONNX_INT8 = "model.int8.onnx"
-BUNDLE_FILES = (WEIGHTS, ONNX_FP32, ONNX_INT8)
+PROBES = "probes.safetensors"
+BUNDLE_FILES = (WEIGHTS, ONNX_FP32, ONNX_INT8, PROBES)
+MAX_PROBES = 4096
 
 
 class BundleError(EmoshieldError):
     """A bundle is missing, malformed, tampered with or not signed by the expected key."""
+
+
+class BundleSignatureError(BundleError):
+    """Unsigned, or signed by another key, or the manifest changed after signing."""
+
+
+class BundleHashError(BundleError):
+    """A file is missing or differs from its signed sha256 and size."""
+
+
+class BundleVersionError(BundleError):
+    """Not newer than what is installed (a replay or rollback attempt), or a version refused before."""
 
 
 def canonical_json(value) -> bytes:
@@ -60,6 +78,36 @@ def seal_bundle(bundle_dir: Path, manifest: dict, private_key) -> dict:
     return manifest
 
 
+def write_probes(path: Path, images, logits) -> None:
+    """Probe faces (uint8 N x 3 x S x S) and their fp32 logits (float32 N x K) as safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"images": np.ascontiguousarray(images, dtype=np.uint8),
+               "fp32_logits": np.ascontiguousarray(logits, dtype=np.float32)}, str(path),
+              metadata={"format": "emoshield.probes/1"})
+
+
+def read_probes(path: Path, input_size: int, classes: int):
+    """(images as float32 N x 3 x S x S in [0, 1], fp32 logits N x K); BundleError when the file
+    does not hold what the manifest's model expects."""
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable probe faces ({exc.__class__.__name__})") from None
+    images, logits = tensors.get("images"), tensors.get("fp32_logits")
+    if (images is None or logits is None or images.dtype != np.uint8 or logits.dtype != np.float32
+            or images.ndim != 4 or images.shape[1:] != (3, input_size, input_size)
+            or logits.shape != (len(images), classes) or not 0 < len(images) <= MAX_PROBES
+            or not np.isfinite(logits).all()):
+        raise BundleError(f"{path}: probe faces do not fit the model ({input_size} px, {classes} classes)")
+    return images.astype(np.float32) / 255.0, logits
+
+
 def read_manifest(bundle_dir: Path) -> dict:
     """The manifest as written, unverified (for inspection and for choosing what to verify)."""
     path = Path(bundle_dir) / MANIFEST
@@ -75,21 +123,36 @@ def read_manifest(bundle_dir: Path) -> dict:
     return manifest
 
 
-def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
-                  required: tuple[str, ...] = (ONNX_INT8,)) -> dict:
-    """Check signature, every listed file's hash and size, the required files and, when
-    given, that the version is strictly above min_version. Returns the manifest; raises
-    BundleError naming the first problem. `public_key` is a key object or a PEM path."""
+def verify_signature(bundle_dir: Path, public_key) -> dict:
+    """The manifest, once its signature checks out against `public_key` (a key object or a PEM
+    path); BundleSignatureError otherwise. Enough to trust the file list and sizes before
+    downloading the files themselves."""
     bundle_dir = Path(bundle_dir)
     if isinstance(public_key, (str, Path)):
         public_key = load_public_key(Path(public_key))
     manifest = read_manifest(bundle_dir)
     sig_path = bundle_dir / SIGNATURE
     if not sig_path.is_file():
-        raise BundleError(f"{bundle_dir}: no {SIGNATURE} (unsigned bundle)")
-    if not signature_valid(canonical_json(manifest), sig_path.read_text(), public_key):
-        raise BundleError(f"{bundle_dir}: bad signature (manifest changed or signed by another key)")
+        raise BundleSignatureError(f"{bundle_dir}: no {SIGNATURE} (unsigned bundle)")
+    try:
+        signature = sig_path.read_text()
+    except UnicodeDecodeError:
+        signature = ""
+    if not signature_valid(canonical_json(manifest), signature, public_key):
+        raise BundleSignatureError(f"{bundle_dir}: bad signature (manifest changed or signed by another key)")
+    return manifest
+
+
+def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
+                  required: tuple[str, ...] = (ONNX_INT8,)) -> dict:
+    """Check signature, every listed file's hash and size, the required files and, when
+    given, that the version is strictly above min_version. Returns the manifest; raises
+    a BundleError subclass naming the first problem. `public_key` is a key object or a PEM path."""
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_signature(bundle_dir, public_key)
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{bundle_dir}: the manifest's file list is not an object")
     for name in required:
         if name not in files:
             raise BundleError(f"{bundle_dir}: manifest lists no {name}")
@@ -98,14 +161,15 @@ def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
         if "/" in name or "\\" in name or name.startswith("."):
             raise BundleError(f"{bundle_dir}: manifest names an unsafe file {name!r}")
         if not path.is_file():
-            raise BundleError(f"{bundle_dir}: {name} is missing")
-        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
-            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered or corrupt)")
+            raise BundleHashError(f"{bundle_dir}: {name} is missing")
+        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") \
+                or sha256_file(path) != entry.get("sha256"):
+            raise BundleHashError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered or corrupt)")
     version = manifest.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise BundleError(f"{bundle_dir}: version {version!r} is not a positive integer")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise BundleVersionError(f"{bundle_dir}: version {version!r} is not an integer in [1, {MAX_VERSION}]")
     if min_version is not None and version <= min_version:
-        raise BundleError(f"{bundle_dir}: version {version} is not newer than the installed {min_version}")
+        raise BundleVersionError(f"{bundle_dir}: version {version} is not newer than the installed {min_version}")
     return manifest
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
+import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
 from ..errors import EmoshieldError
+from .wire import RemoteValueError, parse_file_name, parse_version
+
+MAX_JSON_BYTES = 8_000_000  # no answer of ours is near this; a bigger one is a lying peer
+MAX_MANIFEST_BYTES = 1_000_000
 
 
 class ServiceError(EmoshieldError):
@@ -33,7 +37,7 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            payload = response.read()
+            payload = response.read(MAX_JSON_BYTES + 1)
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("detail", "")
@@ -42,19 +46,44 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
         raise ServiceError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip(), exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ServiceError(f"{method} {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
-    return payload if raw else json.loads(payload or b"null")
+    if len(payload) > MAX_JSON_BYTES:
+        raise ServiceError(f"{method} {url}: the answer is over {MAX_JSON_BYTES} bytes")
+    if raw:
+        return payload
+    try:
+        return json.loads(payload or b"null")
+    except (ValueError, RecursionError):  # HTML from a proxy, truncated JSON, absurd nesting
+        raise ServiceError(f"{method} {url}: the answer is not JSON ({len(payload)} bytes)") from None
 
 
-def download(url: str, dest: Path, token: str | None = None, timeout: float = 60) -> None:
+def download(url: str, dest: Path, token: str | None = None, timeout: float = 60, max_bytes: int | None = None,
+             deadline: float | None = None) -> int:
+    """Stream url into dest; ServiceError (and no file) when it fails, sends more than max_bytes or
+    is still running at `deadline` (time.monotonic()), so neither an oversized nor a trickling
+    answer can hold the caller. Returns the byte count."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    copied = 0
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r, \
                 open(dest, "wb") as f:
-            shutil.copyfileobj(r, f)
+            # read1: whatever has arrived (read() would wait for the whole 64 kB, past the deadline)
+            while block := r.read1(1 << 16 if max_bytes is None else min(1 << 16, max_bytes - copied + 1)):
+                copied += len(block)
+                if max_bytes is not None and copied > max_bytes:
+                    raise ServiceError(f"GET {url}: more than the {max_bytes} bytes expected")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ServiceError(f"GET {url}: too slow (deadline passed after {copied} bytes)")
+                f.write(block)
+    except ServiceError:
+        Path(dest).unlink(missing_ok=True)
+        raise
     except urllib.error.HTTPError as exc:
+        Path(dest).unlink(missing_ok=True)
         raise ServiceError(f"GET {url}: HTTP {exc.code}", exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ServiceError(f"GET {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        Path(dest).unlink(missing_ok=True)
+        raise ServiceError(f"GET {url}: failed ({getattr(exc, 'reason', exc)})") from None
+    return copied
 
 
 def multipart(fields: dict[str, str], file_field: str, file_name: str, file_bytes: bytes) -> tuple[bytes, str]:
@@ -90,21 +119,44 @@ class EdgeClient:
         return self.call("GET", "/me")
 
     def latest_bundle(self) -> dict | None:
+        """{"version": N, "manifest": {...}} of the edge's newest bundle, None when it has none;
+        ServiceError when the answer is not of that form (the manifest is checked later, by
+        its signature)."""
         try:
-            return self.call("GET", "/bundles/latest")
+            latest = self.call("GET", "/bundles/latest")
         except ServiceError as exc:
             if exc.status == 404:
                 return None
             raise
+        try:
+            if not isinstance(latest, dict) or not isinstance(latest.get("manifest"), dict):
+                raise RemoteValueError("no manifest object")
+            parse_version(latest.get("version"), "latest version", 1)
+        except RemoteValueError as exc:
+            raise ServiceError(f"GET {self.url}/bundles/latest: malformed answer ({exc})") from None
+        return latest
 
-    def fetch_bundle(self, version: int, manifest: dict, dest: Path) -> Path:
-        """Download a bundle's manifest, signature and listed files into dest (unverified)."""
+    def fetch_bundle(self, version: int, dest: Path, check_manifest, deadline_s: float = 600.0) -> dict:
+        """Download bundle `version` into dest: manifest.json and manifest.sig first, then
+        `check_manifest(dest)` (the caller's signature check, returning the signed manifest),
+        then only the files that signed manifest lists, each cut off at its signed size, all
+        within `deadline_s` seconds. Returns the signed manifest; ServiceError on a transport
+        problem, whatever check_manifest raises on a bad signature."""
+        version = parse_version(version, "bundle version", 1)
+        deadline = time.monotonic() + deadline_s
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("manifest.json", "manifest.sig", *manifest.get("files", {})):
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise ServiceError(f"bundle v{version} lists an unsafe file name {name!r}")
-            download(f"{self.url}/bundles/{int(version)}/{name}", dest / name, self.token, self.timeout)
-        return dest
+        base = f"{self.url}/bundles/{version}"
+        download(f"{base}/manifest.json", dest / "manifest.json", self.token, self.timeout, MAX_MANIFEST_BYTES, deadline)
+        download(f"{base}/manifest.sig", dest / "manifest.sig", self.token, self.timeout, 4096, deadline)
+        manifest = check_manifest(dest)
+        for name, entry in manifest.get("files", {}).items():
+            try:
+                name = parse_file_name(name, f"bundle v{version} file")
+                size = parse_version(entry.get("bytes") if isinstance(entry, dict) else None, f"{name}'s size")
+            except RemoteValueError as exc:
+                raise ServiceError(str(exc)) from None
+            download(f"{base}/{name}", dest / name, self.token, self.timeout, size, deadline)
+        return manifest
 
 
 def wait_healthy(url: str, process=None, timeout: float = 60) -> dict:

@@ -18,7 +18,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,19 +28,70 @@ import numpy as np
 from ..data.faces import DEFAULT_MARGIN, expand_box, face_detector
 from ..data.images import resize_face
 from ..errors import EmoshieldError
-from .bundle import MANIFEST, ONNX_FP32, ONNX_INT8, BundleError, verify_bundle
+from .bundle import (MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, BundleVersionError, read_probes,
+                     verify_bundle, verify_signature)
 from .signing import load_public_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+DEFAULT_MIN_AGREEMENT = 0.9
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_isa() -> str:
+    """The integer-SIMD features of this CPU that decide onnxruntime's int8 kernels, e.g.
+    "avx2" or "avx2 avx512f avx512_vnni" (from /proc/cpuinfo; "unknown" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in flags) or "baseline"
+    except OSError:
+        pass
+    return "unknown"
+
+
+@dataclass
+class SelfCheck:
+    """Which precision the device runs a bundle in, and why: int8 kernels differ between CPUs,
+    so int8 is used only after it agreed with the fp32 model on the bundle's probe faces here."""
+
+    requested: str
+    precision: str
+    reason: str
+    agreement: float | None = None
+    min_agreement: float | None = None
+    probes: int = 0
+    seconds: float = 0.0
+    cpu: str = field(default_factory=cpu_isa)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.requested != self.precision
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fell_back": self.fell_back}
+
+    def describe(self) -> str:
+        if self.agreement is None:
+            return f"{self.precision} ({self.reason})"
+        verdict = "using fp32 instead" if self.fell_back else "using int8"
+        return (f"int8 self-check on {self.probes} probe faces: {self.agreement:.1%} agree with fp32 "
+                f"(threshold {self.min_agreement:.0%}, {self.seconds * 1e3:.0f} ms); {verdict}")
+
+
 class EmotionClassifier:
-    """One bundle's ONNX model (int8 by default) with the preprocessing its manifest names."""
+    """One bundle's ONNX model (int8 by default) with the preprocessing its manifest names.
+    `load_classifier` is the way in: it self-checks int8 on this CPU first."""
+
+    check: SelfCheck | None = None
 
     def __init__(self, bundle_dir: Path, precision: str = "int8", threads: int = 1):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
+        self.precision = precision
         self.manifest = json.loads((self.bundle_dir / MANIFEST).read_text())
         self.classes: list[str] = list(self.manifest["classes"])
         pre = self.manifest["preprocessing"]
@@ -69,90 +120,183 @@ class EmotionClassifier:
             face = resize_face(rgb, self.input_size).transpose(2, 0, 1)
         return (face.astype(np.float32) / 255.0)[None]
 
+    def logits(self, faces: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": faces})[0]
+
     def probabilities(self, faces: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {"image": faces})[0].astype(np.float64)
+        logits = self.logits(faces).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
 
-def health_check(bundle_dir: Path, precision: str = "int8") -> None:
-    """Load the bundle's model and classify a probe image: finite probabilities of the right
-    shape, or BundleError. Run before a bundle becomes current."""
+def _first_line(exc: Exception) -> str:
+    return f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
+def load_classifier(bundle_dir: Path, precision: str = "int8", threads: int = 1) -> EmotionClassifier:
+    """The bundle's model in `precision`, int8 only once it passed its self-check on this CPU:
+    an int8 model that disagrees with the fp32 logits stored with the probe faces (below the
+    manifest's threshold), or that does not load, gives way to fp32. `classifier.check` says
+    which and why. Bundles made before probes existed run int8 unchecked (and say so)."""
+    if precision == "fp32":
+        classifier = EmotionClassifier(bundle_dir, "fp32", threads)
+        classifier.check = SelfCheck("fp32", "fp32", "fp32 requested")
+        return classifier
+    started = time.perf_counter()
+    agreement = threshold = None
+    probes = 0
     try:
-        classifier = EmotionClassifier(bundle_dir, precision)
+        classifier = EmotionClassifier(bundle_dir, "int8", threads)
+    except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
+        reason = f"int8 model does not load on this CPU ({_first_line(exc)})"
+    else:
+        entry = classifier.manifest.get("self_check")
+        if not isinstance(entry, dict) or PROBES not in classifier.manifest.get("files", {}):
+            classifier.check = SelfCheck("int8", "int8", "bundle carries no probe faces: int8 unchecked")
+            return classifier
+        threshold = entry.get("min_agreement")
+        if not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            threshold = DEFAULT_MIN_AGREEMENT
+        images, reference = read_probes(Path(bundle_dir) / PROBES, classifier.input_size, len(classifier.classes))
+        probes = len(images)
+        try:
+            predicted = np.concatenate([classifier.logits(images[i:i + 64]) for i in range(0, probes, 64)])
+            agreement = float((predicted.argmax(1) == reference.argmax(1)).mean())
+        except Exception as exc:
+            reason = f"int8 model fails on this CPU ({_first_line(exc)})"
+        else:
+            if agreement >= threshold:
+                classifier.check = SelfCheck("int8", "int8", "self-check passed", agreement, threshold, probes,
+                                             time.perf_counter() - started)
+                return classifier
+            reason = (f"int8 agrees with fp32 on {agreement:.1%} of {probes} probe faces, below "
+                      f"{threshold:.0%}: this CPU's int8 kernels are not accurate for this model")
+    classifier = EmotionClassifier(bundle_dir, "fp32", threads)
+    classifier.check = SelfCheck("int8", "fp32", reason, agreement, threshold, probes, time.perf_counter() - started)
+    return classifier
+
+
+def health_check(bundle_dir: Path, precision: str = "int8", threads: int = 1) -> EmotionClassifier:
+    """Load the bundle's model (self-checked, see load_classifier) and classify a constant image:
+    finite probabilities of the right shape, or BundleError. Run before a bundle becomes
+    current; returns the classifier ready to use."""
+    try:
+        classifier = load_classifier(bundle_dir, precision, threads)
         probe = np.full((2, 3, classifier.input_size, classifier.input_size), 0.5, dtype=np.float32)
         p = classifier.probabilities(probe)
     except BundleError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
-        raise BundleError(f"{bundle_dir}: health check failed ({exc.__class__.__name__}: "
-                          f"{str(exc).splitlines()[0][:160]})") from None
+        raise BundleError(f"{bundle_dir}: health check failed ({_first_line(exc)})") from None
     if p.shape != (2, len(classifier.classes)) or not np.isfinite(p).all():
         raise BundleError(f"{bundle_dir}: health check failed (output shape {p.shape} or non-finite values)")
+    return classifier
 
 
 class BundleStore:
-    """Verified bundles on the device and which one is current."""
+    """Verified bundles on the device and which one is current.
 
-    def __init__(self, root: Path, public_key, health: Callable[[Path], None] = health_check):
+    Keeps the current and the previous bundle only (older ones are deleted after each install),
+    remembers versions it rolled back from so that they are not installed again, and removes
+    half-copied downloads left in staging/ by a process that died (kill -9, power loss)."""
+
+    MAX_REJECTED = 32
+
+    def __init__(self, root: Path, public_key, health: Callable[[Path], object] = health_check):
         self.root = Path(root)
         self.public_key = load_public_key(Path(public_key)) if isinstance(public_key, (str, Path)) else public_key
         self.health = health
         (self.root / "bundles").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root / "staging", ignore_errors=True)  # leftovers of a process that died mid-download
+        for leftover in self.root.glob(".state-*.json"):
+            leftover.unlink(missing_ok=True)
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict:
         path = self.root / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else {"current": None, "previous": None}
+        if not path.is_file():
+            return {"current": None, "previous": None, "rejected": []}
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: unreadable store state ({exc.__class__.__name__})") from None
+        return {"rejected": [], **state}
 
     def _write_state(self, state: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".state-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / "state.json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / "state.json")
+        except OSError as exc:  # disk full: the old state.json is still whole
+            Path(tmp).unlink(missing_ok=True)
+            raise BundleError(f"{self.root}: cannot write the store state ({exc.strerror or exc})") from None
 
     def current_version(self) -> int | None:
         return self.state()["current"]
 
     def current_dir(self) -> Path | None:
         version = self.current_version()
-        return self.root / "bundles" / f"v{version}" if version is not None else None
+        return self.version_dir(version) if version is not None else None
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / "bundles" / f"v{int(version)}"
+
+    def staging(self) -> Path:
+        """A fresh folder under staging/ for one download (removed by install or at the next start)."""
+        (self.root / "staging").mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.root / "staging"))
 
     # -- changes --------------------------------------------------------------------------------
     def install(self, source_dir: Path) -> dict:
-        """Copy a bundle in, verify it (signature, hashes, version > current), health-check
-        it, then make it current; the old current becomes `previous`. On any failure the
-        store is unchanged and BundleError says why."""
+        """Copy a bundle in, verify it (signature, hashes, version > current, not rolled back
+        from before), health-check it, then make it current; the old current becomes `previous`
+        and older bundles are deleted. On any failure, a full disk included, the store is
+        unchanged and BundleError says why."""
         state = self.state()
-        staging = self.root / "staging"
-        staging.mkdir(exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=staging))
+        work = self.staging()
         try:
             for item in Path(source_dir).iterdir():
                 if item.is_file() and not item.is_symlink():
                     shutil.copyfile(item, work / item.name)
             manifest = verify_bundle(work, self.public_key, min_version=state["current"])
+            if manifest["version"] in state["rejected"]:
+                raise BundleVersionError(f"bundle v{manifest['version']} was rolled back from before; not installing "
+                                         "it again (publish a newer version)")
             self.health(work)
-            target = self.root / "bundles" / f"v{manifest['version']}"
+            target = self.version_dir(manifest["version"])
             if target.exists():
                 shutil.rmtree(target)  # a leftover of an install that died before its state change
             os.replace(work, target)
+        except OSError as exc:
+            raise BundleError(f"{self.root}: cannot install the bundle ({exc.strerror or exc})") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self._write_state({"current": manifest["version"], "previous": state["current"]})
+        self._write_state({**state, "current": manifest["version"], "previous": state["current"]})
+        self._collect_garbage()
         return manifest
 
     def rollback(self, reason: str = "") -> int:
-        """Make the previous bundle current again (e.g. the new one failed at run time)."""
+        """Make the previous bundle current again (e.g. the new one failed at run time); the bad
+        version is remembered and never installed again."""
         state = self.state()
         if state["previous"] is None:
             raise BundleError("no previous bundle to roll back to" + (f" ({reason})" if reason else ""))
         bad = state["current"]
-        self._write_state({"current": state["previous"], "previous": None, "rejected": bad, "reason": reason})
+        rejected = [*state["rejected"], bad][-self.MAX_REJECTED:]
+        self._write_state({"current": state["previous"], "previous": None, "rejected": rejected,
+                           "reason": reason[:500]})
         return state["previous"]
+
+    def _collect_garbage(self) -> None:
+        state = self.state()
+        keep = {f"v{v}" for v in (state["current"], state["previous"]) if v is not None}
+        for folder in (self.root / "bundles").iterdir():
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- frames in, emotions out -------------------------------------------------------------------
@@ -325,28 +469,74 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
 
 def sync_from_edge(store: BundleStore, client, log: Callable[[str], None]) -> int | None:
     """Install the edge's newest bundle when it is newer than the current one. Returns the new
-    version, or None when nothing changed: edge unreachable (the device goes on offline with
-    its last good bundle), nothing newer, or the bundle refused (reason logged)."""
+    version, or None when nothing changed: edge unreachable or answering nonsense (the device
+    goes on offline with its last good bundle), nothing newer, a version rolled back from
+    before, or the bundle refused (reason logged). Only the signed manifest's files are
+    downloaded, each bounded by its signed size."""
     from .client import ServiceError
 
     try:
         latest = client.latest_bundle()
-        if latest is None or (store.current_version() or 0) >= int(latest["version"]):
+        state = store.state()
+        if latest is None or (state["current"] or 0) >= latest["version"] or latest["version"] in state["rejected"]:
             return None
-        (store.root / "staging").mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=store.root / "staging") as tmp:
-            client.fetch_bundle(int(latest["version"]), latest["manifest"], Path(tmp))
-            manifest = store.install(Path(tmp))
+        download = store.staging()
+        try:
+            client.fetch_bundle(latest["version"], download, lambda folder: verify_signature(folder, store.public_key))
+            manifest = store.install(download)
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
     except ServiceError as exc:
         log(f"device: edge unreachable or failing, keeping bundle v{store.current_version()} ({exc})")
         return None
     except BundleError as exc:
         log(f"device: refused a bundle, keeping v{store.current_version()}: {exc}")
         return None
+    except OSError as exc:  # e.g. the disk filled up during the download
+        log(f"device: cannot store the download, keeping v{store.current_version()} ({exc.strerror or exc})")
+        return None
     previous = store.state()["previous"]
     log(f"device: installed bundle v{manifest['version']}"
         + (f" (previous v{previous} kept for rollback)" if previous else " (first bundle)"))
     return int(manifest["version"])
+
+
+class BackgroundUpdate:
+    """Syncs with the edge on a worker thread while frames keep being recognised with the
+    current bundle; the frame loop picks up the new, self-checked classifier when it is ready."""
+
+    def __init__(self, store: BundleStore, client, load: Callable[[Path], "EmotionClassifier"],
+                 log: Callable[[str], None]):
+        self.store, self.client, self.load, self.log = store, client, load, log
+        self._thread: threading.Thread | None = None
+        self._ready: EmotionClassifier | None = None
+
+    def start(self) -> bool:
+        """Begin a sync unless one is running; False when one already was."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self._thread = threading.Thread(target=self._run, name="device-update", daemon=True)
+        self._thread.start()
+        return True
+
+    def _run(self) -> None:
+        if sync_from_edge(self.store, self.client, self.log) is None:
+            return
+        try:
+            self._ready = self.load(self.store.current_dir())
+        except Exception as exc:  # noqa: BLE001 - passed its install check but fails here: roll back
+            self.log(f"device: bundle v{self.store.current_version()} failed to load ({exc}); rolling back to "
+                     f"v{self.store.rollback(str(exc))}")
+            self._ready = self.load(self.store.current_dir())
+
+    def take(self) -> "EmotionClassifier | None":
+        """The classifier of a newly installed bundle, once (None while none is ready)."""
+        ready, self._ready = self._ready, None
+        return ready
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def _interrupt(signum, frame) -> None:
@@ -387,6 +577,27 @@ def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
             "accuracy_all_frames": sum(p == t for p, t in scored) / len(scored) if scored else 0.0}
 
 
+def _start_current(store: BundleStore, load: Callable[[Path], EmotionClassifier],
+                   log: Callable[[str], None]) -> tuple[EmotionClassifier, dict]:
+    """The store's current bundle, verified and loaded; when it fails (corrupted on disk, or its
+    model does not run here) and the previous one is intact, roll back to that one instead of
+    stopping the device."""
+    for attempt in range(2):
+        bundle_dir = store.current_dir()
+        if bundle_dir is None:
+            raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
+                                 "give --bundle DIR or an --edge that has published one")
+        try:
+            manifest = verify_bundle(bundle_dir, store.public_key)
+            return load(bundle_dir), manifest
+        except BundleError as exc:
+            if attempt or store.state()["previous"] is None:
+                raise
+            version = store.rollback(f"current bundle refused at start: {exc}")
+            log(f"device: current bundle refused ({exc}); rolled back to v{version}")
+    raise AssertionError("unreachable")
+
+
 def run_device_command(args) -> int:
     """`emoshield device run`: choose the bundle (local, or the store's current one), run it."""
     import sys
@@ -402,27 +613,33 @@ def run_device_command(args) -> int:
             raise EmoshieldError("give --bundle DIR or --edge URL, not both")
         bundle_dir = Path(args.bundle)
         manifest = verify_bundle(bundle_dir, Path(args.pubkey))
-        health_check(bundle_dir, args.precision)
     else:
         store = BundleStore(Path(args.store) if args.store else cache_dir() / "device", Path(args.pubkey))
         if args.edge:
             from .client import EdgeClient
 
-            if not args.token:
-                raise EmoshieldError("--edge needs the device's --token")
-            client = EdgeClient(args.edge, args.token)
-            sync_from_edge(store, client, log)
+            client = EdgeClient(args.edge, args.device_token)
+            if store.current_version() is None:  # nothing to run yet: wait for the first bundle
+                sync_from_edge(store, client, log)
             link = connect_mqtt(client, args.mqtt, log)
-        bundle_dir = store.current_dir()
-        if bundle_dir is None:
-            raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
-                                 "give --bundle DIR or an --edge that has published one")
-        manifest = verify_bundle(bundle_dir, store.public_key)
     cv2.setNumThreads(args.threads)  # OpenCV's detector threads too: --threads 1 means one core
-    log(f"device: {manifest['name']} v{manifest['version']} verified ({args.precision}, "
+
+    def load(folder: Path) -> EmotionClassifier:
+        classifier = health_check(folder, args.precision, args.threads)
+        log(f"device: v{classifier.version}: {classifier.check.describe()}")
+        return classifier
+
+    if store is None:
+        classifier = load(bundle_dir)
+    else:
+        classifier, manifest = _start_current(store, load, log)
+    update = BackgroundUpdate(store, client, load, log) if client is not None else None
+    if update is not None and classifier.version == store.current_version():
+        update.start()  # is there something newer? asked while the current bundle already runs
+    log(f"device: {manifest['name']} v{manifest['version']} verified ({classifier.precision}, "
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
-    analyzer = FrameAnalyzer(EmotionClassifier(bundle_dir, args.precision, args.threads), args.smooth,
-                             args.detect_every, detector=args.detector, detect_width=args.detect_width)
+    analyzer = FrameAnalyzer(classifier, args.smooth, args.detect_every, detector=args.detector,
+                             detect_width=args.detect_width)
     results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
     counts = {"frames": 0, "faces": 0}
     out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
@@ -436,40 +653,46 @@ def run_device_command(args) -> int:
                 results.append(result)
             print(result.to_json(), file=out)
 
+        def running() -> dict:
+            classifier = analyzer.classifier
+            return {"version": classifier.version, "precision": classifier.precision,
+                    "self_check": classifier.check.to_dict()}
+
         last_check = [time.monotonic()]
         last_beat = [0.0]
-        tried_announced = [0]
+        seen_announcements = [0]
         started = time.monotonic()
 
         def check_for_update() -> None:
             now = time.monotonic()
             if link is not None and now - last_beat[0] >= args.heartbeat:
                 last_beat[0] = now
-                link.heartbeat({"version": analyzer.classifier.version, "frames": counts["frames"],
+                link.heartbeat({**running(), "frames": counts["frames"],
                                 "fps": counts["frames"] / max(now - started, 1e-9), "faces": counts["faces"]})
             if client is None:
                 return
-            announced = link.announced if link is not None else None
-            if announced and announced > (store.current_version() or 0) and announced > tried_announced[0]:
-                tried_announced[0] = announced  # one try per announced version; a refused one is not retried
-                log(f"device: bundle v{announced} announced over MQTT")
+            ready = update.take()
+            if ready is not None:
+                analyzer._previous = None  # smoothing restarts: the new model may have other classes
+                analyzer.classifier = ready
+            fresh = False
+            if link is not None and link.announcements != seen_announcements[0]:
+                seen_announcements[0] = link.announcements  # one check per announcement, never a high-water mark
+                fresh = (link.announced or 0) > (store.current_version() or 0)
+            if fresh:
+                log(f"device: bundle v{link.announced} announced over MQTT")
             elif (not args.poll or now - last_check[0] < args.poll
                   or (link is not None and link.connected.is_set())):
                 return  # polling only while no broker is connected
             last_check[0] = now
-            if sync_from_edge(store, client, log) is not None:
-                analyzer._previous = None  # smoothing restarts: the new model may have other classes
-                try:
-                    analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
-                except Exception as exc:  # the new bundle passed its probe but fails here: roll back
-                    log(f"device: bundle v{store.current_version()} failed to load ({exc}); rolling back to "
-                        f"v{store.rollback(str(exc))}")
-                    analyzer.classifier = EmotionClassifier(store.current_dir(), args.precision, args.threads)
+            update.start()  # downloads on its own thread: frames go on with the current bundle
 
         summary = run_frames(analyzer, args.source, emit, Path(args.annotate) if args.annotate else None,
                              args.max_frames, check_for_update, loop=args.loop, realtime=args.realtime)
+        if update is not None:
+            update.join(timeout=5.0)  # let a quick check finish and log; a long download is abandoned
         if link is not None:
-            link.heartbeat({"version": analyzer.classifier.version, "frames": summary["frames"],
+            link.heartbeat({**running(), "frames": summary["frames"],
                             "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True},
                            wait=2.0)
     finally:
@@ -478,9 +701,12 @@ def run_device_command(args) -> int:
         if link is not None:
             link.stop()
     summary["peak_rss_mb"] = peak_rss_mb()
+    summary["precision"] = analyzer.classifier.precision
+    summary["self_check"] = analyzer.classifier.check.to_dict()
     line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face) in "
             f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
-            f"{args.threads} thread(s), {args.precision})")
+            f"{args.threads} thread(s), {summary['precision']}"
+            + (" after the int8 self-check failed" if analyzer.classifier.check.fell_back else "") + ")")
     if args.truth:
         scores = score_against_truth(results, Path(args.truth))
         summary.update(scores)
@@ -489,7 +715,8 @@ def run_device_command(args) -> int:
     line += f"; peak RSS {summary['peak_rss_mb']:.0f} MB"
     print(line, file=sys.stderr, flush=True)
     if args.summary:
-        Path(args.summary).write_text(json.dumps({**summary, "source": args.source, "precision": args.precision,
+        Path(args.summary).write_text(json.dumps({**summary, "source": args.source,
+                                                  "requested_precision": args.precision,
                                                   "threads": args.threads, "detector": args.detector,
                                                   "detect_every": args.detect_every,
                                                   "detect_width": args.detect_width}, indent=1))

@@ -42,10 +42,24 @@ import numpy as np
 
 from ..errors import EmoshieldError
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
-from .store import EdgeStore
+from .store import EdgeStore, hash_token
+from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, RemoteValueError, parse_sha256, parse_token
 
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
+MULTIPART_OVERHEAD = 16_384  # bytes a multipart upload may add around its image (boundaries, label)
+MAX_BACKBONE_BYTES = 2_000_000_000
+
+
+class UploadError(EmoshieldError):
+    """An upload the edge refuses; `status` is the HTTP status it answers with."""
+
+    status = 415
+
+
+class UploadTooLarge(UploadError):
+    status = 413
+
 
 try:  # the request body model must live at module level for FastAPI to resolve it
     from pydantic import BaseModel
@@ -75,35 +89,83 @@ class EdgeConfig:
     extra_train_args: list[str] = field(default_factory=list)
     train_every: int = 0  # queue a job when this many new samples arrived (0 = only on request)
     max_upload_bytes: int = 2_000_000
+    max_upload_pixels: int = 16_777_216  # 4096 x 4096: checked from the image header before decoding
     min_samples: int = 10
     database: str | None = None  # SQLAlchemy URL of the metadata store (None = SQLite in root)
     mqtt: str | None = None  # broker HOST:PORT for announcements and heartbeats (None = HTTP polling only)
 
 
-def check_image(data: bytes, max_bytes: int) -> str:
-    """The image kind (png/jpg) of an upload, or EmoshieldError: size, type and decodability."""
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by a PNG's IHDR or a JPEG's frame header, read without decoding
+    (so a 600-byte file that would decode to 32768 x 32768 pixels is refused before any memory
+    is spent); None when the header is missing or truncated."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    i = 2
+    while i + 9 < len(data):  # JPEG: walk the marker segments up to the first SOFn
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> str:
+    """The image kind (png/jpg) of an upload, or UploadError: size, type, declared pixel count
+    (checked before decoding) and decodability."""
     if len(data) > max_bytes:
-        raise EmoshieldError(f"upload is {len(data)} bytes; the limit is {max_bytes}")
+        raise UploadTooLarge(f"upload is {len(data)} bytes; the limit is {max_bytes}")
     kind = next((k for magic, k in IMAGE_MAGIC.items() if data.startswith(magic)), None)
     if kind is None:
-        raise EmoshieldError("upload is not a PNG or JPEG image")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        raise UploadError("upload is not a PNG or JPEG image")
+    size = image_size(data)
+    if size is None:
+        raise UploadError(f"upload is a {kind.upper()} without a readable size header (truncated or malformed)")
+    if size[0] * size[1] > max_pixels:
+        raise UploadTooLarge(f"upload declares {size[0]}x{size[1]} pixels; the limit is {max_pixels} pixels")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        image = None
     if image is None or min(image.shape[:2]) < 16:
-        raise EmoshieldError("upload does not decode to an image of at least 16x16 pixels")
+        raise UploadError("upload does not decode to an image of at least 16x16 pixels")
     return kind
 
 
 def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) -> tuple[dict, Path]:
     """Metadata and local weights file of a cloud library entry, verified by sha256."""
     with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout) as r:
-        meta = json.loads(r.read())
-    path = cache / f"{meta['sha256']}.safetensors"
+        meta = json.loads(r.read(1_000_000))
+    if not isinstance(meta, dict):
+        raise EmoshieldError(f"cloud {cloud_url} answered backbone {name} with no metadata object")
+    try:  # the digest names a file in our cache: it must be a digest, never a path
+        digest = parse_sha256(meta.get("sha256"), f"backbone {name}'s sha256 from {cloud_url}")
+    except RemoteValueError as exc:
+        raise EmoshieldError(str(exc)) from None
+    path = cache / f"{digest}.safetensors"
     if not path.is_file() or sha256_file(path) != meta["sha256"]:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
         with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}/weights", timeout=timeout) as r, \
                 open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
+            copied = 0
+            while block := r.read(1 << 20):
+                copied += len(block)
+                if copied > MAX_BACKBONE_BYTES:
+                    f.close()
+                    tmp.unlink()
+                    raise EmoshieldError(f"backbone {name} from {cloud_url} is over {MAX_BACKBONE_BYTES} bytes")
+                f.write(block)
         if sha256_file(tmp) != meta["sha256"]:
             tmp.unlink()
             raise EmoshieldError(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
@@ -115,13 +177,17 @@ class EdgeNode:
     """Store + job worker; the HTTP app is a thin shell over it."""
 
     def __init__(self, config: EdgeConfig, on_publish: Callable[[int, dict], None] | None = None):
+        parse_token(config.admin_token, "admin token", MIN_TOKEN_LENGTH)  # refused before anything starts
         self.config = config
-        self.store = EdgeStore(config.root, config.database)
+        self.store = EdgeStore(config.root, config.database)  # marks jobs a dead node left "running" failed
         self.on_publish = on_publish
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="edge-jobs", daemon=True)
+        self._child: subprocess.Popen | None = None
+        self._child_lock = threading.Lock()
         self.announcer = None
+        self._stop_orphans()
 
     def start(self) -> None:
         if self.config.mqtt:
@@ -136,11 +202,34 @@ class EdgeNode:
                 self.announcer.announce(version, read_manifest(self.store.bundle_dir(version)))
         self._worker.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the worker and the job it runs: the job's `emoshield` child (its own process
+        group, so its workers too) gets SIGTERM, then SIGKILL after `grace` seconds; the job is
+        recorded as failed. Nothing the node started outlives it."""
+        if self._stop.is_set() and not self._worker.is_alive():
+            return  # stopped already (the service's shutdown hook, then the CLI)
         self._stop.set()
         self._wake.set()
+        with self._child_lock:
+            child = self._child
+        if child is not None:
+            _stop_group(child.pid, grace, child)
+        if self._worker.is_alive():
+            self._worker.join(timeout=grace + 20)
         if self.announcer is not None:
             self.announcer.stop()
+
+    def _stop_orphans(self) -> None:
+        """Kill job children a node that died without stopping (SIGKILL, power loss) left running;
+        they are found by the pid files their jobs write and checked to be our process groups."""
+        for pid_file in (self.config.root / "jobs").glob("*/child.pid"):
+            try:
+                pid = int(pid_file.read_text())
+                if os.getsid(pid) == pid and b"emoshield" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    _stop_group(pid, 5.0)
+            except (OSError, ValueError):
+                pass  # gone already, or not ours
+            pid_file.unlink(missing_ok=True)
 
     def queue_job(self, trigger: str) -> int:
         job_id = self.store.create_job(trigger)
@@ -178,11 +267,26 @@ class EdgeNode:
             f.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
 
     def _run(self, job_id: int, args: list[str]) -> None:
+        """One `emoshield` step of a job as a child in its own session (process group), so stop()
+        and a restarted node can end it with everything it started."""
+        if self._stop.is_set():
+            raise EmoshieldError("interrupted: the edge node is stopping")
         self._log(job_id, "$ emoshield " + " ".join(args))
-        with open(self.job_dir(job_id) / "log.txt", "a") as log:
-            proc = subprocess.run([sys.executable, "-m", "emoshield", *args], stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            raise EmoshieldError(f"`emoshield {args[0]}` exited with {proc.returncode} (see the job log)")
+        pid_file = self.job_dir(job_id) / "child.pid"
+        with open(self.job_dir(job_id) / "log.txt", "a") as log, self._child_lock:
+            self._child = subprocess.Popen([sys.executable, "-m", "emoshield", *args], stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            pid_file.write_text(str(self._child.pid))
+        try:
+            returncode = self._child.wait()
+        finally:
+            with self._child_lock:
+                self._child = None
+            pid_file.unlink(missing_ok=True)
+        if self._stop.is_set():
+            raise EmoshieldError(f"interrupted: the edge node stopped during `emoshield {args[0]}`")
+        if returncode != 0:
+            raise EmoshieldError(f"`emoshield {args[0]}` exited with {returncode} (see the job log)")
 
     def run_job(self, job_id: int) -> dict:
         cfg, store = self.config, self.store
@@ -229,21 +333,67 @@ class EdgeNode:
         return manifest
 
 
-def create_app(node: EdgeNode):
-    from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, UploadFile
-    from fastapi.responses import FileResponse, PlainTextResponse
+def _stop_group(pid: int, grace: float, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM to process group `pid`, SIGKILL once `grace` seconds have passed."""
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
+    """The HTTP shell over `node`. Authentication comes before any body is read (the upload
+    route parses its multipart body itself, after the token check, from a stream cut at the
+    size limit), and image decoding runs on worker threads, at most `max_concurrent_decodes`
+    at a time, so no upload stalls the event loop."""
+    import asyncio
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi import Path as PathParam
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
 
     store, cfg = node.store, node.config
+    admin_sha256 = hash_token(parse_token(cfg.admin_token, "admin token", MIN_TOKEN_LENGTH))
+    decodes = asyncio.Semaphore(max_concurrent_decodes)
     app = FastAPI(title="emoshield edge", description="Edge node: devices, samples, training jobs, bundles.",
                   version="1")
+    JobId = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
+    Version = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
+
+    @app.exception_handler(UploadError)
+    async def upload_refused(request: Request, exc: UploadError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     def bearer(authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
             raise HTTPException(401, "missing bearer token")
-        return authorization.removeprefix("Bearer ").strip()
+        try:
+            return parse_token(authorization.removeprefix("Bearer "), "bearer token")
+        except EmoshieldError:
+            raise HTTPException(401, "malformed bearer token") from None
+
+    def is_admin(token: str) -> bool:
+        return secrets.compare_digest(hash_token(token), admin_sha256)
 
     def admin(authorization: str | None = Header(default=None)) -> None:
-        if not secrets.compare_digest(bearer(authorization), cfg.admin_token):
+        if not is_admin(bearer(authorization)):
             raise HTTPException(403, "admin token required")
 
     def device(authorization: str | None = Header(default=None)) -> str:
@@ -253,10 +403,7 @@ def create_app(node: EdgeNode):
         return device_id
 
     def device_or_admin(authorization: str | None = Header(default=None)) -> str:
-        token = bearer(authorization)
-        if secrets.compare_digest(token, cfg.admin_token):
-            return "admin"
-        return device(authorization)
+        return "admin" if is_admin(bearer(authorization)) else device(authorization)
 
     @app.get("/health")
     def health() -> dict:
@@ -279,17 +426,47 @@ def create_app(node: EdgeNode):
         """What a device needs to join the edge's MQTT fan-out: its id, the edge's name, the broker."""
         return {**store.device(device_id), "edge": cfg.name, "mqtt": cfg.mqtt}
 
-    @app.post("/samples")
-    async def upload(file: UploadFile = File(...), label: str = Form(...), device_id: str = Depends(device)) -> dict:
-        if label not in cfg.classes:
-            raise HTTPException(422, f"label {label!r} is not one of {', '.join(cfg.classes)}")
-        data = await file.read(cfg.max_upload_bytes + 1)
+    async def bounded_body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise UploadTooLarge(f"request body declares {declared[:20]} bytes; the limit is {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise UploadTooLarge(f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    @app.post("/samples", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["file", "label"],
+                   "properties": {"file": {"type": "string", "format": "binary"},
+                                  "label": {"type": "string", "enum": list(cfg.classes)}}}}}}})
+    async def upload(request: Request, device_id: str = Depends(device)) -> dict:
+        """A labelled face (PNG/JPEG, at most the edge's size and pixel limits), multipart fields
+        `file` and `label`. The token is checked before a byte of the body is read."""
+        from starlette.datastructures import UploadFile as StarletteUpload
+
+        body = await bounded_body(request, cfg.max_upload_bytes + MULTIPART_OVERHEAD)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(422, "send the face as multipart/form-data fields file and label")
         try:
-            kind = check_image(data, cfg.max_upload_bytes)
-        except EmoshieldError as exc:
-            raise HTTPException(413 if "limit" in str(exc) else 415, str(exc)) from None
-        sample = store.add_sample(device_id, data, label, kind)
-        job = node.sample_added()
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
+        except Exception as exc:  # starlette/python-multipart raise several types for malformed bodies
+            raise HTTPException(422, f"malformed multipart body ({exc.__class__.__name__})") from None
+        label, file = form.get("label"), form.get("file")
+        if not isinstance(label, str) or not isinstance(file, StarletteUpload):
+            raise HTTPException(422, "multipart fields file (an image) and label (text) are required")
+        if label not in cfg.classes:
+            raise HTTPException(422, f"label {label[:40]!r} is not one of {', '.join(cfg.classes)}")
+        data = await file.read(cfg.max_upload_bytes + 1)
+        async with decodes:  # bounded: at most this many images in memory being decoded
+            kind = await run_in_threadpool(check_image, data, cfg.max_upload_bytes, cfg.max_upload_pixels)
+        sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind)
+        job = await run_in_threadpool(node.sample_added)
         return {**sample, "queued_job": job}
 
     @app.get("/samples")
@@ -305,14 +482,14 @@ def create_app(node: EdgeNode):
         return store.jobs()
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(admin)])
-    def job(job_id: int) -> dict:
+    def job(job_id: JobId) -> dict:
         found = store.job(job_id)
         if found is None:
             raise HTTPException(404, f"no job {job_id}")
         return found
 
     @app.get("/jobs/{job_id}/log", dependencies=[Depends(admin)], response_class=PlainTextResponse)
-    def job_log(job_id: int) -> str:
+    def job_log(job_id: JobId) -> str:
         path = node.job_dir(job_id) / "log.txt"
         if store.job(job_id) is None or not path.is_file():
             raise HTTPException(404, f"no log for job {job_id}")
@@ -326,10 +503,10 @@ def create_app(node: EdgeNode):
         return {"version": version, "manifest": json.loads((store.bundle_dir(version) / MANIFEST).read_text())}
 
     @app.get("/bundles/{version}/{name}", dependencies=[Depends(device_or_admin)])
-    def bundle_file(version: int, name: str):
+    def bundle_file(version: Version, name: str):
         path = store.bundle_dir(version) / name
         if name not in SERVED_FILES or not path.is_file():
-            raise HTTPException(404, f"no file {name!r} in bundle v{version}")
+            raise HTTPException(404, f"no file {name[:40]!r} in bundle v{version}")
         return FileResponse(path, media_type="application/octet-stream")
 
     return app

@@ -1,10 +1,18 @@
 """Build a signed bundle from a trained model: safetensors weights, fp32 ONNX, static int8
-ONNX calibrated on real training faces, and a manifest with the accuracy of each.
+ONNX calibrated on real training faces, probe faces for the device's int8 self-check, and a
+manifest with the accuracy of each.
 
-Quantization (onnxruntime static QDQ): weights int8 per output channel, activations uint8
-(asymmetric; onnxruntime's fast x86 U8S8 kernels, int8 x int8 ran slower than fp32) with ranges calibrated on training faces the model saw (never test faces). The first
-convolution (raw pixels, 3 input channels) and the last layer (the logits) are kept in
-fp32 by default: they are tiny in compute and the most sensitive to rounding.
+Quantization (onnxruntime static QDQ): weights per output channel, activations asymmetric,
+ranges calibrated on training faces the model saw (never test faces). The default types are
+uint8 activations x uint8 weights (U8U8): its integer kernels are exact on every x86 CPU, so the
+int8 model the edge verifies is the one a camera runs. onnxruntime's U8S8 kernels use VPMADDUBSW on CPUs without VNNI (AVX2
+and plain AVX-512), which adds pairs of u8 x s8 products in saturating int16, so a bundle that
+agrees with fp32 on the edge's VNNI CPU disagrees on a camera's AVX2 CPU (measured on an AVX2
+EPYC, MobileNetV2 48 px on CK+48: U8S8 logits up to 2.0 away from the exact QDQ result, 89% vs
+96% top-1 agreement with fp32; U8U8 within 0.2; docs/int8.md). U8S8 with reduce_range (7-bit
+weights) is exact too and 1.3x faster, but agreed less with fp32 (95% vs 98% on 183 faces). The first
+convolution (raw pixels, 3 input channels) and the last layer (the logits) stay fp32 by
+default: they are tiny in compute and the most sensitive to rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmoshieldError
-from .bundle import BUNDLE_FILES, ONNX_FP32, ONNX_INT8, WEIGHTS, seal_bundle
+from .bundle import BUNDLE_FILES, ONNX_FP32, ONNX_INT8, PROBES, WEIGHTS, seal_bundle, write_probes
 from .signing import load_private_key
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -34,9 +42,13 @@ class QuantizationOptions:
     method: str = "minmax"
     per_channel: bool = True
     keep_fp32: str = "first,last"  # first conv and/or last layer stay fp32 ("" = quantize all)
-    # uint8 activations x int8 weights is onnxruntime's fast x86 path (MLAS U8S8); int8 x int8
-    # ran slower than fp32 here (bench/device.py)
     activations: str = "uint8"
+    # uint8 weights: exact integer kernels on every x86 CPU (module docstring); int8 weights take
+    # onnxruntime's faster U8S8 path, which saturates without VNNI unless reduce_range is set
+    weights: str = "uint8"
+    reduce_range: bool = False  # 7-bit weights (U8S8 without overflow on CPUs without VNNI)
+    probes: int = 64  # validation faces whose fp32 logits the device's int8 self-check compares with
+    min_agreement: float = 0.9  # the self-check's threshold (top-1 agreement of int8 with fp32)
 
     def validate(self) -> None:
         if self.method not in CALIBRATION_METHODS:
@@ -46,8 +58,13 @@ class QuantizationOptions:
         unknown = set(filter(None, self.keep_fp32.split(","))) - {"first", "last"}
         if unknown:
             raise EmoshieldError(f"--keep-fp32 takes first and/or last, not {', '.join(sorted(unknown))}")
-        if self.activations not in ("uint8", "int8"):
-            raise EmoshieldError(f"activations are uint8 or int8, not {self.activations!r}")
+        for role in ("activations", "weights"):
+            if getattr(self, role) not in ("uint8", "int8"):
+                raise EmoshieldError(f"{role} are uint8 or int8, not {getattr(self, role)!r}")
+        if not 0 <= self.probes <= 4096:
+            raise EmoshieldError(f"--probes is a count of faces in [0, 4096], not {self.probes}")
+        if not 0 < self.min_agreement <= 1:
+            raise EmoshieldError(f"--self-check-min-agreement is in (0, 1], not {self.min_agreement}")
 
 
 def export_onnx(model, path: Path, input_size: int) -> None:
@@ -103,11 +120,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, opti
                   ([compute[-1].name] if "last" in keep and len(compute) > 1 else [])
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[options.method]
+        types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         quantize_static(str(prepared), str(out_path), Reader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=options.per_channel,
-                        activation_type=QuantType.QUInt8 if options.activations == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                        per_channel=options.per_channel, reduce_range=options.reduce_range,
+                        activation_type=types[options.activations], weight_type=types[options.weights],
+                        nodes_to_exclude=exclude, calibrate_method=method,
+                        extra_options={"ActivationSymmetric": False,
+                                       # int8 weights centre on 0; uint8 weights take their own zero point
+                                       "WeightSymmetric": options.weights == "int8"})
     return {"fp32_nodes": exclude, "quantized_nodes": len(compute) - len(exclude)}
 
 
@@ -115,6 +135,39 @@ def _images(data) -> np.ndarray:
     from ..data.images import to_model_input
 
     return to_model_input(data.pixels).numpy()
+
+
+def _probe_pixels(model_file: Path, data_root: str | None, count: int) -> tuple[np.ndarray, str] | None:
+    """Up to `count` held-out faces (validation first, then test) as uint8 N x 3 x S x S, and
+    which parts they came from."""
+    from ..pipeline import decode_split_part
+
+    pixels, parts = [], []
+    for part in ("val", "test"):
+        need = count - sum(len(p) for p in pixels)
+        if need <= 0:
+            break
+        try:
+            data, _, _ = decode_split_part(model_file, part, data_root, limit=need)
+        except EmoshieldError:  # an empty part
+            continue
+        pixels.append(data.pixels.numpy())
+        parts.append(part)
+    if not pixels:
+        return None
+    faces = np.concatenate(pixels)
+    return np.ascontiguousarray(np.broadcast_to(faces, (len(faces), 3, *faces.shape[2:]))), "+".join(parts)
+
+
+def add_probes(bundle_dir: Path, pixels: np.ndarray, int8_threshold: float) -> dict:
+    """Write the probe faces with the fp32 model's logits into the bundle (signed with it);
+    returns the manifest's "self_check" entry, with the int8 agreement on this machine."""
+    faces = pixels.astype(np.float32) / 255.0
+    fp32 = onnx_logits(onnx_session(bundle_dir / ONNX_FP32), faces)
+    int8 = onnx_logits(onnx_session(bundle_dir / ONNX_INT8), faces)
+    write_probes(bundle_dir / PROBES, pixels, fp32)
+    return {"file": PROBES, "probes": len(pixels), "min_agreement": int8_threshold,
+            "export_agreement": float((int8.argmax(1) == fp32.argmax(1)).mean())}
 
 
 def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str | None = None, version: int = 1,
@@ -153,6 +206,9 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
     fp32_logits = onnx_logits(onnx_session(out_dir / ONNX_FP32), x_test)
     kept = quantize_int8(out_dir / ONNX_FP32, out_dir / ONNX_INT8, _images(calib), quantization)
     int8_logits = onnx_logits(onnx_session(out_dir / ONNX_INT8), x_test)
+    probes = _probe_pixels(model_file, data_root, quantization.probes) if quantization.probes else None
+    self_check = ({**add_probes(out_dir, probes[0], quantization.min_agreement), "faces": probes[1]}
+                  if probes else None)
 
     def accuracy(logits):
         return float((logits.argmax(1) == y_test).mean())
@@ -183,7 +239,11 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
                     **({"robustness": _robust_headline(robustness)} if robustness else {})},
         "quantization": {**asdict(quantization), **kept, "format": "QDQ",
                          "activations": f"{quantization.activations} asymmetric",
-                         "weights": "int8 symmetric" + (" per channel" if quantization.per_channel else "")},
+                         "weights": (f"{quantization.weights} " + ("symmetric" if quantization.weights == "int8"
+                                                                  else "asymmetric")
+                                     + (" 7-bit" if quantization.reduce_range else "")
+                                     + (" per channel" if quantization.per_channel else ""))},
+        **({"self_check": self_check} if self_check else {}),
         "exported_by": git_commit(),
     }
     manifest = seal_bundle(out_dir, manifest, key)

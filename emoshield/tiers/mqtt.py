@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EmoshieldError
+from .wire import parse_version
 
+MAX_PAYLOAD = 8192  # bytes; heartbeats are under 4 KB, announcements under 1 KB
 MODEL_TOPIC = "emoshield/{edge}/model"
 HEARTBEAT_TOPIC = "emoshield/{edge}/devices/{device}/heartbeat"
 
@@ -97,16 +99,22 @@ class EdgeAnnouncer(_Link):
         super().__init__(broker, f"emoshield-edge-{edge}")
         self.edge = edge
         self.subscriptions = [HEARTBEAT_TOPIC.format(edge=edge, device="+")]
+        self.dropped, self.last_drop = 0, ""
         self.client.on_message = lambda client, userdata, message: self._heartbeat(message, on_heartbeat)
 
     def _heartbeat(self, message, on_heartbeat: Callable[[str, dict], None]) -> None:
-        device = message.topic.split("/")[-2]
+        """Record one heartbeat. Nothing a client sends may end paho's loop thread (it would
+        silently stop every later heartbeat and announcement): any failure drops the message."""
         try:
+            if len(message.payload) > MAX_PAYLOAD:
+                raise ValueError(f"{len(message.payload)} bytes")
+            device = message.topic.split("/")[-2]
             payload = json.loads(message.payload)
-        except ValueError:
-            return  # not ours; ignore
-        if isinstance(payload, dict):
-            on_heartbeat(device, payload)
+            if isinstance(payload, dict):
+                on_heartbeat(device, payload)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.dropped += 1
+            self.last_drop = f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
     def announce(self, version: int, manifest: dict) -> None:
         self.publish(MODEL_TOPIC.format(edge=self.edge),
@@ -122,14 +130,22 @@ class DeviceLink(_Link):
         self.edge, self.device_id = edge, device_id
         self.subscriptions = [MODEL_TOPIC.format(edge=edge)]
         self.announced: int | None = None
+        self.announcements = 0  # counts valid announcements: each one is worth one check with the edge
         self.client.on_message = self._on_model
 
     def _on_model(self, client, userdata, message) -> None:
+        """Keep the latest valid announcement. It is a hint, not a fact: the device asks the edge
+        (HTTP, its token) what is latest and verifies the bundle, so a forged version can at most
+        cause one check; it is never kept as a high-water mark (a forged 10**9 would hide the real
+        next version). Malformed payloads are dropped without ending the loop thread."""
         try:
-            version = int(json.loads(message.payload)["version"])
-        except (ValueError, KeyError, TypeError):
+            if len(message.payload) > MAX_PAYLOAD:
+                return
+            version = parse_version(json.loads(message.payload)["version"], "announced version", 1)
+        except Exception:  # noqa: BLE001 - JSON, key, type, range: any of them drops the message
             return
-        self.announced = max(version, self.announced or 0)
+        self.announced = version
+        self.announcements += 1
 
     def heartbeat(self, payload: dict, wait: float = 0.0) -> None:
         self.publish(HEARTBEAT_TOPIC.format(edge=self.edge, device=self.device_id), {**payload, "time": time.time()},

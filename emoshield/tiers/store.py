@@ -23,6 +23,7 @@ from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, c
 from sqlalchemy.engine import make_url
 
 from ..errors import EmoshieldError
+from .wire import parse_version
 
 METADATA = MetaData()  # the edge's tables
 CATALOG_METADATA = MetaData()  # the cloud's table
@@ -180,13 +181,17 @@ class EdgeStore(SqlStore):
         return rows[0] if rows else None
 
     def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
-        """Keep a device's latest heartbeat; heartbeats naming no enrolled device, or over 4 KB, are dropped."""
-        text = json.dumps(telemetry, sort_keys=True)
+        """Keep a device's latest heartbeat; heartbeats naming no enrolled device, over 4 KB, with a
+        version that is not an integer in [0, 2**31 - 1] or with non-finite numbers are dropped."""
+        try:
+            text = json.dumps(telemetry, sort_keys=True, allow_nan=False)
+            version = telemetry.get("version")
+            version = None if version is None else parse_version(version, "heartbeat version")
+        except (ValueError, TypeError):  # RemoteValueError is a ValueError too: a lying device
+            return False
         if len(text) > 4096 or self.device(device_id) is None:
             return False
-        version = telemetry.get("version")
-        values = {"device_id": device_id, "seen": time.time(),
-                  "version": int(version) if isinstance(version, int) else None, "telemetry": text}
+        values = {"device_id": device_id, "seen": time.time(), "version": version, "telemetry": text}
         with self._begin() as conn:
             conn.execute(self._upsert(HEARTBEATS, "device_id", values))
         return True

@@ -1,0 +1,386 @@
+"""Hostile input at every boundary that needs no trained model: remote values (versions,
+hashes, tokens, file names), image headers and decompression bombs, MQTT payloads on both
+topics (against a real Mosquitto), lying HTTP peers (a real server on 127.0.0.1), the device
+store under a full disk and after kill -9. Each answer is a one-line error or a dropped
+message; nothing raises past its boundary and every loop stays alive."""
+
+import http.server
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emoshield.tiers.client import EdgeClient, ServiceError, download, request
+from emoshield.tiers.edge import UploadError, UploadTooLarge, check_image, image_size
+from emoshield.tiers.mqtt import DeviceLink, EdgeAnnouncer
+from emoshield.tiers.store import EdgeStore
+from emoshield.tiers.wire import MAX_VERSION, RemoteValueError, parse_file_name, parse_sha256, parse_token, parse_version
+from tests.test_mqtt import wait_for
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+# ---- remote values ---------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_a_version_is_an_int_in_range_or_a_one_line_refusal(value):
+    try:
+        parsed = parse_version(value)
+    except RemoteValueError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 200
+        assert isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION
+    else:
+        assert parsed == value and type(parsed) is int and 0 <= parsed <= MAX_VERSION
+
+
+@pytest.mark.parametrize("value", [10**20, float("inf"), 1e999, -1, True, "7", 7.0, None, [1], {"v": 1}])
+def test_versions_peers_have_sent_are_refused(value):
+    with pytest.raises(RemoteValueError):
+        parse_version(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_hashes_and_file_names_never_let_a_path_through(text):
+    for parse in (parse_sha256, parse_file_name):
+        try:
+            parsed = parse(text)
+        except RemoteValueError:
+            continue
+        assert "/" not in parsed and "\\" not in parsed and not parsed.startswith(".") and parsed.isascii()
+
+
+def test_tokens_refuse_empty_whitespace_and_non_ascii():
+    for bad in ("", "   ", "\xa0", "\xe9" * 20, "tab\there-and-more", "a b c d e f g h i j k l", "x" * 513):
+        with pytest.raises(RemoteValueError):
+            parse_token(bad, min_length=12)
+    assert parse_token("  a-token-of-16-chars \n", min_length=12) == "a-token-of-16-chars"
+
+
+# ---- images: header checks before any decoding -------------------------------------------------
+
+def _png(width: int, height: int, rows: bytes | None = None) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale: tiny raw size
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows or b"", 9)) + chunk(b"IEND", b"")
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    data = bytearray(cv2.imencode(".jpg", np.full((32, 32), 128, np.uint8))[1].tobytes())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_image_size_reads_png_and_jpeg_headers():
+    face = np.full((40, 30), 200, np.uint8)
+    assert image_size(cv2.imencode(".png", face)[1].tobytes()) == (30, 40)
+    assert image_size(cv2.imencode(".jpg", face)[1].tobytes()) == (30, 40)
+    assert image_size(_jpeg_declaring(32768, 32768)) == (32768, 32768)
+    assert image_size(b"\x89PNG\r\n\x1a\n") is None and image_size(b"\xff\xd8\xff") is None
+
+
+def test_decompression_bombs_are_refused_from_the_header_without_decoding():
+    bomb = _png(32768, 32768, (b"\x00" + b"\x00" * 4096) * 32768)  # decodes to 1 Gpixel
+    assert len(bomb) < 2_000_000
+    small_jpeg_bomb = _jpeg_declaring(32768, 32768)
+    assert len(small_jpeg_bomb) < 1000
+    for data in (bomb, small_jpeg_bomb, _png(60000, 60000)):
+        started = time.perf_counter()
+        with pytest.raises(UploadTooLarge, match="pixels"):
+            check_image(data, 2_000_000)
+        assert time.perf_counter() - started < 0.5  # nothing was decoded
+    with pytest.raises(UploadError, match="size header"):
+        check_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, 2_000_000)
+    assert check_image(cv2.imencode(".png", np.full((48, 48), 9, np.uint8))[1].tobytes(), 2_000_000) == "png"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b""]), st.binary(max_size=400))
+def test_any_bytes_get_a_verdict_never_an_exception(prefix, rest):
+    try:
+        check_image(prefix + rest, 100_000)
+    except UploadError as exc:
+        assert "\n" not in str(exc)
+
+
+# ---- MQTT payloads on both topics (real broker) ----------------------------------------------
+
+def test_edge_heartbeat_loop_survives_hostile_payloads(broker, tmp_path):
+    store = EdgeStore(tmp_path / "edge")
+    device_id, _ = store.enrol("camera-a")
+    announcer = EdgeAnnouncer(broker, "edge-h", store.record_heartbeat)
+    link = DeviceLink(broker, "edge-h", device_id)
+    try:
+        assert announcer.start() and link.start()
+        topic = f"emoshield/edge-h/devices/{device_id}/heartbeat"
+        for payload in (b'{"version": 100000000000000000000}', b'{"version": 1e999}', b"\xff\xfe",
+                        b"[" * 100_000, b'{"version": "7"}', b"x" * 20_000, b'{"version": -3}', b"null"):
+            link.client.publish(topic, payload, qos=1).wait_for_publish(5)
+        link.heartbeat({"version": 5, "frames": 1})
+        assert wait_for(lambda: store.devices()[0]["running_version"] == 5)
+        # the loop thread is alive: the next heartbeat is recorded too, and an announcement goes out
+        link.heartbeat({"version": 6})
+        assert wait_for(lambda: store.devices()[0]["running_version"] == 6)
+    finally:
+        link.stop()
+        announcer.stop()
+
+
+def test_a_failing_heartbeat_handler_drops_the_message_and_says_why():
+    def broken(device, payload):
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    announcer = EdgeAnnouncer("127.0.0.1:1", "e", broken)  # never started: the callback is driven directly
+    announcer._heartbeat(SimpleNamespace(payload=b'{"version": 1}', topic="emoshield/e/devices/d/heartbeat"), broken)
+    assert announcer.dropped == 1 and "OverflowError" in announcer.last_drop
+
+
+def test_store_drops_heartbeats_whose_values_do_not_fit():
+    store_values = [10**20, -1, True, "7", 1.5]
+    store = EdgeStore(Path(os.environ.get("TMPDIR", "/tmp")) / f"hb-{os.getpid()}-{time.time_ns()}")
+    device_id, _ = store.enrol("cam")
+    for version in store_values:
+        assert not store.record_heartbeat(device_id, {"version": version})
+    assert not store.record_heartbeat(device_id, {"version": 1, "fps": float("inf")})
+    assert store.record_heartbeat(device_id, {"version": 2, "fps": 3.5})
+    assert store.devices()[0]["running_version"] == 2
+
+
+def _message(payload: bytes):
+    return SimpleNamespace(payload=payload, topic="emoshield/e/model")
+
+
+def test_device_announcements_are_hints_not_high_water_marks():
+    link = DeviceLink("127.0.0.1:1", "e", "d")  # never started: the callback is driven directly
+    for payload in (b'{"version": 1e999}', b'{"version": 100000000000000000000}', b"garbage", b'{"v": 1}',
+                    b'{"version": 0}', b"[" * 50_000):
+        link._on_model(None, None, _message(payload))
+    assert link.announced is None and link.announcements == 0
+    link._on_model(None, None, _message(b'{"version": 1000000000}'))  # forged, retained on the broker
+    link._on_model(None, None, _message(b'{"version": 3}'))  # the edge's real next version
+    assert link.announced == 3 and link.announcements == 2
+
+
+# ---- lying HTTP peers (a real server on 127.0.0.1) ---------------------------------------------
+
+class LyingEdge(http.server.ThreadingHTTPServer):
+    """Answers every GET from `routes`: path -> (status, body bytes, seconds between 1-byte chunks)."""
+
+    def __init__(self, routes: dict):
+        self.routes = routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805 - the handler instance
+                status, body, trickle = self.routes.get(handler.path, (404, b'{"detail": "no"}', 0))
+                handler.send_response(status)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                try:
+                    if trickle:
+                        for i in range(len(body)):
+                            handler.wfile.write(body[i:i + 1])
+                            handler.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        handler.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def lying_edge():
+    server = LyingEdge({})
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"version": "latest"}', b'{"version": 1e999}',
+                                  b'{"version": 3}', b'{"version": 3, "manifest": []}', b"[" * 10_000, b""])
+def test_a_malformed_latest_answer_is_a_service_error(lying_edge, body):
+    lying_edge.routes["/bundles/latest"] = (200, body, 0)
+    with pytest.raises(ServiceError):
+        EdgeClient(lying_edge.url, "device-token-123").latest_bundle()
+
+
+def test_downloads_stop_at_their_signed_size_and_their_deadline(lying_edge, tmp_path):
+    lying_edge.routes["/big"] = (200, b"x" * 3_000_000, 0)
+    lying_edge.routes["/slow"] = (200, b"y" * 100, 0.05)
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="more than the 1000 bytes"):
+        download(lying_edge.url + "/big", tmp_path / "big", max_bytes=1000)
+    with pytest.raises(ServiceError, match="too slow"):
+        download(lying_edge.url + "/slow", tmp_path / "slow", deadline=time.monotonic() + 0.5)
+    assert time.monotonic() - started < 3
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+    assert download(lying_edge.url + "/big", tmp_path / "ok", max_bytes=3_000_000) == 3_000_000
+    with pytest.raises(ServiceError, match="not JSON"):
+        request("GET", lying_edge.url + "/big")
+
+
+# ---- the device store: kill -9 leftovers and a full disk ----------------------------------------
+
+def test_staging_left_by_a_killed_device_is_removed_at_start(tmp_path):
+    from emoshield.tiers.device import BundleStore
+    from emoshield.tiers.signing import generate_keys
+
+    generate_keys(tmp_path / "keys")
+    leftover = tmp_path / "store" / "staging" / "tmpabc"
+    leftover.mkdir(parents=True)
+    (leftover / "model.int8.onnx").write_bytes(b"half a download")
+    (tmp_path / "store" / ".state-x.json").write_text("{")
+    BundleStore(tmp_path / "store", tmp_path / "keys" / "public.key")
+    assert not (tmp_path / "store" / "staging").exists() and not list((tmp_path / "store").glob(".state-*"))
+
+
+def test_a_full_disk_during_install_is_a_bundle_error_and_the_store_is_unchanged(tmp_path):
+    """RLIMIT_FSIZE in a child process: writing a file past 200 kB fails with EFBIG (SIGXFSZ ignored)."""
+    script = f"""
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from emoshield.tiers.bundle import BundleError
+from emoshield.tiers.device import BundleStore
+from emoshield.tiers.signing import generate_keys
+root = Path({str(tmp_path)!r})
+generate_keys(root / "keys")
+source = root / "bundle"
+source.mkdir()
+(source / "model.int8.onnx").write_bytes(b"x" * 300_000)
+store = BundleStore(root / "store", root / "keys" / "public.key")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    store.install(source)
+except BundleError as exc:
+    print("refused:", exc)
+print("state:", store.state())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert "state: {'current': None, 'previous': None, 'rejected': []}" in proc.stdout
+    assert not (tmp_path / "store" / "staging").exists() or not list((tmp_path / "store" / "staging").iterdir())
+
+
+# ---- tokens never on command lines; empty tokens refused at start --------------------------------
+
+def test_tokens_come_from_files_or_the_environment_never_from_argv(tmp_path):
+    from tests.test_cli import run
+
+    common = ["edge", "serve", "--root", tmp_path / "edge", "--key", tmp_path / "no.key", "--cloud", "http://127.0.0.1:9",
+              "--backbone", "b", "--classes", "happy,sad"]
+    proc = run(*common, "--admin-token", "a-secret-on-the-command-line", check=False)
+    assert proc.returncode == 2 and "visible to every user" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    for content in ("", "   \n", "\xa0\xa0", "short"):
+        (tmp_path / "admin.token").write_text(content)
+        proc = run(*common, "--admin-token-file", tmp_path / "admin.token", check=False)
+        assert proc.returncode == 2 and "admin token" in proc.stderr and len(proc.stderr.splitlines()) == 1, content
+    (tmp_path / "edge").mkdir(exist_ok=True)
+    (tmp_path / "edge" / "admin.token").write_text("")  # an empty generated token file is refused too
+    proc = run(*common, check=False)
+    assert proc.returncode == 2 and "is empty" in proc.stderr
+    proc = run("device", "run", "--source", tmp_path, "--edge", "http://127.0.0.1:9", "--pubkey", tmp_path / "k",
+               "--token", "device-secret-123", check=False)
+    assert proc.returncode == 2 and "--token-file" in proc.stderr
+
+
+# ---- the edge's job children: stopped with the edge, killed after a crash ----------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return status.is_file() and "zombie" not in status.read_text()
+
+
+def test_edge_stops_its_training_child_on_sigterm_and_a_restart_kills_orphans(tmp_path, data_root):
+    """SIGTERM: the edge stops the job's `emoshield train` (its own process group) and records the
+    job as interrupted. SIGKILL: the child outlives the edge; the next node start kills it."""
+    import signal
+
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode
+    from emoshield.tiers.store import EdgeStore
+    from tests.conftest import FIVE, free_port
+    from tests.test_cli import run
+    from tests.test_services import start, wait_healthy
+
+    run("keys", "generate", "--out", tmp_path / "keys")
+    run("cloud", "add", "--library", tmp_path / "library", "--name", "tiny", "--backbone", "smallcnn",
+        "--weights", "scratch", "--input-size", "32")
+    meta = json.loads((tmp_path / "library" / "tiny" / "metadata.json").read_text())
+    cloud = LyingEdge({"/backbones/tiny": (200, json.dumps(meta).encode(), 0),
+                       "/backbones/tiny/weights": (200, (tmp_path / "library" / "tiny" / "weights.safetensors")
+                                                   .read_bytes(), 0)})
+    (tmp_path / "admin.token").write_text("admin-secret-token")
+    faces = [(path, label) for folder, label in (("happy", "happy"), ("sadness", "sad"), ("surprise", "surprise"),
+                                                 ("disgust", "disgust"), ("fear", "fear"))
+             for path in sorted((data_root / "ckplus48" / folder).iterdir())[:3]]
+
+    def edge_with_a_running_job(root: Path):
+        port = free_port()
+        proc = start("edge", "serve", "--root", root, "--key", tmp_path / "keys" / "private.key", "--cloud", cloud.url,
+                     "--backbone", "tiny", "--classes", FIVE, "--admin-token-file", tmp_path / "admin.token",
+                     "--epochs", "500", "--input-size", "32", "--port", port, log=root.parent / f"{root.name}.log")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, root.parent / f"{root.name}.log")
+        device = EdgeClient(url, EdgeClient(url, "admin-secret-token").enrol("cam")["token"])
+        for path, label in faces:
+            device.upload(path.read_bytes(), label)
+        job_id = request("POST", url + "/jobs", "admin-secret-token")["job_id"]
+        pid_file = root / "jobs" / str(job_id) / "child.pid"
+        assert wait_for(pid_file.is_file, timeout=60), (root.parent / f"{root.name}.log").read_text()
+        child = int(pid_file.read_text())
+        time.sleep(3.0)  # well into training (a child that failed on its own would be gone by now)
+        assert _alive(child), (root / "jobs" / str(job_id) / "log.txt").read_text()
+        return proc, job_id, child
+
+    try:
+        proc, job_id, child = edge_with_a_running_job(tmp_path / "edge1")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert wait_for(lambda: not _alive(child), timeout=10)
+        job = EdgeStore(tmp_path / "edge1").job(job_id)
+        assert job["status"] == "failed" and "interrupted" in job["error"]
+
+        proc, job_id, child = edge_with_a_running_job(tmp_path / "edge2")
+        proc.kill()  # no chance to clean up: the child keeps training
+        proc.wait(timeout=30)
+        time.sleep(1.0)
+        assert _alive(child)
+        EdgeNode(EdgeConfig(root=tmp_path / "edge2", key=tmp_path / "keys" / "private.key", classes=FIVE.split(","),
+                            cloud_url=cloud.url, backbone="tiny", admin_token="admin-secret-token"))
+        assert wait_for(lambda: not _alive(child), timeout=10)
+        assert EdgeStore(tmp_path / "edge2").job(job_id)["status"] == "failed"
+    finally:
+        cloud.shutdown()
+        cloud.server_close()
