@@ -459,8 +459,10 @@ def cmd_edge_serve(args) -> int:
 
     from .tiers.edge import EdgeConfig, EdgeNode, create_app
 
+    os.umask(0o077)  # the node's folder, database, face images, logs and its children's files: owner only
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
     token = _token(args, "admin", required=False)
     if token is None:
         token_file = root / "admin.token"

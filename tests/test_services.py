@@ -168,6 +168,32 @@ def test_edge_answers_hostile_requests_with_4xx_and_keeps_serving(services):
     assert device.upload(cv2_png(services["data_root"]), "happy")["sha256"]  # still serving
 
 
+def test_revoked_devices_are_refused_at_once_and_the_edge_keeps_its_files_private(services):
+    import stat
+
+    edge = services["edge"]
+    admin = EdgeClient(edge, "admin-secret")
+    enrolled = admin.enrol("to-revoke")
+    device = EdgeClient(edge, enrolled["token"])
+    assert device.me()["id"] == enrolled["device_id"]
+    with pytest.raises(ServiceError, match="HTTP 403"):  # a device cannot revoke
+        device.call("DELETE", f"/devices/{enrolled['device_id']}")
+    assert admin.call("DELETE", f"/devices/{enrolled['device_id']}") == {"revoked": enrolled["device_id"]}
+    with pytest.raises(ServiceError, match="HTTP 403"):
+        device.me()
+    with pytest.raises(ServiceError, match="HTTP 404"):
+        admin.call("DELETE", f"/devices/{enrolled['device_id']}")
+    for bad in ("../../etc", "d" + "0" * 40, "%00"):
+        with pytest.raises(ServiceError, match="HTTP 4"):
+            admin.call("DELETE", f"/devices/{bad}")
+    assert enrolled["device_id"] not in [d["id"] for d in admin.call("GET", "/devices")]
+    root = services["tmp"] / "edge"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path  # nothing for group or others
+
+
 def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(services):
     edge, tmp = services["edge"], services["tmp"]
     device = services.get("device") or EdgeClient(edge, "admin-secret").enrol("camera-c")

@@ -6,6 +6,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -495,3 +496,46 @@ def test_device_runs_on_its_bundle_when_the_edge_answers_nonsense(bundle, keys, 
         server.server_close()
     assert "malformed answer" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads(proc.stdout.splitlines()[0])["bundle_version"] == 1
+
+
+KILL_AT = {  # where in BundleStore.install the child kills itself with SIGKILL
+    "copying": "orig = shutil.copyfile\n"
+               "def patched(*a, **k):\n    orig(*a, **k)\n    if len(os.listdir(a[1].parent)) >= 2: die()\n"
+               "shutil.copyfile = patched\n",
+    "verified": "orig = device.verify_bundle\n"
+                "def patched(*a, **k):\n    orig(*a, **k)\n    die()\n"
+                "device.verify_bundle = patched\n",
+    "health-checked": "store.health = lambda folder: (device.health_check(folder), die())\n",
+    "moved-in": "orig = os.replace\n"
+                "def patched(src, dst):\n    orig(src, dst)\n    if 'bundles' in str(dst): die()\n"
+                "os.replace = patched\n",
+    "state-written": "orig = store._write_state\n"
+                     "def patched(state):\n    orig(state)\n    die()\n"
+                     "store._write_state = patched\n",
+    "garbage-collected": "orig = store._collect_garbage\n"
+                         "def patched():\n    orig()\n    die()\n"
+                         "store._collect_garbage = patched\n",
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_AT))
+def test_sigkill_at_each_stage_of_an_install_leaves_a_valid_store_that_serves(bundle, keys, tmp_path, stage):
+    root, v2 = tmp_path / "store", _resigned(bundle, keys, tmp_path / "v2", 2)
+    BundleStore(root, keys / "public.key").install(bundle)
+    script = ("import os, shutil, signal, sys\n"
+              f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+              "from pathlib import Path\n"
+              "import emoshield.tiers.device as device\n"
+              "def die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"store = device.BundleStore(Path({str(root)!r}), Path({str(keys / 'public.key')!r}))\n"
+              + KILL_AT[stage] + f"store.install(Path({str(v2)!r}))\nprint('install finished without dying')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    store = BundleStore(root, keys / "public.key")  # what a restarted device does first
+    state = store.state()
+    assert state["current"] in (1, 2) and not (root / "staging").exists()
+    assert verify_bundle(store.current_dir(), keys / "public.key")["version"] == state["current"]
+    assert load_classifier(store.current_dir()).precision in ("int8", "fp32")
+    if state["current"] == 1:  # died before the switch: the same update installs cleanly now
+        assert store.install(v2)["version"] == 2
+    assert store.current_version() == 2 and verify_bundle(store.current_dir(), keys / "public.key")

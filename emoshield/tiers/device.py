@@ -211,6 +211,10 @@ class BundleStore:
         shutil.rmtree(self.root / "staging", ignore_errors=True)  # leftovers of a process that died mid-download
         for leftover in self.root.glob(".state-*.json"):
             leftover.unlink(missing_ok=True)
+        try:
+            self._collect_garbage()  # a bundle moved in by an install that died before its state change
+        except BundleError:
+            pass  # unreadable state: install/rollback report it
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict:

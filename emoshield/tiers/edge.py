@@ -5,6 +5,7 @@ with a higher version, which devices pull.
 
     POST /devices                 admin  {"name"} -> {"device_id", "token"}
     GET  /devices                 admin  enrolled devices (no tokens), last heartbeat and running version
+    DELETE /devices/{id}          admin  revoke a device (its token is refused from the next request on)
     GET  /me                      device its id, the edge's name and MQTT broker (for announcements)
     POST /samples                 device multipart file (PNG/JPEG, <= max size) + label
     GET  /samples                 device that device's own samples only
@@ -420,6 +421,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     @app.get("/devices", dependencies=[Depends(admin)])
     def devices() -> list[dict]:
         return store.devices()
+
+    @app.delete("/devices/{device_id}", dependencies=[Depends(admin)])
+    def revoke(device_id: Annotated[str, PathParam(max_length=32, pattern=r"^d[0-9a-f]{12}$")]) -> dict:
+        """Revoke a device: its token is refused from the next request on; its samples stay."""
+        if not store.revoke(device_id):
+            raise HTTPException(404, f"no device {device_id}")
+        return {"revoked": device_id}
 
     @app.get("/me")
     def me(device_id: str = Depends(device)) -> dict:

@@ -18,8 +18,8 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, insert,
-                        select, update)
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, func,
+                        insert, select, update)
 from sqlalchemy.engine import make_url
 
 from ..errors import EmoshieldError
@@ -175,6 +175,13 @@ class EdgeStore(SqlStore):
                                  h.c.version.label("running_version"), h.c.telemetry)
                           .select_from(d.outerjoin(h, h.c.device_id == d.c.id)).order_by(d.c.created, d.c.id))
         return [{**r, "telemetry": json.loads(r["telemetry"]) if r["telemetry"] else None} for r in rows]
+
+    def revoke(self, device_id: str) -> bool:
+        """Forget a device: its token stops working at once (it is looked up on every request)
+        and its heartbeats are no longer recorded. Its uploaded samples stay. False when unknown."""
+        with self._begin() as conn:
+            conn.execute(delete(HEARTBEATS).where(HEARTBEATS.c.device_id == device_id))
+            return conn.execute(delete(DEVICES).where(DEVICES.c.id == device_id)).rowcount > 0
 
     def device(self, device_id: str) -> dict | None:
         rows = self._rows(select(DEVICES.c.id, DEVICES.c.name).where(DEVICES.c.id == device_id))
