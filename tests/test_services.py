@@ -282,3 +282,56 @@ def test_device_keeps_serving_offline_when_the_edge_is_gone(services):
     services["edge_proc"].wait(timeout=30)
     proc = run(*args)
     assert "unreachable" in proc.stderr and "v2 verified" in proc.stderr
+
+
+def _fuzz(url: str, token: str | None, examples: int) -> list[str]:
+    """Schemathesis against the live service's own OpenAPI schema: every operation, `examples`
+    generated cases each, sent with `token` (or none). Returns the problems found: any 5xx, and,
+    without a token, any 2xx from a route that needs one."""
+    import itertools
+
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    public = {"GET /health", "GET /openapi.json", "GET /docs", "GET /backbones", "GET /backbones/{name}",
+              "GET /backbones/{name}/weights"}
+    problems, counts = [], {"cases": 0}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    for operation, mode in itertools.product(operations, GenerationMode):  # valid and invalid inputs
+        label = f"{operation.method.upper()} {operation.path}"
+        if label == "POST /jobs" and token:
+            continue  # each accepted case would queue a real training job (tested on its own above)
+        if mode is GenerationMode.NEGATIVE and not any(
+                len(getattr(operation, part)) for part in ("path_parameters", "query", "body")):
+            continue  # nothing to make invalid (header-only operations get the bearer cases below)
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            counts["cases"] += 1
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = case.call(base_url=url, headers=headers, timeout=30)
+            if response.status_code >= 500:
+                problems.append(f"{label}: {response.status_code} for {case.path_parameters} {case.query}")
+            if token is None and label not in public and response.status_code < 400:
+                problems.append(f"{label}: {response.status_code} without a token")
+
+        try:
+            check()
+        except Unsatisfiable:  # e.g. a path whose only parameter is an enum-like name: nothing invalid to make
+            assert mode is GenerationMode.NEGATIVE, label
+            print(f"fuzz: no invalid input for {label}")
+    assert counts["cases"] >= len(operations) * 2, counts  # the fuzzer really ran
+    return problems
+
+
+def test_fuzzing_the_openapi_schemas_finds_no_server_error_and_no_auth_bypass(services):
+    edge, cloud = services["edge"], services["cloud"]
+    device = EdgeClient(edge, "admin-secret").enrol("fuzzer")["token"]
+    problems = _fuzz(edge, "admin-secret", 8) + _fuzz(edge, device, 5) + _fuzz(edge, None, 5) + _fuzz(cloud, None, 8)
+    assert not problems, "\n".join(problems[:20])
+    assert request("GET", edge + "/health")["status"] == "ok"
