@@ -480,6 +480,7 @@ def cmd_edge_serve(args) -> int:
                         epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,
                         defense=args.defense, eps=args.eps, train_every=args.train_every,
                         max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt,
+                        mqtt_admin=_mqtt_admin(args),
                         database=args.database or os.environ.get("EMOSHIELD_DATABASE_URL"))
     if not config.key.is_file():
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
@@ -492,6 +493,23 @@ def cmd_edge_serve(args) -> int:
     _serve(app, args.host, args.port, f"edge node {args.name} ({root})")
     node.stop()
     return 0
+
+
+def _mqtt_admin(args) -> tuple[str, str] | None:
+    """(user, password) of the broker's dynamic-security admin, or None (an anonymous broker)."""
+    import os
+
+    from .tiers.wire import RemoteValueError, parse_token
+
+    if not args.mqtt_admin_user:
+        return None
+    source = args.mqtt_admin_password_file
+    try:
+        password = Path(source).read_text() if source else os.environ.get("EMOSHIELD_MQTT_ADMIN_PASSWORD")
+        return args.mqtt_admin_user, parse_token(password, "MQTT admin password", 12)
+    except (OSError, UnicodeDecodeError, RemoteValueError) as exc:
+        raise EmoshieldError(f"--mqtt-admin-user needs its password in --mqtt-admin-password-file FILE or "
+                             f"$EMOSHIELD_MQTT_ADMIN_PASSWORD ({exc})") from None
 
 
 def cmd_edge_enrol(args) -> int:
@@ -706,6 +724,12 @@ def _add_service_commands(sub) -> None:
                                       "else SQLite in ROOT/edge.sqlite3)")
     p.add_argument("--mqtt", help="MQTT broker HOST:PORT: announce new bundles (retained) and record device "
                                   "heartbeats (default: none; devices poll over HTTP)")
+    p.add_argument("--mqtt-admin-user",
+                   help="the broker's dynamic-security admin: the edge then creates one MQTT account per device "
+                        "(user = device id, password = its token) allowed only its heartbeat topic and this "
+                        "edge's model topic, deleted at revocation; password from --mqtt-admin-password-file "
+                        "or $EMOSHIELD_MQTT_ADMIN_PASSWORD")
+    p.add_argument("--mqtt-admin-password-file", help="file holding the MQTT admin password")
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--max-upload-bytes", type=int, default=2_000_000)
     p.add_argument("--host", default="127.0.0.1")

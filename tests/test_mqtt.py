@@ -2,6 +2,7 @@
 heartbeats recorded by the edge's store, isolation between edges, reconnection after the
 broker comes up late; and the edge's sample-count trigger for training jobs."""
 
+import json
 import time
 from pathlib import Path
 
@@ -116,3 +117,55 @@ def test_train_every_queues_one_job_per_batch_of_new_samples(tmp_path):
     node.store.add_sample(device_id, PNG + bytes([20]), "sad", "png")
     assert isinstance(node.sample_added(), int)
     assert Path(config.root / "edge.sqlite3").is_file()
+
+
+def test_per_device_accounts_and_topic_acls_on_a_broker_that_refuses_anonymous_clients(tmp_path):
+    """Mosquitto with the dynamic security plugin: the edge (its admin account) creates one
+    account per enrolled device; a device may publish only its own heartbeat topic and read only
+    its edge's model topic; anonymous and wrong-password clients are refused; revocation deletes
+    the account and disconnects the device at once."""
+    port, admin = free_port(), ("edge-admin", "admin-password-123")
+    proc = start_mosquitto(port, tmp_path, admin=admin)
+    broker = f"127.0.0.1:{port}"
+    store = EdgeStore(tmp_path / "edge")
+    announcer = EdgeAnnouncer(broker, "edge-s", store.record_heartbeat, admin=admin)
+    links = []
+
+    def link(*args):
+        links.append(DeviceLink(broker, *args))
+        return links[-1]
+
+    try:
+        assert announcer.start()
+        (a, token_a), (b, token_b) = store.enrol("cam-a"), store.enrol("cam-b")
+        for device_id, token in ((a, token_a), (b, token_b)):
+            announcer.grant_device(device_id, token)
+        announcer.announce(7, {"name": "edge-s"})
+        device_a = link("edge-s", a, token_a)
+        assert device_a.start() and wait_for(lambda: device_a.announced == 7)
+        assert not link("edge-s", "anonymous").start(wait=2)  # no account: refused
+        assert not link("edge-s", a, token_b).start(wait=2)  # a's name, b's password: refused
+        device_a.heartbeat({"version": 7})
+        assert wait_for(lambda: {d["id"]: d["running_version"] for d in store.devices()}[a] == 7)
+        # a publishes on b's heartbeat topic and a forged announcement: the broker drops both
+        device_a.client.publish(f"emoshield/edge-s/devices/{b}/heartbeat", json.dumps({"version": 99}), qos=1)
+        device_a.client.publish("emoshield/edge-s/model", json.dumps({"version": 999}), qos=1, retain=True)
+        # a may not read other topics: a subscription to everything brings nothing
+        seen = []
+        device_a.client.on_message = lambda client, userdata, message: seen.append(message.topic)
+        device_a.client.subscribe("emoshield/#", qos=1)
+        device_b = link("edge-s", b, token_b)
+        assert device_b.start() and wait_for(lambda: device_b.announced == 7)
+        device_b.heartbeat({"version": 6})
+        assert wait_for(lambda: {d["id"]: d["running_version"] for d in store.devices()}[b] == 6)
+        time.sleep(0.5)
+        assert device_b.announced == 7 and not [t for t in seen if "/devices/" in t]
+        # revocation: the account is deleted and the device disconnected; it cannot come back
+        announcer.revoke_device(a)
+        assert wait_for(lambda: not device_a.connected.is_set(), timeout=10)
+        assert not link("edge-s", a, token_a).start(wait=2)
+    finally:
+        for client in (*links, announcer):
+            client.stop()
+        proc.terminate()
+        proc.wait(timeout=10)

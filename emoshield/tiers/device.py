@@ -563,7 +563,7 @@ def connect_mqtt(client, mode: str, log: Callable[[str], None]):
     broker = me.get("mqtt") if mode == "auto" else mode
     if not broker:
         return None
-    link = DeviceLink(broker, me["edge"], me["id"])
+    link = DeviceLink(broker, me["edge"], me["id"], client.token if me.get("mqtt_auth") == "token" else None)
     if link.start(wait=3.0):
         log(f"device: MQTT connected to {broker} as {me['id']}; updates are announced, not polled")
     else:

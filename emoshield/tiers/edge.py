@@ -94,6 +94,8 @@ class EdgeConfig:
     min_samples: int = 10
     database: str | None = None  # SQLAlchemy URL of the metadata store (None = SQLite in root)
     mqtt: str | None = None  # broker HOST:PORT for announcements and heartbeats (None = HTTP polling only)
+    # the broker's dynamic-security admin (user, password): per-device MQTT accounts and ACLs
+    mqtt_admin: tuple[str, str] | None = None
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -194,7 +196,8 @@ class EdgeNode:
         if self.config.mqtt:
             from .mqtt import EdgeAnnouncer
 
-            self.announcer = EdgeAnnouncer(self.config.mqtt, self.config.name, self.store.record_heartbeat)
+            self.announcer = EdgeAnnouncer(self.config.mqtt, self.config.name, self.store.record_heartbeat,
+                                           admin=self.config.mqtt_admin)
             if not self.announcer.start():
                 print(f"edge: MQTT broker {self.config.mqtt} not reachable yet; retrying in the background "
                       "(devices poll meanwhile)", file=sys.stderr, flush=True)
@@ -231,6 +234,21 @@ class EdgeNode:
             except (OSError, ValueError):
                 pass  # gone already, or not ours
             pid_file.unlink(missing_ok=True)
+
+    def enrol(self, name: str) -> tuple[str, str]:
+        """A new device id and token; with broker accounts, its MQTT account too."""
+        device_id, token = self.store.enrol(name)
+        if self.announcer is not None:
+            self.announcer.grant_device(device_id, token)
+        return device_id, token
+
+    def revoke(self, device_id: str) -> bool:
+        """Refuse the device from now on, over HTTP and (with broker accounts) MQTT."""
+        if not self.store.revoke(device_id):
+            return False
+        if self.announcer is not None:
+            self.announcer.revoke_device(device_id)
+        return True
 
     def queue_job(self, trigger: str) -> int:
         job_id = self.store.create_job(trigger)
@@ -415,7 +433,7 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     def enrol(body: Enrolment) -> dict:
         if not 0 < len(body.name) <= 64:
             raise HTTPException(422, "device name must be 1-64 characters")
-        device_id, token = store.enrol(body.name)
+        device_id, token = node.enrol(body.name)
         return {"device_id": device_id, "token": token}
 
     @app.get("/devices", dependencies=[Depends(admin)])
@@ -425,14 +443,16 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     @app.delete("/devices/{device_id}", dependencies=[Depends(admin)])
     def revoke(device_id: Annotated[str, PathParam(max_length=32, pattern=r"^d[0-9a-f]{12}$")]) -> dict:
         """Revoke a device: its token is refused from the next request on; its samples stay."""
-        if not store.revoke(device_id):
+        if not node.revoke(device_id):
             raise HTTPException(404, f"no device {device_id}")
         return {"revoked": device_id}
 
     @app.get("/me")
     def me(device_id: str = Depends(device)) -> dict:
         """What a device needs to join the edge's MQTT fan-out: its id, the edge's name, the broker."""
-        return {**store.device(device_id), "edge": cfg.name, "mqtt": cfg.mqtt}
+        return {**store.device(device_id), "edge": cfg.name, "mqtt": cfg.mqtt,
+                # "token": the broker knows this device as user <id> with its edge token as password
+                "mqtt_auth": "token" if cfg.mqtt and cfg.mqtt_admin else None}
 
     async def bounded_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")

@@ -52,9 +52,11 @@ def _client(client_id: str):
 class _Link:
     """One paho client with its network loop on a background thread; reconnects by itself."""
 
-    def __init__(self, broker: str, client_id: str):
+    def __init__(self, broker: str, client_id: str, username: str | None = None, password: str | None = None):
         self.host, self.port = parse_broker(broker)
         self.client = _client(client_id)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
@@ -92,13 +94,27 @@ class _Link:
         self.client.loop_stop()
 
 
-class EdgeAnnouncer(_Link):
-    """The edge's side: announce bundles (retained), collect heartbeats."""
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 
-    def __init__(self, broker: str, edge: str, on_heartbeat: Callable[[str, dict], None]):
-        super().__init__(broker, f"emoshield-edge-{edge}")
+
+class EdgeAnnouncer(_Link):
+    """The edge's side: announce bundles (retained), collect heartbeats and, given the broker's
+    dynamic-security admin account (`admin=(user, password)`), manage one MQTT account per
+    device: created at enrolment (user = device id, password = its edge token, client id
+    bound), allowed to publish only its own heartbeat topic and to read only this edge's model
+    topic, deleted (and disconnected) at revocation. Anonymous clients are refused by the broker."""
+
+    def __init__(self, broker: str, edge: str, on_heartbeat: Callable[[str, dict], None],
+                 admin: tuple[str, str] | None = None):
+        super().__init__(broker, f"emoshield-edge-{edge}", *(admin or (None, None)))
         self.edge = edge
+        self.admin = admin[0] if admin else None
         self.subscriptions = [HEARTBEAT_TOPIC.format(edge=edge, device="+")]
+        if admin:  # the edge's own right to publish announcements, granted to its admin account
+            self._control([{"command": "createRole", "rolename": self._edge_role,
+                             "acls": [{"acltype": "publishClientSend", "topic": MODEL_TOPIC.format(edge=edge),
+                                       "allow": True}]},
+                           {"command": "addClientRole", "username": self.admin, "rolename": self._edge_role}])
         self.dropped, self.last_drop = 0, ""
         self.client.on_message = lambda client, userdata, message: self._heartbeat(message, on_heartbeat)
 
@@ -116,6 +132,32 @@ class EdgeAnnouncer(_Link):
             self.dropped += 1
             self.last_drop = f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
+    @property
+    def _edge_role(self) -> str:
+        return f"emoshield-edge-{self.edge}"
+
+    def _control(self, commands: list[dict]) -> None:
+        """Dynamic-security commands (queued by paho until connected; QoS 1). Re-creating an
+        existing role or client is answered with an error the broker logs and we ignore."""
+        self.client.publish(DYNSEC_TOPIC, json.dumps({"commands": commands}), qos=1)
+
+    def grant_device(self, device_id: str, token: str) -> None:
+        if not self.admin:
+            return
+        role = f"emoshield-device-{device_id}"
+        self._control([
+            {"command": "createRole", "rolename": role, "acls": [
+                {"acltype": "publishClientSend", "allow": True,
+                 "topic": HEARTBEAT_TOPIC.format(edge=self.edge, device=device_id)},
+                {"acltype": "subscribeLiteral", "allow": True, "topic": MODEL_TOPIC.format(edge=self.edge)}]},
+            {"command": "createClient", "username": device_id, "password": token,
+             "clientid": f"emoshield-device-{device_id}", "roles": [{"rolename": role}]}])
+
+    def revoke_device(self, device_id: str) -> None:
+        if self.admin:
+            self._control([{"command": "deleteClient", "username": device_id},
+                           {"command": "deleteRole", "rolename": f"emoshield-device-{device_id}"}])
+
     def announce(self, version: int, manifest: dict) -> None:
         self.publish(MODEL_TOPIC.format(edge=self.edge),
                      {"version": int(version), "name": manifest.get("name"), "created": manifest.get("created"),
@@ -125,8 +167,9 @@ class EdgeAnnouncer(_Link):
 class DeviceLink(_Link):
     """The device's side: learn the newest announced version, send heartbeats."""
 
-    def __init__(self, broker: str, edge: str, device_id: str):
-        super().__init__(broker, f"emoshield-device-{device_id}")
+    def __init__(self, broker: str, edge: str, device_id: str, token: str | None = None):
+        # with per-device accounts the user is the device id and the password its edge token
+        super().__init__(broker, f"emoshield-device-{device_id}", *((device_id, token) if token else (None, None)))
         self.edge, self.device_id = edge, device_id
         self.subscriptions = [MODEL_TOPIC.format(edge=edge)]
         self.announced: int | None = None
@@ -152,14 +195,63 @@ class DeviceLink(_Link):
                      wait=wait)
 
 
-def start_mosquitto(port: int, folder: Path, timeout: float = 10.0) -> subprocess.Popen:
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def write_dynsec_config(path: Path, user: str, password: str) -> None:
+    """The dynamic security plugin's starting config (what `mosquitto_ctrl dynsec init` writes,
+    without the password on a command line): one admin account whose role may use the plugin's
+    control topics and read every topic; everything else is denied until roles grant it. Mode 0600."""
+    import base64
+    import hashlib
+    import os
+    import secrets
+
+    salt, iterations = secrets.token_bytes(12), 101
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    control = "$CONTROL/dynamic-security/#"
+    acls = [{"acltype": kind, "topic": topic, "allow": True} for kind, topic in (
+        ("publishClientSend", control), ("publishClientReceive", control), ("subscribePattern", control),
+        ("publishClientReceive", "$SYS/#"), ("subscribePattern", "$SYS/#"), ("publishClientReceive", "#"),
+        ("subscribePattern", "#"), ("unsubscribePattern", "#"))]
+    config = {"clients": [{"username": user, "textName": "emoshield edge (dynsec admin)",
+                           "password": base64.b64encode(digest).decode(), "salt": base64.b64encode(salt).decode(),
+                           "iterations": iterations, "roles": [{"rolename": "admin"}]}],
+              "roles": [{"rolename": "admin", "acls": acls}], "groups": [],
+              "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                                   "unsubscribe": True}}
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+
+
+def start_mosquitto(port: int, folder: Path, timeout: float = 10.0,
+                    admin: tuple[str, str] | None = None) -> subprocess.Popen:
     """A Mosquitto broker on 127.0.0.1:port (Debian's package; `make setup` installs it), for
-    tests, the demo and fleet benchmarks. Anonymous and in memory: loopback use only."""
+    tests, the demo and fleet benchmarks, in memory. Without `admin` it is anonymous (loopback
+    use only); with `admin=(user, password)` it refuses anonymous clients and runs the dynamic
+    security plugin with that admin account, through which the edge issues per-device accounts
+    and topic ACLs (EdgeAnnouncer)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).is_file():
         raise EmoshieldError("mosquitto is not installed: run `make setup` (apt-get install mosquitto)")
     conf = Path(folder) / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    if admin is None:
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    else:
+        plugin = next((p for p in (Path(DYNSEC_PLUGIN), *Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+                       if p.is_file()), None)
+        if plugin is None:
+            raise EmoshieldError("mosquitto's dynamic security plugin is missing (Debian's mosquitto package has it)")
+        dynsec = Path(folder) / f"dynsec-{port}.json"
+        write_dynsec_config(dynsec, *admin)
+        import getpass
+
+        # `user`: a broker started as root would switch to the mosquitto user, which cannot read
+        # the 0600 account file; it stays the user who started it (ignored when not root)
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\npersistence false\n"
+                        f"user {getpass.getuser()}\nplugin {plugin}\nplugin_opt_config_file {dynsec}\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
