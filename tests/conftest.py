@@ -42,6 +42,20 @@ def broker(tmp_path_factory):
     proc.wait(timeout=10)
 
 
+MQTT_ADMIN = ("edge-admin", "mqtt-admin-password")
+
+
+@pytest.fixture(scope="session")
+def secure_broker(tmp_path_factory):
+    """'127.0.0.1:PORT' of a Mosquitto that refuses anonymous clients: accounts and ACLs come from
+    its dynamic security plugin, administered by MQTT_ADMIN (the edge)."""
+    port = free_port()
+    proc = start_mosquitto(port, tmp_path_factory.mktemp("mosquitto-secure"), admin=MQTT_ADMIN)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """SQLAlchemy URL of a PostgreSQL server started for the test session (127.0.0.1, free port)."""

@@ -16,7 +16,7 @@ import pytest
 
 from emoshield.tiers.client import EdgeClient, ServiceError, request
 from emoshield.tiers.mqtt import DeviceLink
-from tests.conftest import FIVE, free_port
+from tests.conftest import FIVE, MQTT_ADMIN, free_port
 from tests.test_cli import run
 
 
@@ -46,12 +46,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 6
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def services(request, tmp_path_factory, data_root, broker):
+def services(request, tmp_path_factory, data_root, secure_broker):
+    broker = secure_broker  # anonymous clients refused: the edge issues each device its MQTT account
     """The whole suite runs twice: edge metadata in SQLite (default), then in PostgreSQL."""
     tmp = tmp_path_factory.mktemp(f"services-{request.param}")
     database = ["--database", request.getfixturevalue("postgres")] if request.param == "postgresql" else []
     run("keys", "generate", "--out", tmp / "keys")
     token_file(tmp, "admin", "admin-secret")
+    token_file(tmp, "mqtt-admin", MQTT_ADMIN[1])
     run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
         "--weights", "scratch", "--input-size", "32")
     cloud_port, edge_port = free_port(), free_port()
@@ -66,7 +68,8 @@ def services(request, tmp_path_factory, data_root, broker):
         edge = start("edge", "serve", "--root", tmp / "edge", "--key", tmp / "keys" / "private.key", "--cloud",
                      cloud_url, "--backbone", "smallcnn-test", "--classes", FIVE, "--admin-token-file", tmp / "admin.token",
                      "--epochs", "2", "--input-size", "32", "--batch-size", "16", "--max-upload-bytes", "200000",
-                     "--mqtt", broker, "--port", edge_port, "--name", f"edge-{request.param}", *database,
+                     "--mqtt", broker, "--mqtt-admin-user", MQTT_ADMIN[0], "--mqtt-admin-password-file",
+                     tmp / "mqtt-admin.token", "--port", edge_port, "--name", f"edge-{request.param}", *database,
                      log=tmp / "edge.log")
         procs.append(edge)
         edge_url = f"http://127.0.0.1:{edge_port}"
@@ -168,6 +171,59 @@ def test_edge_answers_hostile_requests_with_4xx_and_keeps_serving(services):
     assert device.upload(cv2_png(services["data_root"]), "happy")["sha256"]  # still serving
 
 
+def _fuzz(url: str, token: str | None, examples: int) -> list[str]:
+    """Schemathesis against the live service's own OpenAPI schema: every operation, `examples`
+    generated cases each, sent with `token` (or none). Returns the problems found: any 5xx, and,
+    without a token, any 2xx from a route that needs one."""
+    import itertools
+
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    public = {"GET /health", "GET /openapi.json", "GET /docs", "GET /backbones", "GET /backbones/{name}",
+              "GET /backbones/{name}/weights"}
+    problems, counts = [], {"cases": 0}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    for operation, mode in itertools.product(operations, GenerationMode):  # valid and invalid inputs
+        label = f"{operation.method.upper()} {operation.path}"
+        if label == "POST /jobs" and token:
+            continue  # each accepted case would queue a real training job (tested on its own above)
+        if mode is GenerationMode.NEGATIVE and not any(
+                len(getattr(operation, part)) for part in ("path_parameters", "query", "body")):
+            continue  # nothing to make invalid (header-only operations get the bearer cases below)
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            counts["cases"] += 1
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = case.call(base_url=url, headers=headers, timeout=30)
+            if response.status_code >= 500:
+                problems.append(f"{label}: {response.status_code} for {case.path_parameters} {case.query}")
+            if token is None and label not in public and response.status_code < 400:
+                problems.append(f"{label}: {response.status_code} without a token")
+
+        try:
+            check()
+        except Unsatisfiable:  # e.g. a path whose only parameter is an enum-like name: nothing invalid to make
+            assert mode is GenerationMode.NEGATIVE, label
+            print(f"fuzz: no invalid input for {label}")
+    assert counts["cases"] >= len(operations) * 2, counts  # the fuzzer really ran
+    return problems
+
+
+def test_fuzzing_the_openapi_schemas_finds_no_server_error_and_no_auth_bypass(services):
+    edge, cloud = services["edge"], services["cloud"]
+    device = EdgeClient(edge, "admin-secret").enrol("fuzzer")["token"]
+    problems = _fuzz(edge, "admin-secret", 8) + _fuzz(edge, device, 5) + _fuzz(edge, None, 5) + _fuzz(cloud, None, 8)
+    assert not problems, "\n".join(problems[:20])
+    assert request("GET", edge + "/health")["status"] == "ok"
+
+
 def test_revoked_devices_are_refused_at_once_and_the_edge_keeps_its_files_private(services):
     import stat
 
@@ -238,7 +294,7 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
     edge, tmp = services["edge"], services["tmp"]
     device = services["device"]
     me = EdgeClient(edge, device["token"]).me()
-    assert me["mqtt"] == services["broker"] and me["id"] == device["device_id"]
+    assert me["mqtt"] == services["broker"] and me["id"] == device["device_id"] and me["mqtt_auth"] == "token"
     log = tmp / "device-mqtt.log"
     proc = start("device", "run", "--edge", edge, "--token-file", token_file(tmp, "device", device["token"]), "--pubkey", tmp / "keys" / "public.key",
                  "--store", tmp / "device", "--source", tmp / "frames", "--loop", "--realtime", "--poll", "0",
@@ -265,7 +321,8 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
     versions = [json.loads(x)["bundle_version"] for x in (tmp / "mqtt.jsonl").read_text().splitlines()]
     assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions)
     # the announcement is retained: a device connecting now learns v2 at once
-    link = DeviceLink(services["broker"], me["edge"], "late-device")
+    assert not DeviceLink(services["broker"], me["edge"], "anonymous").start(wait=2)  # no account, no entry
+    link = DeviceLink(services["broker"], me["edge"], me["id"], device["token"])
     try:
         assert link.start()
         deadline = time.monotonic() + 10
@@ -283,55 +340,3 @@ def test_device_keeps_serving_offline_when_the_edge_is_gone(services):
     proc = run(*args)
     assert "unreachable" in proc.stderr and "v2 verified" in proc.stderr
 
-
-def _fuzz(url: str, token: str | None, examples: int) -> list[str]:
-    """Schemathesis against the live service's own OpenAPI schema: every operation, `examples`
-    generated cases each, sent with `token` (or none). Returns the problems found: any 5xx, and,
-    without a token, any 2xx from a route that needs one."""
-    import itertools
-
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.generation import GenerationMode
-
-    schema = schemathesis.openapi.from_url(url + "/openapi.json")
-    public = {"GET /health", "GET /openapi.json", "GET /docs", "GET /backbones", "GET /backbones/{name}",
-              "GET /backbones/{name}/weights"}
-    problems, counts = [], {"cases": 0}
-    operations = [result.ok() for result in schema.get_all_operations()]
-    for operation, mode in itertools.product(operations, GenerationMode):  # valid and invalid inputs
-        label = f"{operation.method.upper()} {operation.path}"
-        if label == "POST /jobs" and token:
-            continue  # each accepted case would queue a real training job (tested on its own above)
-        if mode is GenerationMode.NEGATIVE and not any(
-                len(getattr(operation, part)) for part in ("path_parameters", "query", "body")):
-            continue  # nothing to make invalid (header-only operations get the bearer cases below)
-
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def check(case):
-            counts["cases"] += 1
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            response = case.call(base_url=url, headers=headers, timeout=30)
-            if response.status_code >= 500:
-                problems.append(f"{label}: {response.status_code} for {case.path_parameters} {case.query}")
-            if token is None and label not in public and response.status_code < 400:
-                problems.append(f"{label}: {response.status_code} without a token")
-
-        try:
-            check()
-        except Unsatisfiable:  # e.g. a path whose only parameter is an enum-like name: nothing invalid to make
-            assert mode is GenerationMode.NEGATIVE, label
-            print(f"fuzz: no invalid input for {label}")
-    assert counts["cases"] >= len(operations) * 2, counts  # the fuzzer really ran
-    return problems
-
-
-def test_fuzzing_the_openapi_schemas_finds_no_server_error_and_no_auth_bypass(services):
-    edge, cloud = services["edge"], services["cloud"]
-    device = EdgeClient(edge, "admin-secret").enrol("fuzzer")["token"]
-    problems = _fuzz(edge, "admin-secret", 8) + _fuzz(edge, device, 5) + _fuzz(edge, None, 5) + _fuzz(cloud, None, 8)
-    assert not problems, "\n".join(problems[:20])
-    assert request("GET", edge + "/health")["status"] == "ok"
