@@ -539,3 +539,29 @@ def test_sigkill_at_each_stage_of_an_install_leaves_a_valid_store_that_serves(bu
     if state["current"] == 1:  # died before the switch: the same update installs cleanly now
         assert store.install(v2)["version"] == 2
     assert store.current_version() == 2 and verify_bundle(store.current_dir(), keys / "public.key")
+
+
+def test_background_update_that_cannot_load_rolls_back_and_keeps_the_running_classifier(bundle, keys, tmp_path):
+    from emoshield.tiers.client import EdgeClient
+    from emoshield.tiers.device import BackgroundUpdate
+    from tests.test_hostile import LyingEdge
+
+    store = BundleStore(tmp_path / "store", keys / "public.key")
+    store.install(bundle)
+    server = LyingEdge({})
+    _serve_bundle(server, _resigned(bundle, keys, tmp_path / "v2", 2), 2)
+    logs = []
+
+    def load(folder):
+        raise RuntimeError("this CPU cannot run it")
+
+    try:
+        update = BackgroundUpdate(store, EdgeClient(server.url, "device-token-123"), load, logs.append)
+        assert update.start()
+        update.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert update.take() is None  # nothing to swap in: the frame loop keeps what it runs
+    assert any("installed bundle v2" in line for line in logs) and "no update this time" in logs[-1]
+    assert store.state()["current"] == 1 and store.state()["rejected"] == [2]

@@ -530,9 +530,12 @@ class BackgroundUpdate:
         try:
             self._ready = self.load(self.store.current_dir())
         except Exception as exc:  # noqa: BLE001 - passed its install check but fails here: roll back
-            self.log(f"device: bundle v{self.store.current_version()} failed to load ({exc}); rolling back to "
-                     f"v{self.store.rollback(str(exc))}")
-            self._ready = self.load(self.store.current_dir())
+            try:
+                self.log(f"device: bundle v{self.store.current_version()} failed to load ({exc}); rolling back to "
+                         f"v{self.store.rollback(str(exc))}")
+                self._ready = self.load(self.store.current_dir())
+            except Exception as again:  # noqa: BLE001 - the frame loop keeps the classifier it has
+                self.log(f"device: no update this time ({_first_line(again)}); running on as before")
 
     def take(self) -> "EmotionClassifier | None":
         """The classifier of a newly installed bundle, once (None while none is ready)."""
