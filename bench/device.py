@@ -141,13 +141,14 @@ def main() -> int:
     ms, vs = lat["median_ms"], lat["vs_eager"]
     md = [f"## Device path (`python bench/device.py --model {result['model']}`)", "",
           f"Per-face latency, batch 1, 1 thread, {lat['input_size']} px, median of {lat['repeats']} interleaved "
-          f"runs of {lat['iterations']} faces ({result['machine']['cpus']} cores; torch "
+          f"runs of {lat['iterations']} faces (CPU {result['machine']['cpu_isa']}, {result['machine']['cpus']} cores; torch "
           f"{result['machine'].get('torch')}, onnxruntime {result['machine'].get('onnxruntime')}):", "",
           "| runtime | ms / face | x eager |", "|---|---:|---:|"]
     md += [f"| {name} | {ms[name]:.3f} | {vs[name]:.2f} |" for name in ms]
     md += ["", f"`emoshield device run` (decode + Haar detection + crop + int8 classify + JSON line) on a 640x480 "
                f"video of {rows[0]['frames']} frames (4 test faces per class of the model's split, 15 frames each; "
-               f"`emoshield data video`), {manifest['backbone']['name']} {lat['input_size']} px, pinned to one core "
+               f"`emoshield data video`), {manifest['backbone']['name']} {lat['input_size']} px, "
+               f"{manifest['quantization']['weights']} int8 weights, CPU {result['machine']['cpu_isa']}, pinned to one core "
                f"(`taskset -c 0`, `--threads 1`), median FPS of {args.video_repeats} interleaved runs; box and label "
                "agreement are against detecting on every full-size frame:", "",
            "| detect every | detect width | FPS | peak RSS MB | accuracy (frames with a face) | box IoU vs ref | "
