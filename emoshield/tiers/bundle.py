@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import EmoshieldError
 from .signing import load_public_key, sign, signature_valid
-from .wire import MAX_VERSION
+from .wire import RemoteValueError, parse_file_name, parse_version
 
 FORMAT = "emoshield.bundle/1"
 MANIFEST = "manifest.json"
@@ -157,17 +157,19 @@ def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
         if name not in files:
             raise BundleError(f"{bundle_dir}: manifest lists no {name}")
     for name, entry in files.items():
-        path = bundle_dir / name
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise BundleError(f"{bundle_dir}: manifest names an unsafe file {name!r}")
+        try:
+            path = bundle_dir / parse_file_name(name, "manifest file")
+        except RemoteValueError as exc:
+            raise BundleError(f"{bundle_dir}: manifest names an unsafe file ({exc})") from None
         if not path.is_file():
             raise BundleHashError(f"{bundle_dir}: {name} is missing")
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") \
                 or sha256_file(path) != entry.get("sha256"):
             raise BundleHashError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered or corrupt)")
-    version = manifest.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise BundleVersionError(f"{bundle_dir}: version {version!r} is not an integer in [1, {MAX_VERSION}]")
+    try:
+        version = parse_version(manifest.get("version"), "version", 1)
+    except RemoteValueError as exc:
+        raise BundleVersionError(f"{bundle_dir}: {exc}") from None
     if min_version is not None and version <= min_version:
         raise BundleVersionError(f"{bundle_dir}: version {version} is not newer than the installed {min_version}")
     return manifest

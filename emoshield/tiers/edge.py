@@ -393,8 +393,7 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     decodes = asyncio.Semaphore(max_concurrent_decodes)
     app = FastAPI(title="emoshield edge", description="Edge node: devices, samples, training jobs, bundles.",
                   version="1")
-    JobId = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
-    Version = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]
+    Id = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]  # job ids and bundle versions alike
 
     @app.exception_handler(UploadError)
     async def upload_refused(request: Request, exc: UploadError):
@@ -510,14 +509,14 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         return store.jobs()
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(admin)])
-    def job(job_id: JobId) -> dict:
+    def job(job_id: Id) -> dict:
         found = store.job(job_id)
         if found is None:
             raise HTTPException(404, f"no job {job_id}")
         return found
 
     @app.get("/jobs/{job_id}/log", dependencies=[Depends(admin)], response_class=PlainTextResponse)
-    def job_log(job_id: JobId) -> str:
+    def job_log(job_id: Id) -> str:
         path = node.job_dir(job_id) / "log.txt"
         if store.job(job_id) is None or not path.is_file():
             raise HTTPException(404, f"no log for job {job_id}")
@@ -531,7 +530,7 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         return {"version": version, "manifest": json.loads((store.bundle_dir(version) / MANIFEST).read_text())}
 
     @app.get("/bundles/{version}/{name}", dependencies=[Depends(device_or_admin)])
-    def bundle_file(version: Version, name: str):
+    def bundle_file(version: Id, name: str):
         path = store.bundle_dir(version) / name
         if name not in SERVED_FILES or not path.is_file():
             raise HTTPException(404, f"no file {name[:40]!r} in bundle v{version}")
