@@ -88,6 +88,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "emoshield", "keys", "generate", "--out", tmp / "keys"], check=True,
                        capture_output=True)
         (tmp / "admin.token").write_text(ADMIN)
+        subprocess.run([sys.executable, "-m", "emoshield", "trust", "init", "--edge-root", tmp / "edge", "--root-key",
+                        tmp / "offline-root.key"], check=True, capture_output=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         edge = subprocess.Popen([sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(tmp / "edge"),

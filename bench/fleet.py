@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import record  # noqa: E402
 from emoshield.tiers.bundle import MANIFEST  # noqa: E402
 from emoshield.tiers.client import EdgeClient, request, wait_healthy  # noqa: E402
-from emoshield.tiers.device import BundleStore, sync_from_edge  # noqa: E402
+from emoshield.device.store import BundleStore  # noqa: E402
+from emoshield.device.sync import EdgeSync  # noqa: E402
 from emoshield.tiers.mqtt import DeviceLink, EdgeAnnouncer, start_mosquitto  # noqa: E402
 
 FIVE = "happy,sad,surprise,disgust,fear"
@@ -64,9 +65,11 @@ class SimDevice(threading.Thread):
     """One device's update loop: act on MQTT announcements (one try per announced version), send
     a heartbeat with the running version, record when each version started serving."""
 
-    def __init__(self, edge_url: str, edge_name: str, broker: str, token: str, device_id: str, store: BundleStore):
+    def __init__(self, edge_url: str, edge_name: str, broker: str, token: str, device_id: str, store: BundleStore,
+                 trust_root: bytes):
         super().__init__(daemon=True)
         self.client, self.store = EdgeClient(edge_url, token), store
+        self.sync = EdgeSync(store, self.client, trust_root, self.log)
         self.link = DeviceLink(broker, edge_name, device_id)
         self.installed: dict[int, float] = {}
         self.refused: list[str] = []
@@ -83,7 +86,7 @@ class SimDevice(threading.Thread):
             announced = self.link.announced or 0
             if announced > (self.store.current_version() or 0) and announced > tried:
                 tried = announced
-                version = sync_from_edge(self.store, self.client, self.log)
+                version = self.sync.sync()
                 if version is not None:
                     self.installed[version] = time.time()
                 self.link.heartbeat({"version": self.store.current_version()})
@@ -141,6 +144,7 @@ def main() -> int:
         edges = []
         for i in range(args.edges):
             port = free_port()
+            emoshield("trust", "init", "--edge-root", work / f"edge{i}", "--root-key", work / f"edge{i}-root.key")
             procs.append(serve("edge", "serve", "--root", work / f"edge{i}", "--name", f"edge{i}", "--key",
                                work / "keys" / "private.key", "--cloud", cloud, "--backbone", "smallcnn-fleet",
                                "--classes", FIVE, "--epochs", "1", "--input-size", "32",
@@ -158,7 +162,9 @@ def main() -> int:
             for k in range(args.devices):
                 enrolled = EdgeClient(edge["url"], ADMIN).enrol(f"camera-{k}")
                 store = BundleStore(work / "devices" / edge["name"] / enrolled["device_id"], work / "keys" / "public.key")
-                device = SimDevice(edge["url"], edge["name"], broker, enrolled["token"], enrolled["device_id"], store)
+                trust_root = (work / edge["name"] / "trust" / "metadata" / "1.root.json").read_bytes()
+                device = SimDevice(edge["url"], edge["name"], broker, enrolled["token"], enrolled["device_id"], store,
+                                   trust_root)
                 device.edge = edge["name"]
                 devices.append(device)
                 device.start()

@@ -51,7 +51,7 @@ def main() -> None:
 
     from emoshield.models.network import load_model
     from emoshield.pipeline import decode_split_part
-    from emoshield.tiers.device import cpu_isa
+    from emoshield.device.recognizer import cpu_isa
     from emoshield.tiers.export import QuantizationOptions, _images, export_onnx, onnx_logits, quantize_int8
 
     model_file = Path(args.model) / "model.safetensors"

@@ -35,7 +35,7 @@ def cpu_bfloat16() -> str:
 def machine() -> dict:
     import numpy
 
-    from emoshield.tiers.device import cpu_isa
+    from emoshield.device.recognizer import cpu_isa
 
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "numpy": numpy.__version__, "cpu_isa": cpu_isa(), "cpu_bfloat16": cpu_bfloat16()}

@@ -60,7 +60,7 @@ def cmd_models_list(args) -> int:
         avail = f"available ({r['imagenet_weights']})" if r["imagenet_weights"] else (
             "not available" if BACKBONES[r["backbone"]].weights_enum else "none (scratch only)")
         print(f"{r['backbone']:<14} {avail:<32} {r['min_input_size']:>6}  {r['description']}")
-    from .models.library import hub_checkpoint_dir
+    from .models.backbones import hub_checkpoint_dir
 
     print(f"\nImageNet weights are read offline from {hub_checkpoint_dir()}; "
           "any backbone also takes --weights scratch or a .safetensors file.")
@@ -281,6 +281,38 @@ def cmd_keys_generate(args) -> int:
     return 0
 
 
+def cmd_trust_init(args) -> int:
+    from .tiers.trust import TrustRepository
+
+    repo = TrustRepository.init(Path(args.edge_root) / "trust", Path(args.root_key))
+    print(f"update repository in {repo.root} (online keys in {repo.keys_dir}, mode 0600)\n"
+          f"root key: {args.root_key} (keep it OFFLINE: it is needed only to rotate keys)\n"
+          f"devices' --trust-root: {repo.metadata_dir / '1.root.json'} (copy it to each device)")
+    return 0
+
+
+def cmd_trust_rotate(args) -> int:
+    from .tiers.trust import TrustRepository
+
+    roles = [r for r in (args.roles or "").split(",") if r]
+    version = TrustRepository(Path(args.edge_root) / "trust").rotate(
+        Path(args.root_key), roles, Path(args.new_root_key) if args.new_root_key else None)
+    changed = roles + (["root"] if args.new_root_key else [])
+    print(f"root v{version} written: {', '.join(changed) + ' key(s) replaced, old ones revoked' if changed else 'expiry renewed'}; "
+          "devices follow the new root at their next sync (a running edge signs with the new keys at once)")
+    return 0
+
+
+def cmd_trust_status(args) -> int:
+    from .tiers.trust import TrustRepository
+
+    repo = TrustRepository(Path(args.edge_root) / "trust")
+    repo.check()
+    status = {"latest_version": repo.latest_version(), "expires": repo.expiry()}
+    print(json.dumps(status, indent=1))
+    return 0
+
+
 def cmd_bundle_export(args) -> int:
     from .tiers.bundle import describe_bundle
     from .tiers.export import QuantizationOptions, export_bundle
@@ -341,7 +373,7 @@ def cmd_data_video(args) -> int:
 
 
 def cmd_device_run(args) -> int:
-    from .tiers.device import run_device_command
+    from .device.run import run_device_command
 
     args.device_token = _token(args, "device") if args.edge else None
 
@@ -359,7 +391,7 @@ def _serve(app, host: str, port: int, what: str) -> None:
 
 def cmd_cloud_add(args) -> int:
     from .models import ModelConfig, build_model
-    from .tiers.library import add_entry
+    from .models.library import add_entry
 
     classes = [c for c in (args.classes or "").split(",") if c] or ["neutral", "happy"]
     model = build_model(ModelConfig(backbone=args.backbone, classes=classes, input_size=args.input_size,
@@ -375,7 +407,7 @@ def cmd_cloud_pretrain(args) -> int:
     """Train a backbone on a big face corpus (FER2013's official split) and add it to the library."""
     from .models import load_model
     from .pipeline import DataOptions, ModelOptions, train_model
-    from .tiers.library import add_entry, check_name, entry_dir
+    from .models.library import add_entry, check_name, entry_dir
     from .training import TrainConfig
 
     name = check_name(args.name or f"{args.backbone}-{args.dataset}-{args.input_size}px")
@@ -421,7 +453,7 @@ def cmd_cloud_pretrain(args) -> int:
 
 
 def cmd_cloud_list(args) -> int:
-    from .tiers.library import list_entries, search_path
+    from .models.library import list_entries, search_path
 
     library = Path(args.library) if args.library else None
     entries = list_entries(library)
@@ -442,7 +474,7 @@ def cmd_cloud_serve(args) -> int:
     import os
 
     from .tiers.cloud import create_app
-    from .tiers.library import search_path
+    from .models.library import search_path
 
     library = Path(args.library) if args.library else None
 
@@ -480,7 +512,7 @@ def cmd_edge_serve(args) -> int:
                         epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,
                         defense=args.defense, eps=args.eps, train_every=args.train_every,
                         max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt,
-                        mqtt_admin=_mqtt_admin(args),
+                        mqtt_admin=_mqtt_admin(args), timestamp_expiry=args.timestamp_expiry,
                         database=args.database or os.environ.get("EMOSHIELD_DATABASE_URL"))
     if not config.key.is_file():
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
@@ -621,6 +653,25 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bundle_inspect)
 
+    trust = sub.add_parser("trust", help="the edge's TUF update repository: offline root key, key rotation").add_subparsers(
+        dest="trust_command", required=True)
+    p = trust.add_parser("init", help="create an edge's update repository and its online keys")
+    p.add_argument("--edge-root", required=True, help="the edge node's folder (the repository goes in EDGE_ROOT/trust)")
+    p.add_argument("--root-key", required=True,
+                   help="the root private key: created when missing; must be outside the edge's folder and kept "
+                        "offline afterwards")
+    p.set_defaults(func=cmd_trust_init)
+    p = trust.add_parser("rotate", help="replace (and revoke) keys with a new root version signed offline")
+    p.add_argument("--edge-root", required=True)
+    p.add_argument("--root-key", required=True, help="the current root private key")
+    p.add_argument("--roles", default="", help="online roles to give new keys: targets,snapshot,timestamp "
+                                               "(default: none, only renew the root's expiry)")
+    p.add_argument("--new-root-key", help="also replace the root key with this one (created when missing)")
+    p.set_defaults(func=cmd_trust_rotate)
+    p = trust.add_parser("status", help="the newest signed version and each role's expiry, as JSON")
+    p.add_argument("--edge-root", required=True)
+    p.set_defaults(func=cmd_trust_status)
+
     device = sub.add_parser("device", help="the IoT device runtime (no torch)").add_subparsers(
         dest="device_command", required=True)
     p = device.add_parser("run", help="recognise emotions on video frames with a verified int8 bundle")
@@ -638,6 +689,9 @@ def _add_tier_commands(sub) -> None:
                    help="pace a video file or image folder at its frame rate, like a camera")
     p.add_argument("--loop", action="store_true", help="replay a video file or image folder until --max-frames")
     p.add_argument("--pubkey", required=True, help="Ed25519 public key that signs the bundles")
+    p.add_argument("--trust-root", help="the edge's first TUF root metadata (EDGE/trust/metadata/1.root.json, "
+                                        "copied to the device out of band); needed with --edge: every update is "
+                                        "checked against it and the key rotations it signs")
     p.add_argument("--store", help="the device's bundle store (default: $EMOSHIELD_CACHE/device)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--smooth", type=float, default=0.0, help="temporal smoothing a in [0, 1) (default: off)")
@@ -730,6 +784,9 @@ def _add_service_commands(sub) -> None:
                         "edge's model topic, deleted at revocation; password from --mqtt-admin-password-file "
                         "or $EMOSHIELD_MQTT_ADMIN_PASSWORD")
     p.add_argument("--mqtt-admin-password-file", help="file holding the MQTT admin password")
+    p.add_argument("--timestamp-expiry", type=float, default=86400.0,
+                   help="seconds a signed TUF timestamp stays valid (default: a day): devices detect an edge "
+                        "that stopped re-signing, or a replayed old state, within this time")
     p.add_argument("--min-samples", type=int, default=10)
     p.add_argument("--max-upload-bytes", type=int, default=2_000_000)
     p.add_argument("--host", default="127.0.0.1")
@@ -756,7 +813,7 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_edge_job)
 
 
-TIER_COMMANDS = ("keys", "bundle", "device")
+TIER_COMMANDS = ("keys", "trust", "bundle", "device")
 
 
 def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:

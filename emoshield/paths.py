@@ -1,7 +1,9 @@
-"""Where data and caches live: one place so every command resolves them the same way."""
+"""Where data and caches live (one place, so every command resolves them the same way), and
+the sha256 that names and checks files everywhere (torch-free)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -28,3 +30,29 @@ def cache_dir(sub: str = "") -> Path:
     path = base / sub if sub else base
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once (a reader sees the old or the new file, never
+    half of one), durable (fsync) and private: mode 0600 whatever the umask."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

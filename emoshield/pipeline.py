@@ -61,7 +61,7 @@ def validate_model_options(options: ModelOptions) -> None:
         if not Path(weights).is_file():
             raise EmoshieldError(f"weights file {weights} does not exist")
     elif weights.startswith("library:"):
-        from .tiers.library import read_entry
+        from .models.library import read_entry
 
         meta, _ = read_entry(weights.partition(":")[2].split("@")[0])
         if meta["backbone"] != options.backbone:

@@ -85,8 +85,8 @@ class StudyOptions:
 def pretrained_weights(backbone: str, input_size: int) -> str:
     """The best starting point here: the cloud library's entry for this backbone and input size
     (highest test accuracy), else cached ImageNet weights, else scratch."""
-    from .models.library import imagenet_available
-    from .tiers.library import list_entries
+    from .models.backbones import imagenet_available
+    from .models.library import list_entries
 
     entries = [e for e in list_entries() if e["backbone"] == backbone and e["input_size"] == input_size]
     if entries:
@@ -97,7 +97,7 @@ def pretrained_weights(backbone: str, input_size: int) -> str:
 
 def _run_plan(backbone: str, weights: str) -> dict[str, tuple[str, str, bool]]:
     """run name -> (weights, head, defended)."""
-    from .models.library import imagenet_available
+    from .models.backbones import imagenet_available
 
     plan = {"localization": (weights, "localization", False), "own-head": (weights, "backbone", False)}
     if weights != "scratch":

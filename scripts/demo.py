@@ -85,6 +85,8 @@ def main() -> int:
             print(f"no MQTT ({exc}); devices poll the edge over HTTP", flush=True)
 
         print("\n== edge node ==", flush=True)
+        # the update repository's root key stays outside the edge's folder (offline in real life)
+        emoshield("trust", "init", "--edge-root", work / "edge", "--root-key", work / "offline" / "root.key")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(work / "edge"), "--key",
              str(work / "keys" / "private.key"), "--cloud", cloud_url, "--backbone", "mobilenet_v2-imagenet",
@@ -108,7 +110,8 @@ def main() -> int:
         video = work / "faces.mp4"
         emoshield("data", "video", "--model", run_dir, "--per-class", "4", "--hold", "10", "--out", video)
         emoshield("device", "run", "--edge", edge_url, "--token-file", work / "device.token", "--pubkey",
-                  work / "keys" / "public.key", "--store", work / "device", "--source", video, "--smooth", "0.5",
+                  work / "keys" / "public.key", "--trust-root", work / "edge" / "trust" / "metadata" / "1.root.json",
+                  "--store", work / "device", "--source", video, "--smooth", "0.5",
                   "--jsonl", work / "device.jsonl", "--annotate", work / "annotated.mp4", "--truth",
                   f"{video}.labels.json", "--heartbeat", "2")
         if mqtt:

@@ -81,3 +81,62 @@ def database(request, tmp_path):
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+# ---- a small model trained on real CK+48 faces and its signed bundle (shared by the tier tests) ----
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_root):
+    from tests.test_cli import run
+
+    out = tmp_path_factory.mktemp("tiers") / "run"
+    run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
+        "--fold", "0", "--limit-per-class", "40", "--backbone", "mobilenet_v2", "--weights", "imagenet",
+        "--input-size", "48", "--epochs", "8", "--batch-size", "32", "--schedule", "cosine", "--out", out, "--quiet")
+    # 8 epochs: a model that learned something (~70%); int8 agreement is meaningless near chance
+    return out
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    from emoshield.tiers.signing import generate_keys
+
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keys(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundle(trained, keys, tmp_path_factory):
+    from tests.test_cli import run
+
+    out = tmp_path_factory.mktemp("bundles") / "v1"
+    proc = run("bundle", "export", "--model", trained, "--key", keys / "private.key", "--out", out,
+               "--calibration-images", "64")
+    assert "int8 accuracy change" in proc.stdout
+    return out
+
+
+def resigned_bundle(bundle, keys, dst, version, break_model=False):
+    """A copy of `bundle` re-sealed as `version` (optionally with both graphs broken)."""
+    import shutil
+
+    from emoshield.tiers.bundle import ONNX_FP32, ONNX_INT8, read_manifest, seal_bundle
+    from emoshield.tiers.signing import load_private_key
+
+    shutil.copytree(bundle, dst)
+    if break_model:  # both graphs: a broken int8 alone gives way to fp32 (the self-check)
+        (dst / ONNX_INT8).write_bytes(b"not an onnx graph")
+        (dst / ONNX_FP32).write_bytes(b"not an onnx graph")
+    manifest = {k: v for k, v in read_manifest(dst).items() if k not in ("files", "format")}
+    seal_bundle(dst, {**manifest, "version": version}, load_private_key(keys / "private.key"))
+    return dst
+
+
+def trust_repository(edge_root: Path) -> Path:
+    """An edge's TUF update repository, its root key kept beside (outside) the edge's folder;
+    returns the devices' trust root (1.root.json)."""
+    from emoshield.tiers.trust import TrustRepository
+
+    repo = TrustRepository.init(edge_root / "trust", edge_root.parent / f"{edge_root.name}-offline-root.key")
+    return repo.metadata_dir / "1.root.json"

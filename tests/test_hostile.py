@@ -248,7 +248,7 @@ def test_downloads_stop_at_their_signed_size_and_their_deadline(lying_edge, tmp_
 # ---- the device store: kill -9 leftovers and a full disk ----------------------------------------
 
 def test_staging_left_by_a_killed_device_is_removed_at_start(tmp_path):
-    from emoshield.tiers.device import BundleStore
+    from emoshield.device.store import BundleStore
     from emoshield.tiers.signing import generate_keys
 
     generate_keys(tmp_path / "keys")
@@ -267,7 +267,7 @@ import resource, signal, sys
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from emoshield.tiers.bundle import BundleError
-from emoshield.tiers.device import BundleStore
+from emoshield.device.store import BundleStore
 from emoshield.tiers.signing import generate_keys
 root = Path({str(tmp_path)!r})
 generate_keys(root / "keys")
@@ -330,7 +330,7 @@ def test_edge_stops_its_training_child_on_sigterm_and_a_restart_kills_orphans(tm
 
     from emoshield.tiers.edge import EdgeConfig, EdgeNode
     from emoshield.tiers.store import EdgeStore
-    from tests.conftest import FIVE, free_port
+    from tests.conftest import FIVE, free_port, trust_repository
     from tests.test_cli import run
     from tests.test_services import start, wait_healthy
 
@@ -348,6 +348,7 @@ def test_edge_stops_its_training_child_on_sigterm_and_a_restart_kills_orphans(tm
 
     def edge_with_a_running_job(root: Path):
         port = free_port()
+        trust_repository(root)
         proc = start("edge", "serve", "--root", root, "--key", tmp_path / "keys" / "private.key", "--cloud", cloud.url,
                      "--backbone", "tiny", "--classes", FIVE, "--admin-token-file", tmp_path / "admin.token",
                      "--epochs", "500", "--input-size", "32", "--port", port, log=root.parent / f"{root.name}.log")

@@ -5,7 +5,7 @@ import torch
 
 from emoshield.errors import EmoshieldError
 from emoshield.models import BACKBONES, ModelConfig, build_model, imagenet_available, load_model, save_model
-from emoshield.models.library import hub_checkpoint_dir
+from emoshield.models.backbones import hub_checkpoint_dir
 from emoshield.models.network import load_compatible_weights
 
 CLASSES = ["disgust", "fear", "happy", "sad", "surprise"]

@@ -11,7 +11,7 @@ import pytest
 from emoshield.errors import EmoshieldError
 from emoshield.tiers.edge import EdgeConfig, EdgeNode, EdgeStore
 from emoshield.tiers.mqtt import DeviceLink, EdgeAnnouncer, parse_broker, start_mosquitto
-from tests.conftest import FIVE, free_port
+from tests.conftest import FIVE, free_port, trust_repository
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,6 +99,7 @@ def test_device_link_connects_when_the_broker_comes_up_late(tmp_path):
 def test_train_every_queues_one_job_per_batch_of_new_samples(tmp_path):
     config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","), cloud_url="http://x",
                         backbone="b", admin_token="t" * 16, train_every=3)
+    trust_repository(config.root)
     node = EdgeNode(config)  # worker not started: jobs stay queued
     device_id, _ = node.store.enrol("camera")
     queued = []

@@ -56,6 +56,7 @@ def services(request, tmp_path_factory, data_root, secure_broker):
     token_file(tmp, "mqtt-admin", MQTT_ADMIN[1])
     run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
         "--weights", "scratch", "--input-size", "32")
+    run("trust", "init", "--edge-root", tmp / "edge", "--root-key", tmp / "offline" / "root.key")
     cloud_port, edge_port = free_port(), free_port()
     procs = []
     try:
@@ -267,6 +268,7 @@ def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(serv
     for path in sorted((Path(services["data_root"]) / "jaffe").iterdir())[:3]:
         shutil.copyfile(path, frames / path.name)
     args = ["device", "run", "--edge", edge, "--token-file", token_file(tmp, "device", device["token"]), "--pubkey", tmp / "keys" / "public.key",
+            "--trust-root", tmp / "edge" / "trust" / "metadata" / "1.root.json",
             "--store", tmp / "device", "--source", frames, "--jsonl", tmp / "out.jsonl"]
     proc = run(*args)
     assert "installed bundle v1" in proc.stderr and "FPS" in proc.stderr
@@ -297,6 +299,7 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
     assert me["mqtt"] == services["broker"] and me["id"] == device["device_id"] and me["mqtt_auth"] == "token"
     log = tmp / "device-mqtt.log"
     proc = start("device", "run", "--edge", edge, "--token-file", token_file(tmp, "device", device["token"]), "--pubkey", tmp / "keys" / "public.key",
+            "--trust-root", tmp / "edge" / "trust" / "metadata" / "1.root.json",
                  "--store", tmp / "device", "--source", tmp / "frames", "--loop", "--realtime", "--poll", "0",
                  "--heartbeat", "0.5", "--max-frames", "600", "--jsonl", tmp / "mqtt.jsonl", log=log)
     try:

@@ -78,7 +78,7 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
 
     from emoshield.models import ModelConfig, build_model
     from emoshield.tiers.client import download, request, wait_healthy
-    from emoshield.tiers.library import add_entry
+    from emoshield.models.library import add_entry
     from emoshield.tiers.store import LibraryCatalog
     from tests.conftest import free_port
 

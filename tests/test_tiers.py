@@ -13,36 +13,11 @@ import pytest
 
 from emoshield.errors import EmoshieldError
 from emoshield.tiers.bundle import ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_manifest, seal_bundle, verify_bundle
-from emoshield.tiers.device import BundleStore, cpu_isa, load_classifier
+from emoshield.device.recognizer import cpu_isa, load_classifier
+from emoshield.device.store import BundleStore
 from emoshield.tiers.signing import generate_keys, load_private_key
-from tests.conftest import FIVE
+from tests.conftest import FIVE, resigned_bundle, trust_repository
 from tests.test_cli import run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    out = tmp_path_factory.mktemp("tiers") / "run"
-    run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
-        "--fold", "0", "--limit-per-class", "40", "--backbone", "mobilenet_v2", "--weights", "imagenet",
-        "--input-size", "48", "--epochs", "8", "--batch-size", "32", "--schedule", "cosine", "--out", out, "--quiet")
-    # 8 epochs: a model that learned something (~70%); int8 agreement is meaningless near chance
-    return out
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("keys")
-    generate_keys(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def bundle(trained, keys, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "v1"
-    proc = run("bundle", "export", "--model", trained, "--key", keys / "private.key", "--out", out,
-               "--calibration-images", "64")
-    assert "int8 accuracy change" in proc.stdout
-    return out
 
 
 def test_keys_are_private_and_never_overwritten(keys):
@@ -206,16 +181,6 @@ def test_verify_refuses_another_key_and_old_versions(bundle, keys, tmp_path):
     assert "mobilenet_v2" in run("bundle", "inspect", bundle).stdout
 
 
-def _resigned(bundle, keys, dst, version, break_model=False):
-    shutil.copytree(bundle, dst)
-    if break_model:  # both graphs: a broken int8 alone gives way to fp32 (the self-check)
-        (dst / ONNX_INT8).write_bytes(b"not an onnx graph")
-        (dst / ONNX_FP32).write_bytes(b"not an onnx graph")
-    manifest = {k: v for k, v in read_manifest(dst).items() if k not in ("files", "format")}
-    seal_bundle(dst, {**manifest, "version": version}, load_private_key(keys / "private.key"))
-    return dst
-
-
 def test_store_installs_newer_verified_bundles_and_rolls_back(bundle, keys, tmp_path):
     store = BundleStore(tmp_path / "store", keys / "public.key")
     assert store.current_version() is None
@@ -223,14 +188,14 @@ def test_store_installs_newer_verified_bundles_and_rolls_back(bundle, keys, tmp_
     assert store.state() == {"current": 1, "previous": None, "rejected": []}
     with pytest.raises(BundleError, match="not newer"):
         store.install(bundle)
-    store.install(_resigned(bundle, keys, tmp_path / "v2", 2))
+    store.install(resigned_bundle(bundle, keys, tmp_path / "v2", 2))
     assert store.state() == {"current": 2, "previous": 1, "rejected": []}
     # signed but broken: the health check refuses it and nothing changes
     with pytest.raises(BundleError, match="health check failed"):
-        store.install(_resigned(bundle, keys, tmp_path / "v3", 3, break_model=True))
+        store.install(resigned_bundle(bundle, keys, tmp_path / "v3", 3, break_model=True))
     assert store.state() == {"current": 2, "previous": 1, "rejected": []}
     assert not (tmp_path / "store/bundles/v3").exists()
-    tampered = _resigned(bundle, keys, tmp_path / "v4", 4)
+    tampered = resigned_bundle(bundle, keys, tmp_path / "v4", 4)
     (tampered / "weights.safetensors").write_bytes(b"x")
     with pytest.raises(BundleError, match="sha256"):
         store.install(tampered)
@@ -268,7 +233,7 @@ def test_device_preprocessing_matches_training_and_reproduces_int8_accuracy(bund
     int8 model scores exactly the accuracy the manifest states."""
     from emoshield.data.images import decode_images, to_model_input
     from emoshield.pipeline import saved_split_records
-    from emoshield.tiers.device import EmotionClassifier
+    from emoshield.device.recognizer import EmotionClassifier
 
     import cv2
 
@@ -315,7 +280,7 @@ def test_mtcnn_option_finds_the_faces_haar_finds(data_root):
 def test_cloud_pretrain_adds_a_fer2013_backbone_that_training_loads_by_name(tmp_path, data_root, monkeypatch):
     from safetensors.torch import load_file
 
-    from emoshield.tiers.library import read_entry
+    from emoshield.models.library import read_entry
 
     library, name = tmp_path / "library", "smallcnn-fer2013-32px"
     pretrain = ["cloud", "pretrain", "--data-root", data_root, "--backbone", "smallcnn", "--weights", "scratch",
@@ -354,7 +319,7 @@ def _fake_entry(root, name, backbone):
 
 
 def test_library_search_path_user_entries_first_then_the_embedded_library(tmp_path, monkeypatch):
-    from emoshield.tiers import library as lib
+    from emoshield.models import library as lib
 
     user, embedded = tmp_path / "user", tmp_path / "embedded"
     monkeypatch.setattr(lib, "EMBEDDED_LIBRARY", embedded)
@@ -390,7 +355,7 @@ def test_the_embedded_smallcnn_has_the_fer2013_accuracy_its_metadata_states(tmp_
     from emoshield.data.images import decode_images
     from emoshield.models import load_model
     from emoshield.pipeline import DataOptions, load_data
-    from emoshield.tiers.library import read_entry
+    from emoshield.models.library import read_entry
     from emoshield.training.trainer import predict_logits
 
     monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "empty"))
@@ -414,57 +379,10 @@ def test_the_embedded_smallcnn_has_the_fer2013_accuracy_its_metadata_states(tmp_
 
 # ---- the device against a lying edge, a corrupted store and old bundles ------------------------
 
-def _serve_bundle(server, bundle, version, oversize: str | None = None):
-    manifest = read_manifest(bundle)
-    server.routes["/bundles/latest"] = (200, json.dumps({"version": version, "manifest": manifest}).encode(), 0)
-    for path in bundle.iterdir():
-        data = path.read_bytes()
-        if path.name == oversize:
-            data = data * 3  # more than the signed size
-        server.routes[f"/bundles/{version}/{path.name}"] = (200, data, 0)
-
-
-def test_device_sync_refuses_lies_from_the_edge_and_keeps_its_bundle(bundle, keys, tmp_path):
-    from emoshield.tiers.client import EdgeClient
-    from emoshield.tiers.device import sync_from_edge
-    from tests.test_hostile import LyingEdge
-
-    store = BundleStore(tmp_path / "store", keys / "public.key")
-    store.install(bundle)
-    server = LyingEdge({})
-    logs = []
-    try:
-        client = EdgeClient(server.url, "device-token-123")
-        server.routes["/bundles/latest"] = (200, b"<html>maintenance</html>", 0)
-        assert sync_from_edge(store, client, logs.append) is None and "not JSON" in logs[-1]
-        _serve_bundle(server, _resigned(bundle, keys, tmp_path / "v2", 2), 2, oversize=ONNX_INT8)
-        assert sync_from_edge(store, client, logs.append) is None and "more than the" in logs[-1]
-        # a manifest whose signature does not hold is refused before any model file is fetched
-        forged = tmp_path / "forged"
-        shutil.copytree(tmp_path / "v2", forged)
-        forged.joinpath("manifest.json").write_text(forged.joinpath("manifest.json").read_text().replace(
-            '"version": 2', '"version": 3'))
-        _serve_bundle(server, forged, 3)
-        del server.routes["/bundles/3/model.int8.onnx"]
-        assert sync_from_edge(store, client, logs.append) is None and "bad signature" in logs[-1]
-        assert store.state()["current"] == 1 and not (store.root / "staging").exists() or \
-            not list((store.root / "staging").iterdir())
-        _serve_bundle(server, tmp_path / "v2", 2)
-        assert sync_from_edge(store, client, logs.append) == 2
-        # v2 misbehaves at run time: rolled back, and the same v2 is never installed again
-        store.rollback("v2 misbehaved")
-        assert sync_from_edge(store, client, logs.append) is None and store.current_version() == 1
-        with pytest.raises(BundleError, match="rolled back from before"):
-            store.install(tmp_path / "v2")
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_store_keeps_current_and_previous_only_and_falls_back_from_a_corrupt_current(bundle, keys, tmp_path, data_root):
     store = BundleStore(tmp_path / "store", keys / "public.key")
     for version in (1, 2, 3):
-        store.install(bundle if version == 1 else _resigned(bundle, keys, tmp_path / f"v{version}", version))
+        store.install(bundle if version == 1 else resigned_bundle(bundle, keys, tmp_path / f"v{version}", version))
     assert sorted(p.name for p in (store.root / "bundles").iterdir()) == ["v2", "v3"]
     current = store.current_dir() / ONNX_INT8
     current.write_bytes(current.read_bytes()[:-10])  # bit rot on the device's disk
@@ -487,14 +405,14 @@ def test_device_runs_on_its_bundle_when_the_edge_answers_nonsense(bundle, keys, 
     shutil.copyfile(sorted((data_root / "jaffe").iterdir())[0], frames / "a.tiff")
     token = tmp_path / "token"
     token.write_text("device-token-123")
-    server = LyingEdge({"/bundles/latest": (200, b'{"version": "latest"}', 0), "/me": (200, b"<html>", 0)})
+    server = LyingEdge({"/tuf/timestamp.json": (200, b"<html>maintenance</html>", 0), "/me": (200, b"<html>", 0)})
     try:
         proc = run("device", "run", "--source", frames, "--store", store.root, "--pubkey", keys / "public.key",
-                   "--edge", server.url, "--token-file", token)
+                   "--edge", server.url, "--token-file", token, "--trust-root", trust_repository(tmp_path / "edge"))
     finally:
         server.shutdown()
         server.server_close()
-    assert "malformed answer" in proc.stderr and "Traceback" not in proc.stderr
+    assert "refused an update" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads(proc.stdout.splitlines()[0])["bundle_version"] == 1
 
 
@@ -520,12 +438,12 @@ KILL_AT = {  # where in BundleStore.install the child kills itself with SIGKILL
 
 @pytest.mark.parametrize("stage", list(KILL_AT))
 def test_sigkill_at_each_stage_of_an_install_leaves_a_valid_store_that_serves(bundle, keys, tmp_path, stage):
-    root, v2 = tmp_path / "store", _resigned(bundle, keys, tmp_path / "v2", 2)
+    root, v2 = tmp_path / "store", resigned_bundle(bundle, keys, tmp_path / "v2", 2)
     BundleStore(root, keys / "public.key").install(bundle)
     script = ("import os, shutil, signal, sys\n"
               f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
               "from pathlib import Path\n"
-              "import emoshield.tiers.device as device\n"
+              "import emoshield.device.store as device  # BundleStore and the names it calls\n"
               "def die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
               f"store = device.BundleStore(Path({str(root)!r}), Path({str(keys / 'public.key')!r}))\n"
               + KILL_AT[stage] + f"store.install(Path({str(v2)!r}))\nprint('install finished without dying')\n")
@@ -539,29 +457,3 @@ def test_sigkill_at_each_stage_of_an_install_leaves_a_valid_store_that_serves(bu
     if state["current"] == 1:  # died before the switch: the same update installs cleanly now
         assert store.install(v2)["version"] == 2
     assert store.current_version() == 2 and verify_bundle(store.current_dir(), keys / "public.key")
-
-
-def test_background_update_that_cannot_load_rolls_back_and_keeps_the_running_classifier(bundle, keys, tmp_path):
-    from emoshield.tiers.client import EdgeClient
-    from emoshield.tiers.device import BackgroundUpdate
-    from tests.test_hostile import LyingEdge
-
-    store = BundleStore(tmp_path / "store", keys / "public.key")
-    store.install(bundle)
-    server = LyingEdge({})
-    _serve_bundle(server, _resigned(bundle, keys, tmp_path / "v2", 2), 2)
-    logs = []
-
-    def load(folder):
-        raise RuntimeError("this CPU cannot run it")
-
-    try:
-        update = BackgroundUpdate(store, EdgeClient(server.url, "device-token-123"), load, logs.append)
-        assert update.start()
-        update.join(timeout=60)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert update.take() is None  # nothing to swap in: the frame loop keeps what it runs
-    assert any("installed bundle v2" in line for line in logs) and "no update this time" in logs[-1]
-    assert store.state()["current"] == 1 and store.state()["rejected"] == [2]

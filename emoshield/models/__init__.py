@@ -1,7 +1,7 @@
 """The model library: backbones, weights sources, the localization head and EmotionNet."""
 
 from .heads import LocalizationHead
-from .library import BACKBONES, backbone_spec, imagenet_available, install_packaged_weights
+from .backbones import BACKBONES, backbone_spec, imagenet_available, install_packaged_weights
 from .network import HEADS, EmotionNet, ModelConfig, build_model, load_model, save_model
 
 __all__ = [

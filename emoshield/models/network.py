@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import EmoshieldError
 from .heads import LocalizationHead
-from .library import backbone_spec, load_imagenet_state_dict, resize_own_head, torchvision_parts
+from .backbones import backbone_spec, load_imagenet_state_dict, resize_own_head, torchvision_parts
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 HEADS = ("localization", "backbone")
@@ -96,7 +96,7 @@ def build_model(config: ModelConfig) -> EmotionNet:
     if source == "imagenet" or source.startswith("imagenet:"):
         state_dict, config.weights = load_imagenet_state_dict(config.backbone, source.partition(":")[2] or None)
     elif source.startswith("library:"):
-        from ..tiers.library import read_entry
+        from .library import read_entry
 
         meta, library_file = read_entry(source.partition(":")[2].split("@")[0])
         config.weights = f"library:{meta['name']}@{meta['sha256'][:12]}"  # which exact weights, for provenance

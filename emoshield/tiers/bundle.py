@@ -16,11 +16,11 @@ signature check plus the hash checks verify the whole bundle. Torch-free: device
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from ..errors import EmoshieldError
+from ..paths import sha256_file
 from .signing import load_public_key, sign, signature_valid
 from .wire import RemoteValueError, parse_file_name, parse_version
 
@@ -54,14 +54,6 @@ class BundleVersionError(BundleError):
 def canonical_json(value) -> bytes:
     """The bytes that are signed: sorted keys, no spaces, UTF-8."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def seal_bundle(bundle_dir: Path, manifest: dict, private_key) -> dict:
@@ -144,10 +136,12 @@ def verify_signature(bundle_dir: Path, public_key) -> dict:
 
 
 def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
-                  required: tuple[str, ...] = (ONNX_INT8,)) -> dict:
+                  required: tuple[str, ...] = (ONNX_INT8,), optional: tuple[str, ...] = ()) -> dict:
     """Check signature, every listed file's hash and size, the required files and, when
-    given, that the version is strictly above min_version. Returns the manifest; raises
-    a BundleError subclass naming the first problem. `public_key` is a key object or a PEM path."""
+    given, that the version is strictly above min_version. Files named in `optional` may be
+    absent (a device does not download the weights) but must match when present. Returns the
+    manifest; raises a BundleError subclass naming the first problem. `public_key` is a key
+    object or a PEM path."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_signature(bundle_dir, public_key)
     files = manifest.get("files", {})
@@ -162,6 +156,8 @@ def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
         except RemoteValueError as exc:
             raise BundleError(f"{bundle_dir}: manifest names an unsafe file ({exc})") from None
         if not path.is_file():
+            if name in optional and name not in required:
+                continue
             raise BundleHashError(f"{bundle_dir}: {name} is missing")
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") \
                 or sha256_file(path) != entry.get("sha256"):

@@ -6,7 +6,7 @@ their sha256, so edge nodes can fetch one and verify it before training on it.
     GET /backbones/{name}             metadata (backbone, input size, data, accuracy, sha256, ...)
     GET /backbones/{name}/weights     the safetensors file (X-Content-SHA256 header)
 
-By default it serves the user's library and then the embedded one (tiers/library.py).
+By default it serves the user's library and then the embedded one (emoshield.models.library).
 OpenAPI docs at /docs. Read-only: entries are added with `emoshield cloud add` or
 `emoshield cloud pretrain`. With a database (`--database URL`, any SQLAlchemy URL), the entries
 found in the library folder are indexed there at start and the service answers from that
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EmoshieldError
-from .library import WEIGHTS_FILE, find_entry_dir, list_entries, read_entry
+from ..models.library import WEIGHTS_FILE, find_entry_dir, list_entries, read_entry
 
 
 def create_app(library: Path | None = None, database: str | None = None):

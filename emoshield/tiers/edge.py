@@ -44,6 +44,7 @@ import numpy as np
 from ..errors import EmoshieldError
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
+from .trust import TrustError, TrustRepository, lifetimes_for
 from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, RemoteValueError, parse_sha256, parse_token
 
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
@@ -96,6 +97,9 @@ class EdgeConfig:
     mqtt: str | None = None  # broker HOST:PORT for announcements and heartbeats (None = HTTP polling only)
     # the broker's dynamic-security admin (user, password): per-device MQTT accounts and ACLs
     mqtt_admin: tuple[str, str] | None = None
+    # how long a signed TUF timestamp stays valid: a device whose edge stops re-signing (a freeze,
+    # or a replayed old state) notices within this time; the node re-signs 8 times per lifetime
+    timestamp_expiry: float = 86400.0
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -190,6 +194,9 @@ class EdgeNode:
         self._child: subprocess.Popen | None = None
         self._child_lock = threading.Lock()
         self.announcer = None
+        self.trust = TrustRepository(config.root / "trust", lifetimes_for(config.timestamp_expiry))
+        self.trust.check()  # no update repository, or its online keys gone: refuse to start
+        self._resigner = threading.Thread(target=self._keep_signed, name="edge-tuf", daemon=True)
         self._stop_orphans()
 
     def start(self) -> None:
@@ -204,7 +211,26 @@ class EdgeNode:
             version = self.store.latest_version()
             if version:  # the broker may have lost its retained message (restart without persistence)
                 self.announcer.announce(version, read_manifest(self.store.bundle_dir(version)))
+        version = self.store.latest_version()
+        if version and self.trust.latest_version() != version:  # the node died between recording and signing
+            self._sign_bundle(version)
+        self.trust.refresh()
+        self._resigner.start()
         self._worker.start()
+
+    def _sign_bundle(self, version: int) -> None:
+        """List bundle `version`'s files in the TUF targets metadata and name it the newest."""
+        folder = self.store.bundle_dir(version)
+        self.trust.publish(version, folder, [MANIFEST, SIGNATURE, *read_manifest(folder)["files"]])
+
+    def _keep_signed(self) -> None:
+        """Re-sign TUF roles before they expire, for as long as the node runs."""
+        interval = max(0.25, min(self.config.timestamp_expiry / 8, 300.0))
+        while not self._stop.wait(interval):
+            try:
+                self.trust.refresh()
+            except (TrustError, OSError) as exc:  # e.g. disk full: retried; devices see "frozen" if it lasts
+                print(f"edge: cannot re-sign the update metadata ({exc})", file=sys.stderr, flush=True)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the worker and the job it runs: the job's `emoshield` child (its own process
@@ -340,6 +366,7 @@ class EdgeNode:
                            "--version", str(version), "--name", cfg.name, "--calibration-images", "128"])
         manifest = read_manifest(bundle)
         store.add_bundle(version, job_id)
+        self._sign_bundle(version)  # devices learn of it from the signed TUF metadata
         store.mark_samples_used(job_id, [s["id"] for s in samples])
         metrics = {k: manifest["metrics"].get(k) for k in ("test_accuracy", "onnx_int8_accuracy", "test_images")}
         store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
@@ -528,6 +555,19 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         if version == 0:
             raise HTTPException(404, "no bundle published yet")
         return {"version": version, "manifest": json.loads((store.bundle_dir(version) / MANIFEST).read_text())}
+
+    @app.get("/tuf/{name}", dependencies=[Depends(device_or_admin)])
+    def tuf_metadata(name: Annotated[str, PathParam(max_length=40)]):
+        """TUF metadata for devices: timestamp.json, N.root.json, N.snapshot.json, N.targets.json."""
+        path = node.trust.metadata_file(name)
+        if path is None:
+            raise HTTPException(404, f"no metadata file {name[:40]!r}")
+        return FileResponse(path, media_type="application/json")
+
+    @app.get("/bundles/latest.json", dependencies=[Depends(device_or_admin)])
+    def signed_latest():
+        """The TUF target naming the newest version (devices check it against its signed hash)."""
+        return FileResponse(node.trust.latest_file, media_type="application/json")
 
     @app.get("/bundles/{version}/{name}", dependencies=[Depends(device_or_admin)])
     def bundle_file(version: Id, name: str):

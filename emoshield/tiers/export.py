@@ -276,7 +276,7 @@ def _robust_headline(report: dict) -> dict:
 
 def _backbone_sha256(config) -> str | None:
     """sha256 of the file the backbone's initial weights came from, when it is a local file."""
-    from ..models.library import imagenet_weights_path
+    from ..models.backbones import imagenet_weights_path
     from .bundle import sha256_file
 
     weights = config.weights or ""

@@ -7,10 +7,10 @@ Keys are PEM files: private.key (PKCS#8, unencrypted, mode 0600) and public.key
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 from ..errors import EmoshieldError
+from ..paths import write_atomic
 
 PRIVATE_KEY = "private.key"
 PUBLIC_KEY = "public.key"
@@ -27,15 +27,18 @@ def generate_keys(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
         raise EmoshieldError(f"{out_dir} already holds a key pair (refusing to overwrite it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    public_path.write_bytes(public_pem)
+    write_private_key(private_path, key)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
     return private_path, public_path
+
+
+def write_private_key(path: Path, key) -> None:
+    """PKCS#8 PEM, unencrypted, mode 0600 from the first byte, replacing `path` atomically."""
+    from cryptography.hazmat.primitives import serialization
+
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
 
 
 def load_private_key(path: Path):

@@ -1,0 +1,244 @@
+"""Faces to emotions with one bundle's ONNX model: the int8 self-check that decides the
+precision on this CPU, the health check a bundle passes before it becomes current, and the
+per-frame analyzer (detect, crop as in training, classify, smooth)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..data.faces import DEFAULT_MARGIN, expand_box, face_detector
+from ..data.images import resize_face
+from ..errors import EmoshieldError
+from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_probes
+
+DEFAULT_MIN_AGREEMENT = 0.9
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_isa() -> str:
+    """The integer-SIMD features of this CPU that decide onnxruntime's int8 kernels, e.g.
+    "avx2" or "avx2 avx512f avx512_vnni" (from /proc/cpuinfo; "unknown" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in flags) or "baseline"
+    except OSError:
+        pass
+    return "unknown"
+
+
+@dataclass
+class SelfCheck:
+    """Which precision the device runs a bundle in, and why: int8 kernels differ between CPUs,
+    so int8 is used only after it agreed with the fp32 model on the bundle's probe faces here."""
+
+    requested: str
+    precision: str
+    reason: str
+    agreement: float | None = None
+    min_agreement: float | None = None
+    probes: int = 0
+    seconds: float = 0.0
+    cpu: str = field(default_factory=cpu_isa)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.requested != self.precision
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fell_back": self.fell_back}
+
+    def describe(self) -> str:
+        if self.agreement is None:
+            return f"{self.precision} ({self.reason})"
+        verdict = "using fp32 instead" if self.fell_back else "using int8"
+        return (f"int8 self-check on {self.probes} probe faces: {self.agreement:.1%} agree with fp32 "
+                f"(threshold {self.min_agreement:.0%}, {self.seconds * 1e3:.0f} ms); {verdict}")
+
+
+class EmotionClassifier:
+    """One bundle's ONNX model (int8 by default) with the preprocessing its manifest names.
+    `load_classifier` is the way in: it self-checks int8 on this CPU first."""
+
+    check: SelfCheck | None = None
+
+    def __init__(self, bundle_dir: Path, precision: str = "int8", threads: int = 1):
+        import onnxruntime as ort
+
+        self.bundle_dir = Path(bundle_dir)
+        self.precision = precision
+        self.manifest = json.loads((self.bundle_dir / MANIFEST).read_text())
+        self.classes: list[str] = list(self.manifest["classes"])
+        pre = self.manifest["preprocessing"]
+        self.input_size = int(pre["input_size"])
+        self.gray = pre.get("channels", "gray") == "gray"
+        self.margin = float(pre.get("face_margin", DEFAULT_MARGIN))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        model = ONNX_INT8 if precision == "int8" else ONNX_FP32
+        self.session = ort.InferenceSession(str(self.bundle_dir / model), options, providers=["CPUExecutionProvider"])
+        self.version = int(self.manifest["version"])
+
+    def face_tensor(self, frame_bgr: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+        """Crop (box grown by the training margin), colour as in training, resize: 1 x 3 x S x S float32."""
+        if box is not None:
+            x, y, w, h = expand_box(box, frame_bgr.shape[:2], self.margin)
+            frame_bgr = frame_bgr[y:y + h, x:x + w]
+        if self.gray:
+            face = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY) if frame_bgr.ndim == 3 else frame_bgr
+            face = resize_face(face, self.input_size)[None].repeat(3, 0)
+        else:
+            rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB) if frame_bgr.ndim == 3 else \
+                cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2RGB)
+            face = resize_face(rgb, self.input_size).transpose(2, 0, 1)
+        return (face.astype(np.float32) / 255.0)[None]
+
+    def logits(self, faces: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": faces})[0]
+
+    def probabilities(self, faces: np.ndarray) -> np.ndarray:
+        logits = self.logits(faces).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
+def load_classifier(bundle_dir: Path, precision: str = "int8", threads: int = 1) -> EmotionClassifier:
+    """The bundle's model in `precision`, int8 only once it passed its self-check on this CPU:
+    an int8 model that disagrees with the fp32 logits stored with the probe faces (below the
+    manifest's threshold), or that does not load, gives way to fp32. `classifier.check` says
+    which and why. Bundles made before probes existed run int8 unchecked (and say so)."""
+    if precision == "fp32":
+        classifier = EmotionClassifier(bundle_dir, "fp32", threads)
+        classifier.check = SelfCheck("fp32", "fp32", "fp32 requested")
+        return classifier
+    started = time.perf_counter()
+    agreement = threshold = None
+    probes = 0
+    try:
+        classifier = EmotionClassifier(bundle_dir, "int8", threads)
+    except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
+        reason = f"int8 model does not load on this CPU ({_first_line(exc)})"
+    else:
+        entry = classifier.manifest.get("self_check")
+        if not isinstance(entry, dict) or PROBES not in classifier.manifest.get("files", {}):
+            classifier.check = SelfCheck("int8", "int8", "bundle carries no probe faces: int8 unchecked")
+            return classifier
+        threshold = entry.get("min_agreement")
+        if not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            threshold = DEFAULT_MIN_AGREEMENT
+        images, reference = read_probes(Path(bundle_dir) / PROBES, classifier.input_size, len(classifier.classes))
+        probes = len(images)
+        try:
+            # small batches: onnxruntime's arena grows to the largest batch it ever ran (RSS)
+            predicted = np.concatenate([classifier.logits(images[i:i + 8]) for i in range(0, probes, 8)])
+            agreement = float((predicted.argmax(1) == reference.argmax(1)).mean())
+        except Exception as exc:
+            reason = f"int8 model fails on this CPU ({_first_line(exc)})"
+        else:
+            if agreement >= threshold:
+                classifier.check = SelfCheck("int8", "int8", "self-check passed", agreement, threshold, probes,
+                                             time.perf_counter() - started)
+                return classifier
+            reason = (f"int8 agrees with fp32 on {agreement:.1%} of {probes} probe faces, below "
+                      f"{threshold:.0%}: this CPU's int8 kernels are not accurate for this model")
+    classifier = EmotionClassifier(bundle_dir, "fp32", threads)
+    classifier.check = SelfCheck("int8", "fp32", reason, agreement, threshold, probes, time.perf_counter() - started)
+    return classifier
+
+
+def health_check(bundle_dir: Path, precision: str = "int8", threads: int = 1) -> EmotionClassifier:
+    """Load the bundle's model (self-checked, see load_classifier) and classify a constant image:
+    finite probabilities of the right shape, or BundleError. Run before a bundle becomes
+    current; returns the classifier ready to use."""
+    try:
+        classifier = load_classifier(bundle_dir, precision, threads)
+        probe = np.full((2, 3, classifier.input_size, classifier.input_size), 0.5, dtype=np.float32)
+        p = classifier.probabilities(probe)
+    except BundleError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
+        raise BundleError(f"{bundle_dir}: health check failed ({_first_line(exc)})") from None
+    if p.shape != (2, len(classifier.classes)) or not np.isfinite(p).all():
+        raise BundleError(f"{bundle_dir}: health check failed (output shape {p.shape} or non-finite values)")
+    return classifier
+
+
+
+@dataclass
+class FrameResult:
+    frame: int
+    time: float
+    box: list[int] | None
+    label: str | None
+    probabilities: dict[str, float] | None
+    bundle_version: int
+
+    def to_json(self) -> str:
+        return json.dumps({"frame": self.frame, "time": round(self.time, 3), "box": self.box, "label": self.label,
+                           "probabilities": self.probabilities, "bundle_version": self.bundle_version})
+
+
+@dataclass
+class FrameAnalyzer:
+    """Detect the largest face, classify it, smooth probabilities over frames.
+
+    smoothing a in [0, 1): p_t = (1 - a) * p + a * p_{t-1} (0 = off); it resets when no face
+    is found. detect_every N > 1 reuses the last box for N - 1 frames (detection is the most
+    expensive step on a device)."""
+
+    classifier: EmotionClassifier
+    smoothing: float = 0.0
+    detect_every: int = 1
+    min_face: int = 24
+    detector: str = "haar"
+    detect_width: int = 0  # detect on frames shrunk to this width (0 = full size)
+    _previous: np.ndarray | None = field(default=None, repr=False)
+    _box: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not 0 <= self.smoothing < 1:
+            raise EmoshieldError("--smooth must be in [0, 1)")
+        if self.detect_every < 1:
+            raise EmoshieldError("--detect-every must be >= 1")
+        self._detect = face_detector(self.detector, self.min_face, self.detect_width)
+
+    def analyze(self, index: int, t: float, frame: np.ndarray) -> FrameResult:
+        if index % self.detect_every == 0 or self._box is None:
+            boxes = self._detect(frame)
+            self._box = boxes[0] if boxes else None
+        if self._box is None:
+            self._previous = None
+            return FrameResult(index, t, None, None, None, self.classifier.version)
+        p = self.classifier.probabilities(self.classifier.face_tensor(frame, self._box))[0]
+        if self.smoothing and self._previous is not None:
+            p = (1 - self.smoothing) * p + self.smoothing * self._previous
+        self._previous = p
+        classes = self.classifier.classes
+        return FrameResult(index, t, [int(v) for v in self._box], classes[int(p.argmax())],
+                           {c: round(float(v), 4) for c, v in zip(classes, p)}, self.classifier.version)
+
+
+def annotate(frame: np.ndarray, result: FrameResult) -> np.ndarray:
+    if result.box is not None:
+        x, y, w, h = result.box
+        cv2.rectangle(frame, (x, y), (x + w, y + h), (0, 200, 0), 2)
+        score = result.probabilities[result.label]
+        cv2.putText(frame, f"{result.label} {score:.0%}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (0, 200, 0), 2)
+    return frame
+
+

@@ -1,0 +1,333 @@
+"""`emoshield device run`: frames from a video, camera or image folder through the recognizer,
+out as JSON lines, an annotated video and MQTT heartbeats, while updates arrive in the
+background; the summary says what ran, how fast and in which precision."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from ..errors import EmoshieldError
+from ..tiers.bundle import BundleError, verify_bundle
+from .recognizer import EmotionClassifier, FrameAnalyzer, FrameResult, annotate, health_check
+from .store import BundleStore
+from .sync import BackgroundUpdate, EdgeSync
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def open_frames(source: str) -> tuple[Iterator[tuple[int, float, np.ndarray]], float]:
+    """(frames, fps) for a video file, `camera:N`, or a folder of images (sorted by name, 1 fps
+    notional time). Frames are BGR uint8."""
+    if source.startswith("camera:"):
+        capture = cv2.VideoCapture(int(source.partition(":")[2] or 0))
+        if not capture.isOpened():
+            raise EmoshieldError(f"cannot open {source}")
+        return _capture_frames(capture), float(capture.get(cv2.CAP_PROP_FPS) or 30.0)
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise EmoshieldError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return _folder_frames(files), 1.0
+    if not path.is_file():
+        raise EmoshieldError(f"video source {source} does not exist")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise EmoshieldError(f"{path} is not a readable video")
+    return _capture_frames(capture), float(capture.get(cv2.CAP_PROP_FPS) or 25.0)
+
+
+def _capture_frames(capture) -> Iterator[tuple[int, float, np.ndarray]]:
+    index = 0
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            yield index, capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0, frame
+            index += 1
+    finally:
+        capture.release()
+
+
+def _folder_frames(files: list[Path]) -> Iterator[tuple[int, float, np.ndarray]]:
+    for index, path in enumerate(files):
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is None:
+            continue  # unreadable file: skipped, the frame index still advances
+        yield index, float(index), frame
+
+
+def _replayed(source: str) -> Iterator[tuple[int, float, np.ndarray]]:
+    """A video file or image folder played again and again (frame indices keep counting)."""
+    if source.startswith("camera:"):
+        raise EmoshieldError("--loop replays a video file or an image folder, not a camera")
+    offset, t_offset = 0, 0.0
+    while True:
+        frames, fps = open_frames(source)
+        count = 0
+        for index, t, frame in frames:
+            yield offset + index, t_offset + t, frame
+            count = index + 1
+        if count == 0:
+            return
+        offset, t_offset = offset + count, t_offset + count / fps
+
+
+def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult], None],
+               annotated_video: Path | None = None, max_frames: int | None = None,
+               between_frames: Callable[[], None] | None = None, loop: bool = False,
+               realtime: bool = False) -> dict:
+    """Analyze every frame of `source`; returns counts and throughput. `between_frames` runs
+    before each frame (update checks); it may replace analyzer.classifier. `loop` replays a
+    file source until max_frames; `realtime` paces frames at the source's rate, like a camera."""
+    frames, fps = open_frames(source)
+    if loop:
+        frames.close()
+        frames = _replayed(source)
+    writer = None
+    started = time.perf_counter()
+    count = faces = 0
+    interrupted = False
+    try:
+        for index, t, frame in frames:
+            if max_frames is not None and count >= max_frames:
+                break
+            if realtime:
+                time.sleep(max(0.0, started + count / fps - time.perf_counter()))
+            if between_frames is not None:
+                between_frames()
+            result = analyzer.analyze(index, t, frame)
+            emit(result)
+            count += 1
+            faces += result.box is not None
+            if annotated_video is not None:
+                if writer is None:
+                    h, w = frame.shape[:2]
+                    writer = cv2.VideoWriter(str(annotated_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                writer.write(annotate(frame, result))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly and still report
+        interrupted = True
+    finally:
+        if writer is not None:
+            writer.release()
+    seconds = time.perf_counter() - started
+    return {"frames": count, "frames_with_face": faces, "seconds": seconds,
+            "fps": count / seconds if seconds > 0 else 0.0, "bundle_version": analyzer.classifier.version,
+            "interrupted": interrupted}
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def connect_mqtt(client, mode: str, log: Callable[[str], None]):
+    """The device's MQTT link (announcements in, heartbeats out), or None: mode 'off', no broker
+    advertised, the edge unreachable, or the broker down (the device then polls over HTTP)."""
+    from ..tiers.client import ServiceError
+    from ..tiers.mqtt import DeviceLink
+
+    if mode == "off":
+        return None
+    try:
+        me = client.me()
+    except ServiceError as exc:
+        log(f"device: no MQTT (edge unreachable: {exc}); polling over HTTP")
+        return None
+    broker = me.get("mqtt") if mode == "auto" else mode
+    if not broker:
+        return None
+    link = DeviceLink(broker, me["edge"], me["id"], client.token if me.get("mqtt_auth") == "token" else None)
+    if link.start(wait=3.0):
+        log(f"device: MQTT connected to {broker} as {me['id']}; updates are announced, not polled")
+    else:
+        log(f"device: MQTT broker {broker} unreachable; polling the edge over HTTP until it answers")
+    return link
+
+
+def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
+    """Accuracy of the per-frame labels against `emoshield data video`'s ground truth."""
+    truth = json.loads(Path(truth_file).read_text())["frames"]
+    scored = [(r.label, truth[r.frame % len(truth)]) for r in results]  # modulo: --loop replays
+    detected = [(p, t) for p, t in scored if p is not None]
+    return {"frames_scored": len(scored), "detection_rate": len(detected) / len(scored) if scored else 0.0,
+            "accuracy_on_detected": sum(p == t for p, t in detected) / len(detected) if detected else 0.0,
+            "accuracy_all_frames": sum(p == t for p, t in scored) / len(scored) if scored else 0.0}
+
+
+def _start_current(store: BundleStore, load: Callable[[Path], EmotionClassifier],
+                   log: Callable[[str], None]) -> tuple[EmotionClassifier, dict]:
+    """The store's current bundle, verified and loaded; when it fails (corrupted on disk, or its
+    model does not run here) and the previous one is intact, roll back to that one instead of
+    stopping the device."""
+    for attempt in range(2):
+        bundle_dir = store.current_dir()
+        if bundle_dir is None:
+            raise EmoshieldError(f"no bundle installed in {store.root} and none could be pulled: "
+                                 "give --bundle DIR or an --edge that has published one")
+        try:
+            manifest = store.verify(bundle_dir)
+            version = int(manifest["version"])
+            return store.take_checked(version) or load(bundle_dir), manifest
+        except BundleError as exc:
+            if attempt or store.state()["previous"] is None:
+                raise
+            version = store.rollback(f"current bundle refused at start: {exc}")
+            log(f"device: current bundle refused ({exc}); rolled back to v{version}")
+    raise AssertionError("unreachable")
+
+
+def run_device_command(args) -> int:
+    """`emoshield device run`: choose the bundle (local, or the store's current one), run it."""
+    import sys
+
+    from ..paths import cache_dir
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    cv2.setNumThreads(args.threads)  # OpenCV's detector threads too: --threads 1 means one core
+
+    def load(folder: Path) -> EmotionClassifier:
+        classifier = health_check(folder, args.precision, args.threads)
+        log(f"device: v{classifier.version}: {classifier.check.describe()}")
+        return classifier  # the health check of every install too: self-checked once
+
+    store = client = link = sync = None
+    if args.bundle:
+        if args.edge:
+            raise EmoshieldError("give --bundle DIR or --edge URL, not both")
+        bundle_dir = Path(args.bundle)
+        manifest = verify_bundle(bundle_dir, Path(args.pubkey))
+    else:
+        store = BundleStore(Path(args.store) if args.store else cache_dir() / "device", Path(args.pubkey), health=load)
+        if args.edge:
+            from ..tiers.client import EdgeClient
+            from .sync import read_trust_root
+
+            if not args.trust_root:
+                raise EmoshieldError("--edge needs --trust-root FILE: the edge's trust/metadata/1.root.json, copied "
+                                     "to the device out of band (it anchors every update's signatures)")
+            client = EdgeClient(args.edge, args.device_token)
+            sync = EdgeSync(store, client, read_trust_root(Path(args.trust_root)), log)
+            if store.current_version() is None:  # nothing to run yet: wait for the first bundle
+                sync.sync()
+            link = connect_mqtt(client, args.mqtt, log)
+    if store is None:
+        classifier = load(bundle_dir)
+    else:
+        classifier, manifest = _start_current(store, load, log)
+    update = BackgroundUpdate(sync, load) if sync is not None else None
+    if update is not None and classifier.version == store.current_version():
+        update.start()  # is there something newer? asked while the current bundle already runs
+    log(f"device: {manifest['name']} v{manifest['version']} verified ({classifier.precision}, "
+        f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
+    analyzer = FrameAnalyzer(classifier, args.smooth, args.detect_every, detector=args.detector,
+                             detect_width=args.detect_width)
+    results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
+    counts = {"frames": 0, "faces": 0}
+    out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        def emit(result: FrameResult) -> None:
+            counts["frames"] += 1
+            counts["faces"] += result.box is not None
+            if args.truth:
+                results.append(result)
+            print(result.to_json(), file=out)
+
+        def running() -> dict:
+            classifier = analyzer.classifier
+            return {"version": classifier.version, "precision": classifier.precision,
+                    "self_check": classifier.check.to_dict(),
+                    **({"updates": sync.status.to_dict()} if sync is not None else {})}
+
+        last_check = [time.monotonic()]
+        last_beat = [0.0]
+        seen_announcements = [0]
+        started = time.monotonic()
+
+        def check_for_update() -> None:
+            now = time.monotonic()
+            if link is not None and now - last_beat[0] >= args.heartbeat:
+                last_beat[0] = now
+                link.heartbeat({**running(), "frames": counts["frames"],
+                                "fps": counts["frames"] / max(now - started, 1e-9), "faces": counts["faces"]})
+            if client is None:
+                return
+            ready = update.take()
+            if ready is not None:
+                analyzer._previous = None  # smoothing restarts: the new model may have other classes
+                analyzer.classifier = ready
+            fresh = False
+            if link is not None and link.announcements != seen_announcements[0]:
+                seen_announcements[0] = link.announcements  # one check per announcement, never a high-water mark
+                fresh = (link.announced or 0) > (store.current_version() or 0)
+            if fresh:
+                log(f"device: bundle v{link.announced} announced over MQTT")
+            elif (not args.poll or now - last_check[0] < args.poll
+                  or (link is not None and link.connected.is_set())):
+                return  # polling only while no broker is connected
+            last_check[0] = now
+            update.start()  # downloads on its own thread: frames go on with the current bundle
+
+        summary = run_frames(analyzer, args.source, emit, Path(args.annotate) if args.annotate else None,
+                             args.max_frames, check_for_update, loop=args.loop, realtime=args.realtime)
+        if update is not None:
+            update.join(timeout=5.0)  # let a quick check finish and log; a long download is abandoned
+        if link is not None:
+            link.heartbeat({**running(), "frames": summary["frames"],
+                            "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True},
+                           wait=2.0)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if link is not None:
+            link.stop()
+    summary["peak_rss_mb"] = peak_rss_mb()
+    summary["precision"] = analyzer.classifier.precision
+    summary["self_check"] = analyzer.classifier.check.to_dict()
+    if sync is not None:
+        summary["updates"] = sync.status.to_dict()
+    line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face) in "
+            f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
+            f"{args.threads} thread(s), {summary['precision']}"
+            + (" after the int8 self-check failed" if analyzer.classifier.check.fell_back else "") + ")")
+    if args.truth:
+        scores = score_against_truth(results, Path(args.truth))
+        summary.update(scores)
+        line += (f"; accuracy {scores['accuracy_on_detected']:.1%} on frames with a face, "
+                 f"{scores['accuracy_all_frames']:.1%} on all {scores['frames_scored']} frames")
+    line += f"; peak RSS {summary['peak_rss_mb']:.0f} MB"
+    print(line, file=sys.stderr, flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps({**summary, "source": args.source,
+                                                  "requested_precision": args.precision,
+                                                  "threads": args.threads, "detector": args.detector,
+                                                  "detect_every": args.detect_every,
+                                                  "detect_width": args.detect_width}, indent=1))
+    return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM of its own address space. (ru_maxrss
+    survives exec on Linux, so a device started by a big parent, e.g. a torch benchmark,
+    would report the parent's footprint.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
