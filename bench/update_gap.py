@@ -124,7 +124,6 @@ def main() -> int:
             seal_bundle(folder, {**manifest, "version": version}, load_private_key(work / "keys" / "private.key"))
             trust.publish(version, folder, [MANIFEST, SIGNATURE, *read_manifest(folder)["files"]])
         shutil.copytree(trust.metadata_dir, site / "tuf")
-        shutil.copyfile(trust.latest_file, site / "bundles" / "latest.json")
         sizes = {name: (site / "bundles" / "2" / name).stat().st_size for name in ("model.int8.onnx", "model.onnx")}
         port = 8765 + os.getpid() % 1000
         server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",

@@ -172,7 +172,7 @@ def cmd_evaluate(args) -> int:
     if args.attacks or args.corruptions:
         robustness = RobustnessOptions(parse_attacks(args.attacks), parse_eps_list(args.eps),
                                        parse_corruptions(args.corruptions), args.pgd_steps, args.apgd_steps,
-                                       args.restarts, args.attack_seed)
+                                       args.restarts, args.attack_seed, args.square_queries)
     elif args.baseline:
         raise EmoshieldError("--baseline compares robustness: give --attacks (and --eps) too")
     out = Path(args.out)
@@ -308,7 +308,10 @@ def cmd_trust_status(args) -> int:
 
     repo = TrustRepository(Path(args.edge_root) / "trust")
     repo.check()
-    status = {"latest_version": repo.latest_version(), "expires": repo.expiry()}
+    newest_root = max(int(p.name.split(".")[0]) for p in repo.metadata_dir.glob("*.root.json"))
+    status = {"latest_version": repo.latest_version(), "expires": repo.expiry(),
+              "newest_root": str(repo.metadata_dir / f"{newest_root}.root.json"),
+              "lifetimes_seconds": repo.lifetimes.to_json()}
     print(json.dumps(status, indent=1))
     return 0
 
@@ -907,7 +910,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
     p.add_argument("--out", required=True, help="output folder")
     _add_attack_args(p)
-    p.add_argument("--attacks", help="comma-separated: fgsm,rfgsm,pgd,apgd (robustness report)")
+    p.add_argument("--attacks", help="comma-separated: fgsm,rfgsm,pgd,apgd (APGD-CE),apgdt,fabt,square, or "
+                                     "autoattack (the standard sequence APGD-CE, APGD-T, FAB-T, Square) "
+                                     "(robustness report)")
     p.add_argument("--eps", default="0.005,0.01,0.015", help="eps list or start:stop:step (default: %(default)s)")
     p.add_argument("--corruptions", help="camera corruptions: all or a list of " + ",".join(CORRUPTIONS))
     p.add_argument("--baseline", help="another trained model (e.g. undefended) evaluated on the same images")
@@ -961,7 +966,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size 2.5*eps/steps)")
-    p.add_argument("--apgd-steps", type=int, default=50, help="APGD iterations")
+    p.add_argument("--apgd-steps", type=int, default=50, help="APGD-CE iterations of --attacks apgd (AutoAttack "
+                                                             "always runs its standard 100)")
+    p.add_argument("--square-queries", type=int, default=5000,
+                   help="Square's query budget per image (standalone and in AutoAttack; default: %(default)s)")
     p.add_argument("--restarts", type=int, default=1, help="random restarts of PGD and APGD")
     p.add_argument("--attack-seed", type=int, default=0, help="seed of random starts")
 

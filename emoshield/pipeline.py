@@ -268,10 +268,35 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,
                 "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense")}
+        _refuse_training_images(model_file, data.dataset, records)
     meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
                 pooling=model.config.pooling, weights=model.config.weights,
                 input_size=model.config.input_size, model=str(model_file), evaluated_by=git_commit())
     return model, [r for r in records if r.label in classes], root, meta
+
+
+def _refuse_training_images(model_file: Path, dataset: str, records: list) -> None:
+    """Evaluating on the training dataset with other split options must not test on what the
+    model trained or was selected on: refuse any image of its split.json's train/val parts, and,
+    when it was trained subject-disjoint, any of their subjects."""
+    from .data import load_split
+
+    split_file = Path(model_file).parent / "split.json"
+    if not split_file.is_file():
+        return
+    split, header = load_split(split_file)
+    if header.get("dataset") != dataset:
+        return
+    seen = [r for part in ("train", "val") for r in split.parts()[part]]
+    paths = {r.path for r in seen}
+    images = sum(r.path in paths for r in records)
+    subjects = {r.subject for r in seen if r.subject is not None} if split.protocol == "subject" else set()
+    from_subjects = sum(r.subject in subjects for r in records)
+    if images or from_subjects:
+        raise EmoshieldError(
+            f"{images} of the {len(records)} images chosen for testing were in this model's training or validation "
+            f"split" + (f" and {from_subjects} show its training/validation subjects" if subjects else "")
+            + f" ({split_file}): evaluate on its own test split (leave out --dataset) or on another dataset")
 
 
 def saved_split_records(model_file: Path, part: str, data_root: str | None = None):
@@ -329,6 +354,7 @@ class RobustnessOptions:
     apgd_steps: int = 50
     restarts: int = 1
     seed: int = 0
+    square_queries: int = 5000
 
 
 def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None,
@@ -381,7 +407,7 @@ def _robustness(model, test, classes, options: RobustnessOptions, log=None) -> d
 
     return robustness_report(model, test.pixels, test.labels, classes, options.attacks, options.eps,
                              options.corruptions, options.pgd_steps, options.apgd_steps, options.restarts,
-                             options.seed, progress=log or print)
+                             options.seed, progress=log or print, square_queries=options.square_queries)
 
 
 def _robustness_plots(report: dict, baseline: dict | None, meta: dict, out_dir: Path) -> dict:

@@ -140,3 +140,30 @@ def trust_repository(edge_root: Path) -> Path:
 
     repo = TrustRepository.init(edge_root / "trust", edge_root.parent / f"{edge_root.name}-offline-root.key")
     return repo.metadata_dir / "1.root.json"
+
+
+def small_trained_model(data_root: Path, classes: str, epochs: int, test_images: int):
+    """smallcnn at 32 px trained on CK+48 `classes` (reference split, seed 0), in eval mode, with
+    the first `test_images` of its test faces as model inputs: (model, x, y)."""
+    import tempfile
+
+    import torch
+
+    from emoshield.data import load_dataset, make_split
+    from emoshield.data.images import decode_images, to_model_input
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.training import TensorData, TrainConfig, Trainer
+
+    ds = load_dataset("ckplus48", data_root, classes)
+    parts = {}
+    for name, recs in make_split(ds, "reference").parts().items():
+        dec = decode_images(ds.root, recs, 32)
+        parts[name] = TensorData(torch.from_numpy(dec.pixels),
+                                 torch.tensor([ds.classes.index(r.label) for r in dec.records]))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("smallcnn", list(ds.classes), 32))
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(model, TrainConfig(epochs=epochs, batch_size=32, schedule="constant"), tmp, progress=False,
+                log=lambda _m: None).fit(parts["train"], parts["val"])
+    model.eval()
+    return model, to_model_input(parts["test"].pixels[:test_images]), parts["test"].labels[:test_images]

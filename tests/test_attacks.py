@@ -87,7 +87,7 @@ def test_fgsm_and_rfgsm_follow_their_formulas():
 
 
 def test_fgsm_and_pgd_match_torchattacks():
-    torchattacks = pytest.importorskip("torchattacks", reason="test-only reference; make setup installs it")
+    import torchattacks  # make setup installs it: a missing reference fails, it never skips
     model = tiny_model().eval()
     x, y = batch(32)
     ours = FGSM(EPS)(model, x, y)
@@ -106,26 +106,9 @@ def test_apgd_checkpoints_follow_the_paper():
 @pytest.fixture(scope="module")
 def trained(data_root):
     """A small model trained on real CK+48 faces (3 classes), with its test tensors."""
-    from emoshield.data import load_dataset, make_split
-    from emoshield.data.images import decode_images, to_model_input
-    from emoshield.training import TensorData, TrainConfig, Trainer
+    from tests.conftest import small_trained_model
 
-    ds = load_dataset("ckplus48", data_root, "happy,surprise,disgust")
-    split = make_split(ds, "reference")
-    parts = {}
-    for name, recs in split.parts().items():
-        dec = decode_images(ds.root, recs, 32)
-        labels = torch.tensor([ds.classes.index(r.label) for r in dec.records])
-        parts[name] = TensorData(torch.from_numpy(dec.pixels), labels)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig("smallcnn", list(ds.classes), 32))
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        Trainer(model, TrainConfig(epochs=12, batch_size=32, schedule="constant"), tmp, progress=False,
-                log=lambda _m: None).fit(parts["train"], parts["val"])
-    model.eval()
-    return model, to_model_input(parts["test"].pixels[:128]), parts["test"].labels[:128]
+    return small_trained_model(data_root, "happy,surprise,disgust", 12, 128)
 
 
 def test_stronger_attacks_hurt_more_on_a_trained_model(trained):

@@ -71,6 +71,12 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_root):
     run("evaluate", "--model", out, "--dataset", "jaffe", "--data-root", data_root, "--protocol", "all", "--out", cross)
     jaffe = json.loads((cross / "metrics.json").read_text())
     assert jaffe["dataset"] == "jaffe" and 100 < jaffe["num_images"] < 160  # JAFFE's 5-class faces
+    # the training dataset under other split options would test on training images and subjects: refused
+    for split in (["--protocol", "subject", "--fold", "1"], ["--protocol", "all"]):
+        proc = run("evaluate", "--model", out, "--dataset", "ckplus48", "--data-root", data_root, *split,
+                   "--out", tmp_path / "leak", check=False)
+        assert proc.returncode == 2 and "training or validation split" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):

@@ -43,7 +43,6 @@ class Edge:
     def serve(self, routes: dict | None = None) -> None:
         if routes is None:
             routes = {f"/tuf/{p.name}": (200, p.read_bytes(), 0) for p in self.repo.metadata_dir.iterdir()}
-            routes["/bundles/latest.json"] = (200, self.repo.latest_file.read_bytes(), 0)
             for path in (self.root / "bundles").glob("*/*"):
                 routes[f"/bundles/{path.parent.name}/{path.name}"] = (200, path.read_bytes(), 0)
         self.server.routes = routes
@@ -75,14 +74,16 @@ def test_the_repository_keeps_its_root_key_offline_and_its_files_private(tmp_pat
     root_keyid = root["roles"]["root"]["keyids"][0]
     online = {role: root["roles"][role]["keyids"][0] for role in ("targets", "snapshot", "timestamp")}
     assert root_keyid not in online.values() and len(set(online.values())) == 3
-    assert sorted(p.name for p in (tmp_path / "edge").rglob("*.key")) == ["snapshot.key", "targets.key",
-                                                                         "timestamp.key"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "edge").rglob("*.key")) == ["snapshot", "targets",
+                                                                                       "timestamp"]
     for path in (tmp_path / "edge").rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
     assert stat.S_IMODE((tmp_path / "offline" / "root.key").stat().st_mode) == 0o600
-    (repo.keys_dir / "timestamp.key").unlink()
-    with pytest.raises(TrustError, match="timestamp.key is missing"):
+    next(repo.keys_dir.glob("timestamp-*.key")).unlink()
+    with pytest.raises(TrustError, match="timestamp-.*key is missing"):
         repo.check()
+    with pytest.raises(TrustError, match="already holds"):  # a damaged repository is not silently replaced
+        TrustRepository.init(tmp_path / "edge" / "trust", tmp_path / "offline" / "root.key")
 
 
 def test_device_installs_what_signed_metadata_names_and_only_the_files_it_runs(edge, bundle, keys, tmp_path):
@@ -162,13 +163,14 @@ def test_keys_rotate_and_revoked_keys_sign_nothing(edge, bundle, keys, tmp_path)
     sync = edge.device(tmp_path / "store", keys, [])
     edge.publish(bundle, 1)
     assert sync.sync() == 1
-    old_timestamp_key = (edge.repo.keys_dir / "timestamp.key").read_bytes()
+    old_timestamp_key = next(edge.repo.keys_dir.glob("timestamp-*.key")).read_bytes()
     assert edge.repo.rotate(edge.root_key, ["timestamp", "snapshot"]) == 2
+    assert len(list(edge.repo.keys_dir.glob("*.key"))) == 3  # the revoked keys' files are gone
     edge.serve()
     assert sync.sync() is None and sync.status.state == "current"
     assert sorted(p.name for p in (sync.store.root / "tuf" / "root_history").iterdir()) == ["1.root.json", "2.root.json"]
     # the revoked timestamp key (say it leaked) signs a newer timestamp: refused
-    current_key = edge.repo.keys_dir / "timestamp.key"
+    current_key = next(edge.repo.keys_dir.glob("timestamp-*.key"))
     current = current_key.read_bytes()
     current_key.write_bytes(old_timestamp_key)
     edge.repo._publish_timestamp(edge.repo._read("snapshot"))
@@ -225,3 +227,102 @@ def test_an_update_is_self_checked_once_and_its_classifier_handed_over(edge, bun
     ready = update.take()
     assert ready is not None and ready.version == 2 and len(checks) == 2  # v1's install, v2's install
     assert ready.bundle_dir == sync.store.current_dir() and ready.check.probes > 0
+
+
+def test_rotate_refuses_a_root_the_edge_edited_and_a_rotation_that_dies_leaves_working_keys(edge, bundle, keys,
+                                                                                           tmp_path, monkeypatch):
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata
+
+    sync = edge.device(tmp_path / "store", keys, [])
+    edge.publish(bundle, 1)
+    # a compromised edge adds its own key to the root role and re-signs root.json with it
+    root_file = edge.repo.metadata_dir / "root.json"
+    original = root_file.read_bytes()
+    intruder = CryptoSigner.generate_ed25519()
+    md = Metadata.from_bytes(original)
+    md.signed.add_key(intruder.public_key, "root")
+    md.sign(intruder, append=True)
+    forged = md.to_bytes()
+    for name in ("root.json", "1.root.json"):
+        (edge.repo.metadata_dir / name).write_bytes(forged)
+    with pytest.raises(TrustError, match="not what .* signed"):
+        edge.repo.rotate(edge.root_key, ["timestamp"])
+    for name in ("root.json", "1.root.json"):
+        (edge.repo.metadata_dir / name).write_bytes(original)
+    # a rotation that dies before its root is written: the old keys still sign, devices still sync
+    def die(md):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(edge.repo, "_write_root", die)
+    with pytest.raises(OSError):
+        edge.repo.rotate(edge.root_key, ["timestamp", "targets"])
+    monkeypatch.undo()
+    edge.repo.check()
+    edge.publish(resigned_bundle(bundle, keys, tmp_path / "v2", 2), 2)
+    assert sync.sync() == 2
+    assert edge.repo.rotate(edge.root_key, ["timestamp", "targets"]) == 2  # and the rotation can be redone
+    assert len(list(edge.repo.keys_dir.glob("*.key"))) == 3 + 2  # leftovers of the dead run stay unused
+    edge.serve()
+    assert sync.sync() is None and sync.status.state == "current"
+
+
+class RawEdge:
+    """Answers every connection with `answer` bytes, `delay` seconds between them (one by one
+    when delay > 0): garbled chunked encoding, headers that trickle, a connection cut short."""
+
+    def __init__(self, answer: bytes, delay: float = 0.0):
+        import socket
+        import threading
+
+        self.answer, self.delay = answer, delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.recv(65536)
+                if self.delay:
+                    for i in range(len(self.answer)):
+                        conn.sendall(self.answer[i:i + 1])
+                        time.sleep(self.delay)
+                else:
+                    conn.sendall(self.answer)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer, delay, state", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk", 0, "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n{\"signed\"", 0, "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100 + b"\r\n\r\n", 0.05, "unreachable"),
+    (b"\x00\xff garbage, not HTTP at all\r\n\r\n", 0, "unreachable"),
+    (b"HTTP/1.1 302 Found\r\nLocation: http://10.255.255.1/steal\r\nContent-Length: 0\r\n\r\n", 0, "unreachable"),
+], ids=["bad-chunks", "cut-short", "trickled-headers", "not-http", "redirect"])
+def test_garbled_slow_and_redirecting_answers_never_escape_the_sync(keys, tmp_path, answer, delay, state):
+    from emoshield.tiers.client import EdgeClient as Client
+
+    edge = Edge(tmp_path / "edge")
+    raw = RawEdge(answer, delay)
+    try:
+        sync = edge.device(tmp_path / "store", keys, [])
+        sync.client = Client(raw.url, "device-token-123", timeout=5)
+        sync.deadline_s = 1.0
+        started = time.monotonic()
+        assert sync.sync() is None
+        assert sync.status.state == state, sync.status
+        assert time.monotonic() - started < 4
+    finally:
+        raw.close()
+        edge.close()

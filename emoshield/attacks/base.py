@@ -32,8 +32,33 @@ MODES = ("eval", "train", "keep")
 
 
 @contextlib.contextmanager
+def full_float32():
+    """No TF32 inside: on CUDA, cuDNN convolutions run in TF32 by default (10-bit mantissa),
+    which would make attack gradients differ from the float32 ones the evaluation claims.
+    Restores the caller's settings after; no effect on CPU."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if conv is not None and matmul is not None:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = conv
+            torch.backends.cuda.matmul.fp32_precision = matmul
+        return
+    legacy = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+
+
+@contextlib.contextmanager
 def attack_context(model: torch.nn.Module, mode: str = "eval"):
-    """Put the model in the attack's mode, freeze its parameters, enable grad; restore all after.
+    """Put the model in the attack's mode, freeze its parameters, enable grad, turn TF32 off
+    (full_float32); restore all after.
 
     Each submodule's own mode comes back (a training model with frozen BatchNorm layers keeps
     them frozen), and nothing is toggled when the model already is in the attack's mode."""
@@ -50,7 +75,7 @@ def attack_context(model: torch.nn.Module, mode: str = "eval"):
         if flag:
             p.requires_grad_(False)  # no weight gradients: faster, and the caller's .grad stays untouched
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), full_float32():
             yield
     finally:
         for p, flag in flags:
@@ -105,7 +130,7 @@ class LinfAttack:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(eps={self.eps:g}, steps={self.steps}, step_size={self.step_size:g}, "
-                f"random_start={self.random_start}, restarts={self.restarts}, mode={self.mode!r})")
+                f"random_start={self.random_start}, restarts={self.restarts}, seed={self.seed}, mode={self.mode!r})")
 
     def _start(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.random_start == "uniform":

@@ -5,15 +5,22 @@ from __future__ import annotations
 import torch
 
 from ..errors import EmoshieldError
-from .apgd import APGD
+from .apgd import APGD, APGDT
+from .autoattack import AutoAttack
+from .fab import FABT
 from .gradient import FGSM, PGD, RFGSM
+from .square import Square
 
-ATTACKS = {"fgsm": FGSM, "rfgsm": RFGSM, "pgd": PGD, "apgd": APGD}
-LABELS = {"fgsm": "FGSM", "rfgsm": "R+FGSM", "pgd": "PGD", "apgd": "APGD"}
+ATTACKS = {"fgsm": FGSM, "rfgsm": RFGSM, "pgd": PGD, "apgd": APGD, "apgdt": APGDT, "fabt": FABT, "square": Square,
+           "autoattack": AutoAttack}
+LABELS = {"fgsm": "FGSM", "rfgsm": "R+FGSM", "pgd": "PGD", "apgd": "APGD-CE", "apgdt": "APGD-T", "fabt": "FAB-T",
+          "square": "Square", "autoattack": "AutoAttack"}
 
 
 def make_attack(name: str, eps: float, **options):
-    """An attack by name: fgsm, rfgsm (alpha = eps/2), pgd (10 steps), apgd (50 steps)."""
+    """An attack by name: fgsm, rfgsm (alpha = eps/2), pgd (10 steps), apgd (APGD-CE), apgdt
+    (APGD-T), fabt (FAB-T), square (gradient-free, 5000 queries), autoattack (the standard
+    sequence of the last four)."""
     if name not in ATTACKS:
         raise EmoshieldError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
     return ATTACKS[name](eps, **options)
@@ -63,7 +70,9 @@ def worst_case_correct(model, x: torch.Tensor, y: torch.Tensor, attacks: list, b
     try:
         correct = {"clean": correct_under(model, x, y, None, batch_size)}
         for attack in attacks:
-            correct[repr(attack)] = correct_under(model, x, y, attack, batch_size)
+            key = repr(attack)  # names every setting, seed included; equal settings get #2, #3
+            key = key if key not in correct else f"{key}#{sum(k.split('#')[0] == key for k in correct) + 1}"
+            correct[key] = correct_under(model, x, y, attack, batch_size)
         worst = correct["clean"].clone()
         for value in correct.values():
             worst &= value

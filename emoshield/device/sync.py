@@ -5,8 +5,9 @@ The device trusts one thing it was given out of band: the edge's first root meta
 on every sync, the chain of newer roots (key rotations and revocations), then timestamp ->
 snapshot -> targets, each signed by the keys the root names, none expired, none older than
 what this store saw before (kept in STORE/tuf/). Only then does the device read the newest
-version from the signed `bundles/latest.json` and download that bundle's files, each bounded
-by its signed length and hash, all within one deadline. So:
+version from the signed `custom` field of the `bundles/latest.json` entry in the targets
+metadata and downloads that bundle's files, each bounded by its signed length and hash, all
+within one deadline. So:
 
 - an edge or mirror that replays an old state is refused: by version against what this store
   has seen, and on a fresh store by expiry (the timestamp lives a day by default);
@@ -25,8 +26,6 @@ import os
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -52,27 +51,66 @@ def _fetcher_class():
     from tuf.ngclient import FetcherInterface
 
     class EdgeFetcher(FetcherInterface):
-        """python-tuf's downloads over the device's own HTTP stack: its bearer token, a
-        per-read timeout and one deadline for the whole sync (a trickling edge cannot hold
-        the update thread for longer)."""
+        """python-tuf's downloads over http.client: the device's bearer token, no redirects (a
+        redirect would carry the token to another host), a per-read timeout, and one hard
+        deadline for the whole sync: a watchdog shuts the socket at the deadline, so an edge
+        that trickles headers or body cannot hold the update thread longer. Every failure is a
+        DownloadError, however it happens (python-tuf wraps only what _fetch raises itself)."""
 
         def __init__(self, token: str | None, timeout: float, deadline: float):
             self.token, self.timeout, self.deadline = token, timeout, deadline
 
         def _fetch(self, url: str) -> Iterator[bytes]:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            try:
-                response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout)
-            except urllib.error.HTTPError as exc:
-                raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {exc.code}", exc.code) from None
-            return self._chunks(url, response)
+            return self._chunks(url)
 
-        def _chunks(self, url: str, response) -> Iterator[bytes]:
-            with response:
+        def _chunks(self, url: str) -> Iterator[bytes]:
+            import http.client
+            import urllib.parse
+
+            parts = urllib.parse.urlsplit(url)
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise exceptions.SlowRetrievalError(f"GET {url}: the sync's deadline passed")
+            connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            connection = connection_class(parts.hostname, parts.port, timeout=min(self.timeout, left))
+            fired = threading.Event()  # a shut socket can look like a short, complete answer: remember it
+            watchdog = threading.Timer(left, lambda: (fired.set(), _shut(connection)))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+                connection.request("GET", path, headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+                response = connection.getresponse()
+                if fired.is_set():
+                    raise exceptions.SlowRetrievalError(f"GET {url}: too slow (the sync's deadline passed)")
+                if response.status != 200:
+                    raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {response.status}", response.status)
                 while block := response.read1(1 << 16):  # whatever has arrived
-                    if time.monotonic() > self.deadline:
+                    if fired.is_set() or time.monotonic() > self.deadline:
                         raise exceptions.SlowRetrievalError(f"GET {url}: too slow (the sync's deadline passed)")
                     yield block
+                if fired.is_set():
+                    raise exceptions.SlowRetrievalError(f"GET {url}: too slow (the sync's deadline passed)")
+                if response.length:  # the peer closed before the Content-Length it announced
+                    raise exceptions.DownloadError(f"GET {url}: cut short ({response.length} bytes missing)")
+            except exceptions.DownloadError:
+                raise
+            except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, truncated, garbled, shut
+                if time.monotonic() > self.deadline:
+                    raise exceptions.SlowRetrievalError(f"GET {url}: too slow (the sync's deadline passed)") from None
+                raise exceptions.DownloadError(f"GET {url}: {exc.__class__.__name__}: {exc}"[:300]) from None
+            finally:
+                watchdog.cancel()
+                connection.close()
+
+    def _shut(connection) -> None:
+        import socket
+
+        try:
+            if connection.sock is not None:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     return EdgeFetcher
 
@@ -133,6 +171,8 @@ class EdgeSync:
             return self._set("unreachable", f"edge unreachable or failing ({_one_line(exc)}); {keeping}")
         except ValueError as exc:  # python-tuf's own value checks on remote input
             return self._set("refused", f"refused an update: {_one_line(exc)}; {keeping}")
+        except Exception as exc:  # noqa: BLE001 - whatever else a hostile edge provokes: the device runs on
+            return self._set("refused", f"update failed: {_one_line(exc)}; {keeping}")
         if version is None:
             return None
         previous = self.store.state()["previous"]
@@ -147,12 +187,10 @@ class EdgeSync:
         if latest is None:
             self._set("current", "the edge has published no bundle yet", quiet=True)
             return None
+        custom = latest.custom
+        version = parse_version(custom.get("version") if isinstance(custom, dict) else None, "signed latest version", 1)
         download = self.store.staging()
         try:
-            with open(updater.download_target(latest, str(download / "latest.json"))) as f:
-                answer = json.load(f)
-            version = parse_version(answer.get("version") if isinstance(answer, dict) else None,
-                                    "signed latest version", 1)
             self.status.signed_latest = version
             state = self.store.state()
             if (state["current"] or 0) >= version:
@@ -162,7 +200,6 @@ class EdgeSync:
                 self._set("current", f"the newest signed bundle v{version} was rolled back from before; "
                                      f"keeping v{state['current']}", quiet=True)
                 return None
-            (download / "latest.json").unlink()
             for name in (MANIFEST, SIGNATURE):
                 self._download(updater, version, name, download)
             manifest = verify_signature(download, self.store.public_key)

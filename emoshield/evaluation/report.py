@@ -99,6 +99,12 @@ def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None
             if name in attacks:
                 steps = settings["pgd_steps"] if name == "pgd" else settings["apgd_steps"]
                 lines.append(row(f"{LABELS[name]}-{steps}", name))
+        for name in ("apgdt", "fabt", "square"):
+            if name in attacks:
+                lines.append(row(LABELS[name] + (f" ({settings.get('square_queries')} queries)" if name == "square"
+                                                 else ""), name))
+        if "autoattack" in attacks:
+            lines.append(row("**AutoAttack** (standard)", "autoattack"))
         if report["worst_case"]:
             cells = []
             for e in eps_keys:

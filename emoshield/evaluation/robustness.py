@@ -17,11 +17,16 @@ def _per_class(correct: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
             for i, c in enumerate(classes)}
 
 
-def _attack_options(name: str, pgd_steps: int, apgd_steps: int, restarts: int, seed: int) -> dict:
+def _attack_options(name: str, pgd_steps: int, apgd_steps: int, restarts: int, seed: int,
+                    square_queries: int = 5000) -> dict:
     if name == "pgd":
         return {"steps": pgd_steps, "restarts": restarts, "seed": seed}
     if name == "apgd":
         return {"steps": apgd_steps, "restarts": restarts, "seed": seed}
+    if name == "square":
+        return {"queries": square_queries, "seed": seed}
+    if name == "autoattack":
+        return {"queries": square_queries, "seed": seed}  # AutoAttack's own standard steps (100)
     return {"seed": seed}
 
 
@@ -67,13 +72,25 @@ def result_flags(report: dict) -> list[str]:
     for e in attacks.get("pgd", {}):
         if e in attacks.get("fgsm", {}) and attacks["pgd"][e]["accuracy"] > attacks["fgsm"][e]["accuracy"] + 0.02:
             flags.append(f"PGD is weaker than FGSM at eps {e}: its step size or steps may be too small")
+    n = report["num_images"]
+    for e, entry in attacks.get("autoattack", {}).items():
+        stages = entry.get("stages", {})
+        if stages.get("square") is not None and stages.get("fab-t") is not None \
+                and round((stages["fab-t"] - stages["square"]) * n) > 0:
+            flags.append(f"gradient-free Square broke {round((stages['fab-t'] - stages['square']) * n)} image(s) at eps "
+                         f"{e} that APGD-CE, APGD-T and FAB-T could not: the gradients may be masked")
+    for e, entry in attacks.get("square", {}).items():
+        gradient = [attacks[g][e]["accuracy"] for g in ("pgd", "apgd", "apgdt") if e in attacks.get(g, {})]
+        if gradient and entry["accuracy"] < min(gradient) - 0.02:
+            flags.append(f"gradient-free Square ({entry['accuracy']:.1%}) is stronger than every gradient attack "
+                         f"({min(gradient):.1%}) at eps {e}: the gradients may be masked")
     return flags
 
 
 def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str], attacks: list[str],
                       eps_list: list[float], corruptions: list[str] | None = None, pgd_steps: int = 10,
                       apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
-                      progress=None) -> dict:
+                      progress=None, square_queries: int = 5000) -> dict:
     """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
     and per corruption per severity. `pixels` are uint8 N x C x S x S images."""
     was_training = model.training
@@ -86,17 +103,22 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
               "attacks": {}, "worst_case": {}, "corruptions": {},
               "settings": {"pgd_steps": pgd_steps, "pgd_step_size": "2.5*eps/steps", "apgd_steps": apgd_steps,
                            "restarts": restarts, "rfgsm_alpha": "eps/2", "seed": seed, "attack_mode": "eval",
+                           "square_queries": square_queries,
+                           "autoattack": "standard: APGD-CE, APGD-T, FAB-T (100 steps), Square",
                            "norm": "Linf", "pixel_range": [0, 1]}}
     worst = {e: clean_correct.clone() for e in eps_list}
     for name in attacks:
         report["attacks"][name] = {}
         for eps in eps_list:
-            attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed))
+            attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed,
+                                                              square_queries))
             correct = correct_under(model, x_all, labels, attack, batch_size)
             worst[eps] &= correct
             report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),
                                                    "per_class_accuracy": _per_class(correct, labels, classes),
                                                    "attack": repr(attack)}
+            if name == "autoattack":  # robust accuracy after each of its attacks, and what it skipped
+                report["attacks"][name][f"{eps:g}"].update(stages=attack.stages(), skipped=attack.skipped)
             if progress:
                 progress(f"{LABELS[name]} eps {eps:g}: {correct.float().mean().item():.2%}")
     if attacks:

@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import EmoshieldError
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
-from .trust import TrustError, TrustRepository, lifetimes_for
+from .trust import TrustRepository, lifetimes_for
 from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, RemoteValueError, parse_sha256, parse_token
 
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
@@ -196,6 +196,7 @@ class EdgeNode:
         self.announcer = None
         self.trust = TrustRepository(config.root / "trust", lifetimes_for(config.timestamp_expiry))
         self.trust.check()  # no update repository, or its online keys gone: refuse to start
+        self.trust.save_lifetimes()  # `emoshield trust rotate` signs with the node's lifetimes
         self._resigner = threading.Thread(target=self._keep_signed, name="edge-tuf", daemon=True)
         self._stop_orphans()
 
@@ -229,8 +230,10 @@ class EdgeNode:
         while not self._stop.wait(interval):
             try:
                 self.trust.refresh()
-            except (TrustError, OSError) as exc:  # e.g. disk full: retried; devices see "frozen" if it lasts
-                print(f"edge: cannot re-sign the update metadata ({exc})", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - disk full, a key file gone: retried, never a dead thread
+                print(f"edge: cannot re-sign the update metadata ({exc.__class__.__name__}: {exc}); retrying "
+                      "(devices report 'frozen' if this lasts past the timestamp's lifetime)", file=sys.stderr,
+                      flush=True)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the worker and the job it runs: the job's `emoshield` child (its own process
@@ -412,7 +415,7 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
 
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi import Path as PathParam
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     store, cfg = node.store, node.config
@@ -560,14 +563,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     def tuf_metadata(name: Annotated[str, PathParam(max_length=40)]):
         """TUF metadata for devices: timestamp.json, N.root.json, N.snapshot.json, N.targets.json."""
         path = node.trust.metadata_file(name)
-        if path is None:
+        try:  # read whole: timestamp.json is replaced in place and old versions are collected
+            data = path.read_bytes() if path is not None else None
+        except OSError:
+            data = None
+        if data is None:
             raise HTTPException(404, f"no metadata file {name[:40]!r}")
-        return FileResponse(path, media_type="application/json")
-
-    @app.get("/bundles/latest.json", dependencies=[Depends(device_or_admin)])
-    def signed_latest():
-        """The TUF target naming the newest version (devices check it against its signed hash)."""
-        return FileResponse(node.trust.latest_file, media_type="application/json")
+        return Response(data, media_type="application/json")
 
     @app.get("/bundles/{version}/{name}", dependencies=[Depends(device_or_admin)])
     def bundle_file(version: Id, name: str):

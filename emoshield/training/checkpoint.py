@@ -41,8 +41,10 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, state: dict) -> None:
-    """Write the checkpoint of a finished epoch as ONE file (`state` must be JSON-able)."""
+                    generator: torch.Generator, state: dict, scaler=None) -> None:
+    """Write the checkpoint of a finished epoch as ONE file (`state` must be JSON-able): also
+    every CUDA device's RNG state when CUDA is in use, and the AMP GradScaler's state (its loss
+    scale and growth tracker), so a resumed GPU run is the run it continues."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -50,8 +52,12 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tensors.update(optim_tensors)
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = rng
+    extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
     tmp = folder / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(dict(state, optimizer=optim_meta))})
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(dict(state, optimizer=optim_meta, **extra))})
     os.replace(tmp, folder / CHECKPOINT)
 
 
@@ -60,8 +66,9 @@ def has_checkpoint(folder: Path) -> bool:
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> dict:
-    """Restore model, optimizer and RNGs in place; return the saved JSON state."""
+                    generator: torch.Generator, scaler=None) -> dict:
+    """Restore model, optimizer, RNGs (CUDA's too) and the GradScaler in place; return the
+    saved JSON state."""
     from safetensors import safe_open
 
     try:
@@ -74,4 +81,10 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     optimizer.load_state_dict(_optimizer_join(tensors, meta.pop("optimizer")))
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    scaler_state = meta.pop("grad_scaler", None)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
     return meta

@@ -246,7 +246,7 @@ class Trainer:
             if not resume:
                 raise EmoshieldError(f"{self.out_dir} already holds a training checkpoint; "
                                      "pass --resume to continue it or choose another --out")
-            state = load_checkpoint(self.out_dir, self.model, optimizer, generator)
+            state = load_checkpoint(self.out_dir, self.model, optimizer, generator, self.scaler)
             if not _same_config(state.get("train_config"), asdict(cfg)) or state.get("defense") != self._defense_json():
                 raise EmoshieldError(f"{self.out_dir}: the checkpoint was made with other training options; "
                                      "resume with the same options")
@@ -285,7 +285,7 @@ class Trainer:
                     self.save_best(self.model)
             save_checkpoint(self.out_dir, self.model, optimizer, generator,
                             {"epoch": epoch, "history": history, "best": best, "train_config": asdict(cfg),
-                             "defense": self._defense_json()})
+                             "defense": self._defense_json()}, self.scaler)
             (self.out_dir / "history.json").write_text(json.dumps(history, indent=1))
             done = epoch - start_epoch + 1
             eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
