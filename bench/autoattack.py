@@ -87,11 +87,13 @@ def main() -> int:
               "speedup": theirs_seconds / ours_seconds, "machine": machine()}
     out = ROOT / "bench" / "results" / "autoattack.json"
     out.write_text(json.dumps(result, indent=1))
+    d = result["defense"] or {}
+    defense = ("+".join(f"{k}:{v:g}" for k, v in d["methods"].items()) + f", eps {d['eps']:g}") if d else "none"
     rows = "\n".join(f"| {stage} | {result['ours']['stages'][stage]:.1%} | {theirs_stages[stage]:.1%} |"
                      for stage in ("clean", "apgd-ce", "apgd-t", "fab-t", "square"))
     markdown = f"""## AutoAttack: emoshield vs torchattacks (`python bench/autoattack.py`)
 {result['backbone']} {result['input_size']} px, {result['dataset']} {result['protocol']} protocol fold {result['fold']},
-defense {result['defense']}; first {len(y)} test faces, L-inf eps {eps}, standard settings (APGD-CE and APGD-T
+defended ({defense}); first {len(y)} test faces, L-inf eps {eps}, standard settings (APGD-CE and APGD-T
 {steps} steps, {n - 1} targets, FAB-T {steps} steps, Square {queries} queries), one thread, side by side.
 torchattacks: MultiAttack of APGD, APGDT, FAB, Square with the same settings (its AutoAttack class uses 10 steps).
 

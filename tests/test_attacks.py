@@ -280,3 +280,19 @@ def test_folding_leaves_shared_convolutions_alone():
     folded = FoldedModel(model)
     x = torch.rand(4, 3, 8, 8)
     assert folded.pairs == [] and torch.allclose(folded(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: RFGSM(EPS), lambda: PGD(EPS, steps=3)], ids=["rfgsm", "pgd"])
+def test_sharded_random_starts_give_each_rank_the_rows_one_process_would(make):
+    """Under torchrun each rank attacks its strided shard of the global batch with the same seed:
+    its random start must be its rows of the global batch's start, not a fresh draw."""
+    model = tiny_model().eval()
+    x, y = batch(16)
+    whole = make()(model, x, y)
+    for rank in range(2):
+        attack = make()
+        attack.shard = (rank, 2, 16)
+        assert torch.allclose(attack(model, x[rank::2], y[rank::2]), whole[rank::2], atol=1e-6)
+        unsharded = make()(model, x[rank::2], y[rank::2])
+        if rank == 1:  # what every rank did before: the first rows' noise, wrong for rank 1
+            assert not torch.allclose(unsharded, whole[1::2], atol=1e-6)

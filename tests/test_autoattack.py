@@ -155,3 +155,21 @@ def test_square_breaking_what_gradients_cannot_is_flagged_as_gradient_masking():
     assert report["attacks"]["apgd"]["0.1"]["accuracy"] > report["attacks"]["square"]["0.1"]["accuracy"] + 0.2
     assert any("gradient-free Square" in f and "masked" in f for f in report["sanity_flags"])
     assert any("exactly zero" in f for f in report["sanity_flags"])
+
+
+def test_a_robustness_report_with_autoattack_shows_each_stage(five_classes):
+    from emoshield.evaluation.report import robustness_markdown
+    from emoshield.evaluation.robustness import robustness_report
+
+    model, x, y = five_classes
+    pixels = (x * 255).round().to(torch.uint8)
+    report = robustness_report(model, pixels, y, FIVE.split(","), ["apgd", "autoattack"], [0.01], apgd_steps=10,
+                               square_queries=100, autoattack_steps=10)
+    entry = report["attacks"]["autoattack"]["0.01"]
+    assert list(entry["stages"]) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert entry["accuracy"] == pytest.approx(entry["stages"]["square"])
+    assert entry["accuracy"] <= report["attacks"]["apgd"]["0.01"]["accuracy"] + 1 / len(y)
+    assert report["settings"]["square_queries"] == 100 and report["settings"]["autoattack_steps"] == 10
+    meta = {"dataset": "ckplus48", "classes": FIVE.split(","), "protocol": "reference", "backbone": "smallcnn",
+            "head": "localization", "weights": "scratch", "input_size": 32, "epochs": 8, "seed": 0}
+    assert "| **AutoAttack** (standard) |" in robustness_markdown(report, meta)

@@ -36,11 +36,11 @@ def test_bad_defense_settings_are_refused(kwargs, message):
         DefenseConfig(**kwargs).validate()
 
 
-def _model_and_batch():
+def _model_and_batch(n: int = 16):
     torch.manual_seed(0)
     model = build_model(ModelConfig("smallcnn", ["happy", "sad", "surprise"], 32))
     g = torch.Generator().manual_seed(1)
-    return model.train(), torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return model.train(), torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def test_fused_fgsm_is_exact_and_attack_passes_leave_batchnorm_statistics_alone():
@@ -58,9 +58,15 @@ def test_fused_fgsm_is_exact_and_attack_passes_leave_batchnorm_statistics_alone(
     assert model.features[1].momentum == 0.1, "momentum restored"
 
 
-@pytest.mark.parametrize("attack_bn", ["eval", "train"])
-def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path, attack_bn):
-    model, x, y = _model_and_batch()
+@pytest.mark.parametrize("attack_bn, batch", [("eval", 16), ("eval", 48), ("train", 16)],
+                         ids=["eval-unfolded", "eval-folded", "train"])
+def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path, attack_bn, batch):
+    """48 images x 2 attacks is over FOLD_MIN_GRADIENT_IMAGES: the BatchNorm-folded copy that
+    production batches attack is what this case checks; 16 x 2 runs the module as it is."""
+    from emoshield.attacks.folding import FOLD_MIN_GRADIENT_IMAGES
+
+    assert (batch * 2 >= FOLD_MIN_GRADIENT_IMAGES) == (batch == 48)
+    model, x, y = _model_and_batch(batch)
     start = copy.deepcopy(model)  # the model as it was at the start of the step
     defense = DefenseConfig(methods={"fgsm": 0.3, "rfgsm": 0.7}, beta0=0.6, eps=0.02, attack_bn=attack_bn)
     trainer = Trainer(model, TrainConfig(augment="none"), tmp_path, progress=False, defense=defense)
@@ -70,9 +76,16 @@ def test_defended_step_gradient_equals_the_differential_loss_gradient(tmp_path, 
     model = start
     # the same quantities, step by step: perturbations from the model at the start of the step
     mode = "keep" if attack_bn == "train" else "eval"
+    target = model
+    if batch == 48:  # the folded copy of the start model: the same function up to float rounding,
+        from emoshield.attacks.base import attack_context  # whose sign flips would blur the comparison
+        from emoshield.attacks.folding import FoldedModel
+
+        with attack_context(model, "eval"):
+            target = FoldedModel(model).eval()
     with frozen_batchnorm_stats(model):
-        x_fgsm = FGSM(0.02, mode=mode)(model, x, y)
-        x_rfgsm = RFGSM(0.02, mode=mode, seed=5)(model, x, y)
+        x_fgsm = FGSM(0.02, mode=mode, fast=False)(target, x, y)
+        x_rfgsm = RFGSM(0.02, mode=mode, seed=5, fast=False)(target, x, y)
     loss = 0.6 * F.cross_entropy(model(x), y) + 0.4 * (0.3 * F.cross_entropy(model(x_fgsm), y)
                                                         + 0.7 * F.cross_entropy(model(x_rfgsm), y))
     loss.backward()

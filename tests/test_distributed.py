@@ -79,17 +79,19 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path, data_root):
     two = tmp_path / "two-channels-last"
     emoshield(two, 3, data_root, processes=2)
     w2, m2 = weights(two), json.loads((two / "metrics.json").read_text())
-    resumed = tmp_path / "resumed"
-    proc = emoshield(resumed, 3, data_root, processes=2, wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (resumed / "checkpoint.safetensors").is_file():  # written atomically
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # a preempted job: torchrun stops its workers (own sessions)
-    proc.wait()
-    time.sleep(1)
-    finished = (resumed / "metrics.json").exists()  # the run may (rarely) outpace the kill
+    for attempt in range(3):  # the run may (rarely) outpace the kill: then interrupt a fresh one
+        resumed = tmp_path / f"resumed-{attempt}"
+        proc = emoshield(resumed, 3, data_root, processes=2, wait=False)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (resumed / "checkpoint.safetensors").is_file():  # written atomically
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # a preempted job: torchrun stops its workers (own sessions)
+        proc.wait()
+        time.sleep(1)
+        if not (resumed / "metrics.json").exists():
+            break
     proc = emoshield(resumed, 3, data_root, processes=2, extra=["--resume"])
-    assert finished or "resuming from epoch" in proc.stderr
+    assert "resuming from epoch" in proc.stderr  # it really resumed: never passes on a finished run
     w3 = weights(resumed)
     assert relative_distance(w2, w3) < 1e-4
     assert json.loads((resumed / "metrics.json").read_text())["test_accuracy"] == m2["test_accuracy"]

@@ -127,18 +127,27 @@ class LinfAttack:
         self.step_size = float(eps if step_size is None else step_size)
         self.random_start = random_start
         self.start_size = float(eps if start_size is None else start_size)
+        # (rank, world size, global batch size) under data parallelism: draw the random start for
+        # the whole global batch and keep this rank's rows (strided shards), so N processes
+        # perturb each image exactly as one process would
+        self.shard: tuple[int, int, int] | None = None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(eps={self.eps:g}, steps={self.steps}, step_size={self.step_size:g}, "
                 f"random_start={self.random_start}, restarts={self.restarts}, seed={self.seed}, mode={self.mode!r})")
 
+    def _draw(self, draw, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.shard is None:
+            return draw(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        rank, world, size = self.shard
+        return draw((size, *x.shape[1:]), generator=generator, dtype=x.dtype)[rank::world].to(x.device)
+
     def _start(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.random_start == "uniform":
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
+            noise = self._draw(torch.rand, x, generator) * 2 - 1
             return project(x + self.start_size * noise, x, self.eps)
         if self.random_start == "sign":
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            return x + self.start_size * noise.sign()
+            return x + self.start_size * self._draw(torch.randn, x, generator).sign()
         return x.clone()
 
     def _run(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

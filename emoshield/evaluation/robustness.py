@@ -18,7 +18,7 @@ def _per_class(correct: torch.Tensor, labels: torch.Tensor, classes: list[str]) 
 
 
 def _attack_options(name: str, pgd_steps: int, apgd_steps: int, restarts: int, seed: int,
-                    square_queries: int = 5000) -> dict:
+                    square_queries: int = 5000, autoattack_steps: int = 100) -> dict:
     if name == "pgd":
         return {"steps": pgd_steps, "restarts": restarts, "seed": seed}
     if name == "apgd":
@@ -26,7 +26,7 @@ def _attack_options(name: str, pgd_steps: int, apgd_steps: int, restarts: int, s
     if name == "square":
         return {"queries": square_queries, "seed": seed}
     if name == "autoattack":
-        return {"queries": square_queries, "seed": seed}  # AutoAttack's own standard steps (100)
+        return {"steps": autoattack_steps, "queries": square_queries, "seed": seed}
     return {"seed": seed}
 
 
@@ -90,7 +90,7 @@ def result_flags(report: dict) -> list[str]:
 def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str], attacks: list[str],
                       eps_list: list[float], corruptions: list[str] | None = None, pgd_steps: int = 10,
                       apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
-                      progress=None, square_queries: int = 5000) -> dict:
+                      progress=None, square_queries: int = 5000, autoattack_steps: int = 100) -> dict:
     """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
     and per corruption per severity. `pixels` are uint8 N x C x S x S images."""
     was_training = model.training
@@ -104,14 +104,15 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
               "settings": {"pgd_steps": pgd_steps, "pgd_step_size": "2.5*eps/steps", "apgd_steps": apgd_steps,
                            "restarts": restarts, "rfgsm_alpha": "eps/2", "seed": seed, "attack_mode": "eval",
                            "square_queries": square_queries,
-                           "autoattack": "standard: APGD-CE, APGD-T, FAB-T (100 steps), Square",
+                           "autoattack": f"standard: APGD-CE, APGD-T, FAB-T ({autoattack_steps} steps), Square",
+                           "autoattack_steps": autoattack_steps,
                            "norm": "Linf", "pixel_range": [0, 1]}}
     worst = {e: clean_correct.clone() for e in eps_list}
     for name in attacks:
         report["attacks"][name] = {}
         for eps in eps_list:
             attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed,
-                                                              square_queries))
+                                                              square_queries, autoattack_steps))
             correct = correct_under(model, x_all, labels, attack, batch_size)
             worst[eps] &= correct
             report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),

@@ -324,7 +324,9 @@ class Trainer:
             y = data.labels[index]
             global_size = len(y)
             scale = 1.0
+            self._noise_shard = None
             if self.dist is not None:
+                self._noise_shard = (self.dist.rank, self.dist.world_size, global_size)  # see LinfAttack.shard
                 x, y = self.dist.shard(x), self.dist.shard(y)
                 scale = self.dist.loss_scale(len(y), global_size)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -378,9 +380,16 @@ class Trainer:
             with attack_context(self.model, "eval"):
                 graph = eval_graph(self.model, gradient_images=x.shape[0] * len(active))
             for name, _beta in active:
-                perturbed[name] = d.attack(name, "eval", seed, fast=False)(graph, x, y)
+                perturbed[name] = self._attack(name, "eval", seed, fast=False)(graph, x, y)
         with self._synced():
             return self._differential_backward(x, y, seed, scale, active, perturbed)
+
+    def _attack(self, name: str, mode: str, seed: int, fast: bool = True):
+        """The defense's attack for this step; under torchrun its random start is this rank's
+        rows of the global batch's (the same perturbations as one process)."""
+        attack = self.defense.attack(name, mode, seed, fast=fast)
+        attack.shard = getattr(self, "_noise_shard", None)
+        return attack
 
     def _differential_backward(self, x, y, seed: int, scale: float, active: list, perturbed: dict):
         d, smoothing = self.defense, self.config.label_smoothing
@@ -398,7 +407,7 @@ class Trainer:
                     perturbed[name] = (x + d.eps * x_clean.grad.sign()).clamp_(0, 1)
                 else:
                     with frozen_batchnorm_stats(self.model):
-                        perturbed[name] = d.attack(name, "keep", seed)(self.model, x, y)
+                        perturbed[name] = self._attack(name, "keep", seed)(self.model, x, y)
         for name, beta in active:
             with self._autocast():
                 adv_loss = F.cross_entropy(self.model(perturbed[name]).float(), y, label_smoothing=smoothing)
