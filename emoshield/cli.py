@@ -760,6 +760,10 @@ def _add_service_commands(sub) -> None:
                                       "served from (default: $EMOSHIELD_CLOUD_DATABASE_URL, else the folder itself)")
     p.set_defaults(func=cmd_cloud_serve)
 
+
+def _add_edge_commands(sub) -> None:
+    """The edge node and its clients: torch-free to parse and to serve (jobs run `emoshield train`
+    as child processes), so `emoshield edge ...` starts in about a second and the node stays small."""
     edge = sub.add_parser("edge", help="the edge node service and its clients").add_subparsers(
         dest="edge_command", required=True)
     p = edge.add_parser("serve", help="run an edge node: devices, uploads, defended training jobs, signed bundles")
@@ -816,7 +820,7 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_edge_job)
 
 
-TIER_COMMANDS = ("keys", "trust", "bundle", "device")
+TIER_COMMANDS = ("keys", "trust", "bundle", "device", "edge")
 
 
 def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
@@ -828,6 +832,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"emoshield {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tier_commands(sub)
+    _add_edge_commands(sub)
     if torch_free:
         return parser
     from .models import BACKBONES, HEADS

@@ -387,6 +387,14 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
 
         comparison = compare_with_baseline(report, baseline_report)
         result.update(baseline=baseline_meta, baseline_robustness=baseline_report, improvement=comparison)
+        if base_model.config.input_size == model.config.input_size and report["attacks"]:
+            from .data.images import to_model_input
+            from .evaluation.robustness import transfer_check, transfer_flags
+
+            report.setdefault("masking_checks", {})["transfer"] = transfer_check(
+                model, base_model, to_model_input(test.pixels), test.labels, robustness.eps, robustness.pgd_steps,
+                robustness.seed)
+            report["sanity_flags"] += transfer_flags(report)
     _write_json(out_dir / "robustness.json", result)
     write_robustness_outputs(out_dir, result)
     return result

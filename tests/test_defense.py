@@ -144,8 +144,13 @@ def test_defense_cli_end_to_end(tmp_path, data_root):
     assert fgsm["baseline_accuracy"] == base_acc
     assert fgsm["points"] == pytest.approx((rob["attacks"]["fgsm"]["0.01"]["accuracy"] - base_acc) * 100)
     assert set(rob["per_class_accuracy"]["clean"]) == {"happy", "sad", "surprise"}
+    # gradient-masking checks: PGD at growing eps, and PGD transferred from the undefended baseline
+    checks = rob["masking_checks"]
+    assert list(checks["sweep"]) == ["0.03", "0.05", "0.1"] and set(checks["transfer"]) == {"0.005", "0.01"}
+    assert checks["sweep"]["0.1"] <= checks["sweep"]["0.03"] <= rob["attacks"]["pgd"]["0.01"]["accuracy"] + 0.02
+    assert all(0 <= v["accuracy"] <= 1 for v in checks["transfer"].values())
     report = (out / "report.md").read_text()
-    for row in ("| FGSM |", "| R+FGSM |", "| Average |", "| PGD-3 |", "| APGD-5 |", "Worst case", "## Sanity flags"):
+    for row in ("| FGSM |", "| R+FGSM |", "| Average |", "| PGD-3 |", "| APGD-CE-5 |", "Worst case", "## Gradient-masking checks", "## Sanity flags"):
         assert row in report, row
     assert "%)" in report and ("↑" in report or "↓" in report or "=" in report)
     for png in ("accuracy_vs_eps.png", "accuracy_bars.png", "per_class_boxes.png", "confusion_matrix.png"):

@@ -16,7 +16,7 @@ from emoshield.training import TensorData, TrainConfig, Trainer
 from emoshield.training.augment import augment_batch
 
 TRAIN_ARGS = ["--dataset", "ckplus48", "--classes", "happy,sad,surprise", "--limit-per-class", "60",
-              "--backbone", "smallcnn", "--epochs", "20", "--batch-size", "16", "--quiet"]
+              "--backbone", "smallcnn", "--epochs", "10", "--batch-size", "16", "--quiet"]
 
 
 def _toy_data(n=64, seed=0):
@@ -128,12 +128,12 @@ def test_sigkill_then_resume_finishes_with_nothing_lost(tmp_path, data_root):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     stopped_at = _epoch_of(killed)
-    assert 3 <= stopped_at < 20
+    assert 3 <= stopped_at < 10
     resumed = subprocess.run(_cli(killed, data_root, "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from epoch {stopped_at} of 20" in resumed.stderr
+    assert f"resuming from epoch {stopped_at} of 10" in resumed.stderr
     history = json.loads((killed / "history.json").read_text())
-    assert [r["epoch"] for r in history] == list(range(1, 21))
+    assert [r["epoch"] for r in history] == list(range(1, 11))
 
     straight = tmp_path / "straight"
     subprocess.run(_cli(straight, data_root), check=True, capture_output=True, timeout=300)

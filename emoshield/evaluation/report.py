@@ -129,6 +129,15 @@ def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None
         for cls in report["classes"]:
             lines.append(f"| {cls} | " + " | ".join(_pct(values[cls]) for _, values in conditions) + " |")
         lines.append("")
+    checks = report.get("masking_checks", {})
+    if checks:
+        lines += ["## Gradient-masking checks", ""]
+        if checks.get("sweep"):
+            lines += ["PGD accuracy as eps grows (must reach ~0): "
+                      + ", ".join(f"eps {e}: {_pct(a)}" for e, a in checks["sweep"].items()), ""]
+        if checks.get("transfer"):
+            lines += ["PGD made on the baseline, transferred to this model (must not beat white-box PGD): "
+                      + ", ".join(f"eps {e}: {_pct(v['accuracy'])}" for e, v in checks["transfer"].items()), ""]
     lines += ["## Sanity flags", ""]
     lines += [f"- ⚠ {flag}" for flag in report["sanity_flags"]] or ["- none raised"]
     if plots:

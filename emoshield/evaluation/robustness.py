@@ -51,9 +51,21 @@ def sanity_flags(model, x: torch.Tensor, y: torch.Tensor, was_training: bool) ->
     return flags
 
 
+MASKING_SWEEP = (0.03, 0.05, 0.1)  # PGD at growing eps: 0.1 is 25/255, enough to break any face model
+MASKING_FLOOR = 0.1  # accuracy PGD must get below at the sweep's largest eps
+
+
 def result_flags(report: dict) -> list[str]:
-    """Checks on the numbers: weak APGD, accuracy that does not fall with eps, attacks that help."""
+    """Checks on the numbers: weak APGD, accuracy that does not fall with eps, attacks that help,
+    a sweep that does not reach ~0, a transfer attack stronger than the white-box one."""
     flags = []
+    sweep = report.get("masking_checks", {}).get("sweep", {})
+    if sweep:
+        largest = max(sweep, key=float)
+        if sweep[largest] > MASKING_FLOOR:
+            flags.append(f"PGD leaves {sweep[largest]:.1%} accuracy at eps {largest}: accuracy must reach ~0 as eps "
+                         "grows; the gradients may be masked")
+    flags += transfer_flags(report)
     attacks, clean = report["attacks"], report["clean_accuracy"]
     for name, by_eps in attacks.items():
         eps_sorted = sorted(by_eps, key=float)
@@ -90,7 +102,8 @@ def result_flags(report: dict) -> list[str]:
 def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str], attacks: list[str],
                       eps_list: list[float], corruptions: list[str] | None = None, pgd_steps: int = 10,
                       apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
-                      progress=None, square_queries: int = 5000, autoattack_steps: int = 100) -> dict:
+                      progress=None, square_queries: int = 5000, autoattack_steps: int = 100,
+                      masking_sweep: tuple[float, ...] = MASKING_SWEEP) -> dict:
     """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
     and per corruption per severity. `pixels` are uint8 N x C x S x S images."""
     was_training = model.training
@@ -137,6 +150,12 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
         if progress:
             accs = [v["accuracy"] for v in report["corruptions"][name].values()]
             progress(f"{name}: mean over severities {sum(accs) / 5:.2%}")
+    if attacks and masking_sweep:  # accuracy must fall to ~0 as eps grows, whatever the defense
+        report["masking_checks"] = {"sweep": {}}
+        for eps in masking_sweep:
+            attack = make_attack("pgd", eps, steps=pgd_steps, seed=seed)
+            report["masking_checks"]["sweep"][f"{eps:g}"] = correct_under(model, x_all, labels, attack,
+                                                                          batch_size).float().mean().item()
     report["sanity_flags"] = sanity_flags(model, x_all, labels, was_training) + result_flags(report)
     model.train(was_training)
     return report
@@ -157,4 +176,35 @@ def compare_with_baseline(report: dict, baseline: dict) -> dict:
     for eps, value in report["worst_case"].items():
         if eps in baseline.get("worst_case", {}):
             out["worst_case"][eps] = delta(value["accuracy"], baseline["worst_case"][eps]["accuracy"])
+    return out
+
+
+def transfer_flags(report: dict) -> list[str]:
+    """A transfer attack from the baseline stronger than white-box PGD: masked gradients."""
+    flags = []
+    for e, entry in report.get("masking_checks", {}).get("transfer", {}).items():
+        white = report["attacks"].get("pgd", {}).get(e, {}).get("accuracy")
+        if white is not None and entry["accuracy"] < white - 0.02:
+            flags.append(f"PGD transferred from the baseline ({entry['accuracy']:.1%}) beats white-box PGD "
+                         f"({white:.1%}) at eps {e}: the gradients may be masked")
+    return flags
+
+
+def transfer_check(model, source, x: torch.Tensor, labels: torch.Tensor, eps_list: list[float], pgd_steps: int = 10,
+                   seed: int = 0, batch_size: int = 128) -> dict:
+    """Accuracy of `model` on PGD examples made on `source` (e.g. the undefended twin), per eps:
+    a defense that only masks its own gradients falls to attacks transferred from a model
+    whose gradients are honest. `x` are model inputs shared by both models."""
+    source.eval()
+    model.eval()
+    out = {}
+    for eps in eps_list:
+        attack = make_attack("pgd", eps, steps=pgd_steps, seed=seed)
+        correct = []
+        for i in range(0, len(labels), batch_size):
+            xb, yb = x[i:i + batch_size], labels[i:i + batch_size]
+            adv = attack(source, xb, yb)
+            with torch.no_grad():
+                correct.append(model(adv).argmax(1) == yb)
+        out[f"{eps:g}"] = {"accuracy": torch.cat(correct).float().mean().item(), "attack": repr(attack)}
     return out
