@@ -114,7 +114,7 @@ def _new_key(path: Path):
 
 
 class TrustRepository:
-    """TRUST/metadata (what devices fetch), TRUST/keys (the online keys), TRUST/latest.json.
+    """TRUST/metadata (what devices fetch), TRUST/keys (the online keys), TRUST/lifetimes.json.
 
     Every change takes an exclusive file lock, so the edge's re-signing thread, its job
     publisher and an operator's `trust rotate` never interleave."""
