@@ -10,10 +10,9 @@ import uuid
 from pathlib import Path
 
 from ..errors import EmoshieldError
-from .wire import RemoteValueError, parse_file_name, parse_version
+from .wire import RemoteValueError, parse_version
 
 MAX_JSON_BYTES = 8_000_000  # no answer of ours is near this; a bigger one is a lying peer
-MAX_MANIFEST_BYTES = 1_000_000
 
 
 class ServiceError(EmoshieldError):
@@ -120,8 +119,8 @@ class EdgeClient:
 
     def latest_bundle(self) -> dict | None:
         """{"version": N, "manifest": {...}} of the edge's newest bundle, None when it has none;
-        ServiceError when the answer is not of that form (the manifest is checked later, by
-        its signature)."""
+        ServiceError when the answer is not of that form. For people and scripts: devices decide
+        from the edge's signed TUF metadata (emoshield.device.sync), never from this answer."""
         try:
             latest = self.call("GET", "/bundles/latest")
         except ServiceError as exc:
@@ -135,28 +134,6 @@ class EdgeClient:
         except RemoteValueError as exc:
             raise ServiceError(f"GET {self.url}/bundles/latest: malformed answer ({exc})") from None
         return latest
-
-    def fetch_bundle(self, version: int, dest: Path, check_manifest, deadline_s: float = 600.0) -> dict:
-        """Download bundle `version` into dest: manifest.json and manifest.sig first, then
-        `check_manifest(dest)` (the caller's signature check, returning the signed manifest),
-        then only the files that signed manifest lists, each cut off at its signed size, all
-        within `deadline_s` seconds. Returns the signed manifest; ServiceError on a transport
-        problem, whatever check_manifest raises on a bad signature."""
-        version = parse_version(version, "bundle version", 1)
-        deadline = time.monotonic() + deadline_s
-        dest.mkdir(parents=True, exist_ok=True)
-        base = f"{self.url}/bundles/{version}"
-        download(f"{base}/manifest.json", dest / "manifest.json", self.token, self.timeout, MAX_MANIFEST_BYTES, deadline)
-        download(f"{base}/manifest.sig", dest / "manifest.sig", self.token, self.timeout, 4096, deadline)
-        manifest = check_manifest(dest)
-        for name, entry in manifest.get("files", {}).items():
-            try:
-                name = parse_file_name(name, f"bundle v{version} file")
-                size = parse_version(entry.get("bytes") if isinstance(entry, dict) else None, f"{name}'s size")
-            except RemoteValueError as exc:
-                raise ServiceError(str(exc)) from None
-            download(f"{base}/{name}", dest / name, self.token, self.timeout, size, deadline)
-        return manifest
 
 
 def wait_healthy(url: str, process=None, timeout: float = 60) -> dict:
