@@ -151,6 +151,8 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> st
 
 def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) -> tuple[dict, Path]:
     """Metadata and local weights file of a cloud library entry, verified by sha256."""
+    from .client import download
+
     with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout) as r:
         meta = json.loads(r.read(1_000_000))
     if not isinstance(meta, dict):
@@ -163,16 +165,9 @@ def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) 
     if not path.is_file() or sha256_file(path) != meta["sha256"]:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
-        with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}/weights", timeout=timeout) as r, \
-                open(tmp, "wb") as f:
-            copied = 0
-            while block := r.read(1 << 20):
-                copied += len(block)
-                if copied > MAX_BACKBONE_BYTES:
-                    f.close()
-                    tmp.unlink()
-                    raise EmoshieldError(f"backbone {name} from {cloud_url} is over {MAX_BACKBONE_BYTES} bytes")
-                f.write(block)
+        # cut off past MAX_BACKBONE_BYTES, nothing left behind on failure
+        download(f"{cloud_url.rstrip('/')}/backbones/{name}/weights", tmp, timeout=timeout,
+                 max_bytes=MAX_BACKBONE_BYTES)
         if sha256_file(tmp) != meta["sha256"]:
             tmp.unlink()
             raise EmoshieldError(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
