@@ -215,7 +215,9 @@ def cmd_reproduce(args) -> int:
         backbones=[b for b in args.backbones.split(",") if b], input_size=args.input_size, epochs=args.epochs,
         seeds=[int(s) for s in args.seeds.split(",")], folds=args.folds,
         fold_list=[int(f) for f in args.fold_list.split(",")] if args.fold_list else None,
-        eps=parse_eps_list(args.eps), limit_per_class=args.limit_per_class, quick=args.quick)
+        eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
+        autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
+        square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     result = Study(options, out, work, command=["emoshield", *args.argv]).run()
@@ -946,6 +948,12 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="subject folds (default: %(default)s)")
     p.add_argument("--fold-list", help="only these folds, e.g. 0,1 (default: all)")
     p.add_argument("--eps", default="0.005,0.01,0.015", help="attack eps of Tables III/IV (default: %(default)s)")
+    p.add_argument("--extra-eps", default="0.0313725",
+                   help="more eps for every attack, outside the claims; '' for none (default: 8/255, RobustBench's)")
+    p.add_argument("--autoattack-eps", default="0.01,0.0313725",
+                   help="eps of the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the defended and "
+                        "undefended models; '' for none (default: %(default)s)")
+    p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (default: %(default)s)")
     p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
     p.add_argument("--quick", action="store_true",
                    help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")

@@ -355,6 +355,8 @@ class RobustnessOptions:
     restarts: int = 1
     seed: int = 0
     square_queries: int = 5000
+    autoattack_steps: int = 100
+    attack_eps: dict[str, list[float]] = field(default_factory=dict)  # per-attack eps lists (default: eps)
 
 
 def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None,
@@ -415,7 +417,8 @@ def _robustness(model, test, classes, options: RobustnessOptions, log=None) -> d
 
     return robustness_report(model, test.pixels, test.labels, classes, options.attacks, options.eps,
                              options.corruptions, options.pgd_steps, options.apgd_steps, options.restarts,
-                             options.seed, progress=log or print, square_queries=options.square_queries)
+                             options.seed, progress=log or print, square_queries=options.square_queries,
+                             autoattack_steps=options.autoattack_steps, attack_eps=options.attack_eps)
 
 
 def _robustness_plots(report: dict, baseline: dict | None, meta: dict, out_dir: Path) -> dict:

@@ -32,7 +32,8 @@ from .errors import EmoshieldError
 # SPEC §3: the reference's 5 classes; CK+48 has all of them
 REFERENCE_CLASSES = "happy,sad,surprise,disgust,fear"
 DEFAULT_CLASSES = {"ckplus48": REFERENCE_CLASSES}
-ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd"]
+ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd", "autoattack"]
+ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI): RobustBench's L-inf budget
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
@@ -49,7 +50,11 @@ class StudyOptions:
     seeds: list[int] = field(default_factory=lambda: [0])
     folds: int = 5
     fold_list: list[int] | None = None  # subject protocol: which folds (default: all)
-    eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.015])
+    eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.015])  # the reference's (claims)
+    extra_eps: list[float] = field(default_factory=lambda: [ROBUSTBENCH_EPS])  # every attack, no claim
+    autoattack_eps: list[float] = field(default_factory=lambda: [0.01, ROBUSTBENCH_EPS])
+    autoattack_steps: int = 100
+    square_queries: int = 5000
     sweep_eps: list[float] = field(default_factory=lambda: list(SWEEP_EPS))
     pgd_steps: int = 10
     apgd_steps: int = 50
@@ -72,6 +77,7 @@ class StudyOptions:
             out.eps = [0.005, 0.01, 0.015]
             out.sweep_eps = [0.002, 0.006, 0.01]
             out.pgd_steps, out.apgd_steps = 3, 5
+            out.autoattack_eps, out.autoattack_steps, out.square_queries = [0.01], 3, 30
         if out.protocol == "reference":
             out.fold_list = [0]
         elif out.fold_list is None:
@@ -144,8 +150,8 @@ class Study:
         opts = self.options
         for b, w in self.weights.items():
             self.log(f"{b}: pretrained weights {w}")
-        steps = [(b, f, s, name) for b, f, s in self.units() for name in _run_plan(b, self.weights[b])]
-        steps += [(b, f, s, "evaluate") for b, f, s in self.units()]
+        # unit by unit (its trainings, then its evaluation): each finished unit is saved under OUT
+        steps = [(b, f, s, name) for b, f, s in self.units() for name in [*_run_plan(b, self.weights[b]), "evaluate"]]
         total = len(steps)
         timings_dir = self.work / "timings"  # one file per step: processes sharing WORK do not clash
         timings_dir.mkdir(exist_ok=True)
@@ -161,12 +167,9 @@ class Study:
             self.log(f"{len(pending)} step(s) are running in other processes or wait for them; run this command "
                      "again when they are done to write the report")
             return None
-        legacy = self.work / "timings.json"  # written by the first version of this command
-        timings = {k.replace("/", "-"): v for k, v in json.loads(legacy.read_text()).items()} if legacy.is_file() else {}
-        timings.update({p.stem: json.loads(p.read_text()) for p in sorted(timings_dir.glob("*.json"))})
         result = self.collect()
         result.update(command=self.command, options=asdict(opts), weights=self.weights, git_commit=git_commit(),
-                      step_seconds=timings, compute_seconds=sum(timings.values()),
+                      compute_seconds=sum(result["step_seconds"].values()),
                       wall_seconds_this_invocation=time.time() - started)
         self.write(result)
         return result
@@ -175,6 +178,9 @@ class Study:
         """Run one step unless it is done or another process holds it; True when it is done."""
         folder = self.unit_dir(backbone, fold, seed)
         tag = f"[{i}/{total}] {backbone} fold {fold} seed {seed} {name}"
+        if self._saved_unit(backbone, fold, seed) is not None:
+            self.log(f"{tag}: already done (results in {self.unit_file(backbone, fold, seed)})")
+            return True
         step_started = time.perf_counter()
         with step_lock(folder / name) as mine:
             if not mine:
@@ -186,11 +192,48 @@ class Study:
         seconds = time.perf_counter() - step_started
         if state == "finished":  # interrupted steps count from their last resume
             (timings_dir / f"{backbone}-fold{fold}-seed{seed}-{name}.json").write_text(json.dumps(seconds))
+        if name == "evaluate" and state in ("finished", "already done"):
+            self._save_unit(backbone, fold, seed, timings_dir)
         self.log(f"{tag}: {state}" + (f" in {seconds:.0f} s" if state == "finished" else ""))
         return state in ("finished", "already done")
 
     def unit_dir(self, backbone: str, fold: int, seed: int) -> Path:
         return self.work / backbone / f"fold{fold}-seed{seed}"
+
+    def unit_file(self, backbone: str, fold: int, seed: int) -> Path:
+        """A finished unit's every number, under OUT: a later session (a fresh checkout without WORK's
+        checkpoints) resumes the study from these files, so a study can span sessions unit by unit."""
+        return self.out / "units" / f"{backbone}-fold{fold}-seed{seed}.json"
+
+    def _study_identity(self, backbone: str) -> dict:
+        return {"options": {k: v for k, v in asdict(self.options).items() if k not in UNIT_OPTIONS},
+                "weights": self.weights[backbone]}
+
+    def _saved_unit(self, backbone: str, fold: int, seed: int) -> dict | None:
+        """The saved unit, or None; one saved under other options or weights is an error, not a result."""
+        path = self.unit_file(backbone, fold, seed)
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in ("options", "weights")} != self._study_identity(backbone):
+            raise EmoshieldError(f"{path} was made with other options or weights than this study's; "
+                                 "pass another --out or delete it")
+        return saved
+
+    def _save_unit(self, backbone: str, fold: int, seed: int, timings_dir: Path) -> None:
+        from .paths import write_atomic
+        from .provenance import git_commit
+
+        folder = self.unit_dir(backbone, fold, seed)
+        prefix = f"{backbone}-fold{fold}-seed{seed}-"
+        meta = json.loads((folder / "localization" / "run.json").read_text())
+        unit = {**self._study_identity(backbone), "backbone": backbone, "fold": fold, "seed": seed,
+                "git_commit": git_commit(), "dataset": meta["dataset"], "classes": meta["classes"],
+                "step_seconds": {p.stem: json.loads(p.read_text()) for p in sorted(timings_dir.glob(prefix + "*.json"))},
+                "record": self._unit_record(backbone, fold, seed)}
+        path = self.unit_file(backbone, fold, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(unit, indent=1, default=str).encode())
 
     def _data(self, fold: int):
         from .pipeline import DataOptions
@@ -225,9 +268,11 @@ class Study:
         if not (folder / "robustness" / "robustness.json").is_file():
             done = False
             evaluate_model(folder / "defended", folder / "robustness", None,
-                           RobustnessOptions(ATTACKS, o.eps, _all_corruptions(), o.pgd_steps,
-                                             o.apgd_steps), baseline_dir=folder / "localization",
-                           log=lambda m: None)
+                           RobustnessOptions(ATTACKS, o.eps + o.extra_eps, _all_corruptions(), o.pgd_steps,
+                                             o.apgd_steps, square_queries=o.square_queries,
+                                             autoattack_steps=o.autoattack_steps,
+                                             attack_eps={"autoattack": o.autoattack_eps}),
+                           baseline_dir=folder / "localization", log=lambda m: self.log(f"  {m}"))
         if not (folder / "sweep" / "sweep.json").is_file():
             done = False
             sweep_model(folder / "localization", "fgsm", o.sweep_eps, folder / "sweep", log=lambda m: None)
@@ -236,36 +281,45 @@ class Study:
     # ---- collecting -------------------------------------------------------------------------
 
     def collect(self) -> dict:
-        """Every number of every unit, and their mean ± std over folds x seeds."""
+        """Every number of every unit (from the saved unit files), and their mean ± std over folds x seeds."""
         per_unit: dict = {}
-        for backbone, fold, seed in self.units():
-            folder = self.unit_dir(backbone, fold, seed)
-            runs = {}
-            for name in _run_plan(backbone, self.weights[backbone]):
-                metrics = json.loads((folder / name / "metrics.json").read_text())
-                history = json.loads((folder / name / "history.json").read_text())
-                runs[name] = {
-                    "weights": metrics["weights"], "head": metrics["head"], "test_accuracy": metrics["test_accuracy"],
-                    "balanced_accuracy": metrics["balanced_accuracy"], "best_epoch": metrics.get("best_epoch"),
-                    "confusion_matrix": metrics["confusion_matrix"], "per_class_accuracy": metrics["per_class_accuracy"],
-                    "num_images": metrics["num_images"], "history": history,
-                    "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
-                    **convergence(history)}
-            robustness = json.loads((folder / "robustness" / "robustness.json").read_text())
-            sweep = json.loads((folder / "sweep" / "sweep.json").read_text())
-            counts = json.loads((folder / "localization" / "run.json").read_text())["counts"]
-            per_unit.setdefault(backbone, {})[f"fold{fold}-seed{seed}"] = {
-                "fold": fold, "seed": seed, "runs": runs, "counts": counts,
+        saved = {u: self._saved_unit(*u) for u in self.units()}
+        for (backbone, fold, seed), unit in saved.items():
+            per_unit.setdefault(backbone, {})[f"fold{fold}-seed{seed}"] = unit["record"]
+        summary = {b: summarize(units) for b, units in per_unit.items()}
+        first = next(iter(saved.values()))
+        return {"dataset": first["dataset"], "classes": first["classes"], "protocol": self.options.protocol,
+                "units": per_unit, "summary": summary, "unit_commits": sorted({u["git_commit"] for u in saved.values()}),
+                "step_seconds": {k: v for u in saved.values() for k, v in u["step_seconds"].items()},
+                "claims": check_claims(summary, len(first["classes"]), self.options)}
+
+    def _unit_record(self, backbone: str, fold: int, seed: int) -> dict:
+        """One unit's numbers, read from its training and evaluation folders under WORK."""
+        folder = self.unit_dir(backbone, fold, seed)
+        runs = {}
+        for name in _run_plan(backbone, self.weights[backbone]):
+            metrics = json.loads((folder / name / "metrics.json").read_text())
+            history = json.loads((folder / name / "history.json").read_text())
+            runs[name] = {
+                "weights": metrics["weights"], "head": metrics["head"], "test_accuracy": metrics["test_accuracy"],
+                "balanced_accuracy": metrics["balanced_accuracy"], "best_epoch": metrics.get("best_epoch"),
+                "confusion_matrix": metrics["confusion_matrix"], "per_class_accuracy": metrics["per_class_accuracy"],
+                "num_images": metrics["num_images"], "history": history,
+                "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+                **convergence(history)}
+        robustness = json.loads((folder / "robustness" / "robustness.json").read_text())
+        sweep = json.loads((folder / "sweep" / "sweep.json").read_text())
+        counts = json.loads((folder / "localization" / "run.json").read_text())["counts"]
+        mid = f"{self.options.eps[len(self.options.eps) // 2]:g}"
+        return {"fold": fold, "seed": seed, "runs": runs, "counts": counts,
                 "class_counts": _class_counts(folder / "localization" / "split.json"),
                 "defended": headline(robustness["robustness"]), "undefended": headline(robustness["baseline_robustness"]),
-                "per_class": {"defended": _per_class_conditions(robustness["robustness"]),
-                              "undefended": _per_class_conditions(robustness["baseline_robustness"])},
+                "per_class": {"defended": _per_class_conditions(robustness["robustness"], mid),
+                              "undefended": _per_class_conditions(robustness["baseline_robustness"], mid)},
+                "autoattack": {v: _autoattack_stages(robustness[k]) for v, k in
+                               (("defended", "robustness"), ("undefended", "baseline_robustness"))},
+                "masking_checks": robustness["robustness"].get("masking_checks", {}),
                 "sweep": sweep["points"], "sanity_flags": robustness["robustness"]["sanity_flags"]}
-        summary = {b: summarize(units) for b, units in per_unit.items()}
-        meta = json.loads((self.unit_dir(*self.units()[0]) / "localization" / "run.json").read_text())
-        return {"dataset": meta["dataset"], "classes": meta["classes"], "protocol": self.options.protocol,
-                "units": per_unit, "summary": summary,
-                "claims": check_claims(summary, len(meta["classes"]), self.options)}
 
     def write(self, result: dict) -> None:
         from .evaluation.study_report import study_markdown, study_plots
@@ -351,16 +405,20 @@ def headline(report: dict) -> dict:
     return row
 
 
-def _per_class_conditions(report: dict) -> dict:
-    """class accuracies under clean and each attack at the middle eps (the box plots)."""
+def _per_class_conditions(report: dict, mid: str) -> dict:
+    """class accuracies under clean and each attack at the reference's middle eps `mid` (the box plots)."""
     from .attacks.registry import LABELS
 
     attacks = report["attacks"]
-    eps_keys = sorted({e for by_eps in attacks.values() for e in by_eps}, key=float)
-    mid = eps_keys[len(eps_keys) // 2]
     out = {"benign": report["per_class_accuracy"]["clean"]}
     out.update({f"{LABELS[n]} {mid}": attacks[n][mid]["per_class_accuracy"] for n in attacks if mid in attacks[n]})
     return out
+
+
+def _autoattack_stages(report: dict) -> dict:
+    """eps -> AutoAttack's robust accuracy after each of its attacks (and what it skipped)."""
+    return {eps: {"stages": v.get("stages"), "skipped": v.get("skipped")}
+            for eps, v in report["attacks"].get("autoattack", {}).items()}
 
 
 def mean_std(values: list) -> dict:

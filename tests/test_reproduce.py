@@ -59,6 +59,16 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
         assert runs["scratch"]["weights"] == "scratch" and runs["own-head"]["head"] == "backbone"
         assert all(len(r["history"]) == 2 for r in runs.values())  # --quick: 2 epochs
         assert {"clean", "fgsm@0.01", "rfgsm@0.01", "pgd@0.01", "apgd@0.01", "corruption:jpeg"} <= set(unit["defended"])
+        # AutoAttack at 0.01 only (--quick), every other attack also at RobustBench's 8/255
+        for variant in ("defended", "undefended"):
+            assert {"autoattack@0.01", "pgd@0.0313725", "apgd@0.0313725"} <= set(unit[variant])
+            assert "autoattack@0.0313725" not in unit[variant]
+            stages = unit["autoattack"][variant]["0.01"]["stages"]
+            assert list(stages) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+            assert stages["square"] == pytest.approx(unit[variant]["autoattack@0.01"])
+            assert all(a >= b for a, b in zip(list(stages.values()), list(stages.values())[1:]))
+            assert unit[variant]["worst@0.01"] <= unit[variant]["autoattack@0.01"]
+        assert set(unit["masking_checks"]["sweep"]) == {"0.03", "0.05", "0.1"}
         # the table's figures are the per-unit evaluation's, not recomputed elsewhere
         saved = json.loads((work / "smallcnn" / f"fold{unit['fold']}-seed0" / "robustness" / "robustness.json").read_text())
         assert unit["defended"]["pgd@0.01"] == saved["robustness"]["attacks"]["pgd"]["0.01"]["accuracy"]
@@ -89,7 +99,8 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
 
     report = (out / "report.md").read_text()
     for section in ("Table II", "Clean test accuracy", "Convergence", "FGSM accuracy vs eps", "Table III",
-                    "Camera corruptions", "claims, checked", "--quick"):
+                    "Camera corruptions", "claims, checked", "--quick", "AutoAttack, attack by attack",
+                    "Gradient-masking checks", "eps 0.0313725 (8/255)", "Square at 30 queries"):
         assert section in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file() and (out / image).stat().st_size > 1000
@@ -104,6 +115,16 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
     # the same work folder with other options is refused (it would mix results)
     other = run(*study, "--epochs", "1", env=env, check=False)
     assert other.returncode == 2 and "other options" in other.stderr
+    # a later session has OUT (committed) but not WORK's checkpoints: it resumes from OUT's unit files
+    import shutil
+
+    shutil.rmtree(work)
+    assert sorted(p.name for p in (out / "units").iterdir()) == ["smallcnn-fold0-seed0.json", "smallcnn-fold1-seed0.json"]
+    again = run(*study, env=env)
+    assert again.stderr.count("already done (results in") == 10 and not (work / "smallcnn").exists()
+    assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
+    other = run(*study, "--epochs", "1", "--work", tmp_path / "work2", env=env, check=False)  # OUT's: other options
+    assert other.returncode == 2 and "other options or weights" in other.stderr and "--out" in other.stderr
 
 
 def test_step_lock_lets_one_process_run_a_step_and_takes_over_stale_locks(tmp_path):
@@ -154,7 +175,8 @@ def test_a_step_another_process_finishes_during_our_pass_is_collected_not_report
 
     monkeypatch.setattr(study, "_train", train)
     monkeypatch.setattr(study, "_evaluate", lambda folder, tag: "finished")
-    monkeypatch.setattr(study, "collect", lambda: {"collected": True})
+    monkeypatch.setattr(study, "collect", lambda: {"collected": True, "step_seconds": {}})
+    monkeypatch.setattr(study, "_save_unit", lambda *unit: None)
     written = []
     monkeypatch.setattr(study, "write", written.append)
     try:

@@ -103,9 +103,12 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
                       eps_list: list[float], corruptions: list[str] | None = None, pgd_steps: int = 10,
                       apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
                       progress=None, square_queries: int = 5000, autoattack_steps: int = 100,
-                      masking_sweep: tuple[float, ...] = MASKING_SWEEP) -> dict:
+                      masking_sweep: tuple[float, ...] = MASKING_SWEEP,
+                      attack_eps: dict[str, list[float]] | None = None) -> dict:
     """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
-    and per corruption per severity. `pixels` are uint8 N x C x S x S images."""
+    and per corruption per severity. `pixels` are uint8 N x C x S x S images. `attack_eps` gives an
+    attack its own eps list (e.g. the costly AutoAttack at fewer eps than FGSM); the worst case at an
+    eps is over the attacks run at it."""
     was_training = model.training
     model.eval()
     x_all = to_model_input(pixels)
@@ -120,10 +123,12 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
                            "autoattack": f"standard: APGD-CE, APGD-T, FAB-T ({autoattack_steps} steps), Square",
                            "autoattack_steps": autoattack_steps,
                            "norm": "Linf", "pixel_range": [0, 1]}}
-    worst = {e: clean_correct.clone() for e in eps_list}
+    attack_eps = {name: list((attack_eps or {}).get(name, eps_list)) for name in attacks}
+    all_eps = sorted({e for values in attack_eps.values() for e in values} or set(eps_list))
+    worst = {e: clean_correct.clone() for e in all_eps}
     for name in attacks:
         report["attacks"][name] = {}
-        for eps in eps_list:
+        for eps in attack_eps[name]:
             attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed,
                                                               square_queries, autoattack_steps))
             correct = correct_under(model, x_all, labels, attack, batch_size)
@@ -138,7 +143,8 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
     if attacks:
         report["worst_case"] = {f"{e:g}": {"accuracy": w.float().mean().item(),
                                            "per_class_accuracy": _per_class(w, labels, classes),
-                                           "over": ["clean"] + attacks} for e, w in worst.items()}
+                                           "over": ["clean"] + [a for a in attacks if e in attack_eps[a]]}
+                                for e, w in worst.items()}
     for name in corruptions or []:
         report["corruptions"][name] = {}
         for severity in range(1, 6):

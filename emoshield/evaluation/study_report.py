@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+AA_STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
 RUN_LABELS = {"localization": "localization head", "own-head": "backbone's own head", "scratch": "scratch",
               "imagenet": "ImageNet", "defended": "defended (localization)"}
 
@@ -27,6 +28,16 @@ def _pm(stat: dict | None, pct: bool = True, digits: int = 1) -> str:
 
 def _eps_keys(summary: dict) -> list[str]:
     return sorted({k.split("@")[1] for k in summary["defended"] if k.startswith("fgsm@")}, key=float)
+
+
+def _mid_eps(result: dict) -> str:
+    """The reference's middle eps (0.01): bars, box plots and the claims use it."""
+    eps = result["options"]["eps"]
+    return f"{eps[len(eps) // 2]:g}"
+
+
+def _eps_label(eps: str) -> str:
+    return f"{eps} (8/255)" if abs(float(eps) - 8 / 255) < 1e-6 else eps
 
 
 def _units_label(result: dict) -> str:
@@ -65,13 +76,14 @@ def study_plots(result: dict, out: Path) -> dict[str, str]:
             plots[f"{backbone} {RUN_LABELS[run]} confusion matrix"] = name
         plots[f"{backbone} convergence"] = _plot_convergence(backbone, units, out / f"convergence_{backbone}.png",
                                                              context)
-        mid = _eps_keys(summary)[len(_eps_keys(summary)) // 2]
+        mid = _mid_eps(result)
         bars = {}
         for variant in ("undefended", "defended"):
             s = summary[variant]
             bars[variant] = {"benign": s["clean"]["mean"],
                              **{f"{label} {mid}": s[f"{key}@{mid}"]["mean"] for key, label in
-                                (("fgsm", "FGSM"), ("rfgsm", "R+FGSM"), ("pgd", "PGD"), ("apgd", "APGD"))
+                                (("fgsm", "FGSM"), ("rfgsm", "R+FGSM"), ("pgd", "PGD"), ("apgd", "APGD"),
+                                 ("autoattack", "AutoAttack"))
                                 if f"{key}@{mid}" in s}}
         plot_condition_bars(bars, out / f"bars_{backbone}.png", f"{backbone}: mean over {len(units)} unit(s); {context}")
         plots[f"{backbone} accuracy bars"] = f"bars_{backbone}.png"
@@ -197,9 +209,10 @@ def study_markdown(result: dict, plots: dict[str, str]) -> str:
     lines += ["", f"Chance: {100 / len(classes):.0f}%. Reference: below chance (20%) once eps > 0.006.", "",
               f"![FGSM accuracy vs eps]({plots['FGSM accuracy vs eps']})", ""]
     for n, (backbone, s) in enumerate(result["summary"].items()):
-        lines += _robustness_table(backbone, s, n)
+        lines += _robustness_table(backbone, s, n, result)
         lines += [f"![{t}]({p})" for t, p in plots.items() if t.startswith(backbone + " ") and
                   ("bars" in t or "per-class" in t)] + [""]
+    lines += _autoattack_section(result)
     lines += ["## Camera corruptions (mean accuracy over 5 severities, %)", "",
               "| corruption | " + " | ".join(f"{b} undefended | {b} defended" for b in result["summary"]) + " |",
               "|---|" + "---:|" * (2 * len(result["summary"]))]
@@ -222,6 +235,50 @@ def study_markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _autoattack_section(result: dict) -> list[str]:
+    """AutoAttack's robust accuracy after each of its attacks (mean over units), and the masking checks."""
+    lines = []
+    for backbone, units in result["units"].items():
+        first = next(iter(units.values()))
+        if not first.get("autoattack", {}).get("defended"):
+            continue
+        if not lines:
+            lines += ["## AutoAttack, attack by attack (%)", "",
+                      "Robust accuracy after each attack of the standard sequence (each runs only on the images "
+                      "still robust), mean over units.", "",
+                      "| backbone | model | eps | " + " | ".join(
+                          ["clean", "APGD-CE", "APGD-T", "FAB-T", "Square"]) + " |", "|---|---|---|" + "---:|" * 5]
+        for variant in ("defended", "undefended"):
+            for eps in first["autoattack"][variant]:
+                stage_lists = [u["autoattack"][variant][eps]["stages"] for u in units.values()]
+                means = [_mean([st.get(name) for st in stage_lists]) for name in AA_STAGES]
+                lines.append(f"| {backbone} | {variant} | {_eps_label(eps)} | " +
+                             " | ".join("skipped" if m is None else f"{m * 100:.1f}" for m in means) + " |")
+    if lines:
+        lines += ["", "Gradient-masking checks (defended models, mean over units): PGD accuracy as eps grows "
+                      "(must reach ~0), and PGD transferred from the undefended twin (must not beat white-box PGD).",
+                  "", "| backbone | " + " | ".join(f"PGD eps {e}" for e in _sweep_keys(result)) +
+                  " | transfer PGD eps " + _mid_eps(result) + " | white-box PGD |",
+                  "|---|" + "---:|" * (len(_sweep_keys(result)) + 2)]
+        mid = _mid_eps(result)
+        for backbone, units in result["units"].items():
+            checks = [u.get("masking_checks", {}) for u in units.values()]
+            sweep = [_mean([c.get("sweep", {}).get(e) for c in checks]) for e in _sweep_keys(result)]
+            transfer = _mean([c.get("transfer", {}).get(mid, {}).get("accuracy") for c in checks])
+            white = result["summary"][backbone]["defended"].get(f"pgd@{mid}", {}).get("mean")
+            lines.append(f"| {backbone} | " + " | ".join("n/a" if v is None else f"{v * 100:.1f}" for v in sweep) +
+                         f" | {'n/a' if transfer is None else f'{transfer * 100:.1f}'} | "
+                         f"{'n/a' if white is None else f'{white * 100:.1f}'} |")
+        lines.append("")
+    return lines
+
+
+def _sweep_keys(result: dict) -> list[str]:
+    keys = {e for units in result["units"].values() for u in units.values()
+            for e in u.get("masking_checks", {}).get("sweep", {})}
+    return sorted(keys, key=float)
+
+
 def _counts_table(result: dict) -> list[str]:
     """Table II: images per class and split (first unit; subject folds differ, totals per fold below)."""
     units = next(iter(result["units"].values()))
@@ -240,13 +297,18 @@ def _counts_table(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _robustness_table(backbone: str, s: dict, n: int) -> list[str]:
+def _robustness_table(backbone: str, s: dict, n: int, result: dict) -> list[str]:
     """Table III (n = 0) / IV: defended accuracy (undefended in brackets) with relative improvement."""
     eps = _eps_keys(s)
     d, u = s["defended"], s["undefended"]
+    opts = result["options"]
     lines = [f"## Table {'III' if n == 0 else 'IV' if n == 1 else n + 3}: {backbone}, defended vs undefended (%)", "",
-             "Cells: defended (undefended) and the relative change of the mean.", "",
-             "| attack | " + " | ".join(f"eps {e}" for e in eps) + " |", "|---|" + "---:|" * len(eps)]
+             "Cells: defended (undefended) and the relative change of the mean. PGD: "
+             f"{opts['pgd_steps']} steps, step 2.5*eps/steps; APGD-CE: {opts['apgd_steps']} steps; AutoAttack "
+             f"(standard: APGD-CE, APGD-T, FAB-T at {opts.get('autoattack_steps', 100)} steps, Square at "
+             f"{opts.get('square_queries', 5000)} queries) at eps {', '.join(f'{e:g}' for e in opts.get('autoattack_eps', []))}; "
+             "worst case: per image, over every attack run at that eps.", "",
+             "| attack | " + " | ".join(f"eps {_eps_label(e)}" for e in eps) + " |", "|---|" + "---:|" * len(eps)]
 
     def cell(key: str) -> str:
         if key not in d:
@@ -261,7 +323,10 @@ def _robustness_table(backbone: str, s: dict, n: int) -> list[str]:
         um = _mean([u[f"fgsm@{e}"]["mean"], u[f"rfgsm@{e}"]["mean"]])
         avg.append(f"{dm * 100:.1f} ({um * 100:.1f}){_relative(dm, um)}")
     lines.append("| Average | " + " | ".join(avg) + " |")
-    for key, label in (("pgd", "PGD (unseen)"), ("apgd", "APGD-CE (unseen)"), ("worst", "worst case")):
+    for key, label in (("pgd", "PGD (unseen)"), ("apgd", "APGD-CE (unseen)"), ("autoattack", "AutoAttack (unseen)"),
+                       ("worst", "worst case")):
+        if not any(f"{key}@{e}" in d for e in eps):
+            continue
         lines.append(f"| {label} | " + " | ".join(cell(f"{key}@{e}") for e in eps) + " |")
     lines += ["", f"Clean: defended {_pm(d['clean'])}, undefended {_pm(u['clean'])}. Reference VGG16 defended: "
                   "FGSM 90.84/85.76/82.75, R+FGSM 93.31/90.84/87.99, PGD 83.29 (undefended 0.41); AlexNet FGSM "
