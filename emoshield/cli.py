@@ -371,9 +371,9 @@ def cmd_data_video(args) -> int:
     labels_file = write_face_video(list(decoded.pixels[:, 0] if decoded.pixels.shape[1] == 1 else
                                         decoded.pixels.transpose(0, 2, 3, 1)[..., ::-1]),
                                    [r.label for r in decoded.records], Path(args.out), args.fps, args.hold,
-                                   face_px=args.face_px)
-    print(f"{args.out}: {len(decoded.records)} {args.part} faces x {args.hold} frames at {args.fps:g} fps; "
-          f"ground truth in {labels_file}")
+                                   face_px=args.face_px, per_frame=args.faces_per_frame)
+    print(f"{args.out}: {len(decoded.records)} {args.part} faces x {args.hold} frames at {args.fps:g} fps, "
+          f"{args.faces_per_frame} per frame; ground truth in {labels_file}")
     return 0
 
 
@@ -700,9 +700,14 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--store", help="the device's bundle store (default: $EMOSHIELD_CACHE/device)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     p.add_argument("--smooth", type=float, default=0.0, help="temporal smoothing a in [0, 1) (default: off)")
-    p.add_argument("--detect-every", type=int, default=1, help="run face detection every N frames")
-    p.add_argument("--detect-width", type=int, default=0,
-                   help="detect faces on frames shrunk to this width, e.g. 320 (default 0: full size)")
+    p.add_argument("--detect-every", type=int, default=0,
+                   help="run face detection every N frames and follow the faces in between (0 = automatic, "
+                        "from measured costs, and at once when a face is lost; 1 = every frame; default: 0)")
+    p.add_argument("--detect-width", type=int, default=320,
+                   help="detect faces on frames shrunk to this width (0 = full size; default: %(default)s, "
+                        "which finds faces from ~48 px in a 640 px frame)")
+    p.add_argument("--max-faces", type=int, default=8, help="faces classified per frame, largest first "
+                                                            "(default: %(default)s)")
     p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
     p.add_argument("--detector", choices=["haar", "mtcnn"], default="haar",
                    help="face detector: haar (OpenCV, torch-free; default) or mtcnn (facenet-pytorch; needs "
@@ -866,6 +871,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--hold", type=int, default=8, help="frames per face (default: %(default)s)")
     p.add_argument("--fps", type=float, default=15.0)
     p.add_argument("--face-px", type=int, default=200, help="face size in the 640x480 frame")
+    p.add_argument("--faces-per-frame", type=int, default=1,
+                   help="faces side by side in every frame, e.g. 2 with --face-px 150 (default: %(default)s)")
     p.add_argument("--out", required=True, help="video file (.mp4)")
     p.set_defaults(func=cmd_data_video)
 

@@ -49,8 +49,10 @@ def face_detector(name: str = "haar", min_size: int = 24, max_width: int = 0):
 
     haar: OpenCV's cascade (no torch; the device default). mtcnn: facenet-pytorch 2.5.3's
     MTCNN (needs torch, so for edge-class machines; more robust to pose and light, slower
-    on a CPU). Its weights ship inside the wheel. max_width > 0 detects on a copy of the
-    frame shrunk to that width (detection cost falls with the pixel count; boxes are scaled back)."""
+    on a CPU). Its weights ship inside the wheel. max_width > 0 finds faces on a copy of the
+    frame shrunk to that width (detection cost falls with the pixel count), then detects each
+    again at full resolution in a window around it, so boxes are those a full-size detection
+    gives (the crop the classifier sees; scaled-back boxes cost accuracy) at a fraction of the cost."""
     detect = _base_detector(name, min_size)
     if max_width <= 0:
         return detect
@@ -61,8 +63,30 @@ def face_detector(name: str = "haar", min_size: int = 24, max_width: int = 0):
             return detect(frame)
         scale = max_width / width
         small = cv2.resize(frame, (max_width, max(1, round(frame.shape[0] * scale))), interpolation=cv2.INTER_AREA)
-        return [tuple(int(round(v / scale)) for v in box) for box in detect(small, max(12, round(min_size * scale)))]
+        found = [tuple(int(round(v / scale)) for v in box) for box in detect(small, max(12, round(min_size * scale)))]
+        return [_refined(detect, frame, box, min_size) for box in found]
     return shrunk
+
+
+def _refined(detect, frame: np.ndarray, box: tuple[int, int, int, int], min_size: int) -> tuple[int, int, int, int]:
+    """`box` detected again at full resolution in a window 1.5x its size; the box itself when the
+    window holds no face that overlaps it."""
+    x, y, w, h = expand_box(box, frame.shape[:2], 0.25)
+    found = detect(frame[y:y + h, x:x + w], max(min_size, int(box[2] * 0.7)))
+    if not found:
+        return box
+    best = max(found, key=lambda b: _overlap((b[0] + x, b[1] + y, b[2], b[3]), box))
+    best = (best[0] + x, best[1] + y, best[2], best[3])
+    return best if _overlap(best, box) >= 0.3 else box
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    return w * h / float(a[2] * a[3] + b[2] * b[3] - w * h)
 
 
 def _base_detector(name: str, default_min_size: int):

@@ -16,6 +16,7 @@ from ..data.faces import DEFAULT_MARGIN, expand_box, face_detector
 from ..data.images import resize_face
 from ..errors import EmoshieldError
 from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_probes
+from .tracking import FaceTracker
 
 DEFAULT_MIN_AGREEMENT = 0.9
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
@@ -179,66 +180,128 @@ def health_check(bundle_dir: Path, precision: str = "int8", threads: int = 1) ->
 
 
 @dataclass
+class FaceResult:
+    track: int
+    box: list[int]
+    label: str
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"track": self.track, "box": self.box, "label": self.label, "probabilities": self.probabilities}
+
+
+@dataclass
 class FrameResult:
+    """One frame: every face (largest first, each with its track id); box/label/probabilities
+    repeat the largest face's for readers that follow one person."""
+
     frame: int
     time: float
-    box: list[int] | None
-    label: str | None
-    probabilities: dict[str, float] | None
+    faces: list[FaceResult]
     bundle_version: int
+
+    @property
+    def main(self) -> FaceResult | None:
+        return self.faces[0] if self.faces else None
+
+    @property
+    def box(self) -> list[int] | None:
+        return self.main.box if self.faces else None
+
+    @property
+    def label(self) -> str | None:
+        return self.main.label if self.faces else None
+
+    @property
+    def probabilities(self) -> dict[str, float] | None:
+        return self.main.probabilities if self.faces else None
 
     def to_json(self) -> str:
         return json.dumps({"frame": self.frame, "time": round(self.time, 3), "box": self.box, "label": self.label,
-                           "probabilities": self.probabilities, "bundle_version": self.bundle_version})
+                           "probabilities": self.probabilities, "faces": [f.to_dict() for f in self.faces],
+                           "bundle_version": self.bundle_version})
+
+
+DEFAULT_DETECT_WIDTH = 320
 
 
 @dataclass
 class FrameAnalyzer:
-    """Detect the largest face, classify it, smooth probabilities over frames.
+    """Find every face (FaceTracker: detection on a shrunk copy every few frames, boxes followed
+    in between), classify them in one batch, smooth probabilities per track.
 
-    smoothing a in [0, 1): p_t = (1 - a) * p + a * p_{t-1} (0 = off); it resets when no face
-    is found. detect_every N > 1 reuses the last box for N - 1 frames (detection is the most
-    expensive step on a device)."""
+    smoothing a in [0, 1): p_t = (1 - a) * p + a * p_{t-1} per track (0 = off); a new track starts
+    unsmoothed. detect_every: 0 = automatic, 1 = detect on every frame, N = every N frames.
+    detect_width: detect on frames shrunk to this width (0 = full size)."""
 
     classifier: EmotionClassifier
     smoothing: float = 0.0
-    detect_every: int = 1
+    detect_every: int = 0
     min_face: int = 24
     detector: str = "haar"
-    detect_width: int = 0  # detect on frames shrunk to this width (0 = full size)
-    _previous: np.ndarray | None = field(default=None, repr=False)
-    _box: tuple | None = field(default=None, repr=False)
+    detect_width: int = DEFAULT_DETECT_WIDTH
+    max_faces: int = 8
+    tracker: FaceTracker = field(init=False, repr=False)
+    _last_end: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if not 0 <= self.smoothing < 1:
+        self.check_options(self.smoothing, self.detect_every, self.detect_width, self.max_faces)
+        self.tracker = FaceTracker(face_detector(self.detector, self.min_face, self.detect_width),
+                                   self.detect_every, self.max_faces)
+
+    @staticmethod
+    def check_options(smoothing: float, detect_every: int, detect_width: int, max_faces: int) -> None:
+        """One-line errors for out-of-range settings (the CLI checks before loading anything)."""
+        if not 0 <= smoothing < 1:
             raise EmoshieldError("--smooth must be in [0, 1)")
-        if self.detect_every < 1:
-            raise EmoshieldError("--detect-every must be >= 1")
-        self._detect = face_detector(self.detector, self.min_face, self.detect_width)
+        if detect_every < 0:
+            raise EmoshieldError("--detect-every must be >= 0 (0 = automatic)")
+        if detect_width < 0:
+            raise EmoshieldError("--detect-width must be >= 0 (0 = full size)")
+        if max_faces < 1:
+            raise EmoshieldError("--max-faces must be >= 1")
+
+    def reset_smoothing(self) -> None:
+        """A new model may have other classes: every track starts its smoothing again."""
+        for track in self.tracker.tracks:
+            track.probabilities = None
 
     def analyze(self, index: int, t: float, frame: np.ndarray) -> FrameResult:
-        if index % self.detect_every == 0 or self._box is None:
-            boxes = self._detect(frame)
-            self._box = boxes[0] if boxes else None
-        if self._box is None:
-            self._previous = None
-            return FrameResult(index, t, None, None, None, self.classifier.version)
-        p = self.classifier.probabilities(self.classifier.face_tensor(frame, self._box))[0]
-        if self.smoothing and self._previous is not None:
-            p = (1 - self.smoothing) * p + self.smoothing * self._previous
-        self._previous = p
-        classes = self.classifier.classes
-        return FrameResult(index, t, [int(v) for v in self._box], classes[int(p.argmax())],
-                           {c: round(float(v), 4) for c, v in zip(classes, p)}, self.classifier.version)
+        started = time.perf_counter()
+        detections = self.tracker.detections
+        tracks = [tr for tr in self.tracker.update(frame) if not tr.lost]
+        detected = self.tracker.detections != detections
+        track_done = time.perf_counter()
+        faces = []
+        if tracks:
+            batch = np.concatenate([self.classifier.face_tensor(frame, tr.box) for tr in tracks])
+            probabilities = self.classifier.probabilities(batch)
+            classes = self.classifier.classes
+            for tr, p in zip(tracks, probabilities):
+                if self.smoothing and tr.probabilities is not None and len(tr.probabilities) == len(p):
+                    p = (1 - self.smoothing) * p + self.smoothing * tr.probabilities
+                tr.probabilities = p
+                faces.append(FaceResult(tr.id, [int(v) for v in tr.box], classes[int(p.argmax())],
+                                        {c: round(float(v), 4) for c, v in zip(classes, p)}))
+        # the automatic detection interval weighs detection against the rest of a frame's work,
+        # including what happens between our calls (decoding the next frame, writing results)
+        end = time.perf_counter()
+        outside = started - self._last_end if self._last_end is not None else 0.0
+        self._last_end = end
+        self.tracker.note_frame_seconds(min(outside, 0.1) + end - (track_done if detected else started))
+        return FrameResult(index, t, faces, self.classifier.version)
 
 
 def annotate(frame: np.ndarray, result: FrameResult) -> np.ndarray:
-    if result.box is not None:
-        x, y, w, h = result.box
-        cv2.rectangle(frame, (x, y), (x + w, y + h), (0, 200, 0), 2)
-        score = result.probabilities[result.label]
-        cv2.putText(frame, f"{result.label} {score:.0%}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                    (0, 200, 0), 2)
+    """Every face's box, label and track id."""
+    for face in result.faces:
+        x, y, w, h = face.box
+        colour = _TRACK_COLOURS[face.track % len(_TRACK_COLOURS)]
+        cv2.rectangle(frame, (x, y), (x + w, y + h), colour, 2)
+        score = face.probabilities[face.label]
+        cv2.putText(frame, f"#{face.track} {face.label} {score:.0%}", (x, max(12, y - 6)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.6, colour, 2)
     return frame
 
 
+_TRACK_COLOURS = ((0, 200, 0), (0, 160, 255), (255, 128, 0), (200, 0, 200), (0, 220, 220), (255, 255, 255))

@@ -95,7 +95,7 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
         frames = _replayed(source)
     writer = None
     started = time.perf_counter()
-    count = faces = 0
+    count = faces = with_face = 0
     interrupted = False
     try:
         for index, t, frame in frames:
@@ -108,7 +108,8 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
             result = analyzer.analyze(index, t, frame)
             emit(result)
             count += 1
-            faces += result.box is not None
+            faces += len(result.faces)
+            with_face += bool(result.faces)
             if annotated_video is not None:
                 if writer is None:
                     h, w = frame.shape[:2]
@@ -120,8 +121,10 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
         if writer is not None:
             writer.release()
     seconds = time.perf_counter() - started
-    return {"frames": count, "frames_with_face": faces, "seconds": seconds,
+    tracker = analyzer.tracker
+    return {"frames": count, "frames_with_face": with_face, "faces": faces, "seconds": seconds,
             "fps": count / seconds if seconds > 0 else 0.0, "bundle_version": analyzer.classifier.version,
+            "detections": tracker.detections, "detect_interval_last": tracker.interval,
             "interrupted": interrupted}
 
 
@@ -154,13 +157,39 @@ def connect_mqtt(client, mode: str, log: Callable[[str], None]):
 
 
 def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
-    """Accuracy of the per-frame labels against `emoshield data video`'s ground truth."""
-    truth = json.loads(Path(truth_file).read_text())["frames"]
-    scored = [(r.label, truth[r.frame % len(truth)]) for r in results]  # modulo: --loop replays
+    """Accuracy against `emoshield data video`'s ground truth: of the largest face's label per
+    frame, and, where the truth has every face's box, of every face (each true face is matched to
+    the reported face overlapping it most) with the track ids seen per true slot."""
+    from .tracking import iou
+
+    truth = json.loads(Path(truth_file).read_text())
+    frames = truth["frames"]
+    scored = [(r.label, frames[r.frame % len(frames)]) for r in results]  # modulo: --loop replays
+    scored = [(p, t) for p, t in scored if t is not None]
     detected = [(p, t) for p, t in scored if p is not None]
-    return {"frames_scored": len(scored), "detection_rate": len(detected) / len(scored) if scored else 0.0,
-            "accuracy_on_detected": sum(p == t for p, t in detected) / len(detected) if detected else 0.0,
-            "accuracy_all_frames": sum(p == t for p, t in scored) / len(scored) if scored else 0.0}
+    out = {"frames_scored": len(scored), "detection_rate": len(detected) / len(scored) if scored else 0.0,
+           "accuracy_on_detected": sum(p == t for p, t in detected) / len(detected) if detected else 0.0,
+           "accuracy_all_frames": sum(p == t for p, t in scored) / len(scored) if scored else 0.0}
+    if "faces" not in truth:
+        return out
+    faces = found = right = 0
+    tracks: dict[int, list[int]] = {}
+    for r in results:
+        for true in truth["faces"][r.frame % len(truth["faces"])]:
+            faces += 1
+            best = max(r.faces, key=lambda f: iou(tuple(f.box), tuple(true["box"])), default=None)
+            if best is None or iou(tuple(best.box), tuple(true["box"])) < 0.3:
+                continue
+            found += 1
+            right += best.label == true["label"]
+            tracks.setdefault(true["slot"], []).append(best.track)
+    switches = sum(sum(a != b for a, b in zip(ids, ids[1:])) for ids in tracks.values())
+    out.update(faces_scored=faces, face_detection_rate=found / faces if faces else 0.0,
+               face_accuracy_on_detected=right / found if found else 0.0,
+               face_accuracy_all=right / faces if faces else 0.0,
+               track_ids_per_slot={str(k): sorted(set(v)) for k, v in sorted(tracks.items())},
+               track_switches=switches)
+    return out
 
 
 def _start_current(store: BundleStore, load: Callable[[Path], EmotionClassifier],
@@ -194,6 +223,7 @@ def run_device_command(args) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    FrameAnalyzer.check_options(args.smooth, args.detect_every, args.detect_width, args.max_faces)
     cv2.setNumThreads(args.threads)  # OpenCV's detector threads too: --threads 1 means one core
 
     def load(folder: Path) -> EmotionClassifier:
@@ -231,16 +261,18 @@ def run_device_command(args) -> int:
     log(f"device: {manifest['name']} v{manifest['version']} verified ({classifier.precision}, "
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(classifier, args.smooth, args.detect_every, detector=args.detector,
-                             detect_width=args.detect_width)
+                             detect_width=args.detect_width, max_faces=args.max_faces)
     results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
-    counts = {"frames": 0, "faces": 0}
+    counts = {"frames": 0, "faces": 0, "frames_with_face": 0}
     out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         def emit(result: FrameResult) -> None:
             counts["frames"] += 1
-            counts["faces"] += result.box is not None
+            counts["faces"] += len(result.faces)
+            counts["frames_with_face"] += bool(result.faces)
+            counts["faces_now"] = len(result.faces)
             if args.truth:
                 results.append(result)
             print(result.to_json(), file=out)
@@ -260,13 +292,12 @@ def run_device_command(args) -> int:
             now = time.monotonic()
             if link is not None and now - last_beat[0] >= args.heartbeat:
                 last_beat[0] = now
-                link.heartbeat({**running(), "frames": counts["frames"],
-                                "fps": counts["frames"] / max(now - started, 1e-9), "faces": counts["faces"]})
+                link.heartbeat({**running(), **counts, "fps": counts["frames"] / max(now - started, 1e-9)})
             if client is None:
                 return
             ready = update.take()
             if ready is not None:
-                analyzer._previous = None  # smoothing restarts: the new model may have other classes
+                analyzer.reset_smoothing()  # the new model may have other classes
                 analyzer.classifier = ready
             fresh = False
             if link is not None and link.announcements != seen_announcements[0]:
@@ -286,7 +317,8 @@ def run_device_command(args) -> int:
             update.join(timeout=5.0)  # let a quick check finish and log; a long download is abandoned
         if link is not None:
             link.heartbeat({**running(), "frames": summary["frames"],
-                            "fps": summary["fps"], "faces": summary["frames_with_face"], "finished": True},
+                            "fps": summary["fps"], "faces": summary["faces"],
+                            "frames_with_face": summary["frames_with_face"], "finished": True},
                            wait=2.0)
     finally:
         if out is not sys.stdout:
@@ -298,7 +330,8 @@ def run_device_command(args) -> int:
     summary["self_check"] = analyzer.classifier.check.to_dict()
     if sync is not None:
         summary["updates"] = sync.status.to_dict()
-    line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face) in "
+    line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face, {summary['faces']} "
+            f"faces, {summary['detections']} detections) in "
             f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
             f"{args.threads} thread(s), {summary['precision']}"
             + (" after the int8 self-check failed" if analyzer.classifier.check.fell_back else "") + ")")
@@ -307,6 +340,9 @@ def run_device_command(args) -> int:
         summary.update(scores)
         line += (f"; accuracy {scores['accuracy_on_detected']:.1%} on frames with a face, "
                  f"{scores['accuracy_all_frames']:.1%} on all {scores['frames_scored']} frames")
+        if "faces_scored" in scores:
+            line += (f"; every face: {scores['face_accuracy_on_detected']:.1%} of {scores['faces_scored']} "
+                     f"({scores['face_detection_rate']:.1%} found, {scores['track_switches']} track switches)")
     line += f"; peak RSS {summary['peak_rss_mb']:.0f} MB"
     print(line, file=sys.stderr, flush=True)
     if args.summary:
@@ -314,7 +350,8 @@ def run_device_command(args) -> int:
                                                   "requested_precision": args.precision,
                                                   "threads": args.threads, "detector": args.detector,
                                                   "detect_every": args.detect_every,
-                                                  "detect_width": args.detect_width}, indent=1))
+                                                  "detect_width": args.detect_width,
+                                                  "max_faces": args.max_faces}, indent=1))
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Every face in the frame: the tracker that follows faces between detections, and the device's
+multi-face output on a video of two real CK+ faces per frame."""
+
+from __future__ import annotations
+
+import json
+import cv2
+import numpy as np
+import pytest
+
+from emoshield.device.tracking import AUTO_EVERY, MAX_MISSED, FaceTracker, iou
+from tests.test_cli import run
+
+
+def _scene(positions: list[tuple[int, int]], size: int = 60, seed: int = 0) -> np.ndarray:
+    """A 640 x 480 grey frame with a textured square 'face' at each position (textures differ)."""
+    frame = np.full((480, 640, 3), 96, np.uint8)
+    for k, (x, y) in enumerate(positions):
+        texture = np.random.default_rng(seed + k).integers(0, 255, (size // 4, size // 4), dtype=np.uint8)
+        patch = cv2.resize(texture, (size, size), interpolation=cv2.INTER_CUBIC)
+        frame[y:y + size, x:x + size] = patch[..., None]
+    return frame
+
+
+class Detector:
+    """Finds the squares where the scene put them (the truth), counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+        self.boxes: list[tuple[int, int, int, int]] = []
+
+    def __call__(self, frame):
+        self.calls += 1
+        return list(self.boxes)
+
+
+def test_tracker_follows_moving_faces_between_detections_with_stable_ids():
+    detect = Detector()
+    tracker = FaceTracker(detect, detect_every=5)
+    ids = None
+    for t in range(30):
+        positions = [(100 + 3 * t, 150 + t), (400 - 2 * t, 200)]  # both move every frame
+        detect.boxes = [(x, y, 60, 60) for x, y in positions]
+        tracks = tracker.update(_scene(positions))
+        assert len(tracks) == 2
+        by_x = sorted(tracks, key=lambda tr: tr.box[0])
+        current = [tr.id for tr in by_x]  # they never cross: the left one keeps the left id
+        assert ids is None or current == ids
+        ids = current
+        for tr in tracks:  # followed to within a pixel or two, detected or not
+            assert max(iou(tr.box, b) for b in detect.boxes) > 0.85
+    assert detect.calls == 6  # every 5th frame: 0, 5, ..., 25
+
+
+def test_tracker_detects_at_once_when_a_face_is_lost_and_ends_its_track():
+    detect = Detector()
+    tracker = FaceTracker(detect, detect_every=8)
+    detect.boxes = [(200, 200, 60, 60)]
+    first = tracker.update(_scene([(200, 200)]))[0]
+    assert tracker.update(_scene([(202, 200)]))[0].id == first.id and detect.calls == 1
+    detect.boxes = []
+    tracker.update(_scene([]))  # the face left: the match fails, a detection runs on this frame
+    assert detect.calls == 2 and all(tr.lost for tr in tracker.tracks)
+    for _ in range(MAX_MISSED):
+        tracker.update(_scene([]))
+    assert tracker.tracks == []  # ended after missing MAX_MISSED + 1 detections
+    detect.boxes = [(300, 100, 60, 60)]
+    again = tracker.update(_scene([(300, 100)], seed=5))
+    assert len(again) == 1 and again[0].id != first.id  # someone new: a new id
+
+
+def test_automatic_interval_follows_the_measured_costs():
+    def slow(frame):
+        import time
+
+        time.sleep(0.02)
+        return [(200, 200, 60, 60)]
+
+    tracker = FaceTracker(slow, detect_every=0)
+    assert tracker.interval == AUTO_EVERY[0]  # nothing measured yet
+    tracker.update(_scene([(200, 200)]))
+    tracker.note_frame_seconds(0.001)  # detection 20x the rest of a frame: detect rarely
+    assert tracker.interval == AUTO_EVERY[1]
+    tracker._frame_seconds = 0.05  # detection cheap next to the rest: as often as allowed
+    assert tracker.interval == AUTO_EVERY[0]
+    tracker._frame_seconds = 0.005  # 20 ms / 5 ms: detection a third of the time needs every 8th frame
+    assert tracker.interval == 8
+
+
+@pytest.mark.parametrize("frame", [np.zeros((480, 640, 3), np.uint8), np.zeros((10, 10, 3), np.uint8)])
+def test_tracker_survives_flat_and_tiny_frames(frame):
+    detect = Detector()
+    detect.boxes = [(0, 0, 8, 8)]
+    tracker = FaceTracker(detect, detect_every=3)
+    for _ in range(4):
+        tracker.update(frame)  # flat patches give NaN correlations: lost, never a crash
+
+
+def test_device_reports_every_face_with_stable_tracks_on_a_two_face_video(bundle, keys, trained, tmp_path):
+    video = tmp_path / "two.mp4"
+    run("data", "video", "--model", trained, "--per-class", "2", "--hold", "6", "--faces-per-frame", "2",
+        "--face-px", "150", "--out", video)
+    truth = json.loads((tmp_path / "two.mp4.labels.json").read_text())
+    assert truth["faces_per_frame"] == 2 and all(len(f) == 2 for f in truth["faces"])
+    summaries = {}
+    for name, options in (("default", []), ("every-frame", ["--detect-every", "1", "--detect-width", "0"])):
+        out = tmp_path / name
+        proc = run("device", "run", "--source", video, "--bundle", bundle, "--pubkey", keys / "public.key",
+                   "--jsonl", f"{out}.jsonl", "--truth", tmp_path / "two.mp4.labels.json", "--threads", "1",
+                   "--summary", f"{out}.json", "--annotate", f"{out}.mp4", *options)
+        assert "every face:" in proc.stderr and "track switches" in proc.stderr
+        summaries[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        lines = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert len(lines) == len(truth["faces"])
+        for line in lines:
+            assert len(line["faces"]) <= 2
+            for face in line["faces"]:
+                assert face["label"] in face["probabilities"] and abs(sum(face["probabilities"].values()) - 1) < 1e-3
+            if line["faces"]:  # the top-level fields are the largest face's
+                assert line["box"] == line["faces"][0]["box"] and line["label"] == line["faces"][0]["label"]
+        # labels scored per face: the summary's figure is what the JSON lines say
+        right = total = 0
+        for line, present in zip(lines, truth["faces"]):
+            for true in present:
+                total += 1
+                match = [f for f in line["faces"] if iou(tuple(f["box"]), tuple(true["box"])) >= 0.3]
+                right += bool(match) and max(match, key=lambda f: iou(tuple(f["box"]), tuple(true["box"])))[
+                    "label"] == true["label"]
+        assert summaries[name]["faces_scored"] == total
+        assert summaries[name]["face_accuracy_all"] == pytest.approx(right / total)
+    default, every = summaries["default"], summaries["every-frame"]
+    # both people found on (almost) every frame, one stable track id each, none swapped
+    assert default["face_detection_rate"] >= 0.95 and default["faces"] >= 0.95 * 2 * len(truth["faces"])
+    assert default["track_switches"] == 0
+    ids = default["track_ids_per_slot"]
+    assert len(ids) == 2 and all(len(v) == 1 for v in ids.values()) and ids["0"] != ids["1"]
+    # detection ran on a fraction of the frames, and tracking did not lose faces doing so
+    assert default["detections"] <= len(truth["faces"]) / 2 < every["detections"]
+    assert default["face_detection_rate"] >= every["face_detection_rate"] - 0.02
+    # the annotated video draws both faces: boxes and labels in both halves of the first frame
+    frames = []
+    for path in (video, tmp_path / "default.mp4"):
+        capture = cv2.VideoCapture(str(path))
+        ok, frame = capture.read()
+        capture.release()
+        assert ok
+        frames.append(frame.astype(int))
+    drawn = np.abs(frames[0] - frames[1]).sum(2) > 150
+    assert drawn[:, :320].sum() > 300 and drawn[:, 320:].sum() > 300
+
+
+def test_video_writer_refuses_faces_that_do_not_fit(tmp_path):
+    from emoshield.data.video import write_face_video
+    from emoshield.errors import EmoshieldError
+
+    face = np.zeros((48, 48), np.uint8)
+    with pytest.raises(EmoshieldError, match="do not fit"):
+        write_face_video([face] * 4, ["a"] * 4, tmp_path / "v.mp4", face_px=200, per_frame=3)
+    with pytest.raises(EmoshieldError, match=">= 1"):
+        write_face_video([face], ["a"], tmp_path / "v.mp4", per_frame=0)
+
+
+def test_device_flags_out_of_range_are_one_line_errors(bundle, keys, tmp_path):
+    for flag, value in (("--detect-every", "-1"), ("--detect-width", "-5"), ("--max-faces", "0")):
+        proc = run("device", "run", "--source", tmp_path, "--bundle", bundle, "--pubkey", keys / "public.key",
+                   flag, value, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and flag.lstrip("-").split("-")[0] in proc.stderr
