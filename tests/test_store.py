@@ -101,3 +101,43 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
         cloud.wait(timeout=30)
     # the catalog is the database's: another replica reads the same entries without the folder scan
     assert [e["sha256"] for e in LibraryCatalog(database).entries()] == [meta["sha256"]]
+
+
+def test_an_edge_database_from_before_subject_tags_is_upgraded_in_place(tmp_path, database):
+    from sqlalchemy import Column, MetaData, Table, create_engine, insert
+
+    from emoshield.tiers.store import SAMPLES
+
+    before = Table("samples", MetaData(), *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                               for c in SAMPLES.columns if c.name != "subject"])
+    engine = create_engine(database)  # the samples table as edges created it before the subject column
+    before.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(before).values(device_id="d000000000001", sha256="ab" * 32, label="happy", bytes=3,
+                                           kind="png", created=0.0))
+    engine.dispose()
+    store = EdgeStore(tmp_path / "edge", database)
+    old, = store.samples()
+    assert old["label"] == "happy" and old["subject"] is None  # kept, untagged
+    new = store.add_sample("d000000000001", b"\x89PNG new", "sad", "png", subject="S010")
+    assert new["subject"] == "S010" and [s["subject"] for s in store.samples("d000000000001")] == [None, "S010"]
+    store.close()
+    EdgeStore(tmp_path / "edge", database).close()  # opening again: nothing left to add, no error
+
+
+def test_jobs_hold_out_whole_people_when_uploads_name_enough_of_them():
+    from emoshield.tiers.edge import MIN_SUBJECTS, evaluation_protocol
+
+    def samples(tags, device="d000000000001"):
+        return [{"device_id": device, "subject": t} for t in tags]
+
+    protocol, args = evaluation_protocol(samples([None] * 20))
+    assert protocol["protocol"] == "reference" and "no subject tags" in protocol["description"]
+    assert args == ["--protocol", "reference"]
+    protocol, args = evaluation_protocol(samples(["S1", "S2"] * 10))
+    assert protocol["protocol"] == "reference" and f"{MIN_SUBJECTS} needed" in protocol["description"]
+    protocol, args = evaluation_protocol(samples([f"S{i % 7}" for i in range(40)]) + samples([None], "d000000000002"))
+    assert protocol == {**protocol, "protocol": "subject", "subjects": 8, "test_subjects": 2}  # untagged: its device
+    assert args[:2] == ["--protocol", "subject"] and args[args.index("--folds") + 1] == "5"
+    protocol, args = evaluation_protocol(samples(["a", "b", "c"] * 3))
+    assert protocol["test_subjects"] == 1 and args[args.index("--folds") + 1] == "3"

@@ -255,28 +255,6 @@ def test_device_refuses_an_unverified_bundle(bundle, tmp_path):
     assert proc.returncode == 2 and "bad signature" in proc.stderr
 
 
-def _iou(a, b) -> float:
-    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-    iw, ih = max(0, min(ax1, bx1) - max(a[0], b[0])), max(0, min(ay1, by1) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
-def test_mtcnn_option_finds_the_faces_haar_finds(data_root):
-    import cv2
-
-    from emoshield.data.faces import face_detector
-
-    haar, mtcnn = face_detector("haar"), face_detector("mtcnn")
-    for path in sorted((data_root / "jaffe").iterdir())[:3]:
-        frame = cv2.imread(str(path))
-        a, b = haar(frame), mtcnn(frame)
-        assert a and b and _iou(a[0], b[0]) > 0.5, (path.name, a, b)
-    assert mtcnn(np.zeros((120, 160, 3), np.uint8)) == []
-    with pytest.raises(EmoshieldError, match="unknown face detector"):
-        face_detector("yolo")
-
-
 def test_cloud_pretrain_adds_a_fer2013_backbone_that_training_loads_by_name(tmp_path, data_root, monkeypatch):
     from safetensors.torch import load_file
 

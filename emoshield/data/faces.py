@@ -1,5 +1,5 @@
 """Face detection and cropping: OpenCV's Haar cascade (ships with opencv-python-headless 4.x),
-or MTCNN (facenet-pytorch) where torch is available.
+or MTCNN on onnxruntime (facenet-pytorch's trained nets exported to ONNX; no torch at run time).
 
 Used for datasets whose faces are not cropped (JAFFE, raw video frames). Boxes are
 cached per file so a dataset is scanned once.
@@ -47,9 +47,9 @@ DETECTORS = ("haar", "mtcnn")
 def face_detector(name: str = "haar", min_size: int = 24, max_width: int = 0):
     """A function BGR-or-gray frame -> face boxes (x, y, w, h) in frame pixels, largest first.
 
-    haar: OpenCV's cascade (no torch; the device default). mtcnn: facenet-pytorch 2.5.3's
-    MTCNN (needs torch, so for edge-class machines; more robust to pose and light, slower
-    on a CPU). Its weights ship inside the wheel. max_width > 0 finds faces on a copy of the
+    haar: OpenCV's cascade (the device default). mtcnn: facenet-pytorch 2.5.3's trained MTCNN
+    run on onnxruntime (see data/mtcnn.py; no torch): finds more turned, dim and small faces,
+    at a higher cost per frame. Neither needs torch on the device. max_width > 0 finds faces on a copy of the
     frame shrunk to that width (detection cost falls with the pixel count), then detects each
     again at full resolution in a window around it, so boxes are those a full-size detection
     gives (the crop the classifier sees; scaled-back boxes cost accuracy) at a fraction of the cost."""
@@ -63,7 +63,7 @@ def face_detector(name: str = "haar", min_size: int = 24, max_width: int = 0):
             return detect(frame)
         scale = max_width / width
         small = cv2.resize(frame, (max_width, max(1, round(frame.shape[0] * scale))), interpolation=cv2.INTER_AREA)
-        found = [tuple(int(round(v / scale)) for v in box) for box in detect(small, max(12, round(min_size * scale)))]
+        found = [tuple(int(round(v / scale)) for v in box) for box in detect(small, max(24, round(min_size * scale)))]
         return [_refined(detect, frame, box, min_size) for box in found]
     return shrunk
 
@@ -75,12 +75,12 @@ def _refined(detect, frame: np.ndarray, box: tuple[int, int, int, int], min_size
     found = detect(frame[y:y + h, x:x + w], max(min_size, int(box[2] * 0.7)))
     if not found:
         return box
-    best = max(found, key=lambda b: _overlap((b[0] + x, b[1] + y, b[2], b[3]), box))
+    best = max(found, key=lambda b: box_iou((b[0] + x, b[1] + y, b[2], b[3]), box))
     best = (best[0] + x, best[1] + y, best[2], best[3])
-    return best if _overlap(best, box) >= 0.3 else box
+    return best if box_iou(best, box) >= 0.3 else box
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     """Intersection over union of two (x, y, w, h) boxes."""
     w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
     h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
@@ -96,18 +96,13 @@ def _base_detector(name: str, default_min_size: int):
             return detect_faces(gray, min_size)
         return haar
     if name == "mtcnn":
-        try:
-            from facenet_pytorch import MTCNN
-        except ImportError as exc:
-            raise EmoshieldError("the mtcnn detector needs facenet-pytorch==2.5.3 and torch "
-                                 "(pip install --no-deps facenet-pytorch==2.5.3; `make setup` does)") from exc
-        mtcnn = MTCNN(keep_all=True, min_face_size=default_min_size, device="cpu")
+        from .mtcnn import OnnxMTCNN
+
+        mtcnn = OnnxMTCNN(min_size=default_min_size)
 
         def detect(frame: np.ndarray, min_size: int = default_min_size) -> list[tuple[int, int, int, int]]:
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB if frame.ndim == 3 else cv2.COLOR_GRAY2RGB)
-            found, probs = mtcnn.detect(rgb)
-            if found is None:
-                return []
+            found, probs, _ = mtcnn.detect(rgb, min_size)
             h, w = rgb.shape[:2]
             boxes = []
             for (x0, y0, x1, y1), prob in zip(found, probs):
@@ -127,6 +122,33 @@ def expand_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: f
     x0, y0 = max(0, x - dx), max(0, y - dy)
     x1, y1 = min(shape[1], x + w + dx), min(shape[0], y + h + dy)
     return x0, y0, x1 - x0, y1 - y0
+
+
+MARGIN_RANGE = (-0.2, 0.5)
+
+
+def calibrated_margin(faces: np.ndarray, detector: str = "haar", side: int = 200) -> tuple[float, int]:
+    """The margin a device must add to its detector's box for its crop to frame a face as the
+    training images do, measured on those images: (margin, faces it was measured on).
+
+    Training crops differ by dataset (CK+48 ships tight 48 px crops, JAFFE's are a Haar box grown
+    by DEFAULT_MARGIN), and a model is sensitive to the framing: a CK+48 model fed box + 10%
+    loses ~15 points. Each training view (N x H x W grey or N x H x W x 3, uint8) is enlarged to
+    `side` px inside a replicated border, as a camera frame would hold it, and detected; the
+    crop spans side = box * (1 + 2 margin). DEFAULT_MARGIN when too few faces are found."""
+    detect = face_detector(detector)
+    pad, margins = side // 4, []
+    for face in faces:
+        big = cv2.resize(np.ascontiguousarray(face), (side, side), interpolation=cv2.INTER_LINEAR)
+        canvas = cv2.copyMakeBorder(big, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        truth = (pad, pad, side, side)
+        found = [b for b in detect(canvas) if box_iou(b, truth) >= 0.3]
+        if found:
+            b = max(found, key=lambda b: box_iou(b, truth))
+            margins.append((side / ((b[2] + b[3]) / 2) - 1) / 2)
+    if len(margins) < max(4, len(faces) // 4):
+        return DEFAULT_MARGIN, len(margins)
+    return float(np.clip(np.median(margins), *MARGIN_RANGE)), len(margins)
 
 
 def largest_face_box(gray: np.ndarray, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int] | None:

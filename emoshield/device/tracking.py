@@ -18,6 +18,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..data.faces import box_iou as iou
+
 Box = tuple[int, int, int, int]  # x, y, w, h in frame pixels
 
 TRACK_WIDTH = 320  # width of the grey copy boxes are followed on (sub-pixel peaks: ~0.5 px at 640)
@@ -26,16 +28,6 @@ IOU_MATCH = 0.3  # a detection continues a track when their boxes overlap this m
 MAX_MISSED = 2  # detections a track may miss before it ends
 AUTO_EVERY = (2, 8)  # bounds of the automatic detection interval (frames)
 DETECT_SHARE = 0.35  # the automatic interval keeps detection at about this share of the time
-
-
-def iou(a: Box, b: Box) -> float:
-    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-    w = min(ax1, bx1) - max(a[0], b[0])
-    h = min(ay1, by1) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / float(a[2] * a[3] + b[2] * b[3] - inter)
 
 
 @dataclass

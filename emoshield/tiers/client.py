@@ -109,8 +109,10 @@ class EdgeClient:
     def enrol(self, name: str) -> dict:
         return self.call("POST", "/devices", body={"name": name})
 
-    def upload(self, image_bytes: bytes, label: str, file_name: str = "face.png") -> dict:
-        body, content_type = multipart({"label": label}, "file", file_name, image_bytes)
+    def upload(self, image_bytes: bytes, label: str, file_name: str = "face.png", subject: str | None = None) -> dict:
+        """Send one labelled face; `subject` (who it shows) lets the edge's jobs test on held-out people."""
+        fields = {"label": label, **({"subject": subject} if subject else {})}
+        body, content_type = multipart(fields, "file", file_name, image_bytes)
         return self.call("POST", "/samples", data=body, content_type=content_type)
 
     def me(self) -> dict:

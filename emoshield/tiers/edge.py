@@ -7,7 +7,7 @@ with a higher version, which devices pull.
     GET  /devices                 admin  enrolled devices (no tokens), last heartbeat and running version
     DELETE /devices/{id}          admin  revoke a device (its token is refused from the next request on)
     GET  /me                      device its id, the edge's name and MQTT broker (for announcements)
-    POST /samples                 device multipart file (PNG/JPEG, <= max size) + label
+    POST /samples                 device multipart file (PNG/JPEG, <= max size) + label [+ subject tag]
     GET  /samples                 device that device's own samples only
     POST /jobs                    admin  queue a training job
     GET  /jobs, /jobs/{id}        admin  status; /jobs/{id}/log: the job's log text
@@ -18,7 +18,8 @@ with a higher version, which devices pull.
 Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in a
 SQL database (emoshield.tiers.store: SQLite in the edge's folder by default, or any SQLAlchemy
 URL, e.g. PostgreSQL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
-sent by devices are never used as paths. Training runs `emoshield train` and
+sent by devices are never used as paths. A job tests on people it never trained on when uploads
+carry subject tags (see `evaluation_protocol`) and says which protocol it used. Training runs `emoshield train` and
 `emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt. With a broker
 (`--mqtt HOST:PORT`), each new bundle is announced as a retained MQTT message and device
 heartbeats are recorded (emoshield.tiers.mqtt).
@@ -27,6 +28,7 @@ heartbeats are recorded (emoshield.tiers.mqtt).
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -51,6 +53,8 @@ IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
 MULTIPART_OVERHEAD = 16_384  # bytes a multipart upload may add around its image (boundaries, label)
 MAX_BACKBONE_BYTES = 2_000_000_000
+SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an upload's optional subject tag
+MIN_SUBJECTS = 3  # tagged subjects a job needs to hold whole people out (train, validation, test)
 
 
 class UploadError(EmoshieldError):
@@ -338,8 +342,8 @@ class EdgeNode:
             raise EmoshieldError(f"{len(samples)} samples; a job needs at least {cfg.min_samples}")
         folder = self.job_dir(job_id)
         data = folder / "data"
-        for s in samples:  # an ImageFolder whose file names are <device>_<sha>: subject = device
-            target = data / s["label"] / f"{s['device_id']}_{s['sha256'][:16]}.{s['kind']}"
+        for s in samples:  # an ImageFolder whose file names are <subject>_<sha>
+            target = data / s["label"] / f"{_subject_key(s)}_{s['sha256'][:16]}.{s['kind']}"
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 try:
@@ -347,11 +351,13 @@ class EdgeNode:
                 except OSError:
                     shutil.copyfile(store.cas_path(s["sha256"]), target)
         self._log(job_id, f"{len(samples)} samples from {len({s['device_id'] for s in samples})} device(s)")
+        protocol, split_args = evaluation_protocol(samples)
+        self._log(job_id, f"evaluation: {protocol['description']}")
         meta, weights = fetch_backbone(cfg.cloud_url, cfg.backbone, cfg.root / "backbones")
         self._log(job_id, f"backbone {meta['name']} ({meta['backbone']}) sha256 {meta['sha256'][:16]} verified")
         run_dir = folder / "run"
         self._run(job_id, ["train", "--dataset", "folder", "--data-root", str(data),
-                           "--classes", ",".join(cfg.classes), "--protocol", "reference",
+                           "--classes", ",".join(cfg.classes), *split_args,
                            "--backbone", meta["backbone"], "--weights", str(weights),
                            "--input-size", str(cfg.input_size), "--epochs", str(cfg.epochs),
                            "--batch-size", str(cfg.batch_size), "--defense", cfg.defense, "--eps", str(cfg.eps),
@@ -367,6 +373,8 @@ class EdgeNode:
         self._sign_bundle(version)  # devices learn of it from the signed TUF metadata
         store.mark_samples_used(job_id, [s["id"] for s in samples])
         metrics = {k: manifest["metrics"].get(k) for k in ("test_accuracy", "onnx_int8_accuracy", "test_images")}
+        metrics.update(protocol=protocol["protocol"], subjects=protocol["subjects"],
+                       test_subjects=protocol.get("test_subjects"))
         store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
                          metrics=metrics)
         self._log(job_id, f"published bundle v{version}: {metrics}")
@@ -375,6 +383,35 @@ class EdgeNode:
         if self.on_publish:
             self.on_publish(version, manifest)
         return manifest
+
+
+def _subject_key(sample: dict) -> str:
+    """Who a sample shows, for the job's split: its tag ("s.<tag>") or, untagged, its device."""
+    return f"s.{sample['subject']}" if sample.get("subject") else sample["device_id"]
+
+
+def evaluation_protocol(samples: list[dict]) -> tuple[dict, list[str]]:
+    """How a job holds out its test faces, and the `emoshield train` arguments for it.
+
+    With subject tags from at least MIN_SUBJECTS people, whole people are held out (subject
+    protocol, fold 0 of min(5, subjects) folds): the test accuracy then predicts what a camera
+    measures on people the model never saw. Otherwise faces are split at random (reference
+    protocol) and the same people can sit in train and test, which reads optimistic."""
+    tagged = {s["subject"] for s in samples if s.get("subject")}
+    subjects = {_subject_key(s) for s in samples}
+    if len(tagged) >= MIN_SUBJECTS:
+        folds = min(5, len(subjects))
+        test = len(sorted(subjects)[::folds])
+        return ({"protocol": "subject", "subjects": len(subjects), "test_subjects": test,
+                 "description": f"subject protocol: the test faces show {test} of {len(subjects)} people, "
+                                "none of them in training or validation"},
+                ["--protocol", "subject", "--subject-pattern", r"^(.+)_[0-9a-f]{16}$", "--fold", "0",
+                 "--folds", str(folds)])
+    why = (f"only {len(tagged)} tagged subject(s), {MIN_SUBJECTS} needed" if tagged else "no subject tags")
+    return ({"protocol": "reference", "subjects": len(tagged) or None,
+             "description": f"reference protocol ({why}): random held-out faces; the same people may be in "
+                            "training, so the test accuracy reads optimistic for new people"},
+            ["--protocol", "reference"])
 
 
 def _stop_group(pid: int, grace: float, proc: subprocess.Popen | None = None) -> None:
@@ -492,10 +529,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     @app.post("/samples", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": ["file", "label"],
                    "properties": {"file": {"type": "string", "format": "binary"},
-                                  "label": {"type": "string", "enum": list(cfg.classes)}}}}}}})
+                                  "label": {"type": "string", "enum": list(cfg.classes)},
+                                  "subject": {"type": "string", "pattern": SUBJECT_PATTERN, "maxLength": 64}}}}}}})
     async def upload(request: Request, device_id: str = Depends(device)) -> dict:
         """A labelled face (PNG/JPEG, at most the edge's size and pixel limits), multipart fields
-        `file` and `label`. The token is checked before a byte of the body is read."""
+        `file` and `label`, and optionally `subject` (who it shows: 1-64 of A-Z a-z 0-9 . _ -,
+        so jobs can test on people held out of training). The token is checked before a byte of
+        the body is read."""
         from starlette.datastructures import UploadFile as StarletteUpload
 
         body = await bounded_body(request, cfg.max_upload_bytes + MULTIPART_OVERHEAD)
@@ -514,10 +554,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
             raise HTTPException(422, "multipart fields file (an image) and label (text) are required")
         if label not in cfg.classes:
             raise HTTPException(422, f"label {label[:40]!r} is not one of {', '.join(cfg.classes)}")
+        subject = form.get("subject")
+        if subject is not None and (not isinstance(subject, str) or not re.fullmatch(SUBJECT_PATTERN, subject)):
+            raise HTTPException(422, "subject is 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
         data = await file.read(cfg.max_upload_bytes + 1)
         async with decodes:  # bounded: at most this many images in memory being decoded
             kind = await run_in_threadpool(check_image, data, cfg.max_upload_bytes, cfg.max_upload_pixels)
-        sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind)
+        sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind, subject)
         job = await run_in_threadpool(node.sample_added)
         return {**sample, "queued_job": job}
 

@@ -40,7 +40,9 @@ SAMPLES = Table("samples", METADATA,
                 Column("device_id", String(32), nullable=False), Column("sha256", String(64), nullable=False),
                 Column("label", Text, nullable=False), Column("bytes", Integer, nullable=False),
                 Column("kind", Text, nullable=False), Column("created", Float, nullable=False),
-                Column("job_id", Integer))
+                Column("job_id", Integer),
+                # who the face shows (an operator's tag), so a job can hold whole people out for its test
+                Column("subject", String(64)))
 JOBS = Table("jobs", METADATA,
              Column("id", Integer, primary_key=True, autoincrement=True), Column("status", String(16), nullable=False),
              Column("trigger", Text, nullable=False), Column("created", Float, nullable=False),
@@ -88,9 +90,24 @@ class SqlStore:
         self._lock = threading.Lock() if self.dialect == "sqlite" else None
         try:
             metadata.create_all(self.engine)
+            self._add_missing_columns(metadata)
         except Exception as exc:
             raise EmoshieldError(f"cannot open the metadata database {self.engine.url!r}: "
                                  f"{str(exc).splitlines()[0]}") from None
+
+    def _add_missing_columns(self, metadata: MetaData) -> None:
+        """Columns added to a table since its database was created (nullable ones only), so an
+        edge upgraded in place keeps its data: ALTER TABLE ... ADD COLUMN."""
+        from sqlalchemy import inspect, text
+
+        inspector = inspect(self.engine)
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    with self._begin() as conn:
+                        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
     def _upsert(self, table: Table, key: str, values: dict):
         """INSERT ... ON CONFLICT (key) DO UPDATE, in this database's dialect."""
@@ -207,7 +224,7 @@ class EdgeStore(SqlStore):
     def cas_path(self, digest: str) -> Path:
         return self.root / "cas" / digest[:2] / digest[2:]
 
-    def add_sample(self, device_id: str, data: bytes, label: str, kind: str) -> dict:
+    def add_sample(self, device_id: str, data: bytes, label: str, kind: str, subject: str | None = None) -> dict:
         digest = hashlib.sha256(data).hexdigest()
         path = self.cas_path(digest)
         if not path.is_file():
@@ -217,15 +234,17 @@ class EdgeStore(SqlStore):
             tmp.replace(path)
         with self._begin() as conn:
             result = conn.execute(insert(SAMPLES).values(device_id=device_id, sha256=digest, label=label,
-                                                         bytes=len(data), kind=kind, created=time.time()))
+                                                         bytes=len(data), kind=kind, created=time.time(),
+                                                         subject=subject))
             sample_id = result.inserted_primary_key[0]
-        return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data)}
+        return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data), "subject": subject}
 
     def samples(self, device_id: str | None = None) -> list[dict]:
         s = SAMPLES
         if device_id is None:
             return self._rows(select(s).order_by(s.c.id))
-        return self._rows(select(s.c.id, s.c.sha256, s.c.label, s.c.bytes, s.c.kind, s.c.created, s.c.job_id)
+        return self._rows(select(s.c.id, s.c.sha256, s.c.label, s.c.bytes, s.c.kind, s.c.created, s.c.job_id,
+                                 s.c.subject)
                           .where(s.c.device_id == device_id).order_by(s.c.id))
 
     def new_sample_count(self) -> int:

@@ -1,0 +1,91 @@
+"""Face detectors: Haar, and MTCNN on onnxruntime checked against facenet-pytorch's own MTCNN."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from emoshield.data.faces import box_iou, face_detector
+from emoshield.errors import EmoshieldError
+from tests.conftest import ROOT
+
+
+def _jaffe(data_root, count: int):
+    return [cv2.imread(str(p)) for p in sorted((data_root / "jaffe").iterdir())[:: 213 // count][:count]]
+
+
+def test_onnx_mtcnn_matches_facenet_pytorch_boxes_scores_and_landmarks(data_root):
+    from facenet_pytorch import MTCNN
+
+    from emoshield.data.mtcnn import OnnxMTCNN
+
+    reference, ours = MTCNN(keep_all=True, min_face_size=24, device="cpu"), OnnxMTCNN(min_size=24)
+    for frame in _jaffe(data_root, 6):
+        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        boxes, scores, marks = reference.detect(rgb, landmarks=True)
+        got, got_scores, got_marks = ours.detect(rgb)
+        assert len(got) == len(boxes) >= 1
+        best = int(np.argmax(scores))  # the cascade's best face, compared box, score and eyes
+        wh = lambda b: (b[0], b[1], b[2] - b[0], b[3] - b[1])  # noqa: E731
+        assert box_iou(wh(got[0]), wh(boxes[best])) > 0.99
+        assert np.abs(got[0] - boxes[best].astype(np.float32)).max() < 0.5  # pixels: same cascade, same resampling
+        assert abs(got_scores[0] - scores[best]) < 1e-3
+        assert np.abs(got_marks[0] - marks[best]).max() < 0.5
+    assert len(ours.detect(np.zeros((96, 128, 3), np.uint8))[0]) == 0
+    assert len(ours.detect(np.full((30, 30, 3), 200, np.uint8))[0]) == 0  # smaller than one pyramid cell
+
+
+def test_mtcnn_option_finds_the_faces_haar_finds_and_runs_without_torch(data_root):
+    haar, mtcnn = face_detector("haar"), face_detector("mtcnn")
+    for frame in _jaffe(data_root, 3):
+        a, b = haar(frame), mtcnn(frame)
+        assert a and b and box_iou(a[0], b[0]) > 0.5, (a, b)
+    assert mtcnn(np.zeros((120, 160, 3), np.uint8)) == []
+    assert mtcnn(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))  # grey frames too
+    with pytest.raises(EmoshieldError, match="unknown face detector"):
+        face_detector("yolo")
+    # a device without torch: the detector loads and finds the face, torch never imported
+    code = ("import sys, cv2; sys.modules['torch'] = None; from emoshield.data.faces import face_detector; "
+            f"boxes = face_detector('mtcnn', max_width=160)(cv2.imread({str(sorted((data_root / 'jaffe').iterdir())[0])!r})); "
+            "print(len(boxes), 'torch' in sys.modules and sys.modules['torch'] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.split() == ["1", "False"]
+
+
+def test_damaged_mtcnn_files_are_rebuilt_or_refused(tmp_path):
+    from emoshield.data.mtcnn import MANIFEST, OnnxMTCNN, export_mtcnn
+
+    folder = tmp_path / "mtcnn"
+    files = export_mtcnn(folder)
+    good = files[1].read_bytes()
+    files[1].write_bytes(good[: len(good) // 2])  # truncated (a full disk, a torn copy)
+    OnnxMTCNN(folder)  # re-exported where torch is here
+    assert files[1].read_bytes() == good
+    (folder / MANIFEST).write_text("{not json")
+    files[0].write_bytes(b"\x00" * 100)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = ("import sys; sys.modules['torch'] = None; from emoshield.data.mtcnn import OnnxMTCNN; "
+            f"OnnxMTCNN({str(folder)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "no verified MTCNN ONNX files" in proc.stderr
+    assert str(folder) in proc.stderr
+
+
+def test_the_crop_margin_is_measured_from_how_training_faces_are_framed(data_root):
+    from emoshield.data.faces import DEFAULT_MARGIN, calibrated_margin, largest_face_box
+
+    grey = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in _jaffe(data_root, 24)]
+    for grown in (0.0, 0.1, 0.3):  # JAFFE faces cropped as Haar box + `grown`: the measurement finds it
+        views = []
+        for image in grey:
+            x, y, w, h = largest_face_box(image, grown)
+            views.append(cv2.resize(image[y:y + h, x:x + w], (64, 64), interpolation=cv2.INTER_AREA))
+        margin, measured = calibrated_margin(np.stack(views))
+        assert measured >= 20 and abs(margin - grown) < 0.05, (grown, margin, measured)
+    noise = np.random.default_rng(0).integers(0, 255, (12, 48, 48), dtype=np.uint8)
+    assert calibrated_margin(noise) == (DEFAULT_MARGIN, 0)  # no faces found: the default, and says so
