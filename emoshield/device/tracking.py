@@ -26,7 +26,9 @@ TRACK_WIDTH = 320  # width of the grey copy boxes are followed on (sub-pixel pea
 MATCH_THRESHOLD = 0.7  # normalised cross-correlation below this: the face is lost
 IOU_MATCH = 0.3  # a detection continues a track when their boxes overlap this much
 MAX_MISSED = 2  # detections a track may miss before it ends
-AUTO_EVERY = (2, 8)  # bounds of the automatic detection interval (frames)
+# bounds of the automatic detection interval (frames): a new face is found within 15 frames (0.5 s
+# at 30 FPS); a lost one triggers a detection at once whatever the interval
+AUTO_EVERY = (2, 15)
 DETECT_SHARE = 0.35  # the automatic interval keeps detection at about this share of the time
 
 
