@@ -566,6 +566,7 @@ def cmd_edge_upload(args) -> int:
     from .data import make_split
     from .pipeline import load_data
     from .tiers.client import EdgeClient
+    from .tiers.wire import subject_tag
 
     dataset = load_data(_data_options(args), args.seed)
     records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction).parts()[args.part]
@@ -585,7 +586,7 @@ def cmd_edge_upload(args) -> int:
                 x, y, w, h = r.crop
                 image = image[y:y + h, x:x + w]
             data = cv2.imencode(".png", image)[1].tobytes()
-        subject = _subject_tag(r.subject) if args.subjects else None
+        subject = subject_tag(r.subject) if args.subjects else None
         client.upload(data, r.label, subject=subject)
         subjects.add(subject)
         per_class[r.label] = per_class.get(r.label, 0) + 1
@@ -594,16 +595,6 @@ def cmd_edge_upload(args) -> int:
     print(f"uploaded {sent} {args.part} faces of {dataset.name} ({', '.join(f'{k} {v}' for k, v in per_class.items())})"
           f"{f', tagged with {tagged} subject ids' if tagged else ', no subject tags'}")
     return 0
-
-
-def _subject_tag(subject: str | None) -> str | None:
-    """A dataset's subject id as an upload tag (1-64 of A-Z a-z 0-9 . _ -), None when unknown."""
-    import re
-
-    if not subject:
-        return None
-    tag = re.sub(r"[^A-Za-z0-9._-]", "-", str(subject)).lstrip("._-")[:64]
-    return tag or None
 
 
 def cmd_edge_job(args) -> int:

@@ -385,3 +385,13 @@ def test_edge_stops_its_training_child_on_sigterm_and_a_restart_kills_orphans(tm
     finally:
         cloud.shutdown()
         cloud.server_close()
+
+
+@given(st.one_of(st.none(), st.text(max_size=200), st.integers()))
+def test_any_subject_id_becomes_a_tag_the_edge_accepts_or_none(subject):
+    import re
+
+    from emoshield.tiers.wire import SUBJECT_PATTERN, subject_tag
+
+    tag = subject_tag(subject)
+    assert tag is None or re.fullmatch(SUBJECT_PATTERN, tag)

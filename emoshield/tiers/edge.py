@@ -47,13 +47,12 @@ from ..errors import EmoshieldError
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
 from .trust import TrustRepository, lifetimes_for
-from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, RemoteValueError, parse_sha256, parse_token
+from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, SUBJECT_PATTERN, RemoteValueError, parse_sha256, parse_token
 
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
 MULTIPART_OVERHEAD = 16_384  # bytes a multipart upload may add around its image (boundaries, label)
 MAX_BACKBONE_BYTES = 2_000_000_000
-SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an upload's optional subject tag
 MIN_SUBJECTS = 3  # tagged subjects a job needs to hold whole people out (train, validation, test)
 
 

@@ -15,6 +15,15 @@ MAX_VERSION = 2**31 - 1
 MIN_TOKEN_LENGTH = 12  # for tokens an operator configures; the edge's own are 43 characters  # fits every SQL integer column and every JSON number exactly
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUBJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an upload's optional subject tag (who the face shows)
+
+
+def subject_tag(subject: object) -> str | None:
+    """A dataset's subject id made into a tag that SUBJECT_PATTERN accepts; None when unknown."""
+    if not subject:
+        return None
+    tag = re.sub(r"[^A-Za-z0-9._-]", "-", str(subject)).lstrip("._-")[:64]
+    return tag or None
 
 
 class RemoteValueError(EmoshieldError, ValueError):
