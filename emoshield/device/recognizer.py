@@ -190,6 +190,25 @@ class FaceResult:
     def to_dict(self) -> dict:
         return {"track": self.track, "box": self.box, "label": self.label, "probabilities": self.probabilities}
 
+    @classmethod
+    def from_dict(cls, data: object) -> "FaceResult":
+        """One face of a JSON line `device run` wrote; ValueError on anything else (the file may
+        have been edited, cut short or come from elsewhere)."""
+        if not isinstance(data, dict):
+            raise ValueError("a face is not an object")
+        track, box, label, probabilities = (data.get(k) for k in ("track", "box", "label", "probabilities"))
+        if type(track) is not int or not 0 <= track < 2**31:
+            raise ValueError("a face's track is not a non-negative integer")
+        if (not isinstance(box, list) or len(box) != 4 or any(type(v) is not int for v in box)
+                or any(abs(v) > 1 << 20 for v in box) or box[2] <= 0 or box[3] <= 0):
+            raise ValueError("a face's box is not [x, y, w, h] in pixels")
+        if (not isinstance(probabilities, dict) or not 0 < len(probabilities) <= 64
+                or not all(isinstance(k, str) and type(v) in (int, float) for k, v in probabilities.items())):
+            raise ValueError("a face's probabilities are not {class: number}")
+        if not isinstance(label, str) or label not in probabilities:
+            raise ValueError("a face's label is not one of its probabilities' classes")
+        return cls(track, box, label[:64], {k[:64]: float(v) for k, v in probabilities.items()})
+
 
 @dataclass
 class FrameResult:

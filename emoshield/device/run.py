@@ -128,6 +128,65 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
             "interrupted": interrupted}
 
 
+def read_results(jsonl: Path) -> dict[int, list]:
+    """Frame index -> faces, from the JSON lines `device run --jsonl` wrote. A line that is not
+    one of them stops with the line's number (a last line cut short by a killed run is skipped)."""
+    from .recognizer import FaceResult
+
+    faces: dict[int, list] = {}
+    try:
+        data = Path(jsonl).read_bytes()
+    except OSError as exc:
+        raise EmoshieldError(f"--jsonl {jsonl}: {exc.strerror or exc}") from None
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or type(record.get("frame")) is not int or record["frame"] < 0:
+                raise ValueError("not a frame record")
+            faces[record["frame"]] = [FaceResult.from_dict(f) for f in record.get("faces") or []]
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines) and isinstance(exc, json.JSONDecodeError):
+                continue  # no newline after it: the last line of a run killed mid-write
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise EmoshieldError(f"--jsonl {jsonl}, line {number}: not a `device run` frame record ({reason})") \
+                from None
+    return faces
+
+
+def annotate_video(source: str, jsonl: Path, out: Path) -> dict:
+    """Draw a finished run's faces on its source frames: the annotated video as a second pass,
+    so the device itself carries no video encoder (about 20 MB of peak RSS)."""
+    faces = read_results(jsonl)
+    if not faces:
+        raise EmoshieldError(f"--jsonl {jsonl} holds no frame records")
+    frames, fps = open_frames(source)
+    writer = None
+    count = drawn = 0
+    try:
+        for index, t, frame in frames:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                if not writer.isOpened():
+                    raise EmoshieldError(f"cannot write a video to {out}")
+            found = faces.get(index, [])
+            writer.write(annotate(frame, FrameResult(index, t, found, 0)))
+            count += 1
+            drawn += len(found)
+    finally:
+        if writer is not None:
+            writer.release()
+    matched = len(faces.keys() & set(range(count)))
+    if matched < len(faces):
+        Path(out).unlink(missing_ok=True)
+        raise EmoshieldError(f"{len(faces) - matched} frame records of {jsonl} are past the end of {source} "
+                             f"({count} frames): not this video's run")
+    return {"frames": count, "faces": drawn, "out": str(out)}
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

@@ -4,12 +4,14 @@ manifest with the accuracy of each.
 
 Quantization (onnxruntime static QDQ): weights per output channel, activations asymmetric,
 ranges calibrated on training faces the model saw (never test faces). The default types are
-uint8 activations x uint8 weights (U8U8): its integer kernels are exact on every x86 CPU, so the
-int8 model the edge verifies is the one a camera runs. onnxruntime's U8S8 kernels use VPMADDUBSW on CPUs without VNNI (AVX2
+uint8 activations x uint8 weights (U8U8): its integer kernels cannot saturate on any x86 CPU
+(each fused op within one quantization step of the QDQ graph: kernel_step_errors), so the int8
+model the edge verifies is, up to rounding, the one a camera runs. onnxruntime's U8S8 kernels use VPMADDUBSW on CPUs without VNNI (AVX2
 and plain AVX-512), which adds pairs of u8 x s8 products in saturating int16, so a bundle that
 agrees with fp32 on the edge's VNNI CPU disagrees on a camera's AVX2 CPU (measured on an AVX2
 EPYC, MobileNetV2 48 px on CK+48: U8S8 logits up to 2.0 away from the exact QDQ result, 89% vs
-96% top-1 agreement with fp32; U8U8 within 0.2; docs/int8.md). U8S8 with reduce_range (7-bit
+96% top-1 agreement with fp32; U8U8 within 0.2 there, 0.84 on an AVX-512 VNNI Xeon from
+rounding amplified by depth, not saturation; docs/int8.md). U8S8 with reduce_range (7-bit
 weights) is exact too and 1.3x faster, but agreed less with fp32 (95% vs 98% on 183 faces). The first
 convolution (raw pixels, 3 input channels) and the last layer (the logits) stay fp32 by
 default: they are tiny in compute and the most sensitive to rounding.
@@ -129,6 +131,64 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, opti
                                        # int8 weights centre on 0; uint8 weights take their own zero point
                                        "WeightSymmetric": options.weights == "int8"})
     return {"fp32_nodes": exclude, "quantized_nodes": len(compute) - len(exclude)}
+
+
+def kernel_step_errors(int8_path: Path, images: np.ndarray) -> dict[str, int]:
+    """How far this CPU's fused integer kernels are from the QDQ graph, one quantized op at a
+    time: each island between QuantizeLinear outputs is fed the exact graph's own uint8 inputs
+    and run both ways (fused kernels, and ORT_DISABLE_ALL: dequantize, fp32 op, quantize).
+    Returns the largest difference, in quantization steps, per island output.
+
+    This is the property that holds on every CPU: correct kernels differ from the exact graph
+    by rounding alone (<= 1 step per op), wherever they run. End to end, those single-step
+    differences are amplified by depth (MobileNetV2's logits move by up to ~0.8 on a weak model
+    on an AVX-512 VNNI/AMX Xeon, ~0.2 on an AVX2 EPYC), so a logit tolerance is not
+    CPU-independent; a saturating kernel (U8S8 without VNNI) is many steps off in one op."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    def run(model, feed, exact):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        if exact:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, feed)
+
+    model = onnx.load(str(int8_path))
+    quantized = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    producer = {out: node for node in model.graph.node for out in node.output}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    zero_point_types = {i.name: i.data_type for i in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):  # uint8 or int8 activations
+        element = zero_point_types.get(node.input[2], onnx.TensorProto.UINT8) if len(node.input) > 2 else \
+            onnx.TensorProto.UINT8
+        probe.graph.output.append(helper.make_tensor_value_info(node.output[0], element, None))
+    outputs = [o.name for o in probe.graph.output]
+    exact = dict(zip(outputs, run(probe, {"image": images}, exact=True)))
+    boundary, errors = set(quantized), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in quantized:
+            inputs, stack, seen = set(), [name], set()
+            while stack:  # the quantized tensors this island reads
+                node = producer.get(stack.pop())
+                for tensor in node.input if node is not None else ():
+                    if tensor in boundary:
+                        inputs.add(tensor)
+                    elif tensor in producer and tensor not in seen:
+                        seen.add(tensor)
+                        stack.append(tensor)
+            if not inputs:  # the input's own quantization: nothing fused reads it
+                continue
+            island = Path(tmp) / "island.onnx"
+            onnx.utils.extract_model(str(int8_path), str(island), sorted(inputs), [name])
+            island_model = onnx.load(str(island))
+            feed = {tensor: exact[tensor] for tensor in sorted(inputs)}
+            fused, reference = run(island_model, feed, False)[0], run(island_model, feed, True)[0]
+            errors[name] = int(np.abs(fused.astype(np.int32) - reference.astype(np.int32)).max())
+    return errors
 
 
 def face_margin(data) -> tuple[float, int]:
