@@ -7,6 +7,10 @@ import pytest
 from emoshield.tiers.mqtt import start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # (before torch is imported; subprocesses inherit)
+        os.environ.setdefault(_name, "1")
 FIVE = "happy,sad,surprise,disgust,fear"
 
 

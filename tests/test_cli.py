@@ -38,26 +38,23 @@ def test_data_summary_table(data_root):
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_end_to_end(tmp_path, data_root):
-    out = tmp_path / "run"
-    proc = run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
-               "--fold", "0", "--limit-per-class", "60", "--backbone", "mobilenet_v2", "--weights", "imagenet",
-               "--input-size", "48", "--epochs", "6", "--batch-size", "32", "--schedule", "cosine", "--out", out,
-               "--quiet")
-    assert "test accuracy" in proc.stdout and "confusion matrix:" in proc.stdout
+def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
+    # the session's `trained` model (conftest: mobilenet_v2 ImageNet, CK+48 subject fold 0, 8 epochs),
+    # trained by this same command; the stdout of `train` is checked in the corrupt-image test
+    out = trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert metrics["classes"] == ["disgust", "fear", "happy", "sad", "surprise"]
     assert metrics["protocol"] == "subject" and metrics["fold"] == 0 and metrics["backbone"] == "mobilenet_v2"
-    assert metrics["weights"] == "imagenet:IMAGENET1K_V1" and metrics["input_size"] == 48 and metrics["epochs"] == 6
-    assert metrics["test_accuracy"] > 0.4  # chance is 0.2; pretrained features learn fast
+    assert metrics["weights"] == "imagenet:IMAGENET1K_V1" and metrics["input_size"] == 48 and metrics["epochs"] == 8
+    assert metrics["test_accuracy"] > 0.6  # chance is 0.2; pretrained features learn fast (measured ~0.83)
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.shape == (5, 5) and matrix.sum() == metrics["num_images"]
     assert np.trace(matrix) / matrix.sum() == pytest.approx(metrics["test_accuracy"])
     split = json.loads((out / "split.json").read_text())
     subjects = {s: {e["subject"] for e in split["entries"] if e["split"] == s} for s in ("train", "val", "test")}
     assert not subjects["train"] & subjects["test"]
-    assert len(json.loads((out / "history.json").read_text())) == 6
+    assert len(json.loads((out / "history.json").read_text())) == 8
     for name in ("model.safetensors", "confusion_matrix.png", "training_curves.png", "report.md", "run.json"):
         assert (out / name).is_file(), name
 
@@ -72,11 +69,15 @@ def test_train_then_evaluate_end_to_end(tmp_path, data_root):
     jaffe = json.loads((cross / "metrics.json").read_text())
     assert jaffe["dataset"] == "jaffe" and 100 < jaffe["num_images"] < 160  # JAFFE's 5-class faces
     # the training dataset under other split options would test on training images and subjects: refused
+    # (in-process through the CLI's main: the exit status and the one line the command prints)
+    from emoshield.cli import main
+
     for split in (["--protocol", "subject", "--fold", "1"], ["--protocol", "all"]):
-        proc = run("evaluate", "--model", out, "--dataset", "ckplus48", "--data-root", data_root, *split,
-                   "--out", tmp_path / "leak", check=False)
-        assert proc.returncode == 2 and "training or validation split" in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        code = main(["evaluate", "--model", str(out), "--dataset", "ckplus48", "--data-root", str(data_root),
+                     *split, "--out", str(tmp_path / "leak")])
+        err = capsys.readouterr().err
+        assert code == 2 and "training or validation split" in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
@@ -91,6 +92,7 @@ def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
     proc = run("train", "--dataset", "folder", "--data-root", tmp_path / "data", "--protocol", "reference",
                "--backbone", "smallcnn", "--input-size", "32", "--epochs", "2", "--batch-size", "8", "--out", out,
                "--quiet")
+    assert "test accuracy" in proc.stdout and "confusion matrix:" in proc.stdout
     assert "skipped 1 unreadable image(s): sad/bad.png: unreadable or corrupt image" in proc.stderr
     assert json.loads((out / "run.json").read_text())["unreadable"] == [["sad/bad.png", "unreadable or corrupt image"]]
     assert json.loads((out / "metrics.json").read_text())["unreadable_images"] == 1

@@ -119,7 +119,7 @@ def test_sanity_flags_catch_probabilities_zero_gradients_and_training_mode():
 
 def test_defense_cli_end_to_end(tmp_path, data_root):
     common = ["train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", "happy,sad,surprise",
-              "--limit-per-class", "45", "--backbone", "smallcnn", "--input-size", "32", "--epochs", "4",
+              "--limit-per-class", "30", "--backbone", "smallcnn", "--input-size", "32", "--epochs", "3",
               "--batch-size", "32", "--quiet"]
     run(*common, "--out", tmp_path / "plain")
     run(*common, "--defense", "fgsm:0.5,rfgsm:0.5", "--beta0", "0.5", "--eps", "0.01", "--out", tmp_path / "def")

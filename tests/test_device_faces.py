@@ -4,6 +4,8 @@ multi-face output on a video of two real CK+ faces per frame."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -154,38 +156,49 @@ def test_device_reports_every_face_with_stable_tracks_on_a_two_face_video(bundle
     assert np.abs(frames[1] - frames[2]).mean() < 1.0
 
 
-def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path):
+def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path, capsys):
     """`device annotate` reads a file from elsewhere: malformed, hostile or foreign JSON lines stop with
-    the line's number; a last line cut short by a killed run is skipped."""
+    the line's number; a last line cut short by a killed run is skipped. (In-process through the CLI's
+    main, as the `emoshield` command runs it; one real process at the end.)"""
+    from emoshield.cli import main
     from emoshield.data.video import write_face_video
 
     video = tmp_path / "v.mp4"
     write_face_video([np.full((48, 48), 128, np.uint8)] * 2, ["happy"] * 2, video, face_px=100, hold=2)
+
+    def annotate(lines: Path, out: Path) -> tuple[int, str, str]:
+        code = main(["device", "annotate", "--source", str(video), "--jsonl", str(lines), "--out", str(out)])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
     face = {"track": 0, "box": [10, 10, 50, 50], "label": "happy", "probabilities": {"happy": 0.9, "sad": 0.1}}
     good = json.dumps({"frame": 0, "faces": [face]})
     bad_faces = [{**face, "box": [1, 2, 3]}, {**face, "box": [0, 0, -5, 5]}, {**face, "track": -1},
                  {**face, "track": True}, {**face, "label": "angry"}, {**face, "probabilities": {"happy": "x"}},
-                 {**face, "box": [0, 0, 10**30, 5]}, "face"]
+                 {**face, "box": [0, 0, 10**30, 5]}, {**face, "probabilities": {}}, "face"]
     cases = [b"not json", b"[1, 2]", b'{"frame": -1}', b'{"frame": 0.5}', "\u00e9t\u00e9".encode(), b"\xff\xfe",
-             b"[" * 100000, *(json.dumps({"frame": 1, "faces": [f]}).encode() for f in bad_faces)]
+             b"[" * 100000, b'{"frame": 1, "faces": "x"}',
+             *(json.dumps({"frame": 1, "faces": [f]}).encode() for f in bad_faces)]
+    lines = tmp_path / "bad.jsonl"
     for case in cases:
-        lines = tmp_path / "bad.jsonl"
         lines.write_bytes(good.encode() + b"\n" + case + b"\n")
-        proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "out.mp4",
-                   check=False)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "line 2" in proc.stderr, (case[:40], proc.stderr)
+        code, _, err = annotate(lines, tmp_path / "out.mp4")
+        assert code == 2 and err.count("\n") == 1 and "line 2" in err, (case[:40], err)
     lines.write_text(good + "\n" + '{"frame": 1, "fa')  # killed mid-line: the rest is drawn
-    assert "1 faces on 4 frames" in run("device", "annotate", "--source", video, "--jsonl", lines,
-                                        "--out", tmp_path / "out.mp4").stdout
+    code, out, _ = annotate(lines, tmp_path / "out.mp4")
+    assert code == 0 and "1 faces on 4 frames" in out
     lines.write_text(json.dumps({"frame": 99, "faces": [face]}) + "\n")  # another video's run
-    proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "foreign.mp4",
-               check=False)
-    assert proc.returncode == 2 and "past the end" in proc.stderr and not (tmp_path / "foreign.mp4").exists()
+    code, _, err = annotate(lines, tmp_path / "foreign.mp4")
+    assert code == 2 and "past the end" in err and not (tmp_path / "foreign.mp4").exists()
     for empty in (b"", b"\n\n"):
         lines.write_bytes(empty)
-        proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "e.mp4",
-                   check=False)
-        assert proc.returncode == 2 and "no frame records" in proc.stderr
+        code, _, err = annotate(lines, tmp_path / "e.mp4")
+        assert code == 2 and "no frame records" in err
+    # the real command: exit status 2 and one line on stderr
+    lines.write_bytes(good.encode() + b"\n" + b"not json\n")
+    proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "out.mp4",
+               check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "line 2" in proc.stderr
 
 
 def test_video_writer_refuses_faces_that_do_not_fit(tmp_path):
