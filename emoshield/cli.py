@@ -238,6 +238,23 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_cross_dataset(args) -> int:
+    from .attacks import parse_eps_list
+    from .cross_dataset import CrossOptions, cross_evaluate
+
+    for flag in ("pgd_steps", "autoattack_steps", "square_queries", "limit_per_class"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise EmoshieldError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    options = CrossOptions(args.dataset, args.data_root, parse_eps_list(args.eps), args.pgd_steps,
+                           args.autoattack_steps, args.square_queries, args.limit_per_class)
+    out = Path(args.out)
+    result = cross_evaluate(Path(args.work), out, options)
+    print((out / "report.md").read_text())
+    print(f"  every number: {out / 'results.json'} ({len(result['units'])} units)")
+    return 0
+
+
 # ---- keys, bundles, video, device ---------------------------------------------------------------
 
 ADMIN_TOKEN_ENV, DEVICE_TOKEN_ENV = "EMOSHIELD_ADMIN_TOKEN", "EMOSHIELD_DEVICE_TOKEN"
@@ -997,6 +1014,20 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--work", help="training folders and checkpoints (default: runs/reproduce/<OUT's name>); "
                                   "re-running resumes")
     p.set_defaults(func=cmd_reproduce)
+    p = sub.add_parser("cross-dataset", help="a study's defended and undefended models on another dataset: "
+                                             "clean, PGD and AutoAttack beside their own held-out people")
+    p.add_argument("--work", required=True, help="the study's work folder (`emoshield reproduce --work`)")
+    p.add_argument("--dataset", choices=["ckplus48", "jaffe", "fer2013"], required=True,
+                   help="the dataset to test on (every image of the models' classes)")
+    p.add_argument("--data-root", help="folder holding the dataset folder (default: $EMOSHIELD_DATA)")
+    p.add_argument("--eps", default="0.01", help="PGD and AutoAttack eps (default: %(default)s)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (default: %(default)s)")
+    p.add_argument("--autoattack-steps", type=int, default=100,
+                   help="APGD and FAB iterations inside AutoAttack (default: the standard %(default)s)")
+    p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (default: %(default)s)")
+    p.add_argument("--limit-per-class", type=int, help="only about N images per class (quick runs)")
+    p.add_argument("--out", required=True, help="results folder: report.md, results.json, units/ (re-running resumes)")
+    p.set_defaults(func=cmd_cross_dataset)
     return parser
 
 

@@ -32,7 +32,7 @@ def test_convergence_counts_the_first_epoch_past_each_threshold():
     assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.6) and stat["std"] == pytest.approx(0.1414, abs=1e-4)
 
 
-def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
+def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, capsys):
     import os
 
     library = tmp_path / "library"
@@ -115,6 +115,40 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root):
     # the same work folder with other options is refused (it would mix results)
     other = run(*study, "--epochs", "1", env=env, check=False)
     assert other.returncode == 2 and "other options" in other.stderr
+    # the study's models on another dataset (every JAFFE face of their classes): beside their own figures
+    cross = tmp_path / "cross"
+    quick_cross = ["cross-dataset", "--work", work, "--dataset", "jaffe", "--data-root", data_root, "--pgd-steps", "3",
+                   "--autoattack-steps", "3", "--square-queries", "30", "--limit-per-class", "4", "--out", cross]
+    proc = run(*quick_cross, env=env)
+    crossed = json.loads((cross / "results.json").read_text())
+    assert crossed["source"] == "ckplus48" and crossed["target"] == "jaffe" and len(crossed["units"]) == 2
+    assert sorted(p.name for p in (cross / "units").iterdir()) == ["smallcnn-fold0-seed0.json", "smallcnn-fold1-seed0.json"]
+    for name, record in crossed["units"].items():
+        unit = units[name.removeprefix("smallcnn-")]
+        assert record["num_images"] == crossed["num_images"] and 10 <= record["num_images"] <= 45
+        for variant in ("defended", "undefended"):
+            target, own = record[variant]["target"], record[variant]["source"]
+            assert own["clean"] == unit[variant]["clean"] and own["autoattack@0.01"] == unit[variant]["autoattack@0.01"]
+            assert 0 <= target["autoattack@0.01"] <= min(target["clean"], target["pgd@0.01"] + 1e-9)
+            stages = list(record[variant]["autoattack_stages"]["0.01"].values())
+            assert stages[0] == pytest.approx(target["clean"]) and stages[-1] == pytest.approx(target["autoattack@0.01"])
+    clean = crossed["summary"]["smallcnn"]["defended"]["target"]["clean"]
+    assert clean["n"] == 2 and clean["mean"] == pytest.approx(
+        sum(r["defended"]["target"]["clean"] for r in crossed["units"].values()) / 2)
+    assert "| smallcnn | defended | 2 |" in proc.stdout and "jaffe AutoAttack" in proc.stdout
+    from emoshield.cli import main  # the rest in-process: the same command, without a start-up each
+
+    capsys.readouterr()
+    assert main(list(map(str, quick_cross))) == 0 and capsys.readouterr().err.count("already done") == 2
+    assert json.loads((cross / "results.json").read_text())["summary"] == crossed["summary"]
+    assert main(list(map(str, [*quick_cross, "--pgd-steps", "4"]))) == 2  # would mix settings in one table
+    err = capsys.readouterr().err
+    assert "other options" in err and err.count("\n") == 1
+    assert main([str(a) if a != "jaffe" else "ckplus48" for a in quick_cross]) == 2
+    assert "own dataset" in capsys.readouterr().err
+    assert main(["cross-dataset", "--work", str(tmp_path), "--dataset", "jaffe", "--out", str(cross)]) == 2
+    assert "not a study's work folder" in capsys.readouterr().err
+
     # a later session has OUT (committed) but not WORK's checkpoints: it resumes from OUT's unit files
     import shutil
 

@@ -1,0 +1,175 @@
+"""How much accuracy and robustness survive a change of faces: every finished unit of a study
+(`emoshield reproduce`'s work folder) has its defended and undefended (localization head) model
+tested on every image of another dataset (the model's classes; JAFFE face-cropped as always),
+clean and under PGD and AutoAttack, beside the same models' figures on their own held-out people.
+
+Resumable unit by unit: each unit's numbers go to OUT/units/BACKBONE-foldF-seedS.json (small,
+committed; a later session without the work folder keeps them), its full robustness report to
+the unit's work folder (cross-TARGET/). OUT/results.json and OUT/report.md are mean ± std over
+the units evaluated so far."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EmoshieldError
+
+
+@dataclass
+class CrossOptions:
+    """What the target evaluation runs; a unit file made with other options is refused, not mixed."""
+
+    target: str
+    data_root: str | None = None
+    eps: list[float] = field(default_factory=lambda: [0.01])
+    pgd_steps: int = 10
+    autoattack_steps: int = 100
+    square_queries: int = 5000
+    limit_per_class: int | None = None
+
+
+VARIANTS = {"defended": "defended", "undefended": "localization"}  # table row -> training folder
+
+
+def finished_units(work: Path) -> list[tuple[str, str, Path]]:
+    """(backbone, 'foldF-seedS', folder) of every unit the study has finished: its defended and
+    localization trainings and its own robustness evaluation (the table's 'own' columns)."""
+    work = Path(work)
+    if not (work / "study.json").is_file():
+        raise EmoshieldError(f"{work} is not a study's work folder (no study.json; see `emoshield reproduce --work`)")
+    units = []
+    for folder in sorted(p for p in work.glob("*/fold*-seed*") if p.is_dir()):
+        if (all((folder / run / "metrics.json").is_file() for run in VARIANTS.values())
+                and (folder / "robustness" / "robustness.json").is_file()):
+            units.append((folder.parent.name, folder.name, folder))
+    return units
+
+
+def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> dict:
+    """Evaluate every finished unit not yet in OUT, then write OUT's results and report."""
+    from .reproduce import step_lock
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    study = json.loads((Path(work) / "study.json").read_text()) if (Path(work) / "study.json").is_file() else {}
+    source = (study.get("options") or {}).get("dataset")
+    if source == options.target:
+        raise EmoshieldError(f"--dataset {options.target} is the study's own dataset: its held-out people are in "
+                             "the study's report; cross-dataset means another dataset")
+    units = finished_units(work)
+    if not units:
+        raise EmoshieldError(f"no unit of {work} has finished yet (trainings and the study's own evaluation)")
+    out = Path(out)
+    for i, (backbone, unit, folder) in enumerate(units, 1):
+        tag = f"[{i}/{len(units)}] {backbone} {unit} on {options.target}"
+        path = out / "units" / f"{backbone}-{unit}.json"
+        if _saved(path, options) is not None:
+            log(f"{tag}: already done ({path})")
+            continue
+        with step_lock(folder / f"cross-{options.target}") as mine:
+            if not mine:
+                log(f"{tag}: running in another process")
+                continue
+            log(f"{tag}: evaluating")
+            _evaluate_unit(backbone, unit, folder, path, options, source, log)
+    result = collect(out, options, source)
+    write_report(out, result)
+    return result
+
+
+def _saved(path: Path, options: CrossOptions) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("options") != asdict(options) | {"data_root": None}:
+        raise EmoshieldError(f"{path} was made with other options; pass another --out or delete it")
+    return saved
+
+
+def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: CrossOptions,
+                   source: str | None, log) -> None:
+    from .paths import write_atomic
+    from .pipeline import DataOptions, RobustnessOptions, evaluate_model
+    from .provenance import git_commit
+    from .reproduce import headline
+
+    data = DataOptions(dataset=options.target, data_root=options.data_root, protocol="all",
+                       limit_per_class=options.limit_per_class)
+    robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
+                                   square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
+    result = evaluate_model(folder / VARIANTS["defended"], folder / f"cross-{options.target}", data, robustness,
+                            baseline_dir=folder / VARIANTS["undefended"], log=lambda m: log(f"  {m}"))
+    own = json.loads((folder / "robustness" / "robustness.json").read_text())  # on the fold's held-out people
+    record = {"options": asdict(options) | {"data_root": None}, "backbone": backbone, "unit": unit,
+              "source": source, "target": options.target, "git_commit": git_commit(),
+              "num_images": result["robustness"]["num_images"], "classes": result["model"]["classes"],
+              "input_size": result["model"]["input_size"], "epochs": result["model"]["epochs"],
+              "seed": result["model"]["seed"]}
+    for variant, key in (("defended", "robustness"), ("undefended", "baseline_robustness")):
+        record[variant] = {"target": headline(result[key]), "source": headline(own[key]),
+                           "autoattack_stages": {e: v.get("stages") for e, v in
+                                                 result[key]["attacks"].get("autoattack", {}).items()},
+                           "sanity_flags": result[key]["sanity_flags"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1).encode())
+
+
+def collect(out: Path, options: CrossOptions, source: str | None) -> dict:
+    """mean ± std per backbone and variant of every figure, over the unit files under OUT."""
+    from .reproduce import mean_std
+
+    records = [json.loads(p.read_text()) for p in sorted((Path(out) / "units").glob("*.json"))]
+    records = [r for r in records if r.get("options") == asdict(options) | {"data_root": None}]
+    summary: dict = {}
+    for r in records:
+        for variant in VARIANTS:
+            for where in ("source", "target"):
+                for key, value in r[variant][where].items():
+                    (summary.setdefault(r["backbone"], {}).setdefault(variant, {}).setdefault(where, {})
+                     .setdefault(key, []).append(value))
+    summary = {b: {v: {w: {k: mean_std(vals) for k, vals in keys.items()} for w, keys in by_where.items()}
+                   for v, by_where in by_variant.items()} for b, by_variant in summary.items()}
+    first = records[0] if records else {}
+    return {"source": source, "target": options.target, "options": asdict(options) | {"data_root": None},
+            "num_images": first.get("num_images"), "classes": first.get("classes"),
+            "input_size": first.get("input_size"), "epochs": first.get("epochs"),
+            "units": {f"{r['backbone']}-{r['unit']}": r for r in records}, "summary": summary,
+            "unit_commits": sorted({r["git_commit"] for r in records})}
+
+
+def cross_markdown(result: dict) -> str:
+    """The table RESULTS.md quotes: own held-out people vs the other dataset, per backbone and model."""
+    from .evaluation.study_report import _pm
+
+    o = result["options"]
+    lines = [f"# {result['source']} models on {result['target']}: what survives a change of faces", "",
+             f"Every finished unit (subject fold x seed) of the {result['source']} study; each unit's defended and "
+             f"undefended (localization head) model tested on all {result['num_images']} {result['target']} images of "
+             f"its classes ({', '.join(result['classes'] or [])}), {result['input_size']} px, "
+             f"{result['epochs']} training epochs. "
+             f"'own' = the study's figures on its fold's held-out people. AutoAttack = standard (APGD-CE, APGD-T, FAB-T "
+             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries); PGD-{o['pgd_steps']}. "
+             f"mean ± std over units. Commits: {', '.join(c[:12] for c in result['unit_commits'])}.", ""]
+    for eps in (f"{e:g}" for e in o["eps"]):
+        lines += [f"## eps {eps}", "",
+                  "| backbone | model | units | own clean | own AutoAttack | "
+                  f"{result['target']} clean | {result['target']} PGD-{o['pgd_steps']} | {result['target']} AutoAttack |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for backbone, variants in result["summary"].items():
+            for variant, s in variants.items():
+                n = s["target"]["clean"]["n"]
+                lines.append(f"| {backbone} | {variant} | {n} | {_pm(s['source'].get('clean'))} | "
+                             f"{_pm(s['source'].get(f'autoattack@{eps}'))} | {_pm(s['target']['clean'])} | "
+                             f"{_pm(s['target'].get(f'pgd@{eps}'))} | {_pm(s['target'].get(f'autoattack@{eps}'))} |")
+        lines.append("")
+    flags = sorted({f for r in result["units"].values() for v in VARIANTS for f in r[v]["sanity_flags"]})
+    lines += ["## Sanity flags", "", *(f"- {f}" for f in flags or ["none raised"]), ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(cross_markdown(result))
