@@ -343,6 +343,61 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
         link.stop()
 
 
+def _scrape(edge: str) -> dict[str, float]:
+    """GET /metrics as {series: value}, parsed by prometheus-client's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import requests
+
+    answer = requests.get(edge + "/metrics", headers={"Authorization": "Bearer admin-secret"}, timeout=10)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    series = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            series[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return series
+
+
+def test_metrics_count_uploads_refusals_jobs_devices_and_latency(services):
+    """After the uploads, refusals, jobs and heartbeats of the tests above: Prometheus text that
+    says what happened; unauthenticated scrapes refused; hostile paths add no series."""
+    import requests
+
+    edge = services["edge"]
+    for token in (None, "wrong-token-0123456789", services["device"]["token"]):  # admin only
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        assert requests.get(edge + "/metrics", headers=headers, timeout=10).status_code in (401, 403)
+    before = _scrape(edge)
+    assert before["emoshield_uploads_total"] >= 26  # 25 tagged faces + 1 of camera-b, and the jobs' runs
+    assert before["emoshield_uploads_rejected_total{reason=not_an_image}"] >= 1
+    assert before["emoshield_uploads_rejected_total{reason=too_large}"] >= 1
+    assert before["emoshield_uploads_rejected_total{reason=invalid_fields}"] >= 8  # label + 7 subject tags
+    assert before["emoshield_jobs{state=finished}"] == 2 and before["emoshield_jobs{state=running}"] == 0
+    assert before["emoshield_bundles_published_total"] == 2 and before["emoshield_bundle_latest_version"] == 2
+    assert before["emoshield_job_duration_seconds_count"] == 2 and before["emoshield_job_duration_seconds_sum"] > 0
+    device_id = services["device"]["device_id"]
+    assert before[f"emoshield_device_running_version{{device={device_id}}}"] == 2
+    assert 0 <= before[f"emoshield_device_heartbeat_age_seconds{{device={device_id}}}"] < 600
+    assert before["emoshield_devices_enrolled"] >= 2
+    # a refused upload counts once, under its reason; latency is recorded per route template
+    device = EdgeClient(edge, services["device"]["token"])
+    with pytest.raises(ServiceError, match="415"):
+        device.upload(b"GIF89a not a face", "happy")
+    for _ in range(5):  # hostile paths: one 'unmatched' route, however many paths
+        requests.get(edge + "/nope/\u00e9t\u00e9/" + "x" * 200, timeout=10)
+    requests.get(edge + "/jobs/999999", headers={"Authorization": "Bearer admin-secret"}, timeout=10)
+    after = _scrape(edge)
+    assert after["emoshield_uploads_rejected_total{reason=not_an_image}"] == \
+        before["emoshield_uploads_rejected_total{reason=not_an_image}"] + 1
+    assert after["emoshield_uploads_total"] == before["emoshield_uploads_total"]
+    unmatched = "emoshield_http_request_duration_seconds_count{method=GET,route=unmatched,status=404}"
+    assert after[unmatched] >= before.get(unmatched, 0) + 5 and not any("nope" in k for k in after)
+    assert after["emoshield_http_request_duration_seconds_count{method=GET,route=/jobs/{job_id},status=404}"] >= 1
+    assert after["emoshield_http_request_duration_seconds_count{method=POST,route=/samples,status=415}"] >= 2
+    requests.get(edge + "/health", timeout=10).raise_for_status()  # still serving
+
+
 def test_device_keeps_serving_offline_when_the_edge_is_gone(services):
     args = services["device_args"]
     services["edge_proc"].terminate()

@@ -13,6 +13,7 @@ with a higher version, which devices pull.
     GET  /jobs, /jobs/{id}        admin  status; /jobs/{id}/log: the job's log text
     GET  /bundles/latest          device the newest bundle's manifest
     GET  /bundles/{v}/{file}      device a bundle file (manifest.json, manifest.sig, *.onnx, weights)
+    GET  /metrics                 admin  Prometheus text format (emoshield.tiers.metrics)
     GET  /health
 
 Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in a
@@ -455,6 +456,10 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     app = FastAPI(title="emoshield edge", description="Edge node: devices, samples, training jobs, bundles.",
                   version="1")
     Id = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]  # job ids and bundle versions alike
+    from .metrics import CONTENT_TYPE_LATEST, EdgeMetrics, MetricsMiddleware
+
+    metrics = EdgeMetrics(store)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(UploadError)
     async def upload_refused(request: Request, exc: UploadError):
@@ -488,6 +493,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     def health() -> dict:
         return {"status": "ok", "name": cfg.name, "latest_version": store.latest_version(),
                 "classes": cfg.classes}
+
+    @app.get("/metrics", dependencies=[Depends(admin)], response_class=PlainTextResponse)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format (scrape with the admin token as bearer): requests and latency per
+        route, uploads accepted and refused by reason, devices online and their heartbeat age and
+        version, jobs by state and duration, bundles published (emoshield.tiers.metrics)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/devices", dependencies=[Depends(admin)])
     def enrol(body: Enrolment) -> dict:

@@ -307,6 +307,9 @@ class EdgeStore(SqlStore):
     def latest_version(self) -> int:
         return self._scalar(select(func.coalesce(func.max(BUNDLES.c.version), 0)))
 
+    def bundle_count(self) -> int:
+        return self._scalar(select(func.count()).select_from(BUNDLES))
+
     def add_bundle(self, version: int, job_id: int) -> None:
         with self._begin() as conn:
             conn.execute(insert(BUNDLES).values(version=version, job_id=job_id, created=time.time()))
