@@ -175,8 +175,15 @@ def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path, ca
     good = json.dumps({"frame": 0, "faces": [face]})
     bad_faces = [{**face, "box": [1, 2, 3]}, {**face, "box": [0, 0, -5, 5]}, {**face, "track": -1},
                  {**face, "track": True}, {**face, "label": "angry"}, {**face, "probabilities": {"happy": "x"}},
-                 {**face, "box": [0, 0, 10**30, 5]}, {**face, "probabilities": {}}, "face"]
-    cases = [b"not json", b"[1, 2]", b'{"frame": -1}', b'{"frame": 0.5}', "\u00e9t\u00e9".encode(), b"\xff\xfe",
+                 {**face, "box": [0, 0, 10**30, 5]}, {**face, "probabilities": {}}, "face",
+                 {**face, "probabilities": {"happy": 10**400}}, {**face, "probabilities": {"happy": 1.5}},
+                 {**face, "probabilities": {"happy": -0.1}}, {**face, "label": "x" * 65, "probabilities": {"x" * 65: 1}}]
+    # a lone surrogate (crashed cv2.putText with a segfault), NaN, a control character in a class name
+    raw_faces = [b'{"track": 0, "box": [1, 1, 9, 9], "label": "\\ud800", "probabilities": {"\\ud800": 1}}',
+                 b'{"track": 0, "box": [1, 1, 9, 9], "label": "happy", "probabilities": {"happy": NaN}}',
+                 b'{"track": 0, "box": [1, 1, 9, 9], "label": "a\\nb", "probabilities": {"a\\nb": 1}}']
+    cases = [*(b'{"frame": 1, "faces": [' + f + b']}' for f in raw_faces),
+             b"not json", b"[1, 2]", b'{"frame": -1}', b'{"frame": 0.5}', "\u00e9t\u00e9".encode(), b"\xff\xfe",
              b"[" * 100000, b'{"frame": 1, "faces": "x"}',
              *(json.dumps({"frame": 1, "faces": [f]}).encode() for f in bad_faces)]
     lines = tmp_path / "bad.jsonl"
@@ -194,6 +201,8 @@ def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path, ca
         lines.write_bytes(empty)
         code, _, err = annotate(lines, tmp_path / "e.mp4")
         assert code == 2 and "no frame records" in err
+    code, _, err = annotate(lines, video)  # never over its own source
+    assert code == 2 and "is the source video" in err and video.stat().st_size > 1000
     # the real command: exit status 2 and one line on stderr
     lines.write_bytes(good.encode() + b"\n" + b"not json\n")
     proc = run("device", "annotate", "--source", video, "--jsonl", lines, "--out", tmp_path / "out.mp4",

@@ -5,6 +5,7 @@ per-frame analyzer (detect, crop as in training, classify, smooth)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,7 +208,17 @@ class FaceResult:
             raise ValueError("a face's probabilities are not {class: number}")
         if not isinstance(label, str) or label not in probabilities:
             raise ValueError("a face's label is not one of its probabilities' classes")
-        return cls(track, box, label[:64], {k[:64]: float(v) for k, v in probabilities.items()})
+        for name in probabilities:  # drawn with OpenCV: printable, encodable text only (a lone
+            name.encode("utf-8")    # surrogate crashes cv2.putText); UnicodeEncodeError is a ValueError
+            if not name.isprintable() or len(name) > 64:
+                raise ValueError("a face's class names are not printable text of 1-64 characters")
+        try:
+            values = {k: float(v) for k, v in probabilities.items()}
+        except OverflowError:
+            raise ValueError("a face's probabilities are out of range") from None
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in values.values()):
+            raise ValueError("a face's probabilities are not numbers in [0, 1]")
+        return cls(track, box, label, values)
 
 
 @dataclass

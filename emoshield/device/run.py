@@ -5,6 +5,7 @@ background; the summary says what ran, how fast and in which precision."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -159,6 +160,8 @@ def read_results(jsonl: Path) -> dict[int, list]:
 def annotate_video(source: str, jsonl: Path, out: Path) -> dict:
     """Draw a finished run's faces on its source frames: the annotated video as a second pass,
     so the device itself carries no video encoder (about 20 MB of peak RSS)."""
+    if Path(source).exists() and Path(out).exists() and os.path.samefile(source, out):
+        raise EmoshieldError(f"--out {out} is the source video: write the annotated copy elsewhere")
     faces = read_results(jsonl)
     if not faces:
         raise EmoshieldError(f"--jsonl {jsonl} holds no frame records")
