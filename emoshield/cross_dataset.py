@@ -55,6 +55,9 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     study = json.loads((Path(work) / "study.json").read_text()) if (Path(work) / "study.json").is_file() else {}
     source = (study.get("options") or {}).get("dataset")
+    if options.target == "fer2013" and any(str(w).startswith("library:") for w in study.get("weights", {}).values()):
+        raise EmoshieldError("--dataset fer2013: the study's backbones were pretrained on FER2013 (the cloud "
+                             "library), so its images are not new faces to these models")
     if source == options.target:
         raise EmoshieldError(f"--dataset {options.target} is the study's own dataset: its held-out people are in "
                              "the study's report; cross-dataset means another dataset")
@@ -65,7 +68,7 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
     for i, (backbone, unit, folder) in enumerate(units, 1):
         tag = f"[{i}/{len(units)}] {backbone} {unit} on {options.target}"
         path = out / "units" / f"{backbone}-{unit}.json"
-        if _saved(path, options) is not None:
+        if _saved(path, options, study) is not None:
             log(f"{tag}: already done ({path})")
             continue
         with step_lock(folder / f"cross-{options.target}") as mine:
@@ -73,23 +76,34 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
                 log(f"{tag}: running in another process")
                 continue
             log(f"{tag}: evaluating")
-            _evaluate_unit(backbone, unit, folder, path, options, source, log)
-    result = collect(out, options, source)
+            if _saved(path, options, study) is None:  # not finished by another process meanwhile
+                _evaluate_unit(backbone, unit, folder, path, options, study, log)
+    result = collect(out, options, study)
     write_report(out, result)
     return result
 
 
-def _saved(path: Path, options: CrossOptions) -> dict | None:
+def _identity(options: CrossOptions, study: dict) -> dict:
+    """What a unit file must match to be reused: these options (not the data path) and the study
+    (its options and weights), so one OUT never mixes settings or studies."""
+    return {"options": asdict(options) | {"data_root": None}, "study": study}
+
+
+def _saved(path: Path, options: CrossOptions, study: dict) -> dict | None:
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    if saved.get("options") != asdict(options) | {"data_root": None}:
-        raise EmoshieldError(f"{path} was made with other options; pass another --out or delete it")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EmoshieldError(f"{path} is not a readable unit file ({exc}); delete it to re-evaluate") from None
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in ("options", "study")} != _identity(options, study):
+        raise EmoshieldError(f"{path} was made with other options or from another study; pass another --out "
+                             "or delete it")
     return saved
 
 
 def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: CrossOptions,
-                   source: str | None, log) -> None:
+                   study: dict, log) -> None:
     from .paths import write_atomic
     from .pipeline import DataOptions, RobustnessOptions, evaluate_model
     from .provenance import git_commit
@@ -102,8 +116,8 @@ def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: 
     result = evaluate_model(folder / VARIANTS["defended"], folder / f"cross-{options.target}", data, robustness,
                             baseline_dir=folder / VARIANTS["undefended"], log=lambda m: log(f"  {m}"))
     own = json.loads((folder / "robustness" / "robustness.json").read_text())  # on the fold's held-out people
-    record = {"options": asdict(options) | {"data_root": None}, "backbone": backbone, "unit": unit,
-              "source": source, "target": options.target, "git_commit": git_commit(),
+    record = {**_identity(options, study), "backbone": backbone, "unit": unit,
+              "source": study["options"]["dataset"], "target": options.target, "git_commit": git_commit(),
               "num_images": result["robustness"]["num_images"], "classes": result["model"]["classes"],
               "input_size": result["model"]["input_size"], "epochs": result["model"]["epochs"],
               "seed": result["model"]["seed"]}
@@ -116,12 +130,12 @@ def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: 
     write_atomic(path, json.dumps(record, indent=1).encode())
 
 
-def collect(out: Path, options: CrossOptions, source: str | None) -> dict:
-    """mean ± std per backbone and variant of every figure, over the unit files under OUT."""
+def collect(out: Path, options: CrossOptions, study: dict) -> dict:
+    """mean ± std per backbone and variant of every figure, over this study's unit files under OUT."""
     from .reproduce import mean_std
 
-    records = [json.loads(p.read_text()) for p in sorted((Path(out) / "units").glob("*.json"))]
-    records = [r for r in records if r.get("options") == asdict(options) | {"data_root": None}]
+    records = [_saved(p, options, study) for p in sorted((Path(out) / "units").glob("*.json"))]
+    source = study["options"]["dataset"]
     summary: dict = {}
     for r in records:
         for variant in VARIANTS:
@@ -132,7 +146,7 @@ def collect(out: Path, options: CrossOptions, source: str | None) -> dict:
     summary = {b: {v: {w: {k: mean_std(vals) for k, vals in keys.items()} for w, keys in by_where.items()}
                    for v, by_where in by_variant.items()} for b, by_variant in summary.items()}
     first = records[0] if records else {}
-    return {"source": source, "target": options.target, "options": asdict(options) | {"data_root": None},
+    return {"source": source, "target": options.target, **_identity(options, study),
             "num_images": first.get("num_images"), "classes": first.get("classes"),
             "input_size": first.get("input_size"), "epochs": first.get("epochs"),
             "units": {f"{r['backbone']}-{r['unit']}": r for r in records}, "summary": summary,

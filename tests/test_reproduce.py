@@ -143,9 +143,11 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert json.loads((cross / "results.json").read_text())["summary"] == crossed["summary"]
     assert main(list(map(str, [*quick_cross, "--pgd-steps", "4"]))) == 2  # would mix settings in one table
     err = capsys.readouterr().err
-    assert "other options" in err and err.count("\n") == 1
+    assert "other options or from another study" in err and err.count("\n") == 1
     assert main([str(a) if a != "jaffe" else "ckplus48" for a in quick_cross]) == 2
     assert "own dataset" in capsys.readouterr().err
+    assert main([str(a) if a != "jaffe" else "fer2013" for a in quick_cross]) == 2  # the backbone's pretraining
+    assert "pretrained on FER2013" in capsys.readouterr().err
     assert main(["cross-dataset", "--work", str(tmp_path), "--dataset", "jaffe", "--out", str(cross)]) == 2
     assert "not a study's work folder" in capsys.readouterr().err
 
