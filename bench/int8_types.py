@@ -74,13 +74,15 @@ def main() -> None:
                                               reduce_range=reduce_range))
             sessions[name] = session(path)
             kernels, exact = onnx_logits(sessions[name], faces), onnx_logits(session(path, exact=True), faces)
+            checks = kernel_step_errors(path, faces[:64])
             rows[name] = {"activations": activations, "weights": weights, "reduce_range": reduce_range,
                           "agreement_with_fp32": float((kernels.argmax(1) == fp32.argmax(1)).mean()),
                           "accuracy": float((kernels.argmax(1) == labels).mean()),
                           "kernels_vs_exact_max_abs_logit": float(np.abs(kernels - exact).max()),
                           "kernels_vs_exact_agreement": float((kernels.argmax(1) == exact.argmax(1)).mean()),
                           "exact_agreement_with_fp32": float((exact.argmax(1) == fp32.argmax(1)).mean()),
-                          "max_kernel_step_error": max(kernel_step_errors(path, faces[:64]).values()),
+                          "max_kernel_step_error": max(c.steps for c in checks.values()),
+                          "integer_islands": sum(c.integer for c in checks.values()), "islands": len(checks),
                           "bytes": path.stat().st_size}
         face = faces[:1]
         runners = {name: (lambda s=s: [s.run(None, {"image": face}) for _ in range(args.iterations)])

@@ -10,6 +10,7 @@ the units evaluated so far."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -65,22 +66,34 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
     if not units:
         raise EmoshieldError(f"no unit of {work} has finished yet (trainings and the study's own evaluation)")
     out = Path(out)
+    busy = []
     for i, (backbone, unit, folder) in enumerate(units, 1):
         tag = f"[{i}/{len(units)}] {backbone} {unit} on {options.target}"
         path = out / "units" / f"{backbone}-{unit}.json"
         if _saved(path, options, study) is not None:
             log(f"{tag}: already done ({path})")
             continue
-        with step_lock(folder / f"cross-{options.target}") as mine:
+        # Lock and work folder are per target *and* options: a concurrent run with other options
+        # works on its own files instead of being told this one is 'running'.
+        with step_lock(folder / unit_folder_name(options)) as mine:
             if not mine:
-                log(f"{tag}: running in another process")
+                log(f"{tag}: running in another process (left pending here)")
+                busy.append(f"{backbone}-{unit}")
                 continue
             log(f"{tag}: evaluating")
             if _saved(path, options, study) is None:  # not finished by another process meanwhile
                 _evaluate_unit(backbone, unit, folder, path, options, study, log)
     result = collect(out, options, study)
+    done = set(result["units"])
+    result["pending"] = sorted({f"{b}-{u}" for b, u, _ in units} - done | set(busy))
     write_report(out, result)
     return result
+
+
+def unit_folder_name(options: CrossOptions) -> str:
+    """cross-TARGET-HASH: the unit's work folder (full robustness report) and lock for these options."""
+    digest = hashlib.sha256(json.dumps(asdict(options) | {"data_root": None}, sort_keys=True).encode())
+    return f"cross-{options.target}-{digest.hexdigest()[:10]}"
 
 
 def _identity(options: CrossOptions, study: dict) -> dict:
@@ -113,7 +126,7 @@ def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: 
                        limit_per_class=options.limit_per_class)
     robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
                                    square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
-    result = evaluate_model(folder / VARIANTS["defended"], folder / f"cross-{options.target}", data, robustness,
+    result = evaluate_model(folder / VARIANTS["defended"], folder / unit_folder_name(options), data, robustness,
                             baseline_dir=folder / VARIANTS["undefended"], log=lambda m: log(f"  {m}"))
     own = json.loads((folder / "robustness" / "robustness.json").read_text())  # on the fold's held-out people
     record = {**_identity(options, study), "backbone": backbone, "unit": unit,
@@ -149,7 +162,7 @@ def collect(out: Path, options: CrossOptions, study: dict) -> dict:
     return {"source": source, "target": options.target, **_identity(options, study),
             "num_images": first.get("num_images"), "classes": first.get("classes"),
             "input_size": first.get("input_size"), "epochs": first.get("epochs"),
-            "units": {f"{r['backbone']}-{r['unit']}": r for r in records}, "summary": summary,
+            "units": {f"{r['backbone']}-{r['unit']}": r for r in records}, "summary": summary, "pending": [],
             "unit_commits": sorted({r["git_commit"] for r in records})}
 
 
@@ -158,14 +171,25 @@ def cross_markdown(result: dict) -> str:
     from .evaluation.study_report import _pm
 
     o = result["options"]
+    so = (result.get("study") or {}).get("options") or {}
+    held_out = ("its fold's held-out people" if so.get("protocol") == "subject"
+                else f"its {so.get('protocol', 'own')}-protocol test split")
+    images = (f"all {result['num_images']}" if o.get("limit_per_class") is None
+              else f"{result['num_images']} (at most {o['limit_per_class']} per class)")
     lines = [f"# {result['source']} models on {result['target']}: what survives a change of faces", "",
-             f"Every finished unit (subject fold x seed) of the {result['source']} study; each unit's defended and "
-             f"undefended (localization head) model tested on all {result['num_images']} {result['target']} images of "
+             f"Every finished unit (fold x seed) of the {result['source']} {so.get('protocol', '')} study; each unit's "
+             f"defended and undefended (localization head) model tested on {images} {result['target']} images of "
              f"its classes ({', '.join(result['classes'] or [])}), {result['input_size']} px, "
-             f"{result['epochs']} training epochs. "
-             f"'own' = the study's figures on its fold's held-out people. AutoAttack = standard (APGD-CE, APGD-T, FAB-T "
-             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries); PGD-{o['pgd_steps']}. "
-             f"mean ± std over units. Commits: {', '.join(c[:12] for c in result['unit_commits'])}.", ""]
+             f"{result['epochs']} training epochs. mean ± std over units. "
+             f"Commits: {', '.join(c[:12] for c in result['unit_commits'])}.", "",
+             f"- 'own' = the study's figures on {held_out}, with the study's settings: AutoAttack standard "
+             f"(APGD-CE, APGD-T, FAB-T {so.get('autoattack_steps')} steps, Square {so.get('square_queries')} "
+             f"queries) at eps {', '.join(f'{e:g}' for e in so.get('autoattack_eps', []))}.",
+             f"- {result['target']} = this table's settings: AutoAttack standard (APGD-CE, APGD-T, FAB-T "
+             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries) and PGD-{o['pgd_steps']}.", ""]
+    if result.get("pending"):
+        lines += [f"Not in the table yet (pending or being evaluated by another process): "
+                  f"{', '.join(result['pending'])}.", ""]
     for eps in (f"{e:g}" for e in o["eps"]):
         lines += [f"## eps {eps}", "",
                   "| backbone | model | units | own clean | own AutoAttack | "

@@ -143,8 +143,10 @@ def test_corruptions_are_deterministic_in_range_and_grow_with_severity(name):
 def test_eps_lists():
     assert parse_eps_list("0:0.03:0.01") == [0.0, 0.01, 0.02, 0.03]
     assert parse_eps_list("0.005,0.01") == [0.005, 0.01]
-    with pytest.raises(EmoshieldError):
-        parse_eps_list("a,b")
+    for bad in ("a,b", "nan", "0.01,nan", "inf", "-0.01", "1.5", "", ",", "0:1:1e-12", "0:1:0", "0:nan:0.1",
+                "0:1e400:1", "1:0:0.1", "0.01:0.02"):
+        with pytest.raises(EmoshieldError):  # a one-line error, never a hang on a billion values
+            parse_eps_list(bad)
 
 
 def test_eval_graph_is_the_same_function_and_the_fast_path_the_same_attack():

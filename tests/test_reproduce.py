@@ -150,6 +150,27 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert "pretrained on FER2013" in capsys.readouterr().err
     assert main(["cross-dataset", "--work", str(tmp_path), "--dataset", "jaffe", "--out", str(cross)]) == 2
     assert "not a study's work folder" in capsys.readouterr().err
+    report = (cross / "report.md").read_text()
+    assert "(at most 4 per class)" in report and "its fold's held-out people" in report and "Square 30 queries" in report
+    # locks are per options: another run's lock (other options) does not hold this one up; a unit
+    # this run's options are busy with elsewhere is left pending and listed, not reported as done
+    from emoshield.cross_dataset import CrossOptions, unit_folder_name
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        mine = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 3)
+        theirs = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 4)
+        for fold, options in (("fold0-seed0", theirs), ("fold1-seed0", mine)):
+            (work / "smallcnn" / fold / (unit_folder_name(options) + ".lock")).write_text(str(sleeper.pid))
+        other_out = tmp_path / "cross-3"
+        assert main(list(map(str, [*quick_cross[:-2], "--limit-per-class", "3", "--out", other_out]))) == 0
+        err = capsys.readouterr().err
+        assert "fold0-seed0 on jaffe: evaluating" in err and "fold1-seed0 on jaffe: running in another process" in err
+        partial = json.loads((other_out / "results.json").read_text())
+        assert list(partial["units"]) == ["smallcnn-fold0-seed0"] and partial["pending"] == ["smallcnn-fold1-seed0"]
+        assert "pending or being evaluated by another process): smallcnn-fold1-seed0" in (other_out / "report.md").read_text()
+    finally:
+        sleeper.kill()
 
     # a later session has OUT (committed) but not WORK's checkpoints: it resumes from OUT's unit files
     import shutil

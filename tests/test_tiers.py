@@ -69,8 +69,14 @@ def test_int8_kernels_on_this_cpu_compute_what_the_quantized_graph_says(bundle, 
     from emoshield.tiers.export import _images, kernel_step_errors
 
     test = _images(decode_split_part(trained / "model.safetensors", "test")[0])
-    steps = kernel_step_errors(bundle / ONNX_INT8, test)
-    assert len(steps) > 50 and max(steps.values()) <= 1, {name: s for name, s in steps.items() if s > 1}
+    checks = kernel_step_errors(bundle / ONNX_INT8, test)
+    assert len(checks) > 50 and max(c.steps for c in checks.values()) <= 1, \
+        {name: c for name, c in checks.items() if c.steps > 1}
+    # not vacuous: every conv, add and pooling island ran on integer kernels (QLinearConv, ...); only
+    # ops that have no integer kernel (the head's BatchNorm) or move data (Flatten) stay float
+    float_only = {name: c.fused_ops for name, c in checks.items() if not c.integer}
+    assert set().union(*float_only.values()) <= {"BatchNormalization", "DequantizeLinear", "QuantizeLinear",
+                                                  "Flatten"} and len(float_only) <= 3, float_only
 
     faces = np.concatenate([_images(decode_split_part(trained / "model.safetensors", "train")[0]), test])
     kernels, exact = _onnx_logits(bundle / ONNX_INT8, faces), _onnx_logits(bundle / ONNX_INT8, faces, exact=True)

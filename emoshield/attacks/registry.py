@@ -34,6 +34,9 @@ def parse_attacks(spec: str | None) -> list[str]:
     return names
 
 
+MAX_EPS_VALUES = 1000
+
+
 def parse_eps_list(spec: str) -> list[float]:
     """'0.005,0.01' or a range 'start:stop:step' (stop included) -> eps values."""
     try:
@@ -42,12 +45,14 @@ def parse_eps_list(spec: str) -> list[float]:
             if step <= 0:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
+            if not 1 <= count <= MAX_EPS_VALUES:
+                raise EmoshieldError(f"eps range {spec!r} gives {count} values; use 1 to {MAX_EPS_VALUES}")
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise EmoshieldError(f"bad eps list {spec!r}; use 0.005,0.01 or start:stop:step") from None
-    if not values or any(v < 0 or v > 1 for v in values):
+    if not values or not all(0 <= v <= 1 for v in values):  # NaN fails every comparison
         raise EmoshieldError(f"eps values must be in [0, 1], got {spec!r}")
     return values
 

@@ -129,32 +129,47 @@ def run_frames(analyzer: FrameAnalyzer, source: str, emit: Callable[[FrameResult
             "interrupted": interrupted}
 
 
+MAX_RESULT_LINE = 1 << 20  # a frame record is a few hundred bytes per face
+
+
 def read_results(jsonl: Path) -> dict[int, list]:
-    """Frame index -> faces, from the JSON lines `device run --jsonl` wrote. A line that is not
-    one of them stops with the line's number (a last line cut short by a killed run is skipped)."""
+    """Frame index -> faces, from the JSON lines `device run --jsonl` wrote, read a line at a time
+    (a line over MAX_RESULT_LINE is refused unread). A line that is not one of them stops with the
+    line's number (a last line cut short by a killed run is skipped)."""
     from .recognizer import FaceResult
 
     faces: dict[int, list] = {}
     try:
-        data = Path(jsonl).read_bytes()
+        stream = open(jsonl, "rb")
     except OSError as exc:
         raise EmoshieldError(f"--jsonl {jsonl}: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or type(record.get("frame")) is not int or record["frame"] < 0:
-                raise ValueError("not a frame record")
-            faces[record["frame"]] = [FaceResult.from_dict(f) for f in record.get("faces") or []]
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if number == len(lines) and isinstance(exc, json.JSONDecodeError):
-                continue  # no newline after it: the last line of a run killed mid-write
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-            raise EmoshieldError(f"--jsonl {jsonl}, line {number}: not a `device run` frame record ({reason})") \
-                from None
-    return faces
+    with stream:
+        number = 0
+        while True:
+            try:
+                line = stream.readline(MAX_RESULT_LINE + 1)
+            except OSError as exc:
+                raise EmoshieldError(f"--jsonl {jsonl}: {exc.strerror or exc}") from None
+            if not line:
+                return faces
+            number += 1
+            last = not line.endswith(b"\n")
+            if len(line) > MAX_RESULT_LINE:
+                raise EmoshieldError(f"--jsonl {jsonl}, line {number}: longer than {MAX_RESULT_LINE} bytes, "
+                                     "not a `device run` frame record")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or type(record.get("frame")) is not int or record["frame"] < 0:
+                    raise ValueError("not a frame record")
+                faces[record["frame"]] = [FaceResult.from_dict(f) for f in record.get("faces") or []]
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if last and isinstance(exc, json.JSONDecodeError):
+                    continue  # no newline after it: the last line of a run killed mid-write
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+                raise EmoshieldError(f"--jsonl {jsonl}, line {number}: not a `device run` frame record ({reason})") \
+                    from None
 
 
 def annotate_video(source: str, jsonl: Path, out: Path) -> dict:

@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -133,11 +134,26 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, opti
     return {"fp32_nodes": exclude, "quantized_nodes": len(compute) - len(exclude)}
 
 
-def kernel_step_errors(int8_path: Path, images: np.ndarray) -> dict[str, int]:
+class IslandCheck(NamedTuple):
+    """One quantized op's check: its worst difference from the exact graph, in quantization
+    steps, and the op types onnxruntime ran it with (an integer kernel such as QLinearConv when
+    it fused; only float ops means both runs were fp32 and `steps` proves nothing)."""
+
+    steps: int
+    fused_ops: tuple[str, ...]
+
+    @property
+    def integer(self) -> bool:
+        return any(op.startswith("QLinear") or op.startswith("QGemm") or op.endswith("Integer")
+                   for op in self.fused_ops)
+
+
+def kernel_step_errors(int8_path: Path, images: np.ndarray) -> dict[str, IslandCheck]:
     """How far this CPU's fused integer kernels are from the QDQ graph, one quantized op at a
     time: each island between QuantizeLinear outputs is fed the exact graph's own uint8 inputs
     and run both ways (fused kernels, and ORT_DISABLE_ALL: dequantize, fp32 op, quantize).
-    Returns the largest difference, in quantization steps, per island output.
+    Returns, per island output, the largest difference in quantization steps and the op types
+    the fused run used (so a caller can tell an island that did not fuse from one that is exact).
 
     This is the property that holds on every CPU: correct kernels differ from the exact graph
     by rounding alone (<= 1 step per op), wherever they run. End to end, those single-step
@@ -148,11 +164,14 @@ def kernel_step_errors(int8_path: Path, images: np.ndarray) -> dict[str, int]:
     import onnxruntime as ort
     from onnx import helper
 
-    def run(model, feed, exact):
+    def run(model, feed, exact, optimized=None):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
+        options.log_severity_level = 3  # the optimized-graph dump warns that it is CPU-specific: it is meant to be
         if exact:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if optimized:
+            options.optimized_model_filepath = str(optimized)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return session.run(None, feed)
 
@@ -186,8 +205,11 @@ def kernel_step_errors(int8_path: Path, images: np.ndarray) -> dict[str, int]:
             onnx.utils.extract_model(str(int8_path), str(island), sorted(inputs), [name])
             island_model = onnx.load(str(island))
             feed = {tensor: exact[tensor] for tensor in sorted(inputs)}
-            fused, reference = run(island_model, feed, False)[0], run(island_model, feed, True)[0]
-            errors[name] = int(np.abs(fused.astype(np.int32) - reference.astype(np.int32)).max())
+            optimized = Path(tmp) / "island.optimized.onnx"
+            fused = run(island_model, feed, False, optimized)[0]
+            reference = run(island_model, feed, True)[0]
+            ops = tuple(sorted({n.op_type for n in onnx.load(str(optimized)).graph.node}))
+            errors[name] = IslandCheck(int(np.abs(fused.astype(np.int32) - reference.astype(np.int32)).max()), ops)
     return errors
 
 
