@@ -745,6 +745,9 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--max-faces", type=int, default=8, help="faces classified per frame, largest first "
                                                             "(default: %(default)s)")
     p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
+    p.add_argument("--metrics", help="keep the run's state here in Prometheus text format (node_exporter's textfile "
+                        "collector): running version, frames, faces, FPS, int8 self-check, peak RSS; rewritten "
+                        "every --heartbeat seconds and at the end")
     p.add_argument("--detector", choices=["haar", "mtcnn"], default="haar",
                    help="face detector: haar (OpenCV; default) or mtcnn (onnxruntime; finds more turned, dim "
                         "and small faces, slower; its ONNX files come from `emoshield models install-weights`)")

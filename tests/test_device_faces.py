@@ -109,9 +109,23 @@ def test_device_reports_every_face_with_stable_tracks_on_a_two_face_video(bundle
         out = tmp_path / name
         proc = run("device", "run", "--source", video, "--bundle", bundle, "--pubkey", keys / "public.key",
                    "--jsonl", f"{out}.jsonl", "--truth", tmp_path / "two.mp4.labels.json", "--threads", "1",
-                   "--summary", f"{out}.json", "--annotate", f"{out}.mp4", *options)
+                   "--summary", f"{out}.json", "--annotate", f"{out}.mp4", "--metrics", f"{out}.prom", *options)
         assert "every face:" in proc.stderr and "track switches" in proc.stderr
         summaries[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        # the same run in Prometheus text format, as a scraper parses it
+        from prometheus_client.parser import text_string_to_metric_families
+
+        metrics = {s.name: s.value for family in text_string_to_metric_families((tmp_path / f"{name}.prom").read_text())
+                   for s in family.samples}
+        summary = summaries[name]
+        assert metrics["emoshield_device_frames_total"] == summary["frames"] == len(truth["faces"])
+        assert metrics["emoshield_device_faces_total"] == summary["faces"] > 0
+        assert metrics["emoshield_device_frames_with_face_total"] == summary["frames_with_face"]
+        assert metrics["emoshield_device_fps"] == pytest.approx(summary["fps"])
+        assert metrics["emoshield_device_running_version"] == summary["bundle_version"] >= 1
+        assert metrics["emoshield_device_int8"] == (summary["precision"] == "int8")
+        assert metrics["emoshield_device_self_check_agreement"] == pytest.approx(summary["self_check"]["agreement"])
+        assert metrics["emoshield_device_peak_rss_bytes"] == pytest.approx(summary["peak_rss_mb"] * 2**20)
         lines = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert len(lines) == len(truth["faces"])
         for line in lines:
@@ -155,6 +169,18 @@ def test_device_reports_every_face_with_stable_tracks_on_a_two_face_video(bundle
         drawn = np.abs(frames[0] - annotated).sum(2) > 150
         assert drawn[:, :320].sum() > 300 and drawn[:, 320:].sum() > 300
     assert np.abs(frames[1] - frames[2]).mean() < 1.0
+
+
+def test_metrics_file_that_cannot_be_written_is_one_line_and_the_run_goes_on(tmp_path, capsys):
+    from emoshield.device.run import write_metrics
+
+    write_metrics(tmp_path / "missing" / "device.prom", {"frames": 3, "version": 1})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--metrics" in err and "device.prom" in err
+    write_metrics(tmp_path / "device.prom", {"frames": 3, "version": 1, "precision": "fp32"})
+    text = (tmp_path / "device.prom").read_text()
+    assert "emoshield_device_frames_total 3.0" in text and "emoshield_device_int8 0.0" in text
+    assert "fps" not in text  # what the run does not know yet is left out, not reported as 0
 
 
 def test_annotate_refuses_records_that_are_not_a_runs_with_one_line(tmp_path, capsys):

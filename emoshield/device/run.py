@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -293,8 +294,6 @@ def _start_current(store: BundleStore, load: Callable[[Path], EmotionClassifier]
 
 def run_device_command(args) -> int:
     """`emoshield device run`: choose the bundle (local, or the store's current one), run it."""
-    import sys
-
     from ..paths import cache_dir
 
     def log(message: str) -> None:
@@ -365,8 +364,14 @@ def run_device_command(args) -> int:
         seen_announcements = [0]
         started = time.monotonic()
 
+        last_metrics = [time.monotonic()]
+
         def check_for_update() -> None:
             now = time.monotonic()
+            if args.metrics and now - last_metrics[0] >= args.heartbeat:
+                last_metrics[0] = now
+                write_metrics(Path(args.metrics), {**running(), **counts,
+                                                   "fps": counts["frames"] / max(now - started, 1e-9)})
             if link is not None and now - last_beat[0] >= args.heartbeat:
                 last_beat[0] = now
                 link.heartbeat({**running(), **counts, "fps": counts["frames"] / max(now - started, 1e-9)})
@@ -407,6 +412,8 @@ def run_device_command(args) -> int:
     summary["self_check"] = analyzer.classifier.check.to_dict()
     if sync is not None:
         summary["updates"] = sync.status.to_dict()
+    if args.metrics:
+        write_metrics(Path(args.metrics), {**summary, "version": analyzer.classifier.version})
     line = (f"device: {summary['frames']} frames ({summary['frames_with_face']} with a face, {summary['faces']} "
             f"faces, {summary['detections']} detections) in "
             f"{summary['seconds']:.2f} s = {summary['fps']:.1f} FPS (decode + detect + classify, "
@@ -430,6 +437,45 @@ def run_device_command(args) -> int:
                                                   "detect_width": args.detect_width,
                                                   "max_faces": args.max_faces}, indent=1))
     return 0
+
+
+def metrics_text(state: dict) -> str:
+    """The run's state in Prometheus text format, under the edge's names where they apply
+    (emoshield_device_running_version), for node_exporter's textfile collector. Written by hand:
+    prometheus-client would add to the device's memory for a dozen lines."""
+    check = state.get("self_check") or {}
+    values = [("emoshield_device_running_version", "gauge", "Bundle version the device is running",
+               state.get("version")),
+              ("emoshield_device_frames_total", "counter", "Frames analysed", state.get("frames")),
+              ("emoshield_device_faces_total", "counter", "Faces recognised", state.get("faces")),
+              ("emoshield_device_frames_with_face_total", "counter", "Frames with at least one face",
+               state.get("frames_with_face")),
+              ("emoshield_device_fps", "gauge", "Frames per second (decode + detect + classify)", state.get("fps")),
+              ("emoshield_device_int8", "gauge", "1 when the int8 model is served, 0 for fp32",
+               None if state.get("precision") is None else int(state["precision"] == "int8")),
+              ("emoshield_device_self_check_agreement", "gauge", "int8 vs fp32 agreement on the probe faces",
+               check.get("agreement")),
+              ("emoshield_device_peak_rss_bytes", "gauge", "Peak resident memory",
+               None if state.get("peak_rss_mb") is None else state["peak_rss_mb"] * 2**20)]
+    lines = []
+    for name, kind, help_text, value in values:
+        if value is None:
+            continue
+        sample = f"{name}_total" if kind == "counter" and not name.endswith("_total") else name
+        family = name.removesuffix("_total") if kind == "counter" else name
+        lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}", f"{sample} {float(value)!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path: Path, state: dict) -> None:
+    """Atomically (a scraper never reads half a file); a full disk is logged, the run goes on."""
+    from ..paths import write_atomic
+
+    try:
+        write_atomic(path, metrics_text(state).encode())
+        os.chmod(path, 0o644)  # a scraper runs as another user; nothing secret in it
+    except OSError as exc:
+        print(f"device: --metrics {path}: {exc.strerror or exc}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mb() -> float:
