@@ -366,15 +366,17 @@ def run_device_command(args) -> int:
 
         last_metrics = [time.monotonic()]
 
+        def live(now: float) -> dict:  # what a heartbeat and the --metrics file report mid-run
+            return {**running(), **counts, "fps": counts["frames"] / max(now - started, 1e-9)}
+
         def check_for_update() -> None:
             now = time.monotonic()
             if args.metrics and now - last_metrics[0] >= args.heartbeat:
                 last_metrics[0] = now
-                write_metrics(Path(args.metrics), {**running(), **counts,
-                                                   "fps": counts["frames"] / max(now - started, 1e-9)})
+                write_metrics(Path(args.metrics), live(now))
             if link is not None and now - last_beat[0] >= args.heartbeat:
                 last_beat[0] = now
-                link.heartbeat({**running(), **counts, "fps": counts["frames"] / max(now - started, 1e-9)})
+                link.heartbeat(live(now))
             if client is None:
                 return
             ready = update.take()
@@ -461,9 +463,8 @@ def metrics_text(state: dict) -> str:
     for name, kind, help_text, value in values:
         if value is None:
             continue
-        sample = f"{name}_total" if kind == "counter" and not name.endswith("_total") else name
-        family = name.removesuffix("_total") if kind == "counter" else name
-        lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}", f"{sample} {float(value)!r}"]
+        family = name.removesuffix("_total") if kind == "counter" else name  # the format's family name
+        lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}", f"{name} {float(value)!r}"]
     return "\n".join(lines) + "\n"
 
 
