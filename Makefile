@@ -8,9 +8,11 @@ EMOSHIELD_DATA ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 export EMOSHIELD_DATA
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_OUT ?= runs/demo
+# `make demo KEEP=1 [PORT=8800]`: the services stay up after the demo (dashboard URL printed), until Ctrl-C
 
 # Debian packages the services need: Mosquitto (MQTT broker) for the device/edge tests and demo;
-# PostgreSQL (server binaries only; tests start their own throwaway cluster) for the metadata-store tests.
+# PostgreSQL (server binaries only; tests start their own throwaway cluster) for the metadata-store tests;
+# chromium and chromium-driver (headless) for the dashboard's browser tests (Selenium never downloads a driver).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system demo test clean embedded-library
@@ -26,6 +28,10 @@ system:
 	  echo "installing Debian's postgresql (metadata store tests)"; \
 	  $(SUDO) apt-get install -y -q postgresql >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q postgresql >/dev/null; }; }
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || { \
+	  echo "installing Debian's chromium and chromium-driver (dashboard browser tests)"; \
+	  $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,7 +45,7 @@ demo: setup
 	@test -n "$$EMOSHIELD_DATA" || { echo "set EMOSHIELD_DATA to the folder holding ckplus48/"; exit 2; }
 	$(BIN)/emoshield models list
 	$(BIN)/emoshield data summary --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0
-	$(BIN)/python scripts/demo.py --work $(DEMO_OUT)
+	$(BIN)/python scripts/demo.py --work $(DEMO_OUT) $(if $(KEEP),--keep) $(if $(PORT),--port $(PORT))
 
 # Two workers (pytest-xdist), one thread each: most tests wait on process start-up, services and
 # I/O, so two run side by side in ~half the time on 2 cores; a file's tests stay on one worker

@@ -349,7 +349,8 @@ def cmd_bundle_export(args) -> int:
                                   args.activations, args.int8_weights, args.reduce_range, args.probes,
                                   args.self_check_min_agreement)
     manifest = export_bundle(Path(args.model), Path(args.key), Path(args.out), args.name, args.version,
-                             args.data_root, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+                             args.data_root, options, log=lambda m: print(m, file=sys.stderr, flush=True),
+                             robustness_file=Path(args.robustness) if args.robustness else None)
     print(describe_bundle(manifest))
     m = manifest["metrics"]
     print(f"int8 accuracy change: {m['int8_accuracy_change'] * 100:+.2f} points on {m['test_images']} test faces "
@@ -416,13 +417,16 @@ def cmd_device_annotate(args) -> int:
     return 0
 
 
-def _serve(app, host: str, port: int, what: str) -> None:
+def _serve(app, host: str, port: int, what: str, docs: str = "OpenAPI docs at /docs") -> None:
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"emoshield: note: {what} listens on {host}, not only on this machine", file=sys.stderr)
-    print(f"{what} on http://{host}:{port} (OpenAPI docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    print(f"{what} on http://{host}:{port} ({docs})", file=sys.stderr, flush=True)
+    # open event streams (the dashboard's) would hold a graceful shutdown forever: a few seconds, then
+    # closed. No proxy headers: X-Forwarded-For from a local client must not choose the address the
+    # login limiter counts, nor X-Forwarded-Proto the cookie's Secure flag.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, proxy_headers=False)
 
 
 def cmd_cloud_add(args) -> int:
@@ -549,6 +553,7 @@ def cmd_edge_serve(args) -> int:
                         defense=args.defense, eps=args.eps, train_every=args.train_every,
                         max_upload_bytes=args.max_upload_bytes, min_samples=args.min_samples, mqtt=args.mqtt,
                         mqtt_admin=_mqtt_admin(args), timestamp_expiry=args.timestamp_expiry,
+                        eval_attacks=args.eval_attacks, dashboard_session_seconds=args.dashboard_session_hours * 3600,
                         database=args.database or os.environ.get("EMOSHIELD_DATABASE_URL"))
     if not config.key.is_file():
         raise EmoshieldError(f"signing key {config.key} does not exist (emoshield keys generate)")
@@ -558,7 +563,8 @@ def cmd_edge_serve(args) -> int:
     # on SIGTERM uvicorn shuts down, then re-raises the signal: the node must stop (and stop its
     # job's child processes) during the shutdown, not after _serve returns
     app.router.on_shutdown.append(node.stop)
-    _serve(app, args.host, args.port, f"edge node {args.name} ({root})")
+    _serve(app, args.host, args.port, f"edge node {args.name} ({root})",
+           docs=f"dashboard at http://{args.host}:{args.port}/, OpenAPI schema at /openapi.json")
     node.stop()
     return 0
 
@@ -669,6 +675,8 @@ def _add_tier_commands(sub) -> None:
     p.add_argument("--version", type=int, default=1, help="bundle version, a positive integer (default: 1)")
     p.add_argument("--data-root", help="where the model's dataset lives (default: as trained)")
     p.add_argument("--calibration-images", type=int, default=256, help="training faces for int8 calibration")
+    p.add_argument("--robustness", help="robustness.json of `emoshield evaluate --model MODEL --attacks ...`: the "
+                                        "manifest's robustness headline (default: MODEL/robustness.json if present)")
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     p.add_argument("--keep-fp32", default="first,last", help="layers left in fp32: first,last or '' (default: %(default)s)")
@@ -832,6 +840,12 @@ def _add_edge_commands(sub) -> None:
     p.add_argument("--defense", default="fgsm:0.5,rfgsm:0.5")
     p.add_argument("--eps", type=float, default=0.01)
     p.add_argument("--train-every", type=int, default=0, help="queue a job after N new samples (0 = on request)")
+    p.add_argument("--eval-attacks", default="fgsm,rfgsm,pgd",
+                   help="attacks each job's model is evaluated with at --eps before export, the robustness headline "
+                        "of its signed manifest and of the dashboard; e.g. fgsm,rfgsm,pgd,autoattack, or '' to skip "
+                        "(default: %(default)s)")
+    p.add_argument("--dashboard-session-hours", type=float, default=8.0,
+                   help="how long a dashboard login lasts (default: %(default)s)")
     p.add_argument("--database", help="SQLAlchemy URL of the metadata store, e.g. "
                                       "postgresql+psycopg://USER@HOST:PORT/DB (default: $EMOSHIELD_DATABASE_URL, "
                                       "else SQLite in ROOT/edge.sqlite3)")

@@ -4,9 +4,12 @@ cloud (model library service) + MQTT broker (Mosquitto) -> edge node (enrol a de
 defended training on a backbone fetched from the cloud and verified by hash, signed
 bundle) -> device (pulls, verifies and installs the bundle, recognises emotions on a
 video built from real test faces, torch-free, heartbeats over MQTT) -> robustness table of the edge's model.
-Every process it starts is stopped at the end. Work folder: runs/demo (replaced each run).
+Every process it starts is stopped at the end, unless --keep: then the services stay up, a device
+replays the video in a loop at its frame rate (live emotions on the dashboard), and the demo waits
+for Ctrl-C. The edge's dashboard URL and its admin token are printed as soon as the edge is up.
+Work folder: runs/demo (replaced each run).
 
-    .venv/bin/python scripts/demo.py [--data-root DIR] [--epochs 8] [--input-size 48]
+    .venv/bin/python scripts/demo.py [--data-root DIR] [--epochs 8] [--input-size 48] [--keep] [--port PORT]
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def main() -> int:
     parser.add_argument("--work", default="runs/demo")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--input-size", type=int, default=48)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the services (and a looping device) up after the demo, until Ctrl-C")
+    parser.add_argument("--port", type=int, default=0, help="the edge's port (default: a free one)")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -67,7 +73,7 @@ def main() -> int:
         admin = token_file(work / "admin.token", ADMIN)
         emoshield("cloud", "add", "--library", work / "library", "--name", "mobilenet_v2-imagenet",
                   "--backbone", "mobilenet_v2", "--weights", "imagenet", "--input-size", args.input_size)
-        cloud_url, edge_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        cloud_url, edge_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{args.port or free_port()}"
         procs.append(subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library",
                                        str(work / "library"), "--port", cloud_url.rsplit(":", 1)[1]],
                                       stdout=open(work / "cloud.log", "w"), stderr=subprocess.STDOUT))
@@ -90,11 +96,13 @@ def main() -> int:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(work / "edge"), "--key",
              str(work / "keys" / "private.key"), "--cloud", cloud_url, "--backbone", "mobilenet_v2-imagenet",
-             "--classes", FIVE, "--admin-token-file", str(admin), "--epochs", str(args.epochs), "--input-size",
+             "--classes", FIVE, "--admin-token-file", str(admin), "--name", "demo-edge", "--epochs", str(args.epochs),
+             "--input-size",
              str(args.input_size), *mqtt, "--port", edge_url.rsplit(":", 1)[1]],
             stdout=open(work / "edge.log", "w"), stderr=subprocess.STDOUT))
         wait_healthy(edge_url, procs[-1])
-        print(f"edge serving on {edge_url}", flush=True)
+        print(f"edge serving on {edge_url}\n  dashboard: {edge_url}/ (log in with the admin token "
+              f"{ADMIN!r}, also in {admin})", flush=True)
         device = json.loads(emoshield("edge", "enrol", "--edge", edge_url, "--admin-token-file", admin, "--name",
                                       "camera-1", capture=True).stdout)
         print(f"enrolled device {device['device_id']}", flush=True)
@@ -140,6 +148,8 @@ def main() -> int:
         print("\n== robustness of the edge's defended model ==", flush=True)
         emoshield("evaluate", "--model", run_dir, "--attacks", "fgsm,rfgsm,pgd", "--eps", "0.005,0.01,0.015",
                   "--out", work / "robustness")
+        if args.keep:
+            keep_running(procs, work, edge_url, admin, video)
     finally:
         for proc in procs:
             proc.terminate()
@@ -151,6 +161,32 @@ def main() -> int:
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; everything is in {work}/ "
           "(all services stopped)")
     return 0
+
+
+def keep_running(procs: list[subprocess.Popen], work: Path, edge_url: str, admin: Path, video: Path) -> None:
+    """--keep: a device replaying the video at its frame rate (heartbeats every 2 s: the dashboard's
+    live timeline), the services up, until Ctrl-C or SIGTERM."""
+    import signal
+
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "emoshield", "device", "run", "--edge", edge_url, "--token-file",
+         str(work / "device.token"), "--pubkey", str(work / "keys" / "public.key"), "--trust-root",
+         str(work / "edge" / "trust" / "metadata" / "1.root.json"), "--store", str(work / "device"),
+         "--source", str(video), "--loop", "--realtime", "--smooth", "0.5", "--heartbeat", "2",
+         "--jsonl", str(work / "device-live.jsonl")],
+        stdout=open(work / "device-live.log", "w"), stderr=subprocess.STDOUT))
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    print(f"\n== kept running (--keep) ==\n  dashboard: {edge_url}/  (admin token in {admin})\n"
+          f"  a device replays {video.name} in a loop; Ctrl-C stops everything", flush=True)
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        print(f"a service exited; stopping the others (logs in {work}/)", flush=True)
+    except KeyboardInterrupt:
+        print("\nstopping the services", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,18 +45,26 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 6
     raise AssertionError(f"service at {url} not healthy in {timeout} s: {log.read_text()}")
 
 
+def service_files(tmp: Path, admin_token: str) -> Path:
+    """What the services start from, in `tmp`: signing keys, the admin token's file (returned), a
+    cloud library with an untrained 32 px smallcnn, and the edge's update repository (its root key
+    kept outside the edge's folder)."""
+    run("keys", "generate", "--out", tmp / "keys")
+    admin = token_file(tmp, "admin", admin_token)
+    run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
+        "--weights", "scratch", "--input-size", "32")
+    run("trust", "init", "--edge-root", tmp / "edge", "--root-key", tmp / "offline" / "root.key")
+    return admin
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def services(request, tmp_path_factory, data_root, secure_broker):
     broker = secure_broker  # anonymous clients refused: the edge issues each device its MQTT account
     """The whole suite runs twice: edge metadata in SQLite (default), then in PostgreSQL."""
     tmp = tmp_path_factory.mktemp(f"services-{request.param}")
     database = ["--database", request.getfixturevalue("postgres")] if request.param == "postgresql" else []
-    run("keys", "generate", "--out", tmp / "keys")
-    token_file(tmp, "admin", "admin-secret")
+    service_files(tmp, "admin-secret")
     token_file(tmp, "mqtt-admin", MQTT_ADMIN[1])
-    run("cloud", "add", "--library", tmp / "library", "--name", "smallcnn-test", "--backbone", "smallcnn",
-        "--weights", "scratch", "--input-size", "32")
-    run("trust", "init", "--edge-root", tmp / "edge", "--root-key", tmp / "offline" / "root.key")
     cloud_port, edge_port = free_port(), free_port()
     procs = []
     try:
@@ -320,6 +328,9 @@ def test_running_device_learns_of_a_new_bundle_over_mqtt_without_polling(service
         telemetry = [d for d in request("GET", edge + "/devices", "admin-secret") if d["id"] == me["id"]][0]["telemetry"]
         assert telemetry["precision"] in ("int8", "fp32") and telemetry["self_check"]["requested"] == "int8"
         assert telemetry["self_check"]["probes"] > 0 and 0 <= telemetry["self_check"]["agreement"] <= 1
+        # and the faces per emotion seen since the previous heartbeat (the dashboard's timeline; counts, no images)
+        assert set(telemetry["emotions"]) <= set(FIVE.split(",")) and all(n >= 0 for n in telemetry["emotions"].values())
+        assert 0 < telemetry["interval"] < 30
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -340,6 +340,8 @@ def run_device_command(args) -> int:
                              detect_width=args.detect_width, max_faces=args.max_faces)
     results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
     counts = {"frames": 0, "faces": 0, "frames_with_face": 0}
+    # faces per emotion since the last heartbeat: the edge's live timeline (counts, never images)
+    interval_emotions: dict[str, int] = {}
     out = open(args.jsonl, "w", buffering=1) if args.jsonl else sys.stdout  # line-buffered: tail -f works
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -349,6 +351,8 @@ def run_device_command(args) -> int:
             counts["faces"] += len(result.faces)
             counts["frames_with_face"] += bool(result.faces)
             counts["faces_now"] = len(result.faces)
+            for face in result.faces:
+                interval_emotions[face.label] = interval_emotions.get(face.label, 0) + 1
             if args.truth:
                 results.append(result)
             print(result.to_json(), file=out)
@@ -360,7 +364,8 @@ def run_device_command(args) -> int:
                     **({"updates": sync.status.to_dict()} if sync is not None else {})}
 
         last_check = [time.monotonic()]
-        last_beat = [0.0]
+        last_beat = [0.0]  # the first heartbeat goes out with the first frame
+        interval_start = [time.monotonic()]
         seen_announcements = [0]
         started = time.monotonic()
 
@@ -369,14 +374,21 @@ def run_device_command(args) -> int:
         def live(now: float) -> dict:  # what a heartbeat and the --metrics file report mid-run
             return {**running(), **counts, "fps": counts["frames"] / max(now - started, 1e-9)}
 
+        def beat(now: float, **extra) -> dict:
+            """A heartbeat: the live state plus the faces per emotion seen since the last one."""
+            payload = {**live(now), "emotions": dict(interval_emotions),
+                       "interval": round(now - interval_start[0], 3), **extra}
+            interval_emotions.clear()
+            last_beat[0] = interval_start[0] = now
+            return payload
+
         def check_for_update() -> None:
             now = time.monotonic()
             if args.metrics and now - last_metrics[0] >= args.heartbeat:
                 last_metrics[0] = now
                 write_metrics(Path(args.metrics), live(now))
             if link is not None and now - last_beat[0] >= args.heartbeat:
-                last_beat[0] = now
-                link.heartbeat(live(now))
+                link.heartbeat(beat(now))
             if client is None:
                 return
             ready = update.take()
@@ -400,10 +412,7 @@ def run_device_command(args) -> int:
         if update is not None:
             update.join(timeout=5.0)  # let a quick check finish and log; a long download is abandoned
         if link is not None:
-            link.heartbeat({**running(), "frames": summary["frames"],
-                            "fps": summary["fps"], "faces": summary["faces"],
-                            "frames_with_face": summary["frames_with_face"], "finished": True},
-                           wait=2.0)
+            link.heartbeat(beat(time.monotonic(), fps=summary["fps"], finished=True), wait=2.0)
     finally:
         if out is not sys.stdout:
             out.close()

@@ -15,13 +15,16 @@ with a higher version, which devices pull.
     GET  /bundles/{v}/{file}      device a bundle file (manifest.json, manifest.sig, *.onnx, weights)
     GET  /metrics                 admin  Prometheus text format (emoshield.tiers.metrics)
     GET  /health
+    GET  /, /login, /dashboard/*  the operator's web dashboard (emoshield.tiers.dashboard: a session
+                                  cookie from a login with the admin token)
 
 Tokens travel as `Authorization: Bearer T`; only their sha256 is stored. Metadata lives in a
 SQL database (emoshield.tiers.store: SQLite in the edge's folder by default, or any SQLAlchemy
 URL, e.g. PostgreSQL); image bytes in a content-addressed folder (cas/ab/cdef...), so file names
 sent by devices are never used as paths. A job tests on people it never trained on when uploads
-carry subject tags (see `evaluation_protocol`) and says which protocol it used. Training runs `emoshield train` and
-`emoshield bundle export` as subprocesses, logging to jobs/<id>/log.txt. With a broker
+carry subject tags (see `evaluation_protocol`) and says which protocol it used. Training runs `emoshield train`,
+`emoshield evaluate` (the robustness headline the bundle's signed manifest carries) and `emoshield bundle export`
+as subprocesses, logging to jobs/<id>/log.txt. With a broker
 (`--mqtt HOST:PORT`), each new bundle is announced as a retained MQTT message and device
 heartbeats are recorded (emoshield.tiers.mqtt).
 """
@@ -55,6 +58,12 @@ SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
 MULTIPART_OVERHEAD = 16_384  # bytes a multipart upload may add around its image (boundaries, label)
 MAX_BACKBONE_BYTES = 2_000_000_000
 MIN_SUBJECTS = 3  # tagged subjects a job needs to hold whole people out (train, validation, test)
+MIN_HEARTBEAT_GAP = 0.05  # seconds: a device's heartbeats closer than this are dropped before the store
+
+
+def valid_device_name(name: object) -> bool:
+    """1-64 printable characters (no control, format or bidi-override characters)."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable()
 
 
 class UploadError(EmoshieldError):
@@ -104,6 +113,10 @@ class EdgeConfig:
     # how long a signed TUF timestamp stays valid: a device whose edge stops re-signing (a freeze,
     # or a replayed old state) notices within this time; the node re-signs 8 times per lifetime
     timestamp_expiry: float = 86400.0
+    # attacks each job's model is evaluated with at `eps` before export (the manifest's robustness
+    # headline, shown on the dashboard); "" skips the evaluation
+    eval_attacks: str = "fgsm,rfgsm,pgd"
+    dashboard_session_seconds: float = 8 * 3600.0  # a dashboard login lasts this long
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -186,6 +199,11 @@ class EdgeNode:
         parse_token(config.admin_token, "admin token", MIN_TOKEN_LENGTH)  # refused before anything starts
         self.config = config
         self.store = EdgeStore(config.root, config.database)  # marks jobs a dead node left "running" failed
+        from .dashboard.state import LiveFeed
+
+        self.feed = LiveFeed()  # accepted heartbeats, for the dashboard's live timeline
+        self._heartbeats_lock = threading.Lock()  # a heartbeat and a revoke never interleave
+        self._last_heartbeat: dict[str, float] = {}
         self.on_publish = on_publish
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -203,7 +221,7 @@ class EdgeNode:
         if self.config.mqtt:
             from .mqtt import EdgeAnnouncer
 
-            self.announcer = EdgeAnnouncer(self.config.mqtt, self.config.name, self.store.record_heartbeat,
+            self.announcer = EdgeAnnouncer(self.config.mqtt, self.config.name, self.record_heartbeat,
                                            admin=self.config.mqtt_admin)
             if not self.announcer.start():
                 print(f"edge: MQTT broker {self.config.mqtt} not reachable yet; retrying in the background "
@@ -217,6 +235,25 @@ class EdgeNode:
         self.trust.refresh()
         self._resigner.start()
         self._worker.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def record_heartbeat(self, device_id: str, telemetry: dict) -> bool:
+        """Keep a device's heartbeat (the store drops what does not fit) and pass it to the live
+        feed. A device flooding the broker costs one dictionary lookup per extra message."""
+        now = time.monotonic()
+        with self._heartbeats_lock:
+            if now - self._last_heartbeat.get(device_id, -1e9) < MIN_HEARTBEAT_GAP:
+                return False
+            if not self.store.record_heartbeat(device_id, telemetry):
+                return False
+            if len(self._last_heartbeat) > 100_000:  # names of devices never enrolled do not get here
+                self._last_heartbeat.clear()
+            self._last_heartbeat[device_id] = now
+            self.feed.publish(device_id, telemetry)
+            return True
 
     def _sign_bundle(self, version: int) -> None:
         """List bundle `version`'s files in the TUF targets metadata and name it the newest."""
@@ -272,8 +309,10 @@ class EdgeNode:
 
     def revoke(self, device_id: str) -> bool:
         """Refuse the device from now on, over HTTP and (with broker accounts) MQTT."""
-        if not self.store.revoke(device_id):
-            return False
+        with self._heartbeats_lock:
+            if not self.store.revoke(device_id):
+                return False
+            self.feed.forget(device_id)
         if self.announcer is not None:
             self.announcer.revoke_device(device_id)
         return True
@@ -362,12 +401,17 @@ class EdgeNode:
                            "--input-size", str(cfg.input_size), "--epochs", str(cfg.epochs),
                            "--batch-size", str(cfg.batch_size), "--defense", cfg.defense, "--eps", str(cfg.eps),
                            *cfg.extra_train_args, "--quiet", "--out", str(run_dir)])
+        robustness = []
+        if cfg.eval_attacks:
+            self._run(job_id, ["evaluate", "--model", str(run_dir), "--attacks", cfg.eval_attacks,
+                               "--eps", str(cfg.eps), "--out", str(folder / "robustness")])
+            robustness = ["--robustness", str(folder / "robustness" / "robustness.json")]
         version = store.latest_version() + 1
         bundle = store.bundle_dir(version)
         if bundle.exists():
             shutil.rmtree(bundle)  # left by a job that died before recording it
         self._run(job_id, ["bundle", "export", "--model", str(run_dir), "--key", str(cfg.key), "--out", str(bundle),
-                           "--version", str(version), "--name", cfg.name, "--calibration-images", "128"])
+                           "--version", str(version), "--name", cfg.name, "--calibration-images", "128", *robustness])
         manifest = read_manifest(bundle)
         store.add_bundle(version, job_id)
         self._sign_bundle(version)  # devices learn of it from the signed TUF metadata
@@ -453,8 +497,10 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     store, cfg = node.store, node.config
     admin_sha256 = hash_token(parse_token(cfg.admin_token, "admin token", MIN_TOKEN_LENGTH))
     decodes = asyncio.Semaphore(max_concurrent_decodes)
+    # no /docs or /redoc: their pages load scripts from a CDN, on the origin where the dashboard's
+    # session cookie lives (the schema stays at /openapi.json)
     app = FastAPI(title="emoshield edge", description="Edge node: devices, samples, training jobs, bundles.",
-                  version="1")
+                  version="1", docs_url=None, redoc_url=None)
     Id = Annotated[int, PathParam(ge=1, le=MAX_VERSION)]  # job ids and bundle versions alike
     from .metrics import CONTENT_TYPE_LATEST, EdgeMetrics, MetricsMiddleware
 
@@ -489,6 +535,10 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     def device_or_admin(authorization: str | None = Header(default=None)) -> str:
         return "admin" if is_admin(bearer(authorization)) else device(authorization)
 
+    from .dashboard import add_dashboard
+
+    add_dashboard(app, node, is_admin, cfg.dashboard_session_seconds)
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "name": cfg.name, "latest_version": store.latest_version(),
@@ -503,8 +553,8 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
 
     @app.post("/devices", dependencies=[Depends(admin)])
     def enrol(body: Enrolment) -> dict:
-        if not 0 < len(body.name) <= 64:
-            raise HTTPException(422, "device name must be 1-64 characters")
+        if not valid_device_name(body.name):
+            raise HTTPException(422, "device name must be 1-64 printable characters")
         device_id, token = node.enrol(body.name)
         return {"device_id": device_id, "token": token}
 

@@ -263,8 +263,10 @@ def add_probes(bundle_dir: Path, pixels: np.ndarray, int8_threshold: float) -> d
 
 def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str | None = None, version: int = 1,
                   data_root: str | None = None, quantization: QuantizationOptions | None = None,
-                  log=print) -> dict:
-    """Write a signed bundle for the trained model in model_dir (its training output folder)."""
+                  log=print, robustness_file: Path | None = None) -> dict:
+    """Write a signed bundle for the trained model in model_dir (its training output folder); the
+    manifest's robustness headline comes from `robustness_file` (an `emoshield evaluate` result of
+    this model), by default model_dir/robustness.json when there is one."""
     import torch
 
     from ..models.network import load_model, save_model
@@ -279,6 +281,8 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
     model_dir = Path(model_dir)
     model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
     model = load_model(model_file)
+    if robustness_file and "robustness" not in _read_json(Path(robustness_file)):
+        raise EmoshieldError(f"{robustness_file} holds no `emoshield evaluate` robustness result")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EmoshieldError(f"{out_dir} exists and is not empty (a bundle is written once)")
@@ -311,7 +315,7 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
     metrics["int8_accuracy_change"] = metrics["onnx_int8_accuracy"] - metrics["test_accuracy"]
     run = _read_json(model_file.parent / "run.json")
     train_metrics = _read_json(model_file.parent / "metrics.json")
-    robustness = _read_json(model_file.parent / "robustness.json")
+    robustness = _read_json(Path(robustness_file) if robustness_file else model_file.parent / "robustness.json")
     gray = int(test.pixels.shape[1]) == 1
     margin, measured = face_margin(calib)
     log(f"bundle: face margin {margin:+.3f} (the device's detector box grown by this on each side frames faces "

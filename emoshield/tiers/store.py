@@ -310,6 +310,10 @@ class EdgeStore(SqlStore):
     def bundle_count(self) -> int:
         return self._scalar(select(func.count()).select_from(BUNDLES))
 
+    def bundles(self, limit: int = 10) -> list[dict]:
+        """The newest `limit` bundles: version, the job that made it, when it was recorded."""
+        return self._rows(select(BUNDLES).order_by(BUNDLES.c.version.desc()).limit(limit))
+
     def add_bundle(self, version: int, job_id: int) -> None:
         with self._begin() as conn:
             conn.execute(insert(BUNDLES).values(version=version, job_id=job_id, created=time.time()))
