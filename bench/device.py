@@ -5,10 +5,12 @@ device run` pipeline (decode + detect + track + classify) pinned to one core wit
 0` on a 640x480 video of real test faces: the default (no tuning flags) against detecting on
 every full-size frame, with peak RSS, accuracy against the per-frame ground truth and the
 agreement of boxes and labels; and the cost of each extra face in the frame (videos with 1, 2
-and 3 faces side by side). Every row names the CPU's instruction set.
+and 3 faces side by side); and what test-time augmentation costs (`--tta flip`: each face and its
+mirror image, against none, interleaved; `--only tta` runs this part alone). Every row names the
+CPU's instruction set.
 
     .venv/bin/python bench/device.py --model runs/defense_ckplus48/subject-defended-evalbn \
-        [--work runs/bench_device] [--repeats 7] [--video-repeats 3]
+        [--work runs/bench_device] [--repeats 7] [--video-repeats 3] [--only tta]
 
 Writes bench/results/device.json, the headline keys in bench/results.json
 (int8_latency_vs_eager, video_fps, device_peak_rss_mb) and the "device" section of BENCHMARKS.md.
@@ -77,10 +79,10 @@ def latency(model_dir: Path, bundle: Path, repeats: int, iterations: int) -> dic
             "vs_eager": {name: m / ms["torch eager fp32"] for name, m in ms.items()}}
 
 
-def device_run(bundle: Path, pubkey: Path, video: Path, out: Path, every: int, width: int) -> dict:
+def device_run(bundle: Path, pubkey: Path, video: Path, out: Path, every: int, width: int, tta: str = "none") -> dict:
     subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "emoshield", "device", "run", "--bundle",
                     bundle, "--pubkey", pubkey, "--source", video, "--threads", "1", "--detect-every",
-                    str(every), "--detect-width", str(width), "--truth", f"{video}.labels.json",
+                    str(every), "--detect-width", str(width), "--truth", f"{video}.labels.json", "--tta", tta,
                     "--jsonl", out.with_suffix(".jsonl"), "--summary", out],
                    check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -112,6 +114,30 @@ def pipeline(bundle: Path, pubkey: Path, video: Path, work: Path, repeats: int) 
                                                            for r, o in zip(reference, frames[setting])])),
         })
     return rows
+
+
+def tta_cost(bundle: Path, pubkey: Path, video: Path, work: Path, repeats: int) -> list[dict]:
+    """The default pipeline without and with `--tta flip`, interleaved: FPS, ms per frame, accuracy."""
+    runs = {mode: [] for mode in ("none", "flip")}
+    for _ in range(repeats):
+        for mode in runs:
+            runs[mode].append(device_run(bundle, pubkey, video, work / f"tta-{mode}.json", *DEFAULT, tta=mode))
+    rows = [{"tta": mode, "fps": statistics.median(s["fps"] for s in summaries),
+             "ms_per_frame": statistics.median(1e3 / s["fps"] for s in summaries),
+             "accuracy_all_frames": summaries[-1]["accuracy_all_frames"],
+             "peak_rss_mb": max(s["peak_rss_mb"] for s in summaries)} for mode, summaries in runs.items()]
+    rows[1]["ms_per_frame_vs_none"] = rows[1]["ms_per_frame"] / rows[0]["ms_per_frame"]
+    return rows
+
+
+def tta_markdown(rows: list[dict], isa: str, frames: int, repeats: int) -> list[str]:
+    return ["", f"Test-time augmentation (`--tta flip`: every face and its mirror in one batch, probabilities "
+                f"averaged), the default pipeline on the same {frames}-frame video, one core, median of {repeats} "
+                "interleaved runs:", "",
+            "| CPU | tta | FPS | ms / frame | x none | accuracy (all frames) | peak RSS MB |",
+            "|---|---|---:|---:|---:|---:|---:|"] + [
+        f"| {isa} | {r['tta']} | {r['fps']:.1f} | {r['ms_per_frame']:.2f} | {r.get('ms_per_frame_vs_none', 1.0):.2f} | "
+        f"{r['accuracy_all_frames']:.1%} | {r['peak_rss_mb']:.0f} |" for r in rows]
 
 
 def multi_face(bundle: Path, pubkey: Path, videos: dict[int, Path], work: Path, repeats: int) -> list[dict]:
@@ -157,6 +183,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--video-repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["tta"], help="run one part alone (its own results file and section)")
     args = parser.parse_args()
     model_dir, work = Path(args.model).resolve(), (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -175,16 +202,32 @@ def main() -> int:
 
     info = machine()
     isa = info["cpu_isa"]
+    if args.only == "tta":
+        rows = tta_cost(bundle, pubkey, video, work, args.video_repeats)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        model = str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir)
+        (ROOT / "bench" / "results" / "device_tta.json").write_text(json.dumps(
+            {"model": model, "backbone": manifest["backbone"]["name"], "training": manifest["training"],
+             "machine": info, "tta": rows, "video": video.name}, indent=1))
+        md = [f"## Device test-time augmentation (`python bench/device.py --model {model} --only tta`)", "",
+              f"Model: {manifest['backbone']['name']} {manifest['preprocessing']['input_size']} px, "
+              f"{manifest['training'].get('dataset')} ({manifest['training'].get('protocol')} protocol, "
+              f"{manifest['training'].get('epochs')} epochs, seed {manifest['training'].get('seed')})."]
+        md += tta_markdown(rows, isa, json.loads((work / "tta-none.json").read_text())["frames"], args.video_repeats)
+        record("device_tta", {"tta_flip_ms_per_frame_vs_none": rows[1]["ms_per_frame_vs_none"]}, "\n".join(md))
+        print("\n".join(md))
+        return 0
     lat = latency(model_dir, bundle, args.repeats, args.iterations)
     check = self_check_cost(bundle, args.repeats)
     rows = pipeline(bundle, pubkey, video, work, args.video_repeats)
     faces = multi_face(bundle, pubkey, videos, work, args.video_repeats)
+    tta = tta_cost(bundle, pubkey, video, work, args.video_repeats)
     manifest = json.loads((bundle / "manifest.json").read_text())
     default = next(r for r in rows if (r["detect_every"], r["detect_width"]) == DEFAULT)
     result = {"model": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
               "backbone": manifest["backbone"]["name"], "training": manifest["training"],
               "machine": info, "latency": lat, "self_check": check, "pipeline": rows, "multi_face": faces,
-              "video": video.name}
+              "tta": tta, "video": video.name}
     out = ROOT / "bench" / "results" / "device.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -218,12 +261,14 @@ def main() -> int:
     md += [f"| {isa} | {r['faces_per_frame']} | {r['fps']:.1f} | {r['ms_per_frame']:.2f} | "
            f"{r.get('ms_per_extra_face', 0):.2f} | {r['face_detection_rate']:.1%} | "
            f"{r['face_accuracy_on_detected']:.1%} | {r['track_switches']} |" for r in faces]
+    md += tta_markdown(tta, isa, rows[0]["frames"], args.video_repeats)
     record("device", {"int8_latency_vs_eager": vs["onnxruntime int8"],
                       "int8_latency_vs_onnxruntime_fp32": ms["onnxruntime int8"] / ms["onnxruntime fp32"],
                       "video_fps": default["fps"], "video_fps_detect_every_frame": rows[0]["fps"],
                       "device_peak_rss_mb": max(r["peak_rss_mb"] for r in rows + faces),
                       "self_check_ms": check["self_check_ms"],
-                      "ms_per_extra_face": faces[-1].get("ms_per_extra_face")}, "\n".join(md))
+                      "ms_per_extra_face": faces[-1].get("ms_per_extra_face"),
+                      "tta_flip_ms_per_frame_vs_none": tta[1]["ms_per_frame_vs_none"]}, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -184,7 +184,7 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = evaluate_model(Path(args.model), out, _eval_data(args), robustness,
-                            Path(args.baseline) if args.baseline else None, log=log)
+                            Path(args.baseline) if args.baseline else None, log=log, tta=args.tta)
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
           f"{metrics['num_images']} images")
@@ -752,6 +752,9 @@ def _add_tier_commands(sub) -> None:
                         "which finds faces from ~48 px in a 640 px frame)")
     p.add_argument("--max-faces", type=int, default=8, help="faces classified per frame, largest first "
                                                             "(default: %(default)s)")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip = mean of each face and its mirror image (twice the "
+                        "classifier work per face; see bench/device.py; default: %(default)s)")
     p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
     p.add_argument("--metrics", help="keep the run's state here in Prometheus text format (node_exporter's textfile "
                         "collector): running version, frames, faces, FPS, int8 self-check, peak RSS; rewritten "
@@ -984,6 +987,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a trained model (its test split by default)")
     p.add_argument("--model", required=True, help="training output folder or model.safetensors")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip = mean of the face and its mirror image (attacks see both "
+                        "views; default: %(default)s)")
     _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
     p.add_argument("--out", required=True, help="output folder")
     _add_attack_args(p)

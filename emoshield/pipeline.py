@@ -361,13 +361,18 @@ class RobustnessOptions:
 
 def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None,
                    robustness: RobustnessOptions | None = None, baseline_dir: Path | None = None,
-                   log=None) -> dict:
+                   log=None, tta: str = "none") -> dict:
     """Evaluate a trained model (see model_test_data for which images). With `robustness`, also
     write robustness.json, report.md (SPEC §7 tables) and plots; with `baseline_dir`, evaluate
-    that model on the same images and report the improvement over it."""
+    that model on the same images and report the improvement over it. `tta` "flip" evaluates the
+    mean of the face and its mirror (emoshield.models.tta), attacks included, the baseline too."""
+    from .models.tta import with_tta
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, records, root, meta = model_test_data(model_dir, data)
+    model = with_tta(model, tta)
+    meta["tta"] = tta
     classes = meta["classes"]
     test, records = _decode_for(model, records, root, classes)
     metrics = evaluate_tensors(model, test, classes, meta, out_dir,
@@ -380,6 +385,8 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
     if baseline_dir is not None:
         base_model, _, _, baseline_meta = model_test_data(
             baseline_dir, None if data is None or data.dataset is None else data, classes)
+        base_model = with_tta(base_model, tta)
+        baseline_meta["tta"] = tta
         if list(base_model.config.classes) != classes:
             raise EmoshieldError(f"baseline {baseline_dir} has classes {base_model.config.classes}, not {classes}")
         base_test, _ = _decode_for(base_model, records, root, classes)  # the same images as this model

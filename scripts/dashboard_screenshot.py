@@ -51,7 +51,7 @@ def main() -> int:
         WebDriverWait(driver, args.timeout, poll_frequency=1).until(drawn)
         print(f"timeline drawn after {time.monotonic() - started:.0f} s", file=sys.stderr)
         time.sleep(1)
-        height = driver.execute_script("return document.documentElement.scrollHeight")
+        height = int(driver.execute_script("return document.querySelector('main').getBoundingClientRect().bottom")) + 8
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         png = out.with_suffix(".raw.png")

@@ -63,6 +63,23 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     again = json.loads((evaluation / "metrics.json").read_text())
     assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert again["confusion_matrix"] == metrics["confusion_matrix"] and again["protocol"] == "subject"
+    assert again["tta"] == "none"
+
+    # test-time augmentation: the accuracy of the mean of each face and its mirror, attacks through both views
+    from emoshield.models.tta import FlipAverage
+    from emoshield.pipeline import _decode_for, model_test_data
+    from emoshield.training import predict_logits
+
+    flipped = tmp_path / "eval-flip"
+    run("evaluate", "--model", out, "--tta", "flip", "--attacks", "fgsm", "--eps", "0.01", "--out", flipped)
+    flip = json.loads((flipped / "metrics.json").read_text())
+    model, records, root, _ = model_test_data(out)
+    test, _ = _decode_for(model, records, root, metrics["classes"])
+    expected = (predict_logits(FlipAverage(model), test.pixels).argmax(1) == test.labels).float().mean().item()
+    assert flip["tta"] == "flip" and flip["test_accuracy"] == pytest.approx(expected)
+    robust = json.loads((flipped / "robustness.json").read_text())
+    assert robust["model"]["tta"] == "flip" and robust["robustness"]["clean_accuracy"] == pytest.approx(expected)
+    assert 0 <= robust["robustness"]["attacks"]["fgsm"]["0.01"]["accuracy"] <= expected
 
     cross = tmp_path / "jaffe"
     run("evaluate", "--model", out, "--dataset", "jaffe", "--data-root", data_root, "--protocol", "all", "--out", cross)

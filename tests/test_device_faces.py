@@ -288,3 +288,23 @@ def test_the_device_frames_faces_as_the_training_images_are_framed(bundle, train
     # an 8-epoch model (83% on these people): framing still moves a sixth of its labels (48 -> 200 -> 48 px,
     # box offsets); measured 83% vs 75% with the fixed margin (a weaker 40-faces-per-class model: 60% vs 42%)
     assert agreement["measured"] >= 0.75 and agreement["measured"] >= agreement["fixed 10%"] + 0.05, agreement
+
+
+def test_flip_tta_on_the_device_classifies_each_face_as_the_mean_of_it_and_its_mirror(bundle, data_root):
+    """`device run --tta flip`: each face's probabilities are the mean of the classifier's on the
+    face and on its mirror image (what `emoshield evaluate --tta flip` scores)."""
+    from emoshield.device.recognizer import FrameAnalyzer, load_classifier
+    from emoshield.errors import EmoshieldError
+
+    classifier = load_classifier(bundle, "fp32")
+    frame = cv2.imread(str(sorted((data_root / "jaffe").iterdir())[0]))
+    plain = FrameAnalyzer(classifier, detect_every=1).analyze(0, 0.0, frame)
+    flipped = FrameAnalyzer(classifier, detect_every=1, tta="flip").analyze(0, 0.0, frame)
+    assert len(plain.faces) == len(flipped.faces) == 1 and plain.box == flipped.box
+    face = classifier.face_tensor(frame, tuple(plain.box))
+    expected = (classifier.probabilities(face) + classifier.probabilities(face[..., ::-1].copy())) / 2
+    got = np.array([flipped.probabilities[c] for c in classifier.classes])
+    assert np.allclose(got, expected[0], atol=1e-4) and not np.allclose(got, list(plain.probabilities.values()),
+                                                                         atol=1e-3)
+    with pytest.raises(EmoshieldError, match="tta"):
+        FrameAnalyzer(classifier, tta="ten-crop")

@@ -109,3 +109,32 @@ def test_freeze_features():
     model.freeze_features()
     assert not any(p.requires_grad for p in model.features.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
+    import torch
+
+    from emoshield.errors import EmoshieldError
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.models.tta import FlipAverage, with_tta
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig("smallcnn", ["a", "b", "c"], 32))
+    assert with_tta(net, "flip").config is net.config and with_tta(net, "none") is net  # evaluate reads .config
+    # a linear model: its answer depends on where things are (an untrained CNN answers noise near-constantly)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    x = torch.rand(5, 3, 8, 8)
+    tta = with_tta(model, "flip")
+    assert isinstance(tta, FlipAverage)
+    with torch.no_grad():
+        out = tta(x)
+        expected = ((model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2).log()
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert torch.allclose(out.exp().sum(1), torch.ones(5), atol=1e-5)  # log-probabilities: valid logits
+        assert torch.allclose(tta(x.flip(-1)), out, atol=1e-5)  # a mirrored face gets the same answer
+        assert not torch.allclose(model(x.flip(-1)), model(x), atol=1e-3)  # (the model alone is not symmetric)
+    x.requires_grad_(True)
+    torch.nn.functional.cross_entropy(tta(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # attacks differentiate through both views
+    with pytest.raises(EmoshieldError, match="flip"):
+        with_tta(model, "crops")

@@ -263,7 +263,9 @@ class FrameAnalyzer:
 
     smoothing a in [0, 1): p_t = (1 - a) * p + a * p_{t-1} per track (0 = off); a new track starts
     unsmoothed. detect_every: 0 = automatic, 1 = detect on every frame, N = every N frames.
-    detect_width: detect on frames shrunk to this width (0 = full size)."""
+    detect_width: detect on frames shrunk to this width (0 = full size). tta "flip": each face's
+    probabilities are the mean of the face and its mirror image (one batch of twice the faces;
+    the same function as `emoshield evaluate --tta flip`)."""
 
     classifier: EmotionClassifier
     smoothing: float = 0.0
@@ -272,11 +274,14 @@ class FrameAnalyzer:
     detector: str = "haar"
     detect_width: int = DEFAULT_DETECT_WIDTH
     max_faces: int = 8
+    tta: str = "none"
     tracker: FaceTracker = field(init=False, repr=False)
     _last_end: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.check_options(self.smoothing, self.detect_every, self.detect_width, self.max_faces)
+        if self.tta not in ("none", "flip"):
+            raise EmoshieldError(f"--tta is none or flip, not {self.tta!r}")
         self.tracker = FaceTracker(face_detector(self.detector, self.min_face, self.detect_width),
                                    self.detect_every, self.max_faces)
 
@@ -306,7 +311,11 @@ class FrameAnalyzer:
         faces = []
         if tracks:
             batch = np.concatenate([self.classifier.face_tensor(frame, tr.box) for tr in tracks])
-            probabilities = self.classifier.probabilities(batch)
+            if self.tta == "flip":
+                both = self.classifier.probabilities(np.concatenate([batch, batch[..., ::-1]]))
+                probabilities = (both[:len(batch)] + both[len(batch):]) / 2
+            else:
+                probabilities = self.classifier.probabilities(batch)
             classes = self.classifier.classes
             for tr, p in zip(tracks, probabilities):
                 if self.smoothing and tr.probabilities is not None and len(tr.probabilities) == len(p):

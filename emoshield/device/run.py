@@ -337,7 +337,7 @@ def run_device_command(args) -> int:
     log(f"device: {manifest['name']} v{manifest['version']} verified ({classifier.precision}, "
         f"{manifest['preprocessing']['input_size']} px, classes {', '.join(manifest['classes'])})")
     analyzer = FrameAnalyzer(classifier, args.smooth, args.detect_every, detector=args.detector,
-                             detect_width=args.detect_width, max_faces=args.max_faces)
+                             detect_width=args.detect_width, max_faces=args.max_faces, tta=args.tta)
     results: list[FrameResult] = []  # kept only to score against --truth (a camera runs for days)
     counts = {"frames": 0, "faces": 0, "frames_with_face": 0}
     # faces per emotion since the last heartbeat: the edge's live timeline (counts, never images)
@@ -420,6 +420,7 @@ def run_device_command(args) -> int:
             link.stop()
     summary["peak_rss_mb"] = peak_rss_mb()
     summary["precision"] = analyzer.classifier.precision
+    summary["tta"] = analyzer.tta
     summary["self_check"] = analyzer.classifier.check.to_dict()
     if sync is not None:
         summary["updates"] = sync.status.to_dict()
