@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
                          freeze_features=args.freeze_features, seed=args.seed, device=args.device, amp=args.amp,
                          memory_format=args.memory_format)
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
-                         input_size=args.input_size, dropout=args.dropout)
+                         input_size=args.input_size, dropout=args.dropout, align=args.align)
     defense = None
     if args.defense:
         from .training import DefenseConfig, parse_defense
@@ -950,6 +950,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="localization = SPEC §2 module; backbone = the backbone's own classifier")
     p.add_argument("--pooling", default="global", help=f"localization-head pooling: {POOLING_HELP}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
+    p.add_argument("--align", choices=["none", "eyes"], default="none",
+                   help="face alignment: eyes = rotate each face crop so its eyes are level (OpenCV's eye cascade); "
+                        "saved with the model, so evaluation, bundles and devices align alike (default: %(default)s)")
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--input-size", type=int, default=48)

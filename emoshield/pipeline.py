@@ -42,6 +42,7 @@ class ModelOptions:
     pooling: str = "global"
     input_size: int = 48
     dropout: float = 0.0
+    align: str = "none"  # "eyes": rotate each face crop so its eyes are level (emoshield.data.faces)
 
 
 def validate_model_options(options: ModelOptions) -> None:
@@ -56,6 +57,10 @@ def validate_model_options(options: ModelOptions) -> None:
     if options.head not in HEADS:
         raise EmoshieldError(f"unknown head {options.head!r}; choose one of {', '.join(HEADS)}")
     make_pooling(options.pooling)
+    from .data.faces import ALIGN_MODES
+
+    if options.align not in ALIGN_MODES:
+        raise EmoshieldError(f"unknown face alignment {options.align!r}; choose from {', '.join(ALIGN_MODES)}")
     weights = options.weights
     if weights.endswith(".safetensors"):
         if not Path(weights).is_file():
@@ -115,7 +120,7 @@ def load_data(options: DataOptions, seed: int = 0):
     return dataset
 
 
-def prepare_data(options: DataOptions, input_size: int, seed: int = 0) -> PreparedData:
+def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: str = "none") -> PreparedData:
     """Scan, split and decode a dataset into in-memory tensors per split."""
     from .data import make_split
     from .data.images import decode_images
@@ -124,7 +129,7 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0) -> Prepar
     split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
     parts, failures = {}, []
     for name, records in split.parts().items():
-        decoded = decode_images(dataset.root, records, input_size)
+        decoded = decode_images(dataset.root, records, input_size, align=align)
         failures += decoded.failures
         setattr(split, name, decoded.records)  # unreadable images leave the split, and are reported
         parts[name] = _tensor_data(decoded.pixels, decoded.records, dataset.classes)
@@ -198,7 +203,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
         log = lambda m: None  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = prepare_data(data, model_options.input_size, train_config.seed)
+        prepared = prepare_data(data, model_options.input_size, train_config.seed, model_options.align)
     for w in caught:
         (log or print)(f"warning: {w.message}")
     dataset, split = prepared.dataset, prepared.split
@@ -208,7 +213,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     config = ModelConfig(backbone=model_options.backbone, classes=list(dataset.classes),
                          input_size=model_options.input_size, head=model_options.head,
                          pooling=model_options.pooling, dropout=model_options.dropout,
-                         weights=model_options.weights)
+                         weights=model_options.weights, align=model_options.align)
     model = build_model(config)
     meta = run_metadata(data, model_options, train_config.epochs, train_config.seed, config.weights,
                         list(dataset.classes))
@@ -337,7 +342,7 @@ def _decode_for(model, records, root, classes):
     from .data.images import decode_images
 
     config = getattr(model, "config", model)
-    decoded = decode_images(root, records, config.input_size)
+    decoded = decode_images(root, records, config.input_size, align=getattr(config, "align", "none"))
     if not decoded.records:
         raise EmoshieldError(f"no readable test images of classes {', '.join(classes)} under {root}")
     return _tensor_data(decoded.pixels, decoded.records, classes), decoded.records

@@ -89,3 +89,105 @@ def test_the_crop_margin_is_measured_from_how_training_faces_are_framed(data_roo
         assert measured >= 20 and abs(margin - grown) < 0.05, (grown, margin, measured)
     noise = np.random.default_rng(0).integers(0, 255, (12, 48, 48), dtype=np.uint8)
     assert calibrated_margin(noise) == (DEFAULT_MARGIN, 0)  # no faces found: the default, and says so
+
+
+def _jaffe_crops(data_root, count: int = 20) -> list[np.ndarray]:
+    from emoshield.data.faces import largest_face_box
+
+    crops = []
+    for path in sorted((data_root / "jaffe").iterdir())[:count]:
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        x, y, w, h = largest_face_box(gray)
+        crops.append(gray[y:y + h, x:x + w])
+    return crops
+
+
+def _rotated(face: np.ndarray, degrees: float) -> np.ndarray:
+    h, w = face.shape[:2]
+    return cv2.warpAffine(face, cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0), (w, h),
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def test_eye_alignment_measures_and_undoes_the_tilt_of_real_faces(data_root):
+    """JAFFE faces turned by +-10 degrees: the measured eye-line angle moves by about that much, and
+    aligning brings it back near level."""
+    from emoshield.data.faces import align_face, eye_tilt
+
+    moved, levelled, pairs = [], [], 0
+    for face in _jaffe_crops(data_root):
+        upright = eye_tilt(face)
+        for degrees in (-10, 10):
+            turned = _rotated(face, degrees)
+            tilt = eye_tilt(turned)
+            if upright is None or tilt is None:
+                continue
+            pairs += 1
+            moved.append(abs((tilt - upright) + degrees) < 5)  # counter-clockwise turn: the right eye rises
+            after = eye_tilt(align_face(turned))
+            levelled.append(after is not None and abs(after) < 4)
+    assert pairs >= 24, pairs  # measured 35 of 40 here
+    assert np.mean(moved) >= 0.8 and np.mean(levelled) >= 0.75, (np.mean(moved), np.mean(levelled))
+
+
+def test_alignment_leaves_faces_without_an_eye_pair_alone_and_refuses_unknown_modes(data_root):
+    from emoshield.data.faces import align_face, eye_tilt
+
+    face = _jaffe_crops(data_root, 1)[0]
+    assert align_face(face, "none") is face
+    for blank in (np.full((120, 120), 128, np.uint8), np.zeros((8, 8, 3), np.uint8), np.zeros((200, 10), np.uint8)):
+        assert eye_tilt(blank) is None and align_face(blank) is blank
+    with pytest.raises(EmoshieldError, match="alignment"):
+        align_face(face, "landmarks")
+
+
+def test_alignment_travels_with_the_model_and_training_and_the_device_crop_alike(bundle, data_root, tmp_path):
+    """--align eyes is saved in the model's config and the bundle's manifest; the training decode and
+    the device's face_tensor both rotate the crop before resizing, so they feed the model the same face."""
+    import json
+    import shutil
+
+    from emoshield.data import load_dataset
+    from emoshield.data.faces import align_face, expand_box
+    from emoshield.data.images import decode_images, resize_face
+    from emoshield.device.recognizer import EmotionClassifier
+    from emoshield.models import ModelConfig, build_model, load_model, save_model
+    from emoshield.tiers.bundle import BundleError
+
+    model = build_model(ModelConfig("smallcnn", ["a", "b"], 32, align="eyes"))
+    save_model(model, tmp_path / "model.safetensors")
+    assert load_model(tmp_path / "model.safetensors").config.align == "eyes"
+
+    from emoshield.data.faces import eye_tilt
+
+    dataset = load_dataset("jaffe", data_root, "happy,sad")
+
+    def crop_of(record):
+        x, y, w, h = record.crop
+        return cv2.imread(str(dataset.root / record.path), cv2.IMREAD_GRAYSCALE)[y:y + h, x:x + w]
+
+    record = next(r for r in dataset.records if abs(eye_tilt(crop_of(r)) or 0) >= 1)  # a face alignment turns
+    aligned = decode_images(dataset.root, [record], 48, align="eyes").pixels[0, 0]
+    gray = cv2.imread(str(dataset.root / record.path), cv2.IMREAD_GRAYSCALE)
+    x, y, w, h = record.crop
+    expected = resize_face(align_face(gray[y:y + h, x:x + w]), 48)
+    assert np.array_equal(aligned, expected)
+    assert not np.array_equal(aligned, decode_images(dataset.root, [record], 48).pixels[0, 0])  # it did rotate
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["preprocessing"]["align"] == "none"  # the fixture's model was trained without it
+    manifest["preprocessing"]["align"] = "eyes"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    classifier = EmotionClassifier(copy, "fp32")
+    frame = cv2.cvtColor(_rotated(cv2.imread(str(dataset.root / record.path), cv2.IMREAD_GRAYSCALE), 8),
+                         cv2.COLOR_GRAY2BGR)
+    box = (x, y, w, h)
+    bx, by, bw, bh = expand_box(box, frame.shape[:2], classifier.margin)
+    crop = align_face(cv2.cvtColor(frame[by:by + bh, bx:bx + bw], cv2.COLOR_BGR2GRAY))
+    want = resize_face(crop, classifier.input_size).astype(np.float32) / 255
+    assert np.allclose(classifier.face_tensor(frame, box)[0, 0], want, atol=2 / 255)  # (gray before/after warp)
+    manifest["preprocessing"]["align"] = "spin"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="alignment"):
+        EmotionClassifier(copy, "fp32")

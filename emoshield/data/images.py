@@ -39,13 +39,17 @@ def _to_gray_or_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _finish(image: np.ndarray, record: ImageRecord, size: int) -> np.ndarray:
+def _finish(image: np.ndarray, record: ImageRecord, size: int, align: str = "none") -> np.ndarray:
     if image.dtype != np.uint8:  # 16-bit PNG/TIFF
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     image = _to_gray_or_bgr(image)
     if record.crop is not None:
         x, y, w, h = record.crop
         image = image[y:y + h, x:x + w]
+    if align != "none":  # on the crop, before resizing: as the device does
+        from .faces import align_face
+
+        image = align_face(image, align)
     return resize_face(image, size)
 
 
@@ -57,17 +61,18 @@ def resize_face(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
-def _read_still(root: Path, record: ImageRecord, size: int) -> np.ndarray | str:
+def _read_still(root: Path, record: ImageRecord, size: int, align: str = "none") -> np.ndarray | str:
     path = root / record.path
     if not path.is_file():
         return "file not found"
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         return "unreadable or corrupt image"
-    return _finish(image, record, size)
+    return _finish(image, record, size, align)
 
 
-def _read_video(root: Path, path: str, wanted: list[tuple[int, ImageRecord]], size: int) -> dict[int, np.ndarray | str]:
+def _read_video(root: Path, path: str, wanted: list[tuple[int, ImageRecord]], size: int,
+                align: str = "none") -> dict[int, np.ndarray | str]:
     """Decode the wanted frames of one video in a single sequential pass."""
     by_frame = defaultdict(list)
     for index, record in wanted:
@@ -80,7 +85,7 @@ def _read_video(root: Path, path: str, wanted: list[tuple[int, ImageRecord]], si
         if not ok:
             break
         for index, record in by_frame.get(frame_no, ()):
-            out[index] = _finish(frame, record, size)
+            out[index] = _finish(frame, record, size, align)
         frame_no += 1
     capture.release()
     for index, _record in wanted:
@@ -88,8 +93,10 @@ def _read_video(root: Path, path: str, wanted: list[tuple[int, ImageRecord]], si
     return out
 
 
-def decode_images(root: Path, records: list[ImageRecord], size: int, workers: int = 4) -> DecodedImages:
-    """Read, crop and resize every record to size x size; unreadable files are reported and skipped."""
+def decode_images(root: Path, records: list[ImageRecord], size: int, workers: int = 4,
+                  align: str = "none") -> DecodedImages:
+    """Read, crop, align (`align`: emoshield.data.faces.align_face) and resize every record to size x
+    size; unreadable files are reported and skipped."""
     from .datasets import VIDEO_SUFFIXES
 
     results: dict[int, np.ndarray | str] = {}
@@ -101,9 +108,9 @@ def decode_images(root: Path, records: list[ImageRecord], size: int, workers: in
         else:
             stills.append(index)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, result in zip(stills, pool.map(lambda i: _read_still(root, records[i], size), stills)):
+        for index, result in zip(stills, pool.map(lambda i: _read_still(root, records[i], size, align), stills)):
             results[index] = result
-        for part in pool.map(lambda item: _read_video(root, item[0], item[1], size), videos.items()):
+        for part in pool.map(lambda item: _read_video(root, item[0], item[1], size, align), videos.items()):
             results.update(part)
     kept, failures, arrays = [], [], []
     for index, record in enumerate(records):

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..data.faces import DEFAULT_MARGIN, expand_box, face_detector
+from ..data.faces import ALIGN_MODES, DEFAULT_MARGIN, align_face, expand_box, face_detector
 from ..data.images import resize_face
 from ..errors import EmoshieldError
 from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_probes
@@ -82,6 +82,10 @@ class EmotionClassifier:
         self.input_size = int(pre["input_size"])
         self.gray = pre.get("channels", "gray") == "gray"
         self.margin = float(pre.get("face_margin", DEFAULT_MARGIN))
+        self.align = pre.get("align", "none")  # as the model was trained (emoshield.data.faces.align_face)
+        if self.align not in ALIGN_MODES:
+            raise BundleError(f"{bundle_dir}: manifest asks for face alignment {str(self.align)[:40]!r}, which this "
+                              f"device does not know ({', '.join(ALIGN_MODES)})")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -95,6 +99,8 @@ class EmotionClassifier:
         if box is not None:
             x, y, w, h = expand_box(box, frame_bgr.shape[:2], self.margin)
             frame_bgr = frame_bgr[y:y + h, x:x + w]
+        if self.align != "none":
+            frame_bgr = align_face(frame_bgr, self.align)
         if self.gray:
             face = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY) if frame_bgr.ndim == 3 else frame_bgr
             face = resize_face(face, self.input_size)[None].repeat(3, 0)

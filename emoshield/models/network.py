@@ -35,6 +35,7 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     weights: str = "scratch"  # where the initial weights came from
+    align: str = "none"  # face alignment of its inputs (emoshield.data.faces.align_face): eval and device too
 
     @property
     def num_classes(self) -> int:

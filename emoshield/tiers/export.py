@@ -328,6 +328,7 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
                           "range": "[0, 1] float32, N x 3 x S x S (gray repeated on 3 channels)",
                           "normalization": {"mean": config.mean, "std": config.std, "inside_model": True},
                           "face_margin": margin, "face_margin_measured_on": measured,
+                          "align": getattr(config, "align", "none"),
                           "resize": "area when shrinking, linear when enlarging"},
         "backbone": {"name": config.backbone, "head": config.head, "weights": config.weights,
                      "sha256": _backbone_sha256(config)},
