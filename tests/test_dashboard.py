@@ -505,7 +505,7 @@ def test_the_static_parts_work_with_javascript_off(site):
         # plain forms: enrol (token page), then revoke (no confirm without the script)
         driver.find_element(By.ID, "device-name").send_keys("no-js-camera")
         driver.find_element(By.CSS_SELECTOR, "#enrol-form button").click()
-        device_id = driver.find_element(By.ID, "device-id").text
+        device_id = wait(driver, 10, lambda d: d.find_element(By.ID, "device-id").text, "the enrolled page")
         driver.get(edge + "/")
         row = f'tr[data-device="{device_id}"]'
         driver.find_element(By.CSS_SELECTOR, row + " form.revoke button").click()
@@ -551,5 +551,21 @@ def test_hostile_forms_get_4xx_and_guessing_logins_are_slowed_while_the_edge_kee
         assert requests.post(edge + "/login", data={"token": ADMIN}, headers=forwarded, allow_redirects=False,
                              timeout=10).status_code == 429
     assert client.get(edge + "/dashboard/state", timeout=10).status_code == 200  # sessions already open still work
+    site["cookies"] = client.cookies.get_dict()  # for the last test: this client's logins are slowed now
     requests.get(edge + "/health", timeout=10).raise_for_status()
     assert site["edge_proc"].poll() is None
+
+
+def test_an_edge_with_open_event_streams_still_stops_promptly_on_sigterm(site):
+    """Last in this file (it stops the module's edge): open dashboard streams must not hold a
+    graceful shutdown forever; the edge exits within seconds, its streams ended."""
+    edge, proc = site["edge"], site["edge_proc"]
+    cookies = site.get("cookies") or login(edge).cookies.get_dict()
+    streams = [requests.get(edge + "/dashboard/events", cookies=cookies, stream=True, timeout=30) for _ in range(3)]
+    assert all(s.status_code == 200 for s in streams)
+    started = time.monotonic()
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert time.monotonic() - started < 20, "SIGTERM waited on the open event streams"
+    for stream in streams:
+        stream.close()
