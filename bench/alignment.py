@@ -120,7 +120,8 @@ def main() -> int:
     for dataset in found:
         changes = [r["change"] for r in rows if r["dataset"] == dataset]
         md.append(f"| {dataset} | mean of {len(changes)} | | | {100 * statistics.mean(changes):+.1f} |")
-    md += ["", "Eye pairs found by OpenCV's eye cascade (faces the alignment could rotate): " + "; ".join(
+    md += ["", "Eye pairs found by OpenCV's eye cascade (faces alignment turns, by at least 1 degree, or leaves "
+           "level): " + "; ".join(
         f"{k} {a} of {b} ({a / b:.0%})" for k, (a, b) in found.items()) + "."]
     for dataset, accuracy in device.items():
         md += ["", f"On the device (`emoshield device run --truth`, int8, the {dataset} fold-0 models as bundles, one "

@@ -194,12 +194,6 @@ def main() -> int:
         emoshield("bundle", "export", "--model", model_dir, "--key", work / "keys" / "private.key", "--out", bundle)
     if not video.is_file():
         emoshield("data", "video", "--model", model_dir, "--per-class", "4", "--hold", "15", "--out", video)
-    videos = {k: work / f"faces-{k}-per-frame.mp4" for k in FACES}
-    for k, path in videos.items():
-        if not path.is_file():  # the same faces each time, dealt into k slots
-            emoshield("data", "video", "--model", model_dir, "--per-class", "6", "--hold", "15", "--face-px",
-                      MULTI_FACE_PX, "--faces-per-frame", k, "--out", path)
-
     info = machine()
     isa = info["cpu_isa"]
     if args.only == "tta":
@@ -217,6 +211,11 @@ def main() -> int:
         record("device_tta", {"tta_flip_ms_per_frame_vs_none": rows[1]["ms_per_frame_vs_none"]}, "\n".join(md))
         print("\n".join(md))
         return 0
+    videos = {k: work / f"faces-{k}-per-frame.mp4" for k in FACES}
+    for k, path in videos.items():
+        if not path.is_file():  # the same faces each time, dealt into k slots
+            emoshield("data", "video", "--model", model_dir, "--per-class", "6", "--hold", "15", "--face-px",
+                      MULTI_FACE_PX, "--faces-per-frame", k, "--out", path)
     lat = latency(model_dir, bundle, args.repeats, args.iterations)
     check = self_check_cost(bundle, args.repeats)
     rows = pipeline(bundle, pubkey, video, work, args.video_repeats)

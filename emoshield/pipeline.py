@@ -152,7 +152,7 @@ def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int,
         "fold": data.fold if data.protocol == "subject" else None,
         "folds": data.folds if data.protocol == "subject" else None,
         "classes": classes, "backbone": model.backbone, "head": model.head, "pooling": model.pooling,
-        "weights": weights, "input_size": model.input_size, "epochs": epochs, "seed": seed,
+        "weights": weights, "input_size": model.input_size, "align": model.align, "epochs": epochs, "seed": seed,
         "git_commit": git_commit(),
     }
 
@@ -276,7 +276,8 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
         _refuse_training_images(model_file, data.dataset, records)
     meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
                 pooling=model.config.pooling, weights=model.config.weights,
-                input_size=model.config.input_size, model=str(model_file), evaluated_by=git_commit())
+                input_size=model.config.input_size, align=getattr(model.config, "align", "none"),
+                model=str(model_file), evaluated_by=git_commit())
     return model, [r for r in records if r.label in classes], root, meta
 
 
@@ -401,7 +402,9 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
 
         comparison = compare_with_baseline(report, baseline_report)
         result.update(baseline=baseline_meta, baseline_robustness=baseline_report, improvement=comparison)
-        if base_model.config.input_size == model.config.input_size and report["attacks"]:
+        same_faces = (base_model.config.input_size == model.config.input_size
+                      and getattr(base_model.config, "align", "none") == getattr(model.config, "align", "none"))
+        if same_faces and report["attacks"]:  # the baseline is attacked on this model's decoded faces
             from .data.images import to_model_input
             from .evaluation.robustness import transfer_check, transfer_flags
 

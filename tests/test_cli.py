@@ -79,6 +79,8 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     assert flip["tta"] == "flip" and flip["test_accuracy"] == pytest.approx(expected)
     robust = json.loads((flipped / "robustness.json").read_text())
     assert robust["model"]["tta"] == "flip" and robust["robustness"]["clean_accuracy"] == pytest.approx(expected)
+    assert not any("training mode" in flag for flag in robust["robustness"]["sanity_flags"]), robust["robustness"]
+    assert "test-time flip" in (flipped / "report.md").read_text()
     assert 0 <= robust["robustness"]["attacks"]["fgsm"]["0.01"]["accuracy"] <= expected
 
     cross = tmp_path / "jaffe"

@@ -125,7 +125,7 @@ def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
     x = torch.rand(5, 3, 8, 8)
     tta = with_tta(model, "flip")
-    assert isinstance(tta, FlipAverage)
+    assert isinstance(tta, FlipAverage) and not tta.training  # the wrapped model's mode (reports check it)
     with torch.no_grad():
         out = tta(x)
         expected = ((model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2).log()
@@ -136,5 +136,14 @@ def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
     x.requires_grad_(True)
     torch.nn.functional.cross_entropy(tta(x), torch.tensor([0, 1, 2, 0, 1])).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # attacks differentiate through both views
+    # a class whose probability underflows float32 still gets a gradient (a clamp before log would zero it)
+    steep = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        steep[1].bias.copy_(torch.tensor([0.0, 200.0, -200.0]))
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = with_tta(steep, "flip")(x)
+    assert out[:, 2].max() < -100  # log-probability ~ -400: underflows as a probability
+    out[:, 2].sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with pytest.raises(EmoshieldError, match="flip"):
         with_tta(model, "crops")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -116,6 +117,16 @@ def _base_detector(name: str, default_min_size: int):
 
 
 ALIGN_MODES = ("none", "eyes")
+_THREAD = threading.local()
+
+
+def _eye_cascade() -> cv2.CascadeClassifier:
+    """OpenCV's eye cascade, one per thread: detectMultiScale changes the classifier's state and
+    releases the GIL, so decode_images' worker threads must not share one."""
+    cascade = getattr(_THREAD, "eyes", None)
+    if cascade is None:
+        cascade = _THREAD.eyes = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_eye.xml"))
+    return cascade
 EYE_SEARCH_PX = 96  # faces are searched for eyes at this width (CK+48 ships 48 px faces)
 MAX_TILT = 25.0  # degrees: a steeper "eye line" is a wrong pair of detections, left alone
 MIN_TILT = 1.0  # degrees: rotating less than this only blurs
@@ -133,7 +144,7 @@ def eye_tilt(face: np.ndarray) -> float | None:
     gray = cv2.resize(gray, (EYE_SEARCH_PX, max(1, round(h * scale))),
                       interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     upper = cv2.equalizeHist(gray[: int(gray.shape[0] * 0.6)])
-    eyes = haar_cascade("haarcascade_eye.xml").detectMultiScale(
+    eyes = _eye_cascade().detectMultiScale(
         upper, scaleFactor=1.1, minNeighbors=3, minSize=(EYE_SEARCH_PX // 10,) * 2,
         maxSize=(EYE_SEARCH_PX // 2,) * 2)
     half = EYE_SEARCH_PX / 2

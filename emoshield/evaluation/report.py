@@ -11,7 +11,15 @@ def describe_run(meta: dict) -> str:
                 f"beta0 {defense['beta0']:g}, eps {defense['eps']:g})") if defense else ""
     return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}), "
             f"{meta['protocol']} protocol{fold}, {meta['backbone']} + {meta['head']} head "
-            f"(weights: {meta['weights']}), input {meta['input_size']} px, {meta['epochs']} epochs, seed {meta['seed']}{defended}")
+            f"(weights: {meta['weights']}), input {meta['input_size']} px{_preprocessing(meta)}, {meta['epochs']} "
+            f"epochs, seed {meta['seed']}{defended}")
+
+
+def _preprocessing(meta: dict) -> str:
+    """Face alignment and test-time augmentation, named only when they are on."""
+    parts = [f"faces aligned ({meta['align']})" if meta.get("align", "none") != "none" else "",
+             f"test-time {meta['tta']}" if meta.get("tta", "none") != "none" else ""]
+    return "".join(f", {p}" for p in parts if p)
 
 
 def metrics_markdown(metrics: dict, title: str = "Evaluation") -> str:

@@ -8,6 +8,8 @@ what a device running `--tta flip` computes)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,18 +19,20 @@ TTA_MODES = ("none", "flip")
 
 
 class FlipAverage(nn.Module):
-    """log((softmax(m(x)) + softmax(m(mirror(x)))) / 2); `config` is the wrapped model's."""
+    """log((softmax(m(x)) + softmax(m(mirror(x)))) / 2); `config` and the train/eval mode are the
+    wrapped model's. Computed as a logsumexp of log-softmaxes: no clamp, so even a class whose
+    probability underflows keeps its gradient (targeted attacks need it)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.config = getattr(model, "config", None)
+        self.train(model.training)  # a new Module starts in training mode; reports check the mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = self.model(torch.cat([x, x.flip(-1)]))
-        p = both.float().softmax(1)
         n = x.shape[0]
-        return ((p[:n] + p[n:]) / 2).clamp_min(1e-12).log()
+        both = self.model(torch.cat([x, x.flip(-1)])).float().log_softmax(1)
+        return torch.logsumexp(torch.stack([both[:n], both[n:]]), 0) - math.log(2)
 
 
 def with_tta(model: nn.Module, mode: str) -> nn.Module:

@@ -25,6 +25,10 @@ from .signing import load_public_key, sign, signature_valid
 from .wire import RemoteValueError, parse_file_name, parse_version
 
 FORMAT = "emoshield.bundle/1"
+# /1 plus preprocessing.align: a bundle whose faces must be aligned says so in its format, so a
+# device older than alignment refuses it instead of running it on unaligned faces
+FORMAT_ALIGNED = "emoshield.bundle/2"
+FORMATS = (FORMAT, FORMAT_ALIGNED)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 WEIGHTS = "weights.safetensors"
@@ -64,7 +68,8 @@ def seal_bundle(bundle_dir: Path, manifest: dict, private_key) -> dict:
         path = bundle_dir / name
         if path.is_file():
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {**manifest, "format": FORMAT, "files": files}
+    aligned = (manifest.get("preprocessing") or {}).get("align", "none") != "none"
+    manifest = {**manifest, "format": FORMAT_ALIGNED if aligned else FORMAT, "files": files}
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (bundle_dir / SIGNATURE).write_text(sign(canonical_json(manifest), private_key) + "\n")
     return manifest
@@ -109,9 +114,9 @@ def read_manifest(bundle_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         raise BundleError(f"{path}: unknown bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                          f" (expected {FORMAT})")
+                          f" (expected {' or '.join(FORMATS)})")
     return manifest
 
 
