@@ -436,7 +436,8 @@ def test_an_operator_sees_devices_versions_the_live_timeline_and_revokes_in_a_re
                                  driver.find_elements(By.CSS_SELECTOR, 'article[data-version="1"] th')])
         assert {"FGSM @0.01", "R+FGSM @0.01", "PGD @0.01"} <= set(headers), headers
         assert len(driver.find_elements(By.CSS_SELECTOR, 'article[data-version="1"] meter')) == 5  # per class
-        assert "published bundle v1" in fresh(lambda: driver.find_element(By.ID, "job-log").text)
+        # the bundle is recorded a moment before the job's last log line: wait for the log's next update
+        wait(driver, 30, lambda d: "published bundle v1" in d.find_element(By.ID, "job-log").text, "the job's log tail")
 
         # a real device: pulls v1, heartbeats over MQTT with its faces per emotion
         log = tmp / "device.log"
@@ -463,7 +464,7 @@ def test_an_operator_sees_devices_versions_the_live_timeline_and_revokes_in_a_re
         driver.find_element(By.CSS_SELECTOR, "#train-form button").click()
         wait(driver, 300, lambda d: d.find_element(By.CSS_SELECTOR, row + " .version").text == "v2",
              "the device on v2", device, log)
-        assert driver.find_elements(By.CSS_SELECTOR, 'article.bundle[data-version="2"]')
+        wait(driver, 10, lambda d: d.find_elements(By.CSS_SELECTOR, 'article.bundle[data-version="2"]'), "bundle v2")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
@@ -499,8 +500,11 @@ def test_the_static_parts_work_with_javascript_off(site):
         log_in(driver, edge)
         assert driver.find_element(By.ID, "live-status").text == "static page"
         assert "needs JavaScript" in driver.find_element(By.CSS_SELECTOR, "#timeline").text
-        jobs = driver.find_elements(By.CSS_SELECTOR, "#job-table tr.job.finished")
-        assert len(jobs) >= 2 and driver.find_elements(By.CSS_SELECTOR, 'article.bundle[data-version="2"]')
+        # (a job is marked finished a moment after its bundle is published: reload until it is)
+        finished = "#job-table tr.job.finished"
+        wait(driver, 30, lambda d: d.refresh() or len(d.find_elements(By.CSS_SELECTOR, finished)) >= 2,
+             "both jobs finished")
+        assert driver.find_elements(By.CSS_SELECTOR, 'article.bundle[data-version="2"]')
         assert "PGD @0.01" in driver.find_element(By.CSS_SELECTOR, 'article[data-version="2"] table').text
         # plain forms: enrol (token page), then revoke (no confirm without the script)
         driver.find_element(By.ID, "device-name").send_keys("no-js-camera")
