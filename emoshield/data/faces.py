@@ -24,14 +24,18 @@ DEFAULT_MARGIN = 0.1
 _CACHE_VERSION = 1
 
 
-@lru_cache(maxsize=4)
-def haar_cascade(name: str = "haarcascade_frontalface_default.xml") -> cv2.CascadeClassifier:
-    """Load one of OpenCV's bundled Haar cascades."""
+def _load_cascade(name: str) -> cv2.CascadeClassifier:
     path = Path(cv2.data.haarcascades) / name
     cascade = cv2.CascadeClassifier(str(path))
     if cascade.empty():
         raise EmoshieldError(f"cannot load Haar cascade {path} (opencv-python-headless<5 ships it)")
     return cascade
+
+
+@lru_cache(maxsize=4)
+def haar_cascade(name: str = "haarcascade_frontalface_default.xml") -> cv2.CascadeClassifier:
+    """Load one of OpenCV's bundled Haar cascades (one shared object: use it from one thread)."""
+    return _load_cascade(name)
 
 
 def detect_faces(gray: np.ndarray, min_size: int = 24) -> list[tuple[int, int, int, int]]:
@@ -125,8 +129,10 @@ def _eye_cascade() -> cv2.CascadeClassifier:
     releases the GIL, so decode_images' worker threads must not share one."""
     cascade = getattr(_THREAD, "eyes", None)
     if cascade is None:
-        cascade = _THREAD.eyes = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_eye.xml"))
+        cascade = _THREAD.eyes = _load_cascade("haarcascade_eye.xml")
     return cascade
+
+
 EYE_SEARCH_PX = 96  # faces are searched for eyes at this width (CK+48 ships 48 px faces)
 MAX_TILT = 25.0  # degrees: a steeper "eye line" is a wrong pair of detections, left alone
 MIN_TILT = 1.0  # degrees: rotating less than this only blurs
