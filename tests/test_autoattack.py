@@ -172,4 +172,10 @@ def test_a_robustness_report_with_autoattack_shows_each_stage(five_classes):
     assert report["settings"]["square_queries"] == 50 and report["settings"]["autoattack_steps"] == 5
     meta = {"dataset": "ckplus48", "classes": FIVE.split(","), "protocol": "reference", "backbone": "smallcnn",
             "head": "localization", "weights": "scratch", "input_size": 32, "epochs": 8, "seed": 0}
-    assert "| **AutoAttack** (standard) |" in robustness_markdown(report, meta)
+    markdown = robustness_markdown(report, meta)
+    assert "| **AutoAttack** (standard) |" in markdown
+    # each attack's cost is kept: the stages' seconds sum to at most the whole attack's
+    parts = entry["stage_seconds"]
+    assert list(parts) == ["apgd-ce", "apgd-t", "fab-t", "square"] and all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) <= entry["seconds"] + 0.05 and entry["seconds"] > 0
+    assert "## Attack cost" in markdown and "AutoAttack eps 0.01:" in markdown

@@ -10,6 +10,8 @@ skipped, and said so, below that); FAB-T 100 steps, the same targets; Square 500
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .apgd import APGD, APGDT
@@ -36,6 +38,7 @@ class AutoAttack(LinfAttack):
         self.robust = {name: 0 for name in ("clean", *STAGES)}
         self.images = 0
         self.skipped: dict[str, str] = {}
+        self.seconds = {name: 0.0 for name in STAGES}  # wall time per attack, summed over batches
 
     def __repr__(self) -> str:
         return (f"AutoAttack(eps={self.eps:g}, version=standard, steps={self.steps}, square_queries={self.queries}, "
@@ -58,10 +61,12 @@ class AutoAttack(LinfAttack):
         for name, attack in self.parts.items():
             todo = robust.nonzero()[:, 0]
             if len(todo) and name not in self.skipped:
+                started = time.perf_counter()
                 candidate = attack(model, x[todo], y[todo])
                 with attack_context(model, self.mode), torch.no_grad():
                     broken = model(candidate).argmax(1) != y[todo]
                 adv[todo[broken]] = candidate[broken]
                 robust[todo[broken]] = False
+                self.seconds[name] += time.perf_counter() - started
             self.robust[name] += int(robust.sum())
         return adv

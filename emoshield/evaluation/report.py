@@ -137,6 +137,13 @@ def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None
         for cls in report["classes"]:
             lines.append(f"| {cls} | " + " | ".join(_pct(values[cls]) for _, values in conditions) + " |")
         lines.append("")
+    timed = {(n, e): v for n, by_eps in attacks.items() for e, v in by_eps.items() if "seconds" in v}
+    if timed:  # what each attack cost on this machine (reports made before timings were kept have none)
+        lines += ["## Attack cost", "", "Wall-clock seconds over all test images, this machine, this run "
+                  "(compare within one report; absolute times drift between machines)."]
+        lines += [""] + [f"- {LABELS[n]} eps {e}: {v['seconds']:.1f} s" + (
+            " (" + ", ".join(f"{k} {t:.1f} s" for k, t in v["stage_seconds"].items()) + ")"
+            if v.get("stage_seconds") else "") for (n, e), v in timed.items()] + [""]
     checks = report.get("masking_checks", {})
     if checks:
         lines += ["## Gradient-masking checks", ""]

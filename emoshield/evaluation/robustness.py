@@ -4,6 +4,8 @@ spirit of AutoAttack/RobustBench (the checks that catch gradient masking)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -131,13 +133,17 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
         for eps in attack_eps[name]:
             attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed,
                                                               square_queries, autoattack_steps))
+            started = time.perf_counter()
             correct = correct_under(model, x_all, labels, attack, batch_size)
             worst[eps] &= correct
             report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),
                                                    "per_class_accuracy": _per_class(correct, labels, classes),
-                                                   "attack": repr(attack)}
-            if name == "autoattack":  # robust accuracy after each of its attacks, and what it skipped
-                report["attacks"][name][f"{eps:g}"].update(stages=attack.stages(), skipped=attack.skipped)
+                                                   "attack": repr(attack),
+                                                   "seconds": round(time.perf_counter() - started, 2)}
+            if name == "autoattack":  # robust accuracy after each of its attacks, what it skipped, its cost
+                report["attacks"][name][f"{eps:g}"].update(
+                    stages=attack.stages(), skipped=attack.skipped,
+                    stage_seconds={k: round(v, 2) for k, v in attack.seconds.items()})
             if progress:
                 progress(f"{LABELS[name]} eps {eps:g}: {correct.float().mean().item():.2%}")
     if attacks:
