@@ -146,6 +146,17 @@ def test_a_bundle_summary_never_fails_on_a_manifest_of_any_shape(value):
         json.dumps(summary, allow_nan=False)
 
 
+def test_a_bundle_row_says_what_made_its_numbers():
+    manifest = {"preprocessing": {"input_size": 48}, "backbone": {"name": "smallcnn"},
+                "training": {"dataset": "ckplus48", "protocol": "subject", "epochs": 30, "seed": 2, "defense": {"eps": 0.01}}}
+    row = bundle_summary(1, 0, manifest)
+    assert (row["dataset"], row["input_size"], row["epochs"], row["seed"], row["defended"]) == ("ckplus48", 48, 30, 2, True)
+    undefended = bundle_summary(1, 0, {**manifest, "training": {**manifest["training"], "defense": None}})
+    assert undefended["defended"] is False
+    hostile = bundle_summary(1, 0, {"preprocessing": {"input_size": -3}, "training": {"epochs": True, "seed": 1.5}})
+    assert (hostile["input_size"], hostile["epochs"], hostile["seed"], hostile["defended"]) == (None, None, None, None)
+
+
 def test_robustness_headline_orders_attacks_and_drops_values_that_are_not_accuracies():
     rows = robustness_headline({"robustness": {"pgd@0.01": 0.8, "clean": 0.95, "fgsm@0.01": 0.9, "autoattack@0.01": 0.7,
                                                "fgsm@0.005": 0.92, "weird@1": "x", "nan@1": float("nan"), "big@1": 7,
@@ -436,6 +447,8 @@ def test_an_operator_sees_devices_versions_the_live_timeline_and_revokes_in_a_re
                                  driver.find_elements(By.CSS_SELECTOR, 'article[data-version="1"] th')])
         assert {"FGSM @0.01", "R+FGSM @0.01", "PGD @0.01"} <= set(headers), headers
         assert len(driver.find_elements(By.CSS_SELECTOR, 'article[data-version="1"] meter')) == 5  # per class
+        provenance = fresh(lambda: driver.find_element(By.CSS_SELECTOR, 'article[data-version="1"] .provenance').text)
+        assert "32 px · 2 epochs · seed 0 · defended" in provenance, provenance  # what made the numbers
         # the bundle is recorded a moment before the job's last log line: wait for the log's next update
         wait(driver, 30, lambda d: "published bundle v1" in d.find_element(By.ID, "job-log").text, "the job's log tail")
 

@@ -316,10 +316,14 @@ def _mapping(value: object) -> dict:
 
 def bundle_summary(version: int, created: float | None, manifest: dict) -> dict:
     """One bundle's row on the dashboard, from its signed manifest."""
-    metrics = _mapping(manifest.get("metrics"))
+    metrics, training = _mapping(manifest.get("metrics")), _mapping(manifest.get("training"))
     return {"version": version, "created": _finite(created, 0, 1e12), "name": _text(manifest.get("name")),
             "backbone": _text(_mapping(manifest.get("backbone")).get("name")),
-            "protocol": _text(_mapping(manifest.get("training")).get("protocol")),
+            "protocol": _text(training.get("protocol")), "dataset": _text(training.get("dataset")),
+            # every figure says what made it: faces' size, training length, seed, defense
+            "input_size": _count(_mapping(manifest.get("preprocessing")).get("input_size"), 4096),
+            "epochs": _count(training.get("epochs"), 100_000), "seed": _count(training.get("seed"), 2**63),
+            "defended": bool(training.get("defense")) if "defense" in training else None,
             "test_images": _total(metrics.get("test_images")),
             "test_accuracy": _finite(metrics.get("test_accuracy"), 0, 1),
             "int8_accuracy": _finite(metrics.get("onnx_int8_accuracy"), 0, 1),
