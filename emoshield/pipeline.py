@@ -265,14 +265,26 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
         meta = {k: run.get(k, header.get(k)) for k in
                 ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense")}
     else:
-        dataset = load_data(DataOptions(**{**asdict(data), "classes": ",".join(classes)}), run.get("seed", 0))
+        absent: list[str] = []
+        if data.protocol == "all":  # another dataset: test on the model's classes it has (the model keeps all its outputs)
+            dataset = load_data(DataOptions(**{**asdict(data), "classes": None, "limit_per_class": None}))
+            absent = [c for c in classes if c not in dataset.classes]
+            if len(absent) == len(classes):
+                raise EmoshieldError(f"{data.dataset} has none of the model's classes ({', '.join(classes)}); "
+                                     f"it has {', '.join(dataset.classes)}")
+            dataset.records = [r for r in dataset.records if r.label in classes]
+            if data.limit_per_class:
+                dataset.records = _limit(dataset.records, data.limit_per_class, run.get("seed", 0))
+        else:
+            dataset = load_data(DataOptions(**{**asdict(data), "classes": ",".join(classes)}), run.get("seed", 0))
         root = dataset.root
         records = dataset.records if data.protocol == "all" else make_split(
             dataset, data.protocol, data.fold, data.folds, run.get("seed", 0), data.val_fraction).test
         meta = {"dataset": data.dataset, "protocol": data.protocol,
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,
-                "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense")}
+                "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense"),
+                **({"classes_absent_from_dataset": absent} if absent else {})}
         _refuse_training_images(model_file, data.dataset, records)
     meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
                 pooling=model.config.pooling, weights=model.config.weights,

@@ -140,3 +140,31 @@ def test_wrong_weights_file_is_named(tmp_path, data_root):
     proc = run("train", "--dataset", "ckplus48", "--data-root", data_root, "--limit-per-class", "10",
                "--backbone", "smallcnn", "--weights", bad, "--epochs", "1", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and f"{bad} is not a valid safetensors weights file" in proc.stderr
+
+
+def test_another_dataset_is_tested_on_the_model_classes_it_has(tmp_path, data_root):
+    """A 7-class JAFFE model on CK+48 (no neutral faces): every CK+48 face of the other six, labels
+    indexed by the model's own class list, the absent class named; none in common: one clear error."""
+    from emoshield.errors import EmoshieldError
+    from emoshield.models import ModelConfig, build_model, save_model
+    from emoshield.pipeline import DataOptions, _decode_for, model_test_data
+
+    classes = ["neutral", "happy", "surprise"]
+    folder = tmp_path / "jaffe-model"
+    folder.mkdir()
+    save_model(build_model(ModelConfig(backbone="smallcnn", classes=classes, input_size=32)), folder / "model.safetensors")
+    data = DataOptions(dataset="ckplus48", data_root=data_root, protocol="all")
+    model, records, root, meta = model_test_data(folder, data)
+    assert meta["classes"] == classes and meta["classes_absent_from_dataset"] == ["neutral"]
+    assert {r.label for r in records} == {"happy", "surprise"} and len(records) > 100
+    test, _ = _decode_for(model, records[:20], root, classes)
+    assert set(test.labels.tolist()) <= {1, 2}  # indices into the model's classes, never neutral's 0
+    from emoshield.evaluation.report import describe_run
+
+    assert "no images of neutral" in describe_run({**meta, "weights": "scratch", "epochs": 1, "seed": 0})
+    faces = tmp_path / "faces"
+    for cls in ("angry", "sad"):  # none of neutral, happy, surprise
+        (faces / cls).mkdir(parents=True)
+        cv2.imwrite(str(faces / cls / "a.png"), np.full((32, 32), 128, np.uint8))
+    with pytest.raises(EmoshieldError, match="none of the model's classes"):
+        model_test_data(folder, DataOptions(dataset="folder", data_root=str(faces), protocol="all"))

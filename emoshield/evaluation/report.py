@@ -9,7 +9,9 @@ def describe_run(meta: dict) -> str:
     defense = meta.get("defense")
     defended = (f", defended ({'+'.join(f'{k}:{v:g}' for k, v in defense['methods'].items())}, "
                 f"beta0 {defense['beta0']:g}, eps {defense['eps']:g})") if defense else ""
-    return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}), "
+    absent = meta.get("classes_absent_from_dataset")
+    no_images = f"; no images of {', '.join(absent)}" if absent else ""
+    return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}{no_images}), "
             f"{meta['protocol']} protocol{fold}, {meta['backbone']} + {meta['head']} head "
             f"(weights: {meta['weights']}), input {meta['input_size']} px{_preprocessing(meta)}, {meta['epochs']} "
             f"epochs, seed {meta['seed']}{defended}")

@@ -1,0 +1,226 @@
+"""Every study behind RESULTS.md and the README tables (issue 17, items 4 and 5), in one command
+that resumes where it stopped when re-run.
+
+    .venv/bin/python scripts/studies.py [--workers 2] [--only NAME,...] [--status]
+
+Stages (in order; see STAGES): the CK+48 subject study (5 folds), the cross-dataset table CK+48
+-> JAFFE, the JAFFE subject study, JAFFE -> CK+48, the CK+48 reference study (2 seeds). Each is an
+`emoshield reproduce` or `emoshield cross-dataset` run with its work folder under
+runs/reproduce/ and its results under results/. Several workers share one study through its step
+locks (one process per training or evaluation step): a worker with nothing left to take in one
+stage moves on to the next ready one. Each worker gets cores / workers threads: on the 2-core
+Xeon, two 1-thread processes did 1.16x and 1.56x the attack work of one 2-thread process (two
+runs side by side, PGD-20 on 128 faces, smallcnn 48 px), so two workers are the default.
+
+A cross-dataset stage waits for its source study to finish. A worker's output goes to
+runs/studies/NAME.workerK.log; this script prints one line per stage started and ended. When
+every stage is done it rewrites RESULTS.md (scripts/results_md.py). SIGINT/SIGTERM stop the
+workers (the step in progress restarts from its last checkpoint on the next run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMOSHIELD = ROOT / ".venv" / "bin" / "emoshield"
+LOGS = ROOT / "runs" / "studies"
+BACKBONES = "smallcnn,mobilenet_v2"
+IDLE_SECONDS = 60  # a pass that found every free step taken waits this long before looking again
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: tuple[str, ...]
+    out: str  # results folder (relative to ROOT)
+    source: str | None = None  # cross-dataset: the study stage whose models it tests
+
+    def command(self) -> list[str]:
+        return [str(EMOSHIELD), *self.args, "--out", self.out]
+
+
+def study(name: str, *args: str) -> Stage:
+    return Stage(name, ("reproduce", *args, "--backbones", BACKBONES, "--work", f"runs/reproduce/{name}"),
+                 f"results/reproduce/{name}")
+
+
+def cross(name: str, source: str, target: str) -> Stage:
+    return Stage(name, ("cross-dataset", "--work", f"runs/reproduce/{source}", "--dataset", target),
+                 f"results/cross/{name}", source)
+
+
+STAGES = [
+    study("ckplus48-subject-v2", "--dataset", "ckplus48", "--protocol", "subject"),
+    cross("ckplus48-jaffe", "ckplus48-subject-v2", "jaffe"),
+    study("jaffe-subject-v2", "--dataset", "jaffe", "--protocol", "subject"),
+    cross("jaffe-ckplus48", "jaffe-subject-v2", "ckplus48"),
+    study("ckplus48-reference-v2", "--dataset", "ckplus48", "--protocol", "reference", "--seeds", "0,1"),
+]
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _study_units(stage: Stage) -> int | None:
+    """How many units a finished study has (None while it runs)."""
+    result = _json(ROOT / stage.out / "results.json")
+    return None if result is None else sum(len(units) for units in result.get("units", {}).values())
+
+
+def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
+    if stage.source is None:
+        return _study_units(stage) is not None
+    source_units = _study_units(by_name[stage.source])
+    evaluated = len(list((ROOT / stage.out / "units").glob("*.json")))
+    return source_units is not None and evaluated >= source_units and (ROOT / stage.out / "results.json").is_file()
+
+
+def ready(stage: Stage, by_name: dict[str, Stage]) -> bool:
+    return stage.source is None or done(by_name[stage.source], by_name)
+
+
+def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
+    lines = []
+    for s in stages:
+        if done(s, by_name):
+            state = "done"
+        elif not ready(s, by_name):
+            state = f"waits for {s.source}"
+        elif s.source is None:
+            units = len(list((ROOT / s.out / "units").glob("*.json")))
+            state = f"{units} unit(s) finished"
+        else:
+            state = f"{len(list((ROOT / s.out / 'units').glob('*.json')))} unit(s) evaluated"
+        lines.append(f"{s.name:24} {state:28} {' '.join(s.args)} --out {s.out}")
+    return lines
+
+
+class Workers:
+    """N workers, each running the first ready stage not done (a stage's own step locks share it)."""
+
+    def __init__(self, stages: list[Stage], by_name: dict[str, Stage], workers: int, threads: int):
+        self.stages, self.by_name, self.workers, self.threads = stages, by_name, workers, threads
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.failures: dict[str, int] = {}
+
+    def say(self, message: str) -> None:
+        with self.lock:
+            print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+    def _run(self, worker: int, stage: Stage) -> int:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        with open(LOGS / f"{stage.name}.worker{worker}.log", "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(stage.command())}\n")
+            log.flush()
+            child = subprocess.Popen(stage.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            with self.lock:
+                self.children.add(child)
+            try:
+                return child.wait()
+            finally:
+                with self.lock:
+                    self.children.discard(child)
+
+    def _pending(self) -> list[Stage]:
+        """Stages not done that can still finish: not failed twice, and their source (if any) done
+        or still to be run here."""
+        names = {s.name for s in self.stages}
+
+        def alive(stage: Stage) -> bool:
+            return not done(stage, self.by_name) and self.failures.get(stage.name, 0) < 2
+
+        return [s for s in self.stages if alive(s) and (s.source is None or done(self.by_name[s.source], self.by_name)
+                                                        or (s.source in names and alive(self.by_name[s.source])))]
+
+    def worker(self, index: int) -> None:
+        while not self.stopping.is_set():
+            pending = self._pending()
+            if not pending:
+                return
+            started = time.monotonic()
+            for stage in [s for s in pending if ready(s, self.by_name)]:
+                if self.stopping.is_set():
+                    return
+                self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")
+                rc = self._run(index, stage)
+                state = "done" if done(stage, self.by_name) else "left steps to other workers" if rc == 0 else f"exit {rc}"
+                self.say(f"worker {index}: {stage.name}: {state}")
+                if rc != 0 and not self.stopping.is_set():
+                    with self.lock:
+                        self.failures[stage.name] = self.failures.get(stage.name, 0) + 1
+            if time.monotonic() - started < IDLE_SECONDS:  # every free step was taken: look again later
+                self.stopping.wait(IDLE_SECONDS)
+
+    def stop(self, *_) -> None:
+        self.stopping.set()
+        with self.lock:
+            for child in self.children:
+                try:
+                    os.killpg(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def run(self) -> int:
+        threads = [threading.Thread(target=self.worker, args=(i,)) for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(1)
+        return 0 if all(done(s, self.by_name) for s in self.stages) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2, help="processes side by side (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    parser.add_argument("--only", default="", help="comma-separated stage names (default: all)")
+    parser.add_argument("--status", action="store_true", help="print each stage's state and exit")
+    args = parser.parse_args()
+    by_name = {s.name: s for s in STAGES}
+    names = [n for n in args.only.split(",") if n] or list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(by_name)}")
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--workers and --threads must be >= 1")
+    stages = [by_name[n] for n in names]
+    if args.status:
+        print("\n".join(status_lines(stages, by_name)))
+        return 0
+    if not EMOSHIELD.exists():
+        print(f"{EMOSHIELD} not found: run `make setup` first", file=sys.stderr)
+        return 2
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    workers = Workers(stages, by_name, args.workers, threads)
+    signal.signal(signal.SIGINT, workers.stop)
+    signal.signal(signal.SIGTERM, workers.stop)
+    print(f"{args.workers} worker(s), {threads} thread(s) each; stages: {', '.join(names)}", flush=True)
+    rc = workers.run()
+    print("\n".join(status_lines(stages, by_name)), flush=True)
+    if rc == 0 and not workers.stopping.is_set():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "results_md.py")], cwd=ROOT, check=False)
+    elif workers.failures:
+        print(f"failed: {', '.join(workers.failures)} (see their logs under {LOGS})", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
