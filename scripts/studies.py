@@ -104,7 +104,7 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state = f"{units} unit(s) finished"
         else:
             state = f"{len(list((ROOT / s.out / 'units').glob('*.json')))} unit(s) evaluated"
-        lines.append(f"{s.name:24} {state:28} {' '.join(s.args)} --out {s.out}")
+        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --out {s.out}")
     return lines
 
 
