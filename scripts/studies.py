@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EMOSHIELD = ROOT / ".venv" / "bin" / "emoshield"
 LOGS = ROOT / "runs" / "studies"
+RESULTS_MD = ROOT / "scripts" / "results_md.py"
 BACKBONES = "smallcnn,mobilenet_v2"
 IDLE_SECONDS = 60  # a pass that found every free step taken waits this long before looking again
 
@@ -187,13 +188,13 @@ class Workers:
         return 0 if all(done(s, self.by_name) for s in self.stages) else 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="processes side by side (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--only", default="", help="comma-separated stage names (default: all)")
     parser.add_argument("--status", action="store_true", help="print each stage's state and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     by_name = {s.name: s for s in STAGES}
     names = [n for n in args.only.split(",") if n] or list(by_name)
     unknown = [n for n in names if n not in by_name]
@@ -210,13 +211,16 @@ def main() -> int:
         return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     workers = Workers(stages, by_name, args.workers, threads)
-    signal.signal(signal.SIGINT, workers.stop)
-    signal.signal(signal.SIGTERM, workers.stop)
+    previous = {sig: signal.signal(sig, workers.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"{args.workers} worker(s), {threads} thread(s) each; stages: {', '.join(names)}", flush=True)
-    rc = workers.run()
+    try:
+        rc = workers.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print("\n".join(status_lines(stages, by_name)), flush=True)
     if rc == 0 and not workers.stopping.is_set():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "results_md.py")], cwd=ROOT, check=False)
+        subprocess.run([sys.executable, str(RESULTS_MD)], cwd=ROOT, check=False)
     elif workers.failures:
         print(f"failed: {', '.join(workers.failures)} (see their logs under {LOGS})", file=sys.stderr)
     return rc

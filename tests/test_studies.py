@@ -1,0 +1,102 @@
+"""scripts/studies.py: every study behind RESULTS.md with N workers, resumable. Driven here with a
+stand-in for `emoshield` that writes what a finished stage leaves (results.json, units/), so the
+ordering, the sharing and the failure handling are tested in seconds."""
+
+import importlib.util
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+FAKE = """#!{python}
+import json, os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({{"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS")}}) + "\\n")
+if out.name in os.environ.get("FAKE_FAIL", "").split(","):
+    sys.exit(3)
+time.sleep(0.2)
+if args[0] == "reproduce":
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({{"units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
+else:
+    work = Path(args[args.index("--work") + 1])
+    source = Path("results/reproduce") / work.name / "results.json"
+    assert source.is_file(), "cross-dataset ran before its source study finished"
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    for unit in ("smallcnn-fold0-seed0", "smallcnn-fold1-seed0"):
+        (out / "units" / (unit + ".json")).write_text("{{}}")
+    (out / "results.json").write_text("{{}}")
+"""
+
+
+@pytest.fixture
+def studies(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("studies_under_test", ROOT / "scripts" / "studies.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    fake = tmp_path / "emoshield"
+    fake.write_text(FAKE.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    results_md = tmp_path / "results_md.py"
+    results_md.write_text("from pathlib import Path\nPath('RESULTS.md').write_text('regenerated')\n")
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EMOSHIELD", fake)
+    monkeypatch.setattr(module, "LOGS", tmp_path / "runs" / "studies")
+    monkeypatch.setattr(module, "RESULTS_MD", results_md)
+    monkeypatch.setattr(module, "IDLE_SECONDS", 0.1)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    return module, tmp_path
+
+
+def calls(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_every_stage_runs_after_its_source_and_results_md_is_rewritten(studies, capsys):
+    module, tmp = studies
+    assert module.main(["--workers", "2", "--threads", "1"]) == 0
+    names = [c["stage"] for c in calls(tmp)]
+    assert set(names) == {s.out.split("/")[-1] for s in module.STAGES}
+    for stage in module.STAGES:  # a cross-dataset stage only after its study (the stand-in asserts it too)
+        if stage.source:
+            assert names.index(stage.out.split("/")[-1]) > names.index(stage.source)
+    assert {c["threads"] for c in calls(tmp)} == {"1"}
+    assert (tmp / "RESULTS.md").read_text() == "regenerated"
+    assert all(" done " in line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES}))
+    before = len(calls(tmp))
+    assert module.main([]) == 0 and len(calls(tmp)) == before  # re-running: nothing left to do
+    assert "stages:" in capsys.readouterr().out
+
+
+def test_a_failing_study_is_tried_twice_and_its_dependents_never_start(studies, monkeypatch, capsys):
+    module, tmp = studies
+    monkeypatch.setenv("FAKE_FAIL", "jaffe-subject-v2")
+    assert module.main(["--workers", "1"]) == 1
+    names = [c["stage"] for c in calls(tmp)]
+    assert names.count("jaffe-subject-v2") == 2 and "jaffe-ckplus48" not in names
+    assert "ckplus48-jaffe" in names and "ckplus48-reference-v2" in names  # the others still ran
+    assert not (tmp / "RESULTS.md").exists()
+    assert "failed: jaffe-subject-v2" in capsys.readouterr().err
+
+
+def test_only_and_status_and_bad_arguments(studies, capsys):
+    module, tmp = studies
+    assert module.main(["--only", "jaffe-subject-v2", "--workers", "1"]) == 0
+    assert [c["stage"] for c in calls(tmp)] == ["jaffe-subject-v2"]
+    capsys.readouterr()
+    assert module.main(["--status"]) == 0
+    out = capsys.readouterr().out
+    assert "jaffe-subject-v2" in out and "waits for ckplus48-subject-v2" in out
+    for argv in (["--only", "nope"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            module.main(argv)
+        assert exc.value.code == 2
