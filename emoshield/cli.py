@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import EmoshieldError
+from .views import TTA_MODES
 
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True, protocols=None) -> None:
@@ -752,9 +753,11 @@ def _add_tier_commands(sub) -> None:
                         "which finds faces from ~48 px in a 640 px frame)")
     p.add_argument("--max-faces", type=int, default=8, help="faces classified per frame, largest first "
                                                             "(default: %(default)s)")
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: flip = mean of each face and its mirror image (twice the "
-                        "classifier work per face; see bench/device.py; default: %(default)s)")
+                        "classifier work per face), tencrop = mean over 5 crops of 90%% of the face and their "
+                        "mirrors (10x); the same views as `evaluate --tta`; see bench/device.py "
+                        "(default: %(default)s)")
     p.add_argument("--summary", help="write the run's summary (frames, FPS, peak RSS, accuracy) here as JSON")
     p.add_argument("--metrics", help="keep the run's state here in Prometheus text format (node_exporter's textfile "
                         "collector): running version, frames, faces, FPS, int8 self-check, peak RSS; rewritten "
@@ -990,9 +993,10 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a trained model (its test split by default)")
     p.add_argument("--model", required=True, help="training output folder or model.safetensors")
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="test-time augmentation: flip = mean of the face and its mirror image (attacks see both "
-                        "views; default: %(default)s)")
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="test-time augmentation: flip = mean of the face and its mirror image, tencrop = mean "
+                        "over the four corner crops and the centre crop (90%% of the side, resized back) and "
+                        "their mirrors; attacks see every view (default: %(default)s)")
     _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
     p.add_argument("--out", required=True, help="output folder")
     _add_attack_args(p)

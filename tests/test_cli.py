@@ -66,7 +66,7 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     assert again["tta"] == "none"
 
     # test-time augmentation: the accuracy of the mean of each face and its mirror, attacks through both views
-    from emoshield.models.tta import FlipAverage
+    from emoshield.models.tta import ViewAverage
     from emoshield.pipeline import _decode_for, model_test_data
     from emoshield.training import predict_logits
 
@@ -75,7 +75,7 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     flip = json.loads((flipped / "metrics.json").read_text())
     model, records, root, _ = model_test_data(out)
     test, _ = _decode_for(model, records, root, metrics["classes"])
-    expected = (predict_logits(FlipAverage(model), test.pixels).argmax(1) == test.labels).float().mean().item()
+    expected = (predict_logits(ViewAverage(model, "flip"), test.pixels).argmax(1) == test.labels).float().mean().item()
     assert flip["tta"] == "flip" and flip["test_accuracy"] == pytest.approx(expected)
     robust = json.loads((flipped / "robustness.json").read_text())
     assert robust["model"]["tta"] == "flip" and robust["robustness"]["clean_accuracy"] == pytest.approx(expected)

@@ -290,7 +290,7 @@ def test_the_device_frames_faces_as_the_training_images_are_framed(bundle, train
     assert agreement["measured"] >= 0.75 and agreement["measured"] >= agreement["fixed 10%"] + 0.05, agreement
 
 
-def test_flip_tta_on_the_device_classifies_each_face_as_the_mean_of_it_and_its_mirror(bundle, data_root):
+def test_tta_on_the_device_classifies_each_face_as_the_mean_over_its_views(bundle, data_root):
     """`device run --tta flip`: each face's probabilities are the mean of the classifier's on the
     face and on its mirror image (what `emoshield evaluate --tta flip` scores)."""
     from emoshield.device.recognizer import FrameAnalyzer, load_classifier
@@ -306,5 +306,12 @@ def test_flip_tta_on_the_device_classifies_each_face_as_the_mean_of_it_and_its_m
     got = np.array([flipped.probabilities[c] for c in classifier.classes])
     assert np.allclose(got, expected[0], atol=1e-4) and not np.allclose(got, list(plain.probabilities.values()),
                                                                          atol=1e-3)
+    # ten-crop: the mean over the ten views that `evaluate --tta tencrop` averages
+    from emoshield.views import numpy_views
+
+    tencrop = FrameAnalyzer(classifier, detect_every=1, tta="tencrop").analyze(0, 0.0, frame)
+    expected = classifier.probabilities(numpy_views(face, "tencrop")).mean(0)
+    got = np.array([tencrop.probabilities[c] for c in classifier.classes])
+    assert tencrop.box == plain.box and np.allclose(got, expected, atol=1e-4)
     with pytest.raises(EmoshieldError, match="tta"):
         FrameAnalyzer(classifier, tta="ten-crop")

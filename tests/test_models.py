@@ -116,7 +116,7 @@ def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
 
     from emoshield.errors import EmoshieldError
     from emoshield.models import ModelConfig, build_model
-    from emoshield.models.tta import FlipAverage, with_tta
+    from emoshield.models.tta import ViewAverage, with_tta
 
     torch.manual_seed(0)
     net = build_model(ModelConfig("smallcnn", ["a", "b", "c"], 32))
@@ -125,7 +125,7 @@ def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
     x = torch.rand(5, 3, 8, 8)
     tta = with_tta(model, "flip")
-    assert isinstance(tta, FlipAverage) and not tta.training  # the wrapped model's mode (reports check it)
+    assert isinstance(tta, ViewAverage) and not tta.training  # the wrapped model's mode (reports check it)
     with torch.no_grad():
         out = tta(x)
         expected = ((model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2).log()
@@ -147,3 +147,40 @@ def test_flip_tta_averages_the_face_and_its_mirror_and_is_mirror_invariant():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with pytest.raises(EmoshieldError, match="flip"):
         with_tta(model, "crops")
+
+
+def test_ten_crop_views_are_the_same_function_in_torch_and_on_the_device():
+    """The device (numpy, no torch) and `evaluate --tta tencrop` (torch) build the same ten views;
+    the resize is the bilinear one of OpenCV (half-pixel centres); the average is a valid logit."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from emoshield.models.tta import torch_views, with_tta
+    from emoshield.views import crop_boxes, mean_probabilities, numpy_views, resize_matrix
+
+    rng = np.random.default_rng(0)
+    faces = rng.random((3, 3, 48, 48), dtype=np.float32)
+    for mode, count in (("flip", 2), ("tencrop", 10)):
+        ours = numpy_views(faces, mode)
+        assert ours.shape == (count * 3, 3, 48, 48) and ours.dtype == np.float32
+        assert np.abs(torch_views(torch.from_numpy(faces), mode).numpy() - ours).max() < 1e-5
+    assert crop_boxes(48) == [(0, 0, 43), (0, 5, 43), (5, 0, 43), (5, 5, 43), (2, 2, 43)]
+    views = numpy_views(faces, "tencrop")
+    top, left, side = crop_boxes(48)[3]  # view 6 = the bottom-right crop of face 1, resized as OpenCV would
+    crop = faces[1, :, top:top + side, left:left + side].transpose(1, 2, 0)
+    opencv = cv2.resize(crop, (48, 48), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+    assert np.abs(views[6 * 3 + 1] - opencv).max() < 1e-4
+    assert np.allclose(views[7 * 3 + 1], views[6 * 3 + 1][..., ::-1])  # each crop is followed by its mirror
+    assert np.allclose(resize_matrix(48, 43).sum(1), 1) and np.allclose(resize_matrix(48, 48), np.eye(48))
+    probabilities = rng.random((30, 4))
+    assert np.allclose(mean_probabilities(probabilities, "tencrop")[2], probabilities[2::3].mean(0))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 48 * 48, 4)).eval()
+    x = torch.from_numpy(faces).requires_grad_(True)
+    out = with_tta(model, "tencrop")(x)
+    with torch.no_grad():
+        expected = mean_probabilities(model(torch.from_numpy(numpy_views(faces, "tencrop"))).softmax(1).numpy(),
+                                      "tencrop")
+    assert np.allclose(out.exp().detach().numpy(), expected, atol=1e-5)
+    out[:, 0].sum().backward()
+    assert x.grad.abs().sum() > 0  # attacks differentiate through every view

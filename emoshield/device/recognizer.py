@@ -17,6 +17,7 @@ from ..data.faces import ALIGN_MODES, DEFAULT_MARGIN, align_face, expand_box, fa
 from ..data.images import resize_face
 from ..errors import EmoshieldError
 from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_probes
+from ..views import TTA_MODES, mean_probabilities, numpy_views
 from .tracking import FaceTracker
 
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -269,9 +270,9 @@ class FrameAnalyzer:
 
     smoothing a in [0, 1): p_t = (1 - a) * p + a * p_{t-1} per track (0 = off); a new track starts
     unsmoothed. detect_every: 0 = automatic, 1 = detect on every frame, N = every N frames.
-    detect_width: detect on frames shrunk to this width (0 = full size). tta "flip": each face's
-    probabilities are the mean of the face and its mirror image (one batch of twice the faces;
-    the same function as `emoshield evaluate --tta flip`)."""
+    detect_width: detect on frames shrunk to this width (0 = full size). tta "flip" / "tencrop":
+    each face's probabilities are the mean over its views (emoshield.views; one batch of 2x / 10x
+    the faces; the same function as `emoshield evaluate --tta`)."""
 
     classifier: EmotionClassifier
     smoothing: float = 0.0
@@ -286,8 +287,8 @@ class FrameAnalyzer:
 
     def __post_init__(self):
         self.check_options(self.smoothing, self.detect_every, self.detect_width, self.max_faces)
-        if self.tta not in ("none", "flip"):
-            raise EmoshieldError(f"--tta is none or flip, not {self.tta!r}")
+        if self.tta not in TTA_MODES:
+            raise EmoshieldError(f"--tta is one of {', '.join(TTA_MODES)}, not {self.tta!r}")
         self.tracker = FaceTracker(face_detector(self.detector, self.min_face, self.detect_width),
                                    self.detect_every, self.max_faces)
 
@@ -317,11 +318,7 @@ class FrameAnalyzer:
         faces = []
         if tracks:
             batch = np.concatenate([self.classifier.face_tensor(frame, tr.box) for tr in tracks])
-            if self.tta == "flip":
-                both = self.classifier.probabilities(np.concatenate([batch, batch[..., ::-1]]))
-                probabilities = (both[:len(batch)] + both[len(batch):]) / 2
-            else:
-                probabilities = self.classifier.probabilities(batch)
+            probabilities = mean_probabilities(self.classifier.probabilities(numpy_views(batch, self.tta)), self.tta)
             classes = self.classifier.classes
             for tr, p in zip(tracks, probabilities):
                 if self.smoothing and tr.probabilities is not None and len(tr.probabilities) == len(p):

@@ -1,10 +1,11 @@
-"""Test-time augmentation: the model's answer averaged over the face and its mirror image.
+"""Test-time augmentation: the model's answer averaged over several views of the face
+(emoshield.views: the mirror image, or the classic ten-crop).
 
-Expressions are (nearly) left-right symmetric and training sees mirrored faces (`--augment`), so
-the average of the two views removes some of the noise of one crop. `FlipAverage` returns the
-log of the mean softmax, a valid logit vector: the prediction is the argmax of the averaged
-probabilities, and attacks differentiate through both views (a white-box attack sees exactly
-what a device running `--tta flip` computes)."""
+Expressions are (nearly) left-right symmetric and training sees mirrored and shifted faces
+(`--augment`), so the average over views removes some of the noise of one crop. `ViewAverage`
+returns the log of the mean softmax over the views, a valid logit vector: the prediction is the
+argmax of the averaged probabilities, and attacks differentiate through every view (a white-box
+attack sees exactly what a device running the same `--tta` computes)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,44 @@ import torch
 from torch import nn
 
 from ..errors import EmoshieldError
+from ..views import TTA_MODES, crop_boxes, resize_matrix, view_count
 
-TTA_MODES = ("none", "flip")
+
+def torch_views(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """emoshield.views.numpy_views in torch (differentiable): (V * N) x C x S x S, view-major."""
+    if mode == "none":
+        return x
+    if mode == "flip":
+        return torch.cat([x, x.flip(-1)])
+    size = x.shape[-1]
+    views = []
+    for top, left, side in crop_boxes(size):
+        r = torch.from_numpy(resize_matrix(size, side)).to(device=x.device, dtype=x.dtype)
+        resized = r @ x[..., top:top + side, left:left + side] @ r.T
+        views += [resized, resized.flip(-1)]
+    return torch.cat(views)
 
 
-class FlipAverage(nn.Module):
-    """log((softmax(m(x)) + softmax(m(mirror(x)))) / 2); `config` and the train/eval mode are the
-    wrapped model's. Computed as a logsumexp of log-softmaxes: no clamp, so even a class whose
+class ViewAverage(nn.Module):
+    """log(mean over views of softmax(m(view))); `config` and the train/eval mode are the wrapped
+    model's. Computed as a logsumexp of log-softmaxes: no clamp, so even a class whose
     probability underflows keeps its gradient (targeted attacks need it)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mode: str = "flip"):
         super().__init__()
-        self.model = model
+        if mode not in TTA_MODES or mode == "none":
+            raise EmoshieldError(f"ViewAverage needs a test-time augmentation other than none, not {mode!r}")
+        self.model, self.mode = model, mode
         self.config = getattr(model, "config", None)
         self.train(model.training)  # a new Module starts in training mode; reports check the mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        both = self.model(torch.cat([x, x.flip(-1)])).float().log_softmax(1)
-        return torch.logsumexp(torch.stack([both[:n], both[n:]]), 0) - math.log(2)
+        views = view_count(self.mode)
+        out = self.model(torch_views(x, self.mode)).float().log_softmax(1)
+        return torch.logsumexp(out.view(views, x.shape[0], -1), 0) - math.log(views)
 
 
 def with_tta(model: nn.Module, mode: str) -> nn.Module:
     if mode not in TTA_MODES:
         raise EmoshieldError(f"unknown test-time augmentation {mode!r}; choose from {', '.join(TTA_MODES)}")
-    return FlipAverage(model) if mode == "flip" else model
+    return model if mode == "none" else ViewAverage(model, mode)

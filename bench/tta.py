@@ -1,0 +1,98 @@
+"""Test-time augmentation's effect on accuracy: every `--tta` mode (none, flip, tencrop) on a
+subject study's defended and undefended models, on their own held-out people and on every face of
+another dataset (JAFFE by default: never seen). Clean accuracy only (attacks: `emoshield evaluate
+--tta ... --attacks ...`); the device's cost of each mode is bench/device.py --only tta.
+
+    python bench/tta.py [--work runs/reproduce/ckplus48-subject-v2] [--backbone smallcnn]
+        [--cross jaffe] [--out results/tta]
+
+Writes OUT/ckplus48-subject-BACKBONE.{json,md}; the same numbers as `emoshield evaluate --model M
+[--dataset jaffe --protocol all] --tta MODE` (the library calls it makes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from emoshield.views import TTA_MODES  # noqa: E402
+
+VARIANTS = {"defended": "defended", "undefended (localization head)": "localization"}
+
+
+def accuracy(model_dir: Path, data, mode: str) -> tuple[float, int]:
+    from emoshield.models.tta import with_tta
+    from emoshield.pipeline import _decode_for, model_test_data
+    from emoshield.training import predict_logits
+
+    model, records, root, meta = model_test_data(model_dir, data)
+    test, _ = _decode_for(model, records, root, meta["classes"])
+    model.eval()
+    predicted = predict_logits(with_tta(model, mode), test.pixels).argmax(1)
+    return (predicted == test.labels).float().mean().item(), len(test.labels)
+
+
+def main() -> int:
+    from emoshield.pipeline import DataOptions
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/reproduce/ckplus48-subject-v2")
+    parser.add_argument("--backbone", default="smallcnn")
+    parser.add_argument("--cross", default="jaffe")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default="results/tta")
+    args = parser.parse_args()
+    work = Path(args.work)
+    study = json.loads((work / "study.json").read_text())
+    units = sorted(p for p in (work / args.backbone).glob("fold*-seed*")
+                   if all((p / v / "metrics.json").is_file() for v in VARIANTS.values()))
+    if not units:
+        print(f"no finished trainings under {work / args.backbone}", file=sys.stderr)
+        return 2
+    cross = DataOptions(dataset=args.cross, data_root=args.data_root, protocol="all")
+    rows = []
+    for unit in units:
+        for label, folder in VARIANTS.items():
+            row = {"unit": unit.name, "model": label}
+            for name, data in (("own held-out people", None), (f"{args.cross} all (cross-dataset)", cross)):
+                for mode in TTA_MODES:
+                    row[f"{name}|{mode}"], row[f"{name}|images"] = accuracy(unit / folder, data, mode)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    opts = study["options"]
+    what = (f"{work}/{args.backbone}/fold*-seed*/{{defended,localization}}: {args.backbone} "
+            f"({study.get('weights', {}).get(args.backbone)}), localization head, {opts['input_size']} px, "
+            f"{opts['epochs']} epochs, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{opts['dataset']}-{opts['protocol']}-{args.backbone}"
+    (out / f"{stem}.json").write_text(json.dumps({"what": "clean accuracy per --tta mode", "models": what,
+                                                  "command": " ".join(["python", *sys.argv]), "rows": rows},
+                                                 indent=1))
+    own, other = "own held-out people", f"{args.cross} all (cross-dataset)"
+    lines = [f"# Test-time augmentation on {opts['dataset']} {opts['protocol']}-fold models", "", what, "",
+             f"Command: `python bench/tta.py --work {work} --backbone {args.backbone} --cross {args.cross}` "
+             "(clean accuracy, the library calls of `emoshield evaluate --tta MODE`).", "",
+             "| unit | model | held-out people | " + " | ".join(TTA_MODES) + f" | {args.cross} faces | "
+             + " | ".join(TTA_MODES) + " |", "|---|---|---:|" + "---:|" * len(TTA_MODES) + "---:|"
+             + "---:|" * len(TTA_MODES)]
+    for r in rows:
+        lines.append(f"| {r['unit']} | {r['model']} | {r[own + '|images']} | "
+                     + " | ".join(f"{r[f'{own}|{m}'] * 100:.1f}" for m in TTA_MODES)
+                     + f" | {r[other + '|images']} | " + " | ".join(f"{r[f'{other}|{m}'] * 100:.1f}" for m in TTA_MODES)
+                     + " |")
+    mean = {m: sum(r[f"{other}|{m}"] - r[f"{other}|none"] for r in rows) / len(rows) * 100 for m in TTA_MODES[1:]}
+    lines += ["", f"Mean change on {args.cross} over {len(rows)} models: "
+              + ", ".join(f"{m} {v:+.1f} points" for m, v in mean.items())
+              + f" (one face = {100 / rows[0][other + '|images']:.2f} points)."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
