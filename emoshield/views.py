@@ -11,6 +11,8 @@ numpy and torch evaluate the same way and that attacks differentiate through."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 TTA_MODES = ("none", "flip", "tencrop")
@@ -28,8 +30,10 @@ def crop_boxes(size: int, fraction: float = CROP_FRACTION) -> list[tuple[int, in
     return [(0, 0, side), (0, far, side), (far, 0, side), (far, far, side), (mid, mid, side)]
 
 
+@lru_cache(maxsize=32)
 def resize_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """R (out x in) with R @ v = v resized bilinearly (half-pixel centres, edges clamped)."""
+    """R (out x in) with R @ v = v resized bilinearly (half-pixel centres, edges clamped); built
+    once per size pair (attacks call the views hundreds of times), read-only."""
     matrix = np.zeros((out_size, in_size), dtype=np.float64)
     scale = in_size / out_size
     for i in range(out_size):
@@ -39,7 +43,9 @@ def resize_matrix(out_size: int, in_size: int) -> np.ndarray:
         w = x - x0
         matrix[i, x0] += 1 - w
         matrix[i, x1] += w
-    return matrix.astype(np.float32)
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def numpy_views(batch: np.ndarray, mode: str) -> np.ndarray:

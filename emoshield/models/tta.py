@@ -27,7 +27,7 @@ def torch_views(x: torch.Tensor, mode: str) -> torch.Tensor:
     size = x.shape[-1]
     views = []
     for top, left, side in crop_boxes(size):
-        r = torch.from_numpy(resize_matrix(size, side)).to(device=x.device, dtype=x.dtype)
+        r = torch.tensor(resize_matrix(size, side), device=x.device, dtype=x.dtype)  # a copy: the cached array is read-only
         resized = r @ x[..., top:top + side, left:left + side] @ r.T
         views += [resized, resized.flip(-1)]
     return torch.cat(views)
