@@ -227,9 +227,12 @@ def cmd_reproduce(args) -> int:
         square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
-    result = Study(options, out, work, command=["emoshield", *args.argv]).run()
+    study = Study(options, out, work, command=["emoshield", *args.argv])
+    result = study.run(until_unit=args.until_unit)
     if result is None:
-        print(f"study not complete yet: steps are running in other processes; re-run to collect ({work})")
+        why = ("stopped after one evaluated unit (--until-unit)" if args.until_unit and study.evaluated_here
+               else "steps are running in other processes")
+        print(f"study not complete yet: {why}; re-run to go on ({work})")
         return 0
     holds = sum(c["holds"] for c in result["claims"])
     print(f"study done: {holds}/{len(result['claims'])} of the reference's claims hold here")
@@ -1043,6 +1046,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")
     p.add_argument("--work", help="training folders and checkpoints (default: runs/reproduce/<OUT's name>); "
                                   "re-running resumes")
+    p.add_argument("--until-unit", action="store_true",
+                   help="return once this process has evaluated one unit, e.g. for scripts/studies.py to test "
+                        "that unit's models on another dataset before they are lost with the session")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("cross-dataset", help="a study's defended and undefended models on another dataset: "
                                              "clean, PGD and AutoAttack beside their own held-out people")

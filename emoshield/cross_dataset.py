@@ -63,9 +63,9 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
         raise EmoshieldError(f"--dataset {options.target} is the study's own dataset: its held-out people are in "
                              "the study's report; cross-dataset means another dataset")
     units = finished_units(work)
-    if not units:
-        raise EmoshieldError(f"no unit of {work} has finished yet (trainings and the study's own evaluation)")
     out = Path(out)
+    if not units and not any((out / "units").glob("*.json")):
+        raise EmoshieldError(f"no unit of {work} has finished yet (trainings and the study's own evaluation)")
     busy = []
     for i, (backbone, unit, folder) in enumerate(units, 1):
         tag = f"[{i}/{len(units)}] {backbone} {unit} on {options.target}"

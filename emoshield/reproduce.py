@@ -142,7 +142,10 @@ class Study:
     def units(self) -> list[tuple[str, int, int]]:
         return [(b, f, s) for b in self.options.backbones for f in self.options.fold_list for s in self.options.seeds]
 
-    def run(self) -> dict:
+    def run(self, until_unit: bool = False) -> dict | None:
+        """Every step not done yet, then the report; None while steps are left to other processes.
+        until_unit: return (None) as soon as this process has finished one unit's evaluation, so a
+        driver can run what needs that unit's models (cross-dataset) before the next training."""
         from .provenance import git_commit
 
         started = time.time()
@@ -158,8 +161,15 @@ class Study:
         # passes over the steps not done yet, while one makes progress: a step another process
         # finished (or whose trainings it finished) during our pass is collected (or run) by the next
         pending = list(enumerate(steps, 1))
+        self.evaluated_here = 0
         while pending:
-            left = [(i, step) for i, step in pending if not self._step(i, total, *step, timings_dir)]
+            left = []
+            for i, step in pending:
+                if not self._step(i, total, *step, timings_dir):
+                    left.append((i, step))
+                if until_unit and self.evaluated_here:
+                    self.log("stopping after one evaluated unit (--until-unit); re-run to go on")
+                    return None
             if len(left) == len(pending):
                 break
             pending = left
@@ -194,6 +204,7 @@ class Study:
             (timings_dir / f"{backbone}-fold{fold}-seed{seed}-{name}.json").write_text(json.dumps(seconds))
         if name == "evaluate" and state in ("finished", "already done"):
             self._save_unit(backbone, fold, seed, timings_dir)
+            self.evaluated_here += state == "finished"
         self.log(f"{tag}: {state}" + (f" in {seconds:.0f} s" if state == "finished" else ""))
         return state in ("finished", "already done")
 

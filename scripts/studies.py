@@ -12,7 +12,10 @@ stage moves on to the next ready one. Each worker gets cores / workers threads: 
 Xeon, two 1-thread processes did 1.16x and 1.56x the attack work of one 2-thread process (two
 runs side by side, PGD-20 on 128 faces, smallcnn 48 px), so two workers are the default.
 
-A cross-dataset stage waits for its source study to finish. A worker's output goes to
+A cross-dataset stage tests each unit of its source study as soon as that unit has finished,
+and before the study's next training: a unit's models live in the (uncommitted) work folder, so a
+session that ends loses them, while the unit's numbers are committed. Units whose models are not
+here any more (an earlier session's) are left out and named by --status. A worker's output goes to
 runs/studies/NAME.workerK.log; this script prints one line per stage started and ended. When
 every stage is done it rewrites RESULTS.md (scripts/results_md.py). SIGINT/SIGTERM stop the
 workers (the step in progress restarts from its last checkpoint on the next run)."""
@@ -50,7 +53,8 @@ class Stage:
 
 
 def study(name: str, *args: str) -> Stage:
-    return Stage(name, ("reproduce", *args, "--backbones", BACKBONES, "--work", f"runs/reproduce/{name}"),
+    return Stage(name, ("reproduce", *args, "--backbones", BACKBONES, "--work", f"runs/reproduce/{name}",
+                        "--until-unit"),
                  f"results/reproduce/{name}")
 
 
@@ -81,16 +85,46 @@ def _study_units(stage: Stage) -> int | None:
     return None if result is None else sum(len(units) for units in result.get("units", {}).values())
 
 
+def _evaluated(stage: Stage) -> set[str]:
+    return {p.stem for p in (ROOT / stage.out / "units").glob("*.json")}
+
+
+def _untested_units(stage: Stage) -> set[str]:
+    """A cross-dataset stage's source units whose models are here and which it has not tested yet."""
+    from emoshield.cross_dataset import finished_units
+    from emoshield.errors import EmoshieldError
+
+    work = ROOT / stage.args[stage.args.index("--work") + 1]
+    try:
+        here = {f"{backbone}-{unit}" for backbone, unit, _ in finished_units(work)}
+    except EmoshieldError:  # no work folder (yet, or not any more)
+        here = set()
+    return here - _evaluated(stage)
+
+
+def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
+    """Units the source study finished whose models are gone (an earlier session's work folder)."""
+    result = _json(ROOT / by_name[stage.source].out / "results.json") or {}
+    finished = {f"{b}-{u}" for b, units in result.get("units", {}).items() for u in units}
+    finished |= {p.stem for p in (ROOT / by_name[stage.source].out / "units").glob("*.json")}
+    work = ROOT / stage.args[stage.args.index("--work") + 1]
+    here = {f"{p.parent.name}-{p.name}" for p in work.glob("*/fold*-seed*")}
+    return finished - here - _evaluated(stage)
+
+
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
     if stage.source is None:
         return _study_units(stage) is not None
-    source_units = _study_units(by_name[stage.source])
-    evaluated = len(list((ROOT / stage.out / "units").glob("*.json")))
-    return source_units is not None and evaluated >= source_units and (ROOT / stage.out / "results.json").is_file()
+    # with nothing left to test here: done once the report is written, or at once when no unit
+    # could be tested at all (their models are gone: --status names them)
+    return (done(by_name[stage.source], by_name) and not _untested_units(stage)
+            and ((ROOT / stage.out / "results.json").is_file() or not _evaluated(stage)))
 
 
 def ready(stage: Stage, by_name: dict[str, Stage]) -> bool:
-    return stage.source is None or done(by_name[stage.source], by_name)
+    """A study: always; a cross-dataset stage: once a source unit it has not tested is here, or
+    once its source is done (to write its report)."""
+    return stage.source is None or bool(_untested_units(stage)) or done(by_name[stage.source], by_name)
 
 
 def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
@@ -104,7 +138,9 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             units = len(list((ROOT / s.out / "units").glob("*.json")))
             state = f"{units} unit(s) finished"
         else:
-            state = f"{len(list((ROOT / s.out / 'units').glob('*.json')))} unit(s) evaluated"
+            state = f"{len(_evaluated(s))} unit(s) evaluated, {len(_untested_units(s))} to test"
+        if s.source is not None and (lost := _lost_units(s, by_name)):
+            state += f"; models gone, not tested: {', '.join(sorted(lost))}"
         lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --out {s.out}")
     return lines
 
@@ -147,8 +183,11 @@ class Workers:
         def alive(stage: Stage) -> bool:
             return not done(stage, self.by_name) and self.failures.get(stage.name, 0) < 2
 
-        return [s for s in self.stages if alive(s) and (s.source is None or done(self.by_name[s.source], self.by_name)
-                                                        or (s.source in names and alive(self.by_name[s.source])))]
+        pending = [s for s in self.stages if alive(s) and (
+            s.source is None or done(self.by_name[s.source], self.by_name) or bool(_untested_units(s))
+            or (s.source in names and alive(self.by_name[s.source])))]
+        # a cross-dataset stage with models to test goes first: they vanish with the session
+        return sorted(pending, key=lambda s: not (s.source is not None and _untested_units(s)))
 
     def worker(self, index: int) -> None:
         while not self.stopping.is_set():

@@ -254,3 +254,33 @@ def test_a_step_another_process_finishes_during_our_pass_is_collected_not_report
     assert sum("own-head: running in another process" in line for line in lines) == 1
     assert sum("own-head: already done" in line for line in lines) == 1
     assert os.path.isfile(unit / "own-head" / "metrics.json")
+
+
+def test_until_unit_returns_after_each_evaluated_unit_and_the_last_run_writes_the_report(tmp_path, monkeypatch):
+    """scripts/studies.py tests each unit's models on another dataset before the next training:
+    `reproduce --until-unit` hands control back after every unit this process evaluated."""
+    from emoshield.reproduce import Study, StudyOptions
+
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "library"))
+    study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], input_size=32,
+                               fold_list=[0, 1]), tmp_path / "out", tmp_path / "work", log=lambda m: None)
+    evaluated, saved, written = [], set(), []
+
+    def train(backbone, fold, seed, name, folder, tag):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text("{}")
+        return "finished"
+
+    def evaluate(folder, tag):
+        evaluated.append(folder.name)
+        return "finished"
+
+    monkeypatch.setattr(study, "_train", train)
+    monkeypatch.setattr(study, "_evaluate", evaluate)
+    monkeypatch.setattr(study, "_save_unit", lambda b, f, s, t: saved.add((b, f, s)))
+    monkeypatch.setattr(study, "_saved_unit", lambda b, f, s: {} if (b, f, s) in saved else None)
+    monkeypatch.setattr(study, "collect", lambda: {"step_seconds": {}})
+    monkeypatch.setattr(study, "write", written.append)
+    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0"] and not written
+    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0", "fold1-seed0"] and not written
+    assert study.run(until_unit=True) is not None and len(evaluated) == 2 and len(written) == 1

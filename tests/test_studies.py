@@ -17,21 +17,30 @@ import json, os, sys, time
 from pathlib import Path
 args = sys.argv[1:]
 out = Path(args[args.index("--out") + 1])
+work = Path(args[args.index("--work") + 1])
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps({{"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS")}}) + "\\n")
 if out.name in os.environ.get("FAKE_FAIL", "").split(","):
     sys.exit(3)
 time.sleep(0.2)
-if args[0] == "reproduce":
-    out.mkdir(parents=True, exist_ok=True)
+(out / "units").mkdir(parents=True, exist_ok=True)
+if args[0] == "reproduce":  # two units, each leaving its models under WORK and its numbers under OUT
+    (work / "study.json").parent.mkdir(parents=True, exist_ok=True)
+    (work / "study.json").write_text("{{}}")
+    for unit in ("fold0-seed0", "fold1-seed0"):
+        if (out / "units" / f"smallcnn-{{unit}}.json").is_file():
+            continue
+        for name in ("defended/metrics.json", "localization/metrics.json", "robustness/robustness.json"):
+            (work / "smallcnn" / unit / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / "smallcnn" / unit / name).write_text("{{}}")
+        (out / "units" / f"smallcnn-{{unit}}.json").write_text("{{}}")
+        if "--until-unit" in args:
+            sys.exit(0)
     (out / "results.json").write_text(json.dumps({{"units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
-else:
-    work = Path(args[args.index("--work") + 1])
-    source = Path("results/reproduce") / work.name / "results.json"
-    assert source.is_file(), "cross-dataset ran before its source study finished"
-    (out / "units").mkdir(parents=True, exist_ok=True)
-    for unit in ("smallcnn-fold0-seed0", "smallcnn-fold1-seed0"):
-        (out / "units" / (unit + ".json")).write_text("{{}}")
+else:  # tests every unit whose models are under WORK
+    for folder in work.glob("*/fold*-seed*"):
+        assert (folder / "robustness" / "robustness.json").is_file(), "cross-dataset before the unit finished"
+        (out / "units" / f"{{folder.parent.name}}-{{folder.name}}.json").write_text("{{}}")
     (out / "results.json").write_text("{{}}")
 """
 
@@ -77,6 +86,28 @@ def test_every_stage_runs_after_its_source_and_results_md_is_rewritten(studies, 
     assert "stages:" in capsys.readouterr().out
 
 
+def test_each_unit_is_tested_on_the_other_dataset_before_the_next_training(studies):
+    module, tmp = studies
+    assert module.main(["--workers", "1", "--only", "ckplus48-subject-v2,ckplus48-jaffe"]) == 0
+    names = [c["stage"] for c in calls(tmp)]
+    # unit 0, its cross test, unit 1, its cross test, the study's report, the cross report
+    assert names[:4] == ["ckplus48-subject-v2", "ckplus48-jaffe"] * 2, names
+    assert sorted(p.name for p in (tmp / "results/cross/ckplus48-jaffe/units").iterdir()) == [
+        "smallcnn-fold0-seed0.json", "smallcnn-fold1-seed0.json"]
+
+
+def test_units_whose_models_are_gone_are_named_not_waited_for(studies, capsys):
+    module, tmp = studies
+    saved = tmp / "results/reproduce/ckplus48-subject-v2/units/smallcnn-fold0-seed0.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("{}")  # an earlier session's unit: its numbers are here, its models are not
+    assert module.main(["--workers", "2", "--only", "ckplus48-subject-v2,ckplus48-jaffe"]) == 0
+    assert [p.name for p in (tmp / "results/cross/ckplus48-jaffe/units").iterdir()] == ["smallcnn-fold1-seed0.json"]
+    lines = module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})
+    cross = next(line for line in lines if line.startswith("ckplus48-jaffe"))
+    assert "done; models gone, not tested: smallcnn-fold0-seed0 " in cross
+
+
 def test_a_failing_study_is_tried_twice_and_its_dependents_never_start(studies, monkeypatch, capsys):
     module, tmp = studies
     monkeypatch.setenv("FAKE_FAIL", "jaffe-subject-v2")
@@ -91,7 +122,7 @@ def test_a_failing_study_is_tried_twice_and_its_dependents_never_start(studies, 
 def test_only_and_status_and_bad_arguments(studies, capsys):
     module, tmp = studies
     assert module.main(["--only", "jaffe-subject-v2", "--workers", "1"]) == 0
-    assert [c["stage"] for c in calls(tmp)] == ["jaffe-subject-v2"]
+    assert {c["stage"] for c in calls(tmp)} == {"jaffe-subject-v2"}  # once per unit (--until-unit), then the report
     capsys.readouterr()
     assert module.main(["--status"]) == 0
     out = capsys.readouterr().out
