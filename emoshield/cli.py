@@ -127,16 +127,35 @@ def cmd_data_summary(args) -> int:
 
 # ---- train / evaluate --------------------------------------------------------------------------
 
+def _add_recipe_args(p) -> None:
+    """The optimizer and loss levers `train` and `cloud pretrain` share (TrainConfig's fields)."""
+    from .training.augment import MIXES
+    from .training.trainer import OPTIMIZERS
+
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1) (default: %(default)s)")
+    p.add_argument("--mix", choices=MIXES, default="none",
+                   help="mixup (blend) or cutmix (paste a box) of image pairs, the loss weighted by each label's "
+                        "share; undefended training only (default: %(default)s)")
+    p.add_argument("--mix-alpha", type=float, default=1.0,
+                   help="the mixing weight is drawn from Beta(alpha, alpha) once per batch (default: %(default)s)")
+
+
+def _recipe(args) -> dict:
+    return {"optimizer": args.optimizer, "momentum": args.momentum, "weight_decay": args.weight_decay,
+            "label_smoothing": args.label_smoothing, "mix": args.mix, "mix_alpha": args.mix_alpha}
+
+
 def cmd_train(args) -> int:
     from .evaluation.report import describe_run
     from .pipeline import ModelOptions, train_model
     from .training import TrainConfig
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         augment=args.augment, label_smoothing=args.label_smoothing,
-                         freeze_features=args.freeze_features, seed=args.seed, device=args.device, amp=args.amp,
-                         memory_format=args.memory_format)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                         augment=args.augment, freeze_features=args.freeze_features, seed=args.seed,
+                         device=args.device, amp=args.amp, memory_format=args.memory_format, **_recipe(args))
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head=args.head, pooling=args.pooling,
                          input_size=args.input_size, dropout=args.dropout, align=args.align)
     defense = None
@@ -463,7 +482,7 @@ def cmd_cloud_pretrain(args) -> int:
                        limit_per_class=args.limit_per_class)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                          augment=args.augment, seed=args.seed, device=args.device, amp=args.amp,
-                         memory_format=args.memory_format)
+                         memory_format=args.memory_format, **_recipe(args))
     if (work / "metrics.json").is_file():
         from .training.distributed import is_main_process
 
@@ -807,6 +826,7 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--schedule", choices=["reference", "constant", "cosine"], default="cosine")
     p.add_argument("--augment", choices=["none", "flip", "standard", "strong"], default="strong")
+    _add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="library entry name (default: BACKBONE-fer2013-SIZEpx)")
     p.add_argument("--library", help="library folder (default: $EMOSHIELD_LIBRARY or the cache)")
@@ -915,7 +935,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
         return parser
     from .models import BACKBONES, HEADS
     from .models.heads import POOLING_HELP
-    from .training import OPTIMIZERS, SCHEDULES
+    from .training import SCHEDULES
     from .attacks import CORRUPTIONS
     from .training.augment import AUGMENTATIONS
 
@@ -966,15 +986,12 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="default 32 (SPEC §4 says 128, which leaves ~5 steps per epoch on small face sets; "
                         "pass 128 to reproduce it)")
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=SCHEDULES, default="reference",
                    help="reference = Algorithm 1 (SPEC §4) (default: %(default)s)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="strong",
                    help="flip < standard (+ small rotation, scale, shift) < strong (+ brightness/contrast "
                         "jitter and random erasing); default: %(default)s")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    _add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("perturbation-aware defense (SPEC §6)")
     g.add_argument("--defense", help="methods and weights beta_s, e.g. fgsm:0.5,rfgsm:0.5 (pgd also allowed)")

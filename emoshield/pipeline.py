@@ -219,9 +219,13 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
                         list(dataset.classes))
     meta["defense"] = asdict(defense) if defense is not None else None
     meta["processes"] = 1 if dist is None else dist.world_size
-    from .training.devices import resolve_device
+    from .training.devices import effective_amp, resolve_device
 
-    meta["device"] = str(resolve_device(train_config.device, 0 if dist is None else dist.local_rank))
+    device = resolve_device(train_config.device, 0 if dist is None else dist.local_rank)
+    meta["device"] = str(device)
+    # what the training passes ran in here (--amp falls back to float32 without native bfloat16)
+    meta["precision"] = (("float16" if device.type == "cuda" else "bfloat16")
+                         if effective_amp(device, train_config.amp) else "float32")
     if main:
         _write_json(out_dir / "run.json", {
             **meta, "data_options": asdict(data), "model_options": asdict(model_options),

@@ -30,7 +30,9 @@ def test_device_names_resolve_or_fail_in_one_line():
 
 def test_amp_trains_in_bfloat16_but_attacks_in_float32(tmp_path, monkeypatch):
     import emoshield.attacks.base as base
+    import emoshield.training.devices as devices
 
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: True)  # emulated where the CPU lacks it: same dtypes
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="smallcnn", classes=list("abc"), input_size=32))
     g = torch.Generator().manual_seed(0)
@@ -53,6 +55,29 @@ def test_amp_trains_in_bfloat16_but_attacks_in_float32(tmp_path, monkeypatch):
     assert attack_dtypes and set(attack_dtypes) == {(torch.float32, torch.float32)}
     assert train_dtypes and set(train_dtypes) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_amp_on_a_cpu_without_native_bfloat16_trains_in_float32_and_says_so(tmp_path, monkeypatch):
+    import emoshield.training.devices as devices
+
+    monkeypatch.setattr(devices, "native_bfloat16", lambda: False)  # an AVX2-only CPU (EPYC Zen 3)
+    model = build_model(ModelConfig(backbone="smallcnn", classes=list("ab"), input_size=16))
+    dtypes, lines = [], []
+    model.features[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if m.training else None)
+    g = torch.Generator().manual_seed(0)
+    data = TensorData((torch.rand(8, 3, 16, 16, generator=g) * 255).to(torch.uint8), torch.tensor([0, 1] * 4))
+    Trainer(model, TrainConfig(epochs=1, batch_size=4, amp=True, device="cpu"), tmp_path, progress=False,
+            log=lines.append).fit(data, None)
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert any("no native bfloat16" in line and "float32" in line for line in lines)
+    assert not any(line.startswith("mixed precision") for line in lines)
+
+
+def test_native_bfloat16_agrees_with_the_cpu_flags():
+    from emoshield.training.devices import native_bfloat16
+
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert native_bfloat16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_resume_ignores_the_device_and_fills_settings_added_later():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from emoshield.errors import EmoshieldError
 from emoshield.models import ModelConfig, build_model
 from emoshield.training import TensorData, TrainConfig, Trainer
-from emoshield.training.augment import augment_batch
+from emoshield.training.augment import augment_batch, mix_batch
 
 TRAIN_ARGS = ["--dataset", "ckplus48", "--classes", "happy,sad,surprise", "--limit-per-class", "60",
               "--backbone", "smallcnn", "--epochs", "10", "--batch-size", "16", "--quiet"]
@@ -71,7 +71,8 @@ def test_existing_checkpoint_needs_resume(tmp_path):
 
 def test_bad_training_options_are_refused():
     for bad in (dict(epochs=0), dict(batch_size=1), dict(lr=0), dict(optimizer="rmsprop"), dict(augment="mix"),
-                dict(memory_format="nhwc")):
+                dict(memory_format="nhwc"), dict(mix="mosaic"), dict(mix="mixup", mix_alpha=0),
+                dict(mix_alpha=float("nan")), dict(label_smoothing=1.0), dict(label_smoothing=-0.1)):
         with pytest.raises(EmoshieldError):
             TrainConfig(**bad).validate()
 
@@ -102,6 +103,75 @@ def test_strong_augmentation_erases_rectangles_and_jitters_light():
     lit = augment_batch(torch.full((64, 1, 32, 32), 0.5), "strong", torch.Generator().manual_seed(4))
     means = lit.mean(dim=(1, 2, 3))
     assert means.std() > 0.03 and 0.5 * 0.75 - 1e-6 <= means.min() and means.max() <= 0.5 * 1.25 + 1e-6
+
+
+def test_mixup_blends_pairs_and_cutmix_weighs_labels_by_the_pixels_they_own():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 24, 24, generator=g)
+    y = torch.arange(16)
+    same = [mix_batch(x, y, "mixup", 0.4, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(same[0][0], same[1][0]) and same[0][3] == same[1][3]  # seeded: a resume repeats it
+    mixed, ya, yb, lam = same[0]
+    assert 0 < lam < 1 and torch.equal(ya, y) and sorted(yb.tolist()) == y.tolist()
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[yb], atol=1e-6)  # yb = y[partner] = partner here
+    lams = []
+    for seed in range(20):
+        mixed, ya, yb, lam = mix_batch(x, y, "cutmix", 1.0, torch.Generator().manual_seed(seed))
+        own = (mixed == x).flatten(1).float().mean(1)  # random pixels: only the kept ones equal the original
+        pasted = (mixed == x[yb]).flatten(1).float().mean(1)
+        moved = yb != y
+        assert torch.allclose(own[moved], torch.full_like(own[moved], lam), atol=1e-6)
+        assert torch.allclose(pasted[moved], torch.full_like(pasted[moved], 1 - lam), atol=1e-6)
+        lams.append(lam)
+    assert 0.2 < sum(lams) / len(lams) < 0.8 and min(lams) < 0.5 < max(lams)  # Beta(1, 1) = uniform
+    assert mix_batch(x, y, "none", 1.0, g)[0] is x
+    with pytest.raises(EmoshieldError, match="unknown mix"):
+        mix_batch(x, y, "mosaic", 1.0, g)
+
+
+def test_training_with_cutmix_learns_and_resumes_exactly_and_refuses_the_defense(tmp_path):
+    from emoshield.training import DefenseConfig
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch 2/"):
+            raise Stop  # after the epoch's checkpoint, like a SIGKILL between epochs
+
+    def run(out, resume=False, log=lambda _m: None):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
+        config = TrainConfig(epochs=4, batch_size=16, schedule="constant", augment="flip", mix="cutmix",
+                             label_smoothing=0.1, optimizer="adamw", lr=0.003)
+        result = Trainer(model, config, out, progress=False, log=log).fit(_toy_data(), None, resume=resume)
+        return model, result
+
+    whole, result = run(tmp_path / "whole")
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    with pytest.raises(Stop):
+        run(tmp_path / "resumed", log=stop_after_epoch_2)
+    resumed, result = run(tmp_path / "resumed", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    model = build_model(ModelConfig("smallcnn", ["happy", "sad"], 24))
+    with pytest.raises(EmoshieldError, match="--mix is for undefended training"):
+        Trainer(model, TrainConfig(epochs=1, batch_size=16, mix="mixup"), tmp_path / "defended", progress=False,
+                log=lambda _m: None, defense=DefenseConfig()).fit(_toy_data(), None)
+
+
+def test_the_width_and_depth_variants_of_the_vgg_style_net():
+    from emoshield.models.backbones import backbone_spec, torchvision_parts
+
+    sizes = {}
+    for name, convs in (("smallcnn", 8), ("widecnn", 8), ("deepcnn", 12)):
+        features, _ = torchvision_parts(name)
+        out = features(torch.zeros(1, 3, 48, 48))
+        assert out.shape == (1, backbone_spec(name).feature_channels, 3, 3)
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in features.modules()) == convs
+        sizes[name] = sum(p.numel() for p in features.parameters())
+    assert sizes["smallcnn"] == 1_173_216  # the shipped library entry's architecture, unchanged
+    assert sizes["smallcnn"] < sizes["deepcnn"] < sizes["widecnn"] < 15e6 / 4  # float32 under 15 MB
 
 
 def _epoch_of(out):
@@ -141,3 +211,28 @@ def test_sigkill_then_resume_finishes_with_nothing_lost(tmp_path, data_root):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
     assert [r["train_loss"] for r in history] == [r["train_loss"] for r in
                                                   json.loads((straight / "history.json").read_text())]
+
+
+def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retraining(tmp_path, data_root):
+    """bench/cloud_levers.py on a slice of FER2013: each lever is the baseline's flags plus its own,
+    the table has a row per lever, a re-run reuses the finished runs and a run of other epochs is refused."""
+    from tests.conftest import ROOT
+
+    bench = [sys.executable, str(ROOT / "bench" / "cloud_levers.py"), "--data-root", str(data_root), "--epochs", "1",
+             "--limit-per-class", "6", "--only", "baseline,cutmix", "--work", str(tmp_path / "work"),
+             "--out", str(tmp_path / "out"), "--device", "cpu"]
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "out" / "levers.json").read_text())
+    base, cutmix = result["runs"]
+    assert base["train_config"]["mix"] == "none" and cutmix["train_config"]["mix"] == "cutmix"
+    assert {k: v for k, v in base["train_config"].items() if k not in ("mix", "mix_alpha")} == {
+        k: v for k, v in cutmix["train_config"].items() if k not in ("mix", "mix_alpha")}
+    assert base["precision"] in ("bfloat16", "float32") and 0 <= cutmix["private_test"] <= 1
+    table = (tmp_path / "out" / "levers.md").read_text()
+    assert "| baseline |" in table and "| cutmix |" in table and "a quick run, not a result" in table
+    assert (tmp_path / "out" / "levers.png").stat().st_size > 0
+    again = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "cloud pretrain" not in again.stdout  # nothing retrained
+    other = subprocess.run([*bench[:5], "2", *bench[6:]], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "was trained with" in other.stderr and other.stderr.strip().count("\n") == 0

@@ -67,3 +67,42 @@ def _random_erase(x: torch.Tensor, generator: torch.Generator, probability: floa
               & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) & chosen.view(-1, 1, 1))
     fill = x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x)
     return torch.where(inside.unsqueeze(1), fill, x)
+
+
+# ---- mixing pairs of images (mixup, CutMix) --------------------------------------------------
+
+MIXES = ("none", "mixup", "cutmix")
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, mode: str, alpha: float, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(mixed images, labels a, labels b, weight of a): each image is mixed with the image a
+    random permutation of the batch pairs it with, with one weight lam ~ Beta(alpha, alpha) per
+    batch (Zhang et al. 2018 mixup; Yun et al. 2019 CutMix). mixup blends the whole images;
+    cutmix pastes a box of the partner's (area 1 - lam) and lam becomes the kept area, so the
+    loss lam CE(a) + (1 - lam) CE(b) weighs each label by the pixels it owns. Labels are
+    soft targets in effect: FER2013's label noise is one reason they are worth measuring."""
+    if mode == "none" or alpha <= 0:
+        return x, y, y, 1.0
+    if mode not in MIXES:
+        raise EmoshieldError(f"unknown mix {mode!r}; choose one of {', '.join(MIXES)}")
+    # torch's Beta sampler takes no generator: seed numpy's from ours, so a resumed run draws
+    # the same lam
+    import numpy as np
+
+    lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator))).beta(alpha, alpha))
+    partner = torch.randperm(x.shape[0], generator=generator)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+    _, _, h, w = x.shape
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(round(h * cut)), int(round(w * cut))
+    cy = int(torch.randint(0, h, (1,), generator=generator))
+    cx = int(torch.randint(0, w, (1,), generator=generator))
+    top, bottom = max(cy - ch // 2, 0), min(cy + (ch - ch // 2), h)
+    left, right = max(cx - cw // 2, 0), min(cx + (cw - cw // 2), w)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+    kept = 1 - (bottom - top) * (right - left) / (h * w)
+    return mixed, y, y[partner], float(kept)
+

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..data.images import to_model_input
 from ..errors import EmoshieldError
-from .augment import AUGMENTATIONS, augment_batch
+from .augment import AUGMENTATIONS, MIXES, augment_batch, mix_batch
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import SCHEDULES, lr_schedule
 
@@ -45,6 +45,8 @@ class TrainConfig:
     decay_stride: int = 5
     augment: str = "strong"  # standard + photometric jitter + random erasing: +10 PGD points measured
     label_smoothing: float = 0.0
+    mix: str = "none"  # mixup or cutmix of image pairs after augmentation (undefended training only)
+    mix_alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
     freeze_features: bool = False
     seed: int = 0
     eval_batch_size: int = 256
@@ -68,6 +70,12 @@ class TrainConfig:
             raise EmoshieldError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.augment not in AUGMENTATIONS:
             raise EmoshieldError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.mix not in MIXES:
+            raise EmoshieldError(f"unknown mix {self.mix!r}; choose one of {', '.join(MIXES)}")
+        if not (self.mix_alpha > 0 and math.isfinite(self.mix_alpha)):
+            raise EmoshieldError("--mix-alpha must be a finite number > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise EmoshieldError("--label-smoothing must be in [0, 1)")
         if self.memory_format not in MEMORY_FORMATS:
             raise EmoshieldError(f"unknown memory format {self.memory_format!r}; "
                                  f"choose one of {', '.join(MEMORY_FORMATS)}")
@@ -217,10 +225,12 @@ class Trainer:
         self.progress = progress and self.is_main
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.log = log if self.is_main else (lambda msg: None)
-        from .devices import grad_scaler, resolve_device
+        from .devices import effective_amp, grad_scaler, resolve_device
 
         self.device = resolve_device(config.device, 0 if self.dist is None else self.dist.local_rank)
-        self.scaler = grad_scaler(self.device, config.amp)
+        # config.amp stays as asked (the resume check), self.amp is what runs on this machine
+        self.amp = effective_amp(self.device, config.amp, self.log)
+        self.scaler = grad_scaler(self.device, self.amp)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -229,11 +239,14 @@ class Trainer:
 
     def fit(self, train: TensorData, val: TensorData | None, resume: bool = False) -> TrainResult:
         cfg = self.config
+        if cfg.mix != "none" and self.defense is not None:
+            raise EmoshieldError("--mix is for undefended training: the defense's perturbations are made for "
+                                 "each image's own label")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         self.model.to(self.device, memory_format=MEMORY_FORMATS[cfg.memory_format])
-        if cfg.amp:
+        if self.amp:
             self.log(f"mixed precision on {self.device.type}: training passes in "
                      f"{'float16' if self.device.type == 'cuda' else 'bfloat16'}, attacks in float32")
         self.model.freeze_features(cfg.freeze_features)
@@ -322,20 +335,25 @@ class Trainer:
             # images) are those of a single process; each rank then keeps its shard
             x = augment_batch(to_model_input(data.pixels[index]), cfg.augment, generator)
             y = data.labels[index]
+            x, y, y_mix, lam = mix_batch(x, y, cfg.mix, cfg.mix_alpha, generator)  # the global batch
             global_size = len(y)
             scale = 1.0
             self._noise_shard = None
             if self.dist is not None:
                 self._noise_shard = (self.dist.rank, self.dist.world_size, global_size)  # see LinfAttack.shard
-                x, y = self.dist.shard(x), self.dist.shard(y)
+                x, y, y_mix = self.dist.shard(x), self.dist.shard(y), self.dist.shard(y_mix)
                 scale = self.dist.loss_scale(len(y), global_size)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            y_mix = y_mix.to(self.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if self.defense is None:
                 with self._synced():
                     with self._autocast():
                         logits = self.model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        if lam < 1:
+                            loss = lam * loss + (1 - lam) * F.cross_entropy(
+                                logits.float(), y_mix, label_smoothing=cfg.label_smoothing)
                     self.scaler.scale(loss * scale).backward()
             else:
                 seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
@@ -345,7 +363,8 @@ class Trainer:
             self.scaler.step(optimizer)
             self.scaler.update()
             total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            predicted = logits.argmax(1)  # under mixing: each label counts with its weight
+            correct += lam * float((predicted == y).sum()) + (1 - lam) * float((predicted == y_mix).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         if self.dist is not None:
@@ -355,7 +374,7 @@ class Trainer:
     def _autocast(self):
         from .devices import autocast
 
-        return autocast(self.device, self.config.amp)
+        return autocast(self.device, self.amp)
 
     def _synced(self):
         """Global-batch BatchNorm statistics under torchrun; nothing to do in one process."""
@@ -394,7 +413,7 @@ class Trainer:
     def _differential_backward(self, x, y, seed: int, scale: float, active: list, perturbed: dict):
         d, smoothing = self.defense, self.config.label_smoothing
         # the clean pass's input gradient is FGSM's only in float32 (see devices.py)
-        fused_fgsm = d.attack_bn == "train" and not self.config.amp and any(name == "fgsm" for name, _ in active)
+        fused_fgsm = d.attack_bn == "train" and not self.amp and any(name == "fgsm" for name, _ in active)
         x_clean = x.detach().requires_grad_(fused_fgsm)
         with self._autocast():
             logits = self.model(x_clean)

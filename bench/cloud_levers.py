@@ -1,0 +1,189 @@
+"""The cloud tier's levers, one at a time (issue 18, items 1 and 5): each variant is the shipped
+FER2013 recipe with one change, trained with the same seed and epochs on FER2013's official split
+(PublicTest picks the epoch, PrivateTest is the test), so the table shows what each lever is worth.
+
+    python bench/cloud_levers.py [--epochs 30] [--only baseline,cutmix,...] [--device auto]
+        [--limit-per-class N] [--work runs/cloud_levers] [--out results/cloud_levers]
+
+The baseline is the recipe of the shipped `smallcnn-fer2013-48px` (RESULTS.md "The cloud tier"):
+SmallCNN from scratch, 48 px, batch 64, SGD lr 0.02 momentum 0.9, weight decay 5e-4, cosine,
+`--augment standard`, `--amp` (bfloat16 where the CPU has it natively, else float32: the table
+says which ran). Each variant is one `emoshield cloud pretrain` run in WORK/NAME: re-running the
+same command resumes the interrupted one and skips finished ones, so the set can span sessions
+(about an hour per 30-epoch SmallCNN variant on 2 CPU cores; wider/deeper nets and 2x schedules
+cost more). A run made with other epochs or data than asked is refused, not mixed in.
+
+Writes OUT/levers.json (every run's settings, per-epoch history and figures), OUT/levers.md (the
+ablation table) and OUT/levers.png (PublicTest accuracy per epoch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASELINE = ["--backbone", "smallcnn", "--weights", "scratch", "--input-size", "48", "--batch-size", "64",
+            "--lr", "0.02", "--schedule", "cosine", "--augment", "standard", "--optimizer", "sgd",
+            "--amp", "--seed", "0"]
+
+# name -> (what changes, the flags that change it; later flags override the baseline's)
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("the shipped recipe", []),
+    "label-smoothing": ("label smoothing 0.1", ["--label-smoothing", "0.1"]),
+    "mixup": ("mixup, alpha 0.2", ["--mix", "mixup", "--mix-alpha", "0.2"]),
+    "cutmix": ("CutMix, alpha 1.0", ["--mix", "cutmix", "--mix-alpha", "1.0"]),
+    "augment-strong": ("`--augment strong` (+ light jitter, random erasing)", ["--augment", "strong"]),
+    "adamw": ("AdamW lr 0.001, weight decay 0.05", ["--optimizer", "adamw", "--lr", "0.001",
+                                                    "--weight-decay", "0.05"]),
+    "wider": ("WideCNN: 1.5x the channels (2.6M parameters)", ["--backbone", "widecnn"]),
+    "deeper": ("DeepCNN: 3 conv layers per block (2.0M parameters)", ["--backbone", "deepcnn"]),
+    "schedule-2x": ("twice the epochs (same cosine shape)", ["--epochs-factor", "2"]),
+}
+
+
+def variant_args(name: str, epochs: int) -> list[str]:
+    """The pretrain flags of one variant: the baseline's, then the lever's (argparse keeps the last)."""
+    flags = list(LEVERS[name][1])
+    factor = 1
+    if "--epochs-factor" in flags:
+        i = flags.index("--epochs-factor")
+        factor = int(flags[i + 1])
+        del flags[i:i + 2]
+    return [*BASELINE, "--epochs", str(epochs * factor), *flags]
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[len(args) - 1 - args[::-1].index(name) + 1]
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume, or reuse) one variant; its row of the table."""
+    work = Path(args.work) / name
+    flags = variant_args(name, args.epochs)
+    command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *flags, "--name", f"lever-{name}",
+               "--library", str(Path(args.work) / "library"), "--work", str(work), "--force", "--quiet",
+               "--device", args.device]
+    if args.data_root:
+        command += ["--data-root", args.data_root]
+    if args.limit_per_class:
+        command += ["--limit-per-class", str(args.limit_per_class)]
+    if (work / "run.json").is_file():  # a run of other epochs or data would resume into a mixed result
+        run = json.loads((work / "run.json").read_text())
+        asked = {"epochs": int(_flag(flags, "--epochs")), "limit_per_class": args.limit_per_class}
+        had = {"epochs": run["train_config"]["epochs"], "limit_per_class": run["data_options"].get("limit_per_class")}
+        if had != asked:
+            raise SystemExit(f"{work} was trained with {had}, not {asked}: pass another --work or delete it")
+    if not (work / "metrics.json").is_file() or not (Path(args.work) / "library" / f"lever-{name}").is_dir():
+        print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
+        with open(Path(args.work) / f"{name}.log", "a") as log:
+            subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    metrics = json.loads((work / "metrics.json").read_text())
+    run = json.loads((work / "run.json").read_text())
+    history = json.loads((work / "history.json").read_text())
+    from emoshield.models import load_model
+
+    model = load_model(work)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"name": name, "change": LEVERS[name][0], "flags": flags, "backbone": run["backbone"],
+            "parameters": parameters, "epochs": run["train_config"]["epochs"], "seed": run["train_config"]["seed"],
+            "train_config": run["train_config"], "counts": run["counts"], "device": run.get("device"),
+            "precision": metrics.get("precision", "not recorded"),
+            "best_epoch": metrics.get("best_epoch"), "public_test": metrics.get("best_val_score"),
+            "private_test": metrics["test_accuracy"], "private_test_balanced": metrics["balanced_accuracy"],
+            "train_seconds": metrics.get("train_seconds"),
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+            "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val_accuracy", "seconds")} for h in history],
+            "git_commit": metrics.get("git_commit")}
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    base = next((r for r in rows if r["name"] == "baseline"), None)
+    counts = rows[0]["counts"]
+    lines = ["# The cloud tier's levers on FER2013, one at a time", "",
+             f"FER2013 official split: train {counts['train']}, PublicTest {counts['val']} (picks the epoch), "
+             f"PrivateTest {counts['test']} (the test){'' if not args.limit_per_class else f', at most about {args.limit_per_class} images per class (a quick run, not a result)'}; "
+             f"7 classes, 48 px, one crop, seed {rows[0]['seed']}, {args.epochs} epochs unless the lever changes it. "
+             "Baseline = the shipped `smallcnn-fer2013-48px` recipe (SmallCNN from scratch, batch 64, SGD lr 0.02, "
+             "cosine, `--augment standard`). Every other row changes one thing. Command: "
+             f"`python bench/cloud_levers.py --epochs {args.epochs}`.", "",
+             "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | PrivateTest | "
+             "vs baseline | balanced | s/epoch | precision | device |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        delta = "" if base is None or r is base else f"{100 * (r['private_test'] - base['private_test']):+.1f}"
+        lines.append(f"| {r['name']} | {r['change']} | {r['backbone']} | {r['parameters'] / 1e6:.2f}M | {r['epochs']} | "
+                     f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | **{100 * r['private_test']:.1f}** | "
+                     f"{delta} | {100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
+                     f"{r['precision']} | {r['device']} |")
+    lines += ["", "s/epoch: wall seconds per epoch of each run; the runs do not share a process, so compare them "
+              "only roughly (shared machines drift). One seed: differences under ~0.8 points (the standard error "
+              "of a 3,589-image accuracy near 68%) are noise.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.plot([h["epoch"] for h in r["history"]], [100 * (h["val_accuracy"] or 0) for h in r["history"]],
+                label=f"{r['name']} ({100 * r['private_test']:.1f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("PublicTest accuracy (%)")
+    ax.set_title("FER2013: one lever at a time (legend: PrivateTest %)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of every run (schedule-2x: twice)")
+    parser.add_argument("--only", default="", help=f"comma-separated levers (default: all: {', '.join(LEVERS)})")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=os.environ.get("EMOSHIELD_DATA"))
+    parser.add_argument("--limit-per-class", type=int, help="a quick run on a slice (not a result)")
+    parser.add_argument("--work", default="runs/cloud_levers")
+    parser.add_argument("--out", default="results/cloud_levers")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(LEVERS)
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        parser.error(f"unknown lever(s) {', '.join(unknown)}; levers: {', '.join(LEVERS)}")
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        try:
+            rows.append(run_variant(name, args))
+        except subprocess.CalledProcessError as exc:
+            print(f"{name}: the training failed (exit {exc.returncode}); see {Path(args.work) / (name + '.log')}",
+                  file=sys.stderr)
+            return 1
+        print(f"{name}: PrivateTest {100 * rows[-1]['private_test']:.1f}% (best epoch {rows[-1]['best_epoch']})",
+              flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers.json").write_text(json.dumps({"epochs": args.epochs, "limit_per_class": args.limit_per_class,
+                                                 "baseline_flags": BASELINE, "runs": rows}, indent=1))
+    (out / "levers.md").write_text(markdown(rows, args))
+    plot(rows, out / "levers.png")
+    print(f"wrote {out / 'levers.md'}, {out / 'levers.json'}, {out / 'levers.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
