@@ -205,6 +205,9 @@ class Workers:
                 if rc != 0 and not self.stopping.is_set():
                     with self.lock:
                         self.failures[stage.name] = self.failures.get(stage.name, 0) + 1
+                first = next(iter(self._pending()), None)
+                if first is not None and first is not stage and first.source is not None and _untested_units(first):
+                    break  # a unit just finished: test its models before anything else (a new pass)
             if time.monotonic() - started < IDLE_SECONDS:  # every free step was taken: look again later
                 self.stopping.wait(IDLE_SECONDS)
 
