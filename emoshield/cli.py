@@ -504,7 +504,7 @@ def cmd_cloud_pretrain(args) -> int:
     meta = add_entry(name, load_model(work), library,
                      data=f"{args.dataset} official split: train {counts['train']}, val (PublicTest) {counts['val']}, "
                           f"test (PrivateTest) {counts['test']} images",
-                     epochs=metrics.get("epochs", args.epochs),
+                     epochs=metrics.get("epochs", args.epochs), seed=args.seed,
                      accuracy={"test": metrics["test_accuracy"], "test_balanced": metrics["balanced_accuracy"],
                                "test_images": metrics["num_images"], "best_epoch": metrics.get("best_epoch"),
                                "training_folder": str(work)},
@@ -1012,7 +1012,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model (its test split by default)")
-    p.add_argument("--model", required=True, help="training output folder or model.safetensors")
+    p.add_argument("--model", required=True, help="training output folder, model.safetensors, or library:NAME (a "
+                                                   "cloud library entry as it is, e.g. FER2013 -> JAFFE without "
+                                                   "fine-tuning: --dataset jaffe --protocol all)")
     p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: flip = mean of the face and its mirror image, tencrop = mean "
                         "over the four corner crops and the centre crop (90%% of the side, resized back) and "
@@ -1029,7 +1031,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="accuracy vs eps for one attack")
-    p.add_argument("--model", required=True, help="training output folder or model.safetensors")
+    p.add_argument("--model", required=True, help="training output folder, model.safetensors, or library:NAME (a "
+                                                   "cloud library entry as it is, e.g. FER2013 -> JAFFE without "
+                                                   "fine-tuning: --dataset jaffe --protocol all)")
     _add_data_args(p, dataset_required=False, protocols=["reference", "subject", "official", "all"])
     p.add_argument("--attack", default="fgsm", help="fgsm, rfgsm, pgd or apgd (default: %(default)s)")
     p.add_argument("--eps", default="0:0.03:0.002", help="start:stop:step or a list (default: %(default)s)")

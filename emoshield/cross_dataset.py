@@ -85,7 +85,8 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
                 _evaluate_unit(backbone, unit, folder, path, options, study, log)
     result = collect(out, options, study)
     done = set(result["units"])
-    result["pending"] = sorted({f"{b}-{u}" for b, u, _ in units} - done | set(busy))
+    # a unit another process was busy with may have finished meanwhile: then it is in the table
+    result["pending"] = sorted(({f"{b}-{u}" for b, u, _ in units} | set(busy)) - done)
     write_report(out, result)
     return result
 

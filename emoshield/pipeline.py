@@ -258,12 +258,16 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
     from .models import load_model
     from .provenance import git_commit
 
-    model_dir = Path(model_dir)
-    model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
+    model_file, run = _model_file_and_run(model_dir)
     model = load_model(model_file)
     classes = classes or list(model.config.classes)
-    run_file = model_file.parent / "run.json"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    if run.get("library_entry"):  # a cloud backbone as it is, no fine-tuning: no split.json to test on
+        if data is None or data.dataset is None:
+            raise EmoshieldError(f"{model_dir}: a library entry has no test split of its own; pass --dataset "
+                                 "(and --protocol all for every image of another dataset)")
+        if data.dataset == run.get("pretrained_on") and data.protocol != "official":
+            raise EmoshieldError(f"{model_dir} was pretrained on {data.dataset}'s official training split: test it "
+                                 "with --protocol official (its PrivateTest images), not with images it trained on")
     if data is None or data.dataset is None:
         records, root, header = saved_split_records(model_file, "test", data.data_root if data else None)
         meta = {k: run.get(k, header.get(k)) for k in
@@ -288,13 +292,32 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,
                 "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense"),
-                **({"classes_absent_from_dataset": absent} if absent else {})}
+                **({"classes_absent_from_dataset": absent} if absent else {}),
+                **({k: run[k] for k in ("library_entry", "pretrained_on") if run.get(k)})}
         _refuse_training_images(model_file, data.dataset, records)
     meta.update(classes=classes, backbone=model.config.backbone, head=model.config.head,
                 pooling=model.config.pooling, weights=model.config.weights,
                 input_size=model.config.input_size, align=getattr(model.config, "align", "none"),
                 model=str(model_file), evaluated_by=git_commit())
     return model, [r for r in records if r.label in classes], root, meta
+
+
+def _model_file_and_run(model: Path | str) -> tuple[Path, dict]:
+    """(weights file, its training's run.json) of a training folder, a model.safetensors, or
+    `library:NAME` (a cloud library entry, sha256-checked: epochs, seed and the dataset it was
+    pretrained on come from its metadata)."""
+    from .models.library import read_entry
+
+    if str(model).startswith("library:"):
+        name = str(model)[len("library:"):]
+        entry, weights = read_entry(name)
+        run = {"epochs": entry.get("epochs"), "library_entry": name,
+               "pretrained_on": str(entry.get("data", "")).split(" ")[0] or None}
+        return weights, run | ({"seed": entry["seed"]} if entry.get("seed") is not None else {})
+    model = Path(model)
+    model_file = model / "model.safetensors" if model.is_dir() else model
+    run_file = model_file.parent / "run.json"
+    return model_file, json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
 def _refuse_training_images(model_file: Path, dataset: str, records: list) -> None:

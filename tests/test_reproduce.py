@@ -32,7 +32,7 @@ def test_convergence_counts_the_first_epoch_past_each_threshold():
     assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.6) and stat["std"] == pytest.approx(0.1414, abs=1e-4)
 
 
-def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, capsys):
+def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, capsys, monkeypatch):
     import os
 
     library = tmp_path / "library"
@@ -169,6 +169,31 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
         partial = json.loads((other_out / "results.json").read_text())
         assert list(partial["units"]) == ["smallcnn-fold0-seed0"] and partial["pending"] == ["smallcnn-fold1-seed0"]
         assert "pending or being evaluated by another process): smallcnn-fold1-seed0" in (other_out / "report.md").read_text()
+
+        # the other process finishes that unit while this one runs: it is in the table, not pending
+        import contextlib
+
+        import emoshield.reproduce
+
+        real_lock = emoshield.reproduce.step_lock
+        record = json.loads((other_out / "units" / "smallcnn-fold0-seed0.json").read_text())
+
+        @contextlib.contextmanager
+        def finished_elsewhere(path):
+            with real_lock(path) as mine:
+                if mine:
+                    yield mine
+                    return
+                (other_out / "units" / "smallcnn-fold1-seed0.json").write_text(json.dumps({**record, "unit": "fold1-seed0"}))
+                yield mine
+
+        monkeypatch.setattr(emoshield.reproduce, "step_lock", finished_elsewhere)
+        assert main(list(map(str, [*quick_cross[:-2], "--limit-per-class", "3", "--out", other_out]))) == 0
+        assert "fold1-seed0 on jaffe: running in another process" in capsys.readouterr().err
+        finished = json.loads((other_out / "results.json").read_text())
+        assert list(finished["units"]) == ["smallcnn-fold0-seed0", "smallcnn-fold1-seed0"] and finished["pending"] == []
+        assert "Not in the table yet" not in (other_out / "report.md").read_text()
+        monkeypatch.undo()
     finally:
         sleeper.kill()
 

@@ -279,11 +279,30 @@ def test_cloud_pretrain_adds_a_fer2013_backbone_that_training_loads_by_name(tmp_
     meta, weights = read_entry(name, library)
     assert meta["classes"] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     assert meta["data"].startswith("fer2013 official split") and meta["accuracy"]["test_images"] > 0
+    assert meta["seed"] == 0 and meta["epochs"] == 1
     again = run(*pretrain, check=False)
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
-    # the edge-side trainer loads it by name (features only: the 7-class head does not fit 5 classes)
+    # the entry as it is, on faces of another dataset (no fine-tuning); never on its own training images
     monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
+    run("evaluate", "--model", f"library:{name}", "--dataset", "jaffe", "--data-root", data_root,
+        "--protocol", "all", "--limit-per-class", "3", "--attacks", "fgsm", "--eps", "0.01", "--out",
+        tmp_path / "on-jaffe")
+    evaluated = json.loads((tmp_path / "on-jaffe" / "robustness.json").read_text())
+    assert evaluated["model"]["library_entry"] == name and evaluated["model"]["pretrained_on"] == "fer2013"
+    assert evaluated["robustness"]["num_images"] == 21  # 3 of each of JAFFE's 7 classes, all FER2013's too
+    report = (tmp_path / "on-jaffe" / "report.md").read_text()
+    assert f"library entry {name} as shipped (pretrained on fer2013, not fine-tuned)" in report
+    assert "1 epochs, seed 0" in report
+    for bad, why in ((["--dataset", "fer2013", "--protocol", "all"], "images it trained on"),
+                     ([], "has no test split of its own"), (["--dataset", "jaffe", "--protocol", "all"], "")):
+        model = f"library:{name}" if why else "library:no-such-entry"
+        proc = run("evaluate", "--model", model, "--data-root", data_root, *bad, "--out", tmp_path / "x",
+                   check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (why or "no library entry 'no-such-entry'") in proc.stderr
+
+    # the edge-side trainer loads it by name (features only: the 7-class head does not fit 5 classes)
     out = tmp_path / "finetune"
     run("train", "--dataset", "ckplus48", "--data-root", data_root, "--classes", FIVE, "--protocol", "subject",
         "--limit-per-class", "10", "--backbone", "smallcnn", "--weights", f"library:{name}", "--input-size", "32",

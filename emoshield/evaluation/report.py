@@ -11,10 +11,13 @@ def describe_run(meta: dict) -> str:
                 f"beta0 {defense['beta0']:g}, eps {defense['eps']:g})") if defense else ""
     absent = meta.get("classes_absent_from_dataset")
     no_images = f"; no images of {', '.join(absent)}" if absent else ""
+    library = (f", library entry {meta['library_entry']} as shipped (pretrained on "
+               f"{meta.get('pretrained_on') or '?'}, not fine-tuned)") if meta.get("library_entry") else ""
+    epochs = "epochs unknown" if meta.get("epochs") is None else f"{meta['epochs']} epochs"
     return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}{no_images}), "
             f"{meta['protocol']} protocol{fold}, {meta['backbone']} + {meta['head']} head "
-            f"(weights: {meta['weights']}), input {meta['input_size']} px{_preprocessing(meta)}, {meta['epochs']} "
-            f"epochs, seed {meta['seed']}{defended}")
+            f"(weights: {meta['weights']}){library}, input {meta['input_size']} px{_preprocessing(meta)}, "
+            f"{epochs}, seed {meta['seed']}{defended}")
 
 
 def _preprocessing(meta: dict) -> str:

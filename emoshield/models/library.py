@@ -98,7 +98,7 @@ def read_entry(name: str, library: Path | None = None, verify: bool = True) -> t
 
 
 def add_entry(name: str, model, library: Path | None = None, data: str = "", epochs: int | None = None,
-              accuracy: dict | None = None, overwrite: bool = False) -> dict:
+              accuracy: dict | None = None, overwrite: bool = False, seed: int | None = None) -> dict:
     """Save an EmotionNet's weights as a library entry and return its metadata."""
     from .network import save_model
 
@@ -111,6 +111,7 @@ def add_entry(name: str, model, library: Path | None = None, data: str = "", epo
     meta = {"name": name, "backbone": config.backbone, "input_size": config.input_size,
             "normalization": {"mean": list(config.mean), "std": list(config.std)},
             "classes": list(config.classes), "initial_weights": config.weights, "data": data, "epochs": epochs,
+            "seed": seed,
             "accuracy": accuracy or {}, "sha256": sha256_file(folder / WEIGHTS_FILE),
             "bytes": (folder / WEIGHTS_FILE).stat().st_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
