@@ -251,7 +251,9 @@ def cmd_reproduce(args) -> int:
     if result is None:
         why = ("stopped after one evaluated unit (--until-unit)" if args.until_unit and study.evaluated_here
                else "steps are running in other processes")
-        print(f"study not complete yet: {why}; re-run to go on ({work})")
+        partial = out / "report.md" if (out / "results.json").is_file() else None
+        print(f"study not complete yet: {why}; re-run to go on ({work})"
+              + (f"\n  the units finished so far: {partial}" if partial else ""))
         return 0
     holds = sum(c["holds"] for c in result["claims"])
     print(f"study done: {holds}/{len(result['claims'])} of the reference's claims hold here")

@@ -146,8 +146,6 @@ class Study:
         """Every step not done yet, then the report; None while steps are left to other processes.
         until_unit: return (None) as soon as this process has finished one unit's evaluation, so a
         driver can run what needs that unit's models (cross-dataset) before the next training."""
-        from .provenance import git_commit
-
         started = time.time()
         self._check_work()
         opts = self.options
@@ -169,20 +167,36 @@ class Study:
                     left.append((i, step))
                 if until_unit and self.evaluated_here:
                     self.log("stopping after one evaluated unit (--until-unit); re-run to go on")
+                    self.write_partial(started)
                     return None
             if len(left) == len(pending):
                 break
             pending = left
         if pending:
             self.log(f"{len(pending)} step(s) are running in other processes or wait for them; run this command "
-                     "again when they are done to write the report")
+                     "again when they are done to write the whole report")
+            self.write_partial(started)
             return None
+        return self._report(started)
+
+    def _report(self, started: float) -> dict:
+        """results.json, report.md and the plots from the units saved so far (complete or not)."""
+        from .provenance import git_commit
+
         result = self.collect()
-        result.update(command=self.command, options=asdict(opts), weights=self.weights, git_commit=git_commit(),
-                      compute_seconds=sum(result["step_seconds"].values()),
+        result.update(command=self.command, options=asdict(self.options), weights=self.weights,
+                      git_commit=git_commit(), compute_seconds=sum(result["step_seconds"].values()),
                       wall_seconds_this_invocation=time.time() - started)
-        self.write(result)
+        with report_lock(self.work):
+            self.write(result)
         return result
+
+    def write_partial(self, started: float) -> None:
+        """The report of the units finished so far, so a study that spans sessions shows its numbers
+        (and RESULTS.md can) before its last unit: results.json says complete false and names the
+        pending units."""
+        if any(self._saved_unit(*u) is not None for u in self.units()):
+            self._report(started)
 
     def _step(self, i: int, total: int, backbone: str, fold: int, seed: int, name: str, timings_dir: Path) -> bool:
         """Run one step unless it is done or another process holds it; True when it is done."""
@@ -294,13 +308,16 @@ class Study:
     def collect(self) -> dict:
         """Every number of every unit (from the saved unit files), and their mean ± std over folds x seeds."""
         per_unit: dict = {}
-        saved = {u: self._saved_unit(*u) for u in self.units()}
+        saved = {u: unit for u in self.units() if (unit := self._saved_unit(*u)) is not None}
+        pending = [f"{b}-fold{f}-seed{s}" for b, f, s in self.units() if (b, f, s) not in saved]
+        if not saved:
+            raise EmoshieldError(f"{self.out}: no finished unit to report yet")
         for (backbone, fold, seed), unit in saved.items():
             per_unit.setdefault(backbone, {})[f"fold{fold}-seed{seed}"] = unit["record"]
         summary = {b: summarize(units) for b, units in per_unit.items()}
         first = next(iter(saved.values()))
         return {"dataset": first["dataset"], "classes": first["classes"], "protocol": self.options.protocol,
-                "units": per_unit, "summary": summary, "unit_commits": sorted({u["git_commit"] for u in saved.values()}),
+                "complete": not pending, "pending_units": pending, "units": per_unit, "summary": summary, "unit_commits": sorted({u["git_commit"] for u in saved.values()}),
                 "step_seconds": {k: v for u in saved.values() for k, v in u["step_seconds"].items()},
                 "claims": check_claims(summary, len(first["classes"]), self.options)}
 
@@ -341,6 +358,19 @@ class Study:
         (self.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
         (self.out / "report.md").write_text(study_markdown(result, plots))
         (self.out / "command.txt").write_text(" ".join(self.command) + "\n")
+
+
+@contextlib.contextmanager
+def report_lock(work: Path, wait_seconds: float = 300.0):
+    """One writer of a study's report at a time (workers finishing units together would interleave
+    its files): waits for another process's write, then takes over a lock it holds too long."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        with step_lock(Path(work) / "report") as mine:
+            if mine or time.monotonic() > deadline:
+                yield
+                return
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -80,9 +80,12 @@ def _json(path: Path) -> dict | None:
 
 
 def _study_units(stage: Stage) -> int | None:
-    """How many units a finished study has (None while it runs)."""
+    """How many units a finished study has (None while it runs: no report yet, or a partial one
+    written after each unit, which says complete false)."""
     result = _json(ROOT / stage.out / "results.json")
-    return None if result is None else sum(len(units) for units in result.get("units", {}).values())
+    if result is None or result.get("complete") is False:
+        return None
+    return sum(len(units) for units in result.get("units", {}).values())
 
 
 def _evaluated(stage: Stage) -> set[str]:

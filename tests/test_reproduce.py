@@ -10,7 +10,7 @@ import pytest
 
 from emoshield.reproduce import convergence, mean_std
 
-from tests.conftest import FIVE
+from tests.conftest import FIVE, ROOT
 
 
 def run(*args, env=None, check=True):
@@ -304,8 +304,44 @@ def test_until_unit_returns_after_each_evaluated_unit_and_the_last_run_writes_th
     monkeypatch.setattr(study, "_evaluate", evaluate)
     monkeypatch.setattr(study, "_save_unit", lambda b, f, s, t: saved.add((b, f, s)))
     monkeypatch.setattr(study, "_saved_unit", lambda b, f, s: {} if (b, f, s) in saved else None)
-    monkeypatch.setattr(study, "collect", lambda: {"step_seconds": {}})
+    monkeypatch.setattr(study, "collect", lambda: {"step_seconds": {}, "units": sorted(saved),
+                                                   "complete": len(saved) == 2})
     monkeypatch.setattr(study, "write", written.append)
-    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0"] and not written
-    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0", "fold1-seed0"] and not written
-    assert study.run(until_unit=True) is not None and len(evaluated) == 2 and len(written) == 1
+    # each return leaves the report of the units so far (a partial one says so: scripts/studies.py
+    # must not take it for a finished study)
+    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0"]
+    assert [(w["units"], w["complete"]) for w in written] == [([("smallcnn", 0, 0)], False)]
+    assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0", "fold1-seed0"]
+    assert len(written) == 2 and written[-1]["complete"]
+    assert study.run(until_unit=True) is not None and len(evaluated) == 2 and len(written) == 3
+
+
+def test_a_partial_report_is_made_from_the_finished_units_and_names_the_pending_ones(tmp_path):
+    """A study spanning sessions shows its numbers before its last unit: the report of a committed
+    unit alone says 'partial' and which units are left."""
+    import dataclasses
+    import shutil
+
+    from emoshield.evaluation.study_report import study_markdown
+    from emoshield.reproduce import Study, StudyOptions
+
+    committed = ROOT / "results/reproduce/ckplus48-subject-v2/units/smallcnn-fold0-seed0.json"
+    unit = json.loads(committed.read_text())
+    names = {f.name for f in dataclasses.fields(StudyOptions)}
+    options = StudyOptions(**{k: v for k, v in unit["options"].items() if k in names},
+                           backbones=["smallcnn"], fold_list=[0, 1])
+    out = tmp_path / "out"
+    (out / "units").mkdir(parents=True)
+    shutil.copy(committed, out / "units" / committed.name)
+    study = Study(options, out, tmp_path / "work", log=lambda m: None)
+    result = study.collect()
+    assert result["complete"] is False and result["pending_units"] == ["smallcnn-fold1-seed0"]
+    assert list(result["units"]["smallcnn"]) == ["fold0-seed0"]
+    assert result["summary"]["smallcnn"]["defended"]["clean"]["values"] == [unit["record"]["defended"]["clean"]]
+    result.update(command=["emoshield", "reproduce"], options=dataclasses.asdict(options), weights=study.weights,
+                  git_commit="x", compute_seconds=1.0, wall_seconds_this_invocation=1.0)
+    report = study_markdown(result, {"FGSM accuracy vs eps": "fgsm_vs_eps.png"})
+    assert "(partial)" in report.splitlines()[0]
+    assert "Partial: 1 of 2 units finished" in report and "pending: smallcnn-fold1-seed0" in report
+    (out / "units" / "smallcnn-fold1-seed0.json").write_text(json.dumps({**unit, "fold": 1}))
+    assert study.collect()["complete"] is True

@@ -34,9 +34,10 @@ if args[0] == "reproduce":  # two units, each leaving its models under WORK and 
             (work / "smallcnn" / unit / name).parent.mkdir(parents=True, exist_ok=True)
             (work / "smallcnn" / unit / name).write_text("{{}}")
         (out / "units" / f"smallcnn-{{unit}}.json").write_text("{{}}")
-        if "--until-unit" in args:
+        if "--until-unit" in args:  # like emoshield reproduce: a partial report of the units so far
+            (out / "results.json").write_text(json.dumps({{"complete": False, "units": {{"smallcnn": {{unit: {{}}}}}}}}))
             sys.exit(0)
-    (out / "results.json").write_text(json.dumps({{"units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
+    (out / "results.json").write_text(json.dumps({{"complete": True, "units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
 else:  # tests every unit whose models are under WORK
     for folder in work.glob("*/fold*-seed*"):
         assert (folder / "robustness" / "robustness.json").is_file(), "cross-dataset before the unit finished"

@@ -169,7 +169,8 @@ def _relative(ours: float | None, base: float | None) -> str:
 def study_markdown(result: dict, plots: dict[str, str]) -> str:
     opts = result["options"]
     classes = result["classes"]
-    lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol", "",
+    partial = " (partial)" if result.get("pending_units") else ""
+    lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol{partial}", "",
              f"{result['dataset']} ({len(classes)} classes: {', '.join(classes)}), {_units_label(result)}; "
              f"input {opts['input_size']} px, {opts['epochs']} epochs, batch 32, SGD lr 0.01 with Algorithm 1 "
              "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
@@ -178,6 +179,11 @@ def study_markdown(result: dict, plots: dict[str, str]) -> str:
              "", "Backbones and their pretrained weights: " +
              "; ".join(f"{b}: `{w}`" for b, w in result["weights"].items()) + ".",
              "Figures are mean ± standard deviation over the units (folds x seeds) where there is more than one.", ""]
+    if result.get("pending_units"):
+        done = sum(len(units) for units in result["units"].values())
+        lines += [f"**Partial: {done} of {done + len(result['pending_units'])} units finished**; these figures are "
+                  f"over the finished ones only (pending: {', '.join(result['pending_units'])}). Re-run the command "
+                  "below to go on.", ""]
     lines += _counts_table(result)
     lines += ["## Clean test accuracy (%)", "", "| backbone | " + " | ".join(RUN_LABELS[r] for r in RUN_LABELS) +
               " |", "|---|" + "---:|" * len(RUN_LABELS)]
