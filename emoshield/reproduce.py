@@ -148,7 +148,6 @@ class Study:
         driver can run what needs that unit's models (cross-dataset) before the next training."""
         started = time.time()
         self._check_work()
-        opts = self.options
         for b, w in self.weights.items():
             self.log(f"{b}: pretrained weights {w}")
         # unit by unit (its trainings, then its evaluation): each finished unit is saved under OUT
