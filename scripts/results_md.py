@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,13 @@ WHAT_DIFFERS = """## What differs from the reference
 | recipe | batch 128, SGD lr 0.01, Algorithm 1, 50 epochs | the same schedule, optimizer and epochs; batch 32 and `--augment strong` (our measured defaults, README "Training") |
 | attacks | FGSM, R+FGSM, PGD (unseen) | the same, plus APGD-CE-50 (unseen) to rule out gradient masking and camera corruptions |
 """
+
+
+LINK_BASE = [Path.cwd()]  # links are relative to the page's folder (main sets it)
+
+
+def _link(folder: Path) -> str:
+    return Path(os.path.relpath(Path(folder).resolve(), LINK_BASE[0])).as_posix()
 
 
 def _pct(stat: dict | None) -> str:
@@ -43,7 +51,7 @@ def pretraining_table(root: Path) -> list[str]:
         history = json.loads((path.parent / "history.json").read_text())
         best = max(history, key=lambda e: e["val_accuracy"])
         rows.append(
-            f"| [{path.parent.name}]({path.parent.as_posix()}/report.md) | {m['backbone']} | {m['weights']} | "
+            f"| [{path.parent.name}]({_link(path.parent)}/report.md) | {m['backbone']} | {m['weights']} | "
             f"{m['input_size']} px | {m['epochs']} | {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']}, "
             f"`--augment {cfg['augment']}` | {'bfloat16 (`--amp`)' if cfg.get('amp') else 'float32'} | "
             f"{m['train_seconds'] / 3600:.1f} h | {best['val_accuracy'] * 100:.1f} (epoch {best['epoch']}) | "
@@ -63,19 +71,204 @@ def _study_name(result: dict) -> str:
     return f"{result['dataset']} {result['protocol']}"
 
 
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}"
+
+
+def _units_done(result: dict) -> str:
+    done = sum(len(u) for u in result["units"].values())
+    return f"{done} of {done + len(result['pending_units'])}" if result.get("pending_units") else str(done)
+
+
+def load_studies(root: Path) -> tuple[list[dict], list[dict]]:
+    """(current studies, superseded ones): NAME is superseded once NAME-v2 (its re-run on current
+    code, issue 17) has a report, complete or partial; quick runs are code-path checks, left out."""
+    studies = []
+    for path in sorted(root.glob("*/results.json")):
+        result = json.loads(path.read_text())
+        if result["options"].get("quick"):
+            continue
+        result["folder"] = path.parent
+        studies.append(result)
+    names = {r["folder"].name for r in studies}
+    current = [r for r in studies if f"{r['folder'].name}-v2" not in names]
+    return current, [r for r in studies if r not in current]
+
+
+def headline_table(studies: list[dict]) -> list[str]:
+    lines = ["| study | backbone (weights) | units | localization head | own head | defended clean | FGSM 0.01 "
+             "def. (undef.) | PGD-10 0.01 def. (undef.) | APGD-CE 0.01 def. (undef.) | **AutoAttack 0.01** def. "
+             "(undef.) | AutoAttack 8/255 def. (undef.) | claims held | compute |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in studies:
+        for backbone, s in r["summary"].items():
+            d, u = s["defended"], s["undefended"]
+            held = [c for c in r["claims"] if c["claim"].startswith(backbone + ":")]
+
+            def both(key: str) -> str:
+                return f"{_pct(d.get(key))} ({_pct(u.get(key))})"
+
+            lines.append(
+                f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} (`{r['weights'][backbone]}`) | "
+                f"{_units_done({'units': {backbone: r['units'][backbone]}, 'pending_units': [p for p in r.get('pending_units', []) if p.startswith(backbone + '-')]})} | "
+                f"{_pct(s['runs']['localization']['test_accuracy'])} | {_pct(s['runs']['own-head']['test_accuracy'])} | "
+                f"{_pct(d['clean'])} | {both('fgsm@0.01')} | {both('pgd@0.01')} | {both('apgd@0.01')} | "
+                f"**{_pct(d.get('autoattack@0.01'))}** ({_pct(u.get('autoattack@0.01'))}) | {both('autoattack@0.0313725')} | "
+                f"{sum(c['holds'] for c in held)}/{len(held)} | {r.get('compute_seconds', 0) / 60:.0f} min |")
+    return lines
+
+
+def masking_table(studies: list[dict]) -> list[str]:
+    """The checks behind 'AutoAttack accuracy is believed', per study x backbone (defended models,
+    mean over units): PGD must reach ~0 as eps grows, PGD from the undefended twin must not beat
+    white-box PGD, and Square (gradient-free, last in AutoAttack) must find nothing APGD missed."""
+    rows = []
+    for r in studies:
+        for backbone, units in r["units"].items():
+            checks = [u.get("masking_checks", {}) for u in units.values()]
+            if not any(checks):
+                continue
+            sweep = {e: _mean([c.get("sweep", {}).get(e) for c in checks]) for e in ("0.03", "0.05", "0.1")}
+            transfer = _mean([c.get("transfer", {}).get("0.01", {}).get("accuracy") for c in checks])
+            white = _mean([u["defended"].get("pgd@0.01") for u in units.values()])
+            square_found = sum(1 for u in units.values() for eps in u.get("autoattack", {}).get("defended", {}).values()
+                               if (st := eps.get("stages") or {}).get("square", 1) < st.get("fab-t", 1) - 1e-9)
+            flags = sorted({f for u in units.values() for f in u.get("sanity_flags", [])})
+            rows.append(f"| {_study_name(r)} | {backbone} | {len(units)} | {_f(sweep['0.03'])} | {_f(sweep['0.05'])} | "
+                        f"{_f(sweep['0.1'])} | {_f(transfer)} vs {_f(white)} | {square_found} | "
+                        f"{'; '.join(flags) or 'none'} |")
+    if not rows:
+        return []
+    return ["## Is the robustness real? Gradient-masking checks", "",
+            "Defended models, mean over units, accuracy in %. PGD-10 must reach ~0 as eps grows; PGD-10 transferred "
+            "from the undefended twin at eps 0.01 must not beat white-box PGD-10; Square (5000 queries, "
+            "gradient-free) must not find what APGD-CE, APGD-T and FAB-T missed (count of unit x eps where it did). "
+            "Sanity flags: the evaluator's own checks (training mode, accuracy rising with eps, ...).", "",
+            "| study | backbone | units | PGD eps 0.03 | PGD eps 0.05 | PGD eps 0.1 | transfer vs white-box PGD (0.01) "
+            "| Square found more | sanity flags |", "|---|---|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
+
+
+def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) -> list[str]:
+    """APGD-CE before the step-size fix (issue 17) beside the fixed one: on the same models and faces
+    (bench/apgd_fix.py, the verdict), and study by study (the pre-fix studies' own models vs the
+    re-runs' retrained ones: context, not a verdict)."""
+    lines = ["## APGD-CE before and after its step-size fix", ""]
+    if same_models.is_file():
+        bench = json.loads(same_models.read_text())
+        groups: dict = {}
+        for r in bench["rows"]:
+            groups.setdefault((r["study"], r["backbone"], r["model"], f"{r['eps']:.4g}"), []).append(r)
+        lines += [f"Same models, same faces (`python bench/apgd_fix.py`, [report]({_link(same_models.parent)}/report.md)): "
+                  f"APGD-CE-{bench['steps']} of commit {bench['before_fix_commit']} and today's, 1 restart, seed 0, on "
+                  "every study model that was still on disk, mean over units, %. Fixed APGD-CE weaker than the old "
+                  f"on: **{', '.join(bench['fixed_weaker_on']) or 'no model'}**.", "",
+                  "| study | backbone | model | eps | units | PGD-10 | APGD-CE before fix | APGD-CE fixed |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for (study, backbone, model, eps), rows in groups.items():
+            lines.append(f"| {study} | {backbone} | {model} | {eps} | {len(rows)} | "
+                         f"{_f(_mean([r['pgd10'] for r in rows]))} | {_f(_mean([r['apgd_before_fix'] for r in rows]))} | "
+                         f"{_f(_mean([r['apgd_fixed'] for r in rows]))} |")
+        lines.append("")
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())["studies"]
+        by_name = {r["folder"].name: r for r in studies}
+        rows = []
+        for name, old in before.items():
+            new = by_name.get(f"{name}-v2")
+            for backbone, units in old["units"].items():
+                s = (new or {}).get("summary", {}).get(backbone)
+                if s is None:
+                    continue
+                for variant in ("defended", "undefended"):
+                    o_pgd = _mean([u[variant]["pgd@0.01"] for u in units.values()])
+                    o_apgd = _mean([u[variant]["apgd@0.01"] for u in units.values()])
+                    n_pgd, n_apgd = s[variant]["pgd@0.01"]["mean"], s[variant]["apgd@0.01"]["mean"]
+                    rows.append(f"| {name} | {backbone} | {variant} | {_f(o_pgd)} | {_f(o_apgd)} | "
+                                f"{(o_apgd - o_pgd) * 100:+.1f} | {_f(n_pgd)} | {_f(n_apgd)} | {(n_apgd - n_pgd) * 100:+.1f} |")
+        if rows:
+            lines += ["Study by study, eps 0.01, mean over units: the pre-fix studies' APGD-CE-50 on their own models "
+                      "(results/reproduce/apgd_before_fix.json) and the re-run's on its retrained models; margin = "
+                      "APGD-CE minus PGD-10 on the same models. Backbones in both only.", "",
+                      "| study | backbone | model | before: PGD-10 | APGD-CE | margin | re-run: PGD-10 | APGD-CE | margin |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    return lines if len(lines) > 2 else []
+
+
+def cross_table(root: Path) -> list[str]:
+    """Issue 17 item 5: each study's models on every face of the other dataset (results/cross/*)."""
+    rows = []
+    for path in sorted(root.glob("*/results.json")):
+        c = json.loads(path.read_text())
+        eps = f"{c['options']['eps'][0]:g}"
+        for backbone, variants in c["summary"].items():
+            for variant, s in variants.items():
+                src, dst = s["source"], s["target"]
+                rows.append(f"| [{c['source']} → {c['target']}]({_link(path.parent)}/report.md) | {backbone} | "
+                            f"{variant} | {src['clean']['n']} | {_pct(src['clean'])} | {_pct(src.get(f'autoattack@{eps}'))} "
+                            f"| {_pct(dst['clean'])} | {_pct(dst.get(f'pgd@{eps}'))} | {_pct(dst.get(f'autoattack@{eps}'))} |")
+    if not rows:
+        return []
+    return ["## Across datasets: what survives a change of faces", "",
+            "Every finished unit of a subject study (its defended and undefended localization-head models) tested on "
+            "every face of the other dataset, of the classes both have (CK+48 has no angry or neutral faces in our "
+            "5-class set; a 7-class JAFFE model keeps its 7 outputs). 'Own' = the study's held-out people. eps 0.01; "
+            "AutoAttack = the standard sequence (Square 5000 queries). Units whose models were lost with an earlier "
+            "session are not in these tables (each report names them).", "",
+            "| models → faces | backbone | model | units | own clean | own AutoAttack | other clean | other PGD-10 "
+            "| other AutoAttack |", "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+README_BEGIN, README_END = "<!-- results:begin (scripts/results_md.py) -->", "<!-- results:end -->"
+
+
+def readme_block(studies: list[dict]) -> list[str]:
+    """README's headline: the current studies' defended vs undefended figures, AutoAttack first."""
+    lines = [README_BEGIN,
+             "| study (subject folds: no test person seen in training) | backbone | units | clean def. (undef.) | "
+             "PGD-10 0.01 | **AutoAttack 0.01** | AutoAttack 8/255 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in [r for r in studies if r["protocol"] == "subject"]:
+        for backbone, s in r["summary"].items():
+            d, u = s["defended"], s["undefended"]
+            pending = [p for p in r.get("pending_units", []) if p.startswith(backbone + "-")]
+
+            def both(key: str) -> str:
+                return f"{_pct(d.get(key))} ({_pct(u.get(key))})"
+
+            lines.append(f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} | "
+                         f"{_units_done({'units': {backbone: r['units'][backbone]}, 'pending_units': pending})} | "
+                         f"{both('clean')} | {both('pgd@0.01')} | **{_pct(d.get('autoattack@0.01'))}** "
+                         f"({_pct(u.get('autoattack@0.01'))}) | {both('autoattack@0.0313725')} |")
+    lines += ["", "Defended (undefended) accuracy in %, mean ± std over units; AutoAttack = APGD-CE, APGD-T, FAB-T, "
+                  "Square (5000 queries), per-face worst case; every number with its data, protocol, input size (48 px), "
+                  "epochs (50) and seed (0) in the linked report. Gradient-masking checks, the cross-dataset table and "
+                  "each claim: [RESULTS.md](RESULTS.md).", README_END]
+    return lines
+
+
+def write_readme(path: Path, block: list[str]) -> None:
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path} has no {README_BEGIN} ... {README_END} block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    path.write_text(head + "\n".join(block) + rest.split(README_END, 1)[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", default="results/reproduce")
     parser.add_argument("--pretrain", default="results/cloud_pretrain")
+    parser.add_argument("--cross", default="results/cross")
+    parser.add_argument("--apgd-fix", default="results/apgd_fix", help="bench/apgd_fix.py's output")
     parser.add_argument("--out", default="RESULTS.md")
+    parser.add_argument("--readme", default="README.md", help="its results block is rewritten too ('' = leave it)")
     args = parser.parse_args()
-    studies = []
-    for path in sorted(Path(args.studies).glob("*/results.json")):
-        result = json.loads(path.read_text())
-        if result["options"].get("quick"):
-            continue  # a code-path check, not a result
-        result["folder"] = path.parent
-        studies.append(result)
+    LINK_BASE[0] = Path(args.out).resolve().parent  # README (--readme) sits beside RESULTS.md
+    studies, superseded = load_studies(Path(args.studies))
     if not studies:
         print(f"no results.json under {args.studies}", file=sys.stderr)
         return 1
@@ -83,25 +276,16 @@ def main() -> int:
              "Every number below comes from `emoshield reproduce` (its command, options and git commit are in each "
              "study's results.json and report.md). Figures are mean ± standard deviation over subject folds where a "
              "study has several; accuracy in %. Regenerate this page with `python scripts/results_md.py`.", ""]
-    lines += ["## Headline", "",
-              "| study | backbone (weights) | units | localization head | own head | defended clean | FGSM 0.01 "
-              "def. (undef.) | R+FGSM 0.01 def. (undef.) | PGD-10 0.01 def. (undef.) | APGD 0.01 def. | claims held | "
-              "compute |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in studies:
-        for backbone, s in r["summary"].items():
-            d, u = s["defended"], s["undefended"]
-            n = s["runs"]["localization"]["test_accuracy"]["n"]
-            held = [c for c in r["claims"] if c["claim"].startswith(backbone + ":")]
-            lines.append(
-                f"| [{_study_name(r)}]({r['folder'].as_posix()}/report.md) | {backbone} (`{r['weights'][backbone]}`) | {n} | "
-                f"{_pct(s['runs']['localization']['test_accuracy'])} | {_pct(s['runs']['own-head']['test_accuracy'])} | "
-                f"{_pct(d['clean'])} | {_pct(d['fgsm@0.01'])} ({_pct(u['fgsm@0.01'])}) | "
-                f"{_pct(d['rfgsm@0.01'])} ({_pct(u['rfgsm@0.01'])}) | {_pct(d['pgd@0.01'])} ({_pct(u['pgd@0.01'])}) | "
-                f"{_pct(d['apgd@0.01'])} | {sum(c['holds'] for c in held)}/{len(held)} | "
-                f"{r.get('compute_seconds', 0) / 60:.0f} min |")
+    lines += ["## Headline", ""] + headline_table(studies)
     lines += ["", "Reference (LIRIS-CSE, VGG16): localization head 95.67, own head 88.32, defended clean 94.97, "
-                  "FGSM 0.01 85.76 (undefended 7.22), R+FGSM 0.01 90.84, PGD 83.29 (undefended 0.41). "
-                  "Compute = the study's training and evaluation time on 2 CPU cores (per study, both backbones).", ""]
+                  "FGSM 0.01 85.76 (undefended 7.22), R+FGSM 0.01 90.84, PGD 83.29 (undefended 0.41); no AutoAttack. "
+                  "AutoAttack = APGD-CE, APGD-T, FAB-T (100 steps each), Square (5000 queries), each on the faces the "
+                  "earlier ones left, per-face worst case. Units 'k of n': a study still running (its figures are over "
+                  "the finished units). Compute = the study's training and evaluation time on 2 CPU cores (per study, "
+                  "both backbones).", ""]
+    lines += masking_table(studies)
+    lines += cross_table(Path(args.cross))
+    lines += apgd_fix_table(Path(args.studies) / "apgd_before_fix.json", studies, Path(args.apgd_fix) / "results.json")
     lines += pretraining_table(Path(args.pretrain))
     reading = Path(args.studies) / "reading.md"  # the hand-written interpretation, kept beside the studies
     if reading.is_file():
@@ -120,9 +304,16 @@ def main() -> int:
         for r, backbone, c in rows:
             lines.append(f"| {_study_name(r)} | {backbone} | {c['ours']} | {'✓' if c['holds'] else '✗'} |")
         lines.append("")
+    if superseded:
+        lines += ["## Earlier studies (superseded)", "",
+                  "Made before issue 17's attack fixes and without AutoAttack; kept for the APGD-CE before/after table "
+                  "above: " + ", ".join(f"[{r['folder'].name}]({_link(r['folder'])}/report.md) (backbones "
+                                        f"{', '.join(r['summary'])})" for r in superseded) + ".", ""]
     lines.append(WHAT_DIFFERS)
     Path(args.out).write_text("\n".join(lines))
-    print(f"wrote {args.out} from {len(studies)} studies")
+    if args.readme:
+        write_readme(Path(args.readme), readme_block(studies))
+    print(f"wrote {args.out} from {len(studies)} studies ({len(superseded)} superseded)")
     return 0
 
 

@@ -1,0 +1,69 @@
+"""scripts/results_md.py: RESULTS.md and README's results block from the committed results."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "results_md.py"
+
+
+def run(tmp_path, *args):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A copy of the committed results, to change freely."""
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- results:begin (scripts/results_md.py) -->\nstale\n<!-- results:end -->\nafter\n")
+    return tmp_path
+
+
+def _args(tmp):
+    r = tmp / "results"
+    return ["--studies", r / "reproduce", "--pretrain", r / "cloud_pretrain", "--cross", r / "cross",
+            "--apgd-fix", r / "apgd_fix", "--out", tmp / "RESULTS.md", "--readme", tmp / "README.md"]
+
+
+def test_results_page_shows_the_rerun_studies_with_autoattack_and_the_checks(results):
+    proc = run(results, *_args(results))
+    assert proc.returncode == 0, proc.stderr
+    page = (results / "RESULTS.md").read_text()
+    study = json.loads((results / "results/reproduce/ckplus48-subject-v2/results.json").read_text())
+    aa = study["summary"]["smallcnn"]["defended"]["autoattack@0.01"]
+    # the re-run replaces its pre-fix study in the tables; the old one is listed as superseded
+    assert "ckplus48-subject-v2/report.md) | smallcnn" in page
+    assert "ckplus48-subject/report.md) | resnet18" not in page
+    assert "## Earlier studies (superseded)" in page and "[ckplus48-subject](" in page
+    assert f"**{aa['mean'] * 100:.1f} ± {aa['std'] * 100:.1f}**" in page
+    for section in ("## Is the robustness real? Gradient-masking checks", "## Across datasets",
+                    "[ckplus48 → jaffe](", "## APGD-CE before and after its step-size fix", "## The claims, one table each"):
+        assert section in page
+    readme = (results / "README.md").read_text()
+    assert readme.startswith("# x\n\nbefore\n<!-- results:begin") and readme.endswith("<!-- results:end -->\nafter\n")
+    assert "stale" not in readme and "| [ckplus48 subject](results/reproduce/ckplus48-subject-v2/report.md) | smallcnn | 5 |" in readme
+
+
+def test_a_study_still_running_shows_k_of_n_units(results):
+    path = results / "results/reproduce/ckplus48-subject-v2/results.json"
+    study = json.loads(path.read_text())
+    study["units"]["mobilenet_v2"].pop("fold4-seed0")
+    study.update(complete=False, pending_units=["mobilenet_v2-fold4-seed0"])
+    path.write_text(json.dumps(study))
+    assert run(results, *_args(results)).returncode == 0
+    page = (results / "RESULTS.md").read_text()
+    assert "| mobilenet_v2 (`imagenet`) | 4 of 5 |" in page and "| smallcnn (`library:smallcnn-fer2013-48px`) | 5 |" in page
+
+
+def test_a_readme_without_the_block_is_an_error_not_a_silent_skip(results):
+    (results / "README.md").write_text("# no block\n")
+    proc = run(results, *_args(results))
+    assert proc.returncode != 0 and "no <!-- results:begin" in proc.stderr
+    assert (results / "README.md").read_text() == "# no block\n"
