@@ -16,8 +16,9 @@ A cross-dataset stage tests each unit of its source study as soon as that unit h
 and before the study's next training: a unit's models live in the (uncommitted) work folder, so a
 session that ends loses them, while the unit's numbers are committed. Units whose models are not
 here any more (an earlier session's) are left out and named by --status. A worker's output goes to
-runs/studies/NAME.workerK.log; this script prints one line per stage started and ended. When
-every stage is done it rewrites RESULTS.md (scripts/results_md.py). SIGINT/SIGTERM stop the
+runs/studies/NAME.workerK.log; this script prints one line per stage started and ended. After
+every stage run that ends well (and at the end) it rewrites RESULTS.md and README's results block
+(scripts/results_md.py: a study still running shows its finished units, 'k of n'). SIGINT/SIGTERM stop the
 workers (the step in progress restarts from its last checkpoint on the next run)."""
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ class Workers:
                     return
                 self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")
                 rc = self._run(index, stage)
+                if rc == 0:  # a unit may have finished: RESULTS.md shows partial studies as they grow
+                    self.rewrite_results()
                 state = "done" if done(stage, self.by_name) else "left steps to other workers" if rc == 0 else f"exit {rc}"
                 self.say(f"worker {index}: {stage.name}: {state}")
                 if rc != 0 and not self.stopping.is_set():
@@ -213,6 +216,11 @@ class Workers:
                     break  # a unit just finished: test its models before anything else (a new pass)
             if time.monotonic() - started < IDLE_SECONDS:  # every free step was taken: look again later
                 self.stopping.wait(IDLE_SECONDS)
+
+    def rewrite_results(self) -> None:
+        with self.lock:
+            subprocess.run([sys.executable, str(RESULTS_MD)], cwd=ROOT, check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self, *_) -> None:
         self.stopping.set()
