@@ -191,7 +191,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     from .provenance import run_info
     from .training import Trainer
 
-    train_config.validate()
+    train_config.validate(defense)
     if defense is not None:
         defense.validate()
     validate_model_options(model_options)

@@ -123,6 +123,8 @@ def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
     (["--backbone", "alexnet", "--input-size", "48"], "too small for alexnet"),
     (["--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
     (["--protocol", "official"], "official protocol needs a dataset with its own split"),
+    # a setting that cannot work is refused before any data is read (here: none could be)
+    (["--mix", "mixup", "--defense", "fgsm", "--data-root", "/nonexistent"], "--mix is for undefended training"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, capsys):
     from emoshield.cli import main  # in this process: the same main() the console script runs, no 4 s torch start

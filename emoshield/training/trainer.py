@@ -57,7 +57,11 @@ class TrainConfig:
     # sums in float32, so "contiguous" is the layout whose runs match across process counts to 1e-5
     memory_format: str = "channels_last"
 
-    def validate(self) -> None:
+    def validate(self, defense=None) -> None:
+        """One clear error for a bad setting, before any data is loaded; `defense` the run's DefenseConfig."""
+        if self.mix != "none" and defense is not None:
+            raise EmoshieldError("--mix is for undefended training: the defense's perturbations are made for "
+                                 "each image's own label")
         if self.epochs < 1:
             raise EmoshieldError("--epochs must be >= 1")
         if self.batch_size < 2:
@@ -212,7 +216,7 @@ class Trainer:
         """dist: a DistContext (torchrun); by default the launch's, None for one process."""
         from .distributed import init_distributed
 
-        config.validate()
+        config.validate(defense)
         if defense is not None:
             defense.validate()
         self.defense = defense
@@ -239,9 +243,6 @@ class Trainer:
 
     def fit(self, train: TensorData, val: TensorData | None, resume: bool = False) -> TrainResult:
         cfg = self.config
-        if cfg.mix != "none" and self.defense is not None:
-            raise EmoshieldError("--mix is for undefended training: the defense's perturbations are made for "
-                                 "each image's own label")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
