@@ -316,7 +316,8 @@ class Study:
         summary = {b: summarize(units) for b, units in per_unit.items()}
         first = next(iter(saved.values()))
         return {"dataset": first["dataset"], "classes": first["classes"], "protocol": self.options.protocol,
-                "complete": not pending, "pending_units": pending, "units": per_unit, "summary": summary, "unit_commits": sorted({u["git_commit"] for u in saved.values()}),
+                "complete": not pending, "pending_units": pending, "units": per_unit, "summary": summary,
+                "unit_commits": sorted({u["git_commit"] for u in saved.values()}),
                 "step_seconds": {k: v for u in saved.values() for k, v in u["step_seconds"].items()},
                 "claims": check_claims(summary, len(first["classes"]), self.options)}
 
