@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -424,7 +425,8 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
                                "Evaluation", summary_name="summary.md" if robustness else "report.md")
     if robustness is None:
         return metrics
-    report = _robustness(model, test, classes, robustness, log)
+    partial = out_dir / "partial"  # attack results batch by batch: a stopped evaluation resumes there
+    report = _robustness(model, test, classes, robustness, log, partial)
     result = {"model": meta, "robustness": report}
     comparison, baseline_meta, baseline_report = None, None, None
     if baseline_dir is not None:
@@ -436,7 +438,7 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
             raise EmoshieldError(f"baseline {baseline_dir} has classes {base_model.config.classes}, not {classes}")
         base_test, _ = _decode_for(base_model, records, root, classes)  # the same images as this model
         (log or print)("baseline:")
-        baseline_report = _robustness(base_model, base_test, classes, robustness, log)
+        baseline_report = _robustness(base_model, base_test, classes, robustness, log, partial)
         from .evaluation.robustness import compare_with_baseline
 
         comparison = compare_with_baseline(report, baseline_report)
@@ -453,6 +455,7 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
             report["sanity_flags"] += transfer_flags(report)
     _write_json(out_dir / "robustness.json", result)
     write_robustness_outputs(out_dir, result)
+    shutil.rmtree(partial, ignore_errors=True)
     return result
 
 
@@ -466,13 +469,15 @@ def write_robustness_outputs(out_dir: Path, result: dict) -> None:
         robustness_markdown(report, result["model"], result.get("improvement"), result.get("baseline"), plots))
 
 
-def _robustness(model, test, classes, options: RobustnessOptions, log=None) -> dict:
+def _robustness(model, test, classes, options: RobustnessOptions, log=None,
+                checkpoint_dir: Path | None = None) -> dict:
     from .evaluation.robustness import robustness_report
 
     return robustness_report(model, test.pixels, test.labels, classes, options.attacks, options.eps,
                              options.corruptions, options.pgd_steps, options.apgd_steps, options.restarts,
                              options.seed, progress=log or print, square_queries=options.square_queries,
-                             autoattack_steps=options.autoattack_steps, attack_eps=options.attack_eps)
+                             autoattack_steps=options.autoattack_steps, attack_eps=options.attack_eps,
+                             checkpoint_dir=checkpoint_dir)
 
 
 def _robustness_plots(report: dict, baseline: dict | None, meta: dict, out_dir: Path) -> dict:

@@ -134,6 +134,7 @@ def test_defense_cli_end_to_end(tmp_path, data_root):
                "fgsm,rfgsm,pgd,apgd", "--eps", "0.005,0.01", "--apgd-steps", "5", "--pgd-steps", "3",
                "--corruptions", "jpeg,contrast", "--out", out)
     result = json.loads((out / "robustness.json").read_text())
+    assert not (out / "partial").exists()  # the resume checkpoints go once the report is written
     rob = result["robustness"]
     assert set(rob["attacks"]) == {"fgsm", "rfgsm", "pgd", "apgd"} and set(rob["attacks"]["fgsm"]) == {"0.005", "0.01"}
     assert set(rob["corruptions"]) == {"jpeg", "contrast"} and len(rob["corruptions"]["jpeg"]) == 5

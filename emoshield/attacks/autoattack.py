@@ -48,6 +48,19 @@ class AutoAttack(LinfAttack):
         """Robust accuracy after clean evaluation and after each attack, over all images seen."""
         return {name: count / self.images if self.images else None for name, count in self.robust.items()}
 
+    def state(self) -> dict:
+        return {"robust": dict(self.robust), "images": self.images, "skipped": dict(self.skipped),
+                "seconds": dict(self.seconds)}
+
+    def load_state(self, state: dict) -> None:
+        """Raises ValueError/KeyError/TypeError on a state of another shape, changing nothing."""
+        robust = {k: int(v) for k, v in state["robust"].items()}
+        seconds = {k: float(v) for k, v in state["seconds"].items()}
+        images, skipped = int(state["images"]), {str(k): str(v) for k, v in state["skipped"].items()}
+        if set(robust) != set(self.robust) or set(seconds) != set(self.seconds):
+            raise ValueError("AutoAttack state of another stage list")
+        self.robust, self.seconds, self.images, self.skipped = robust, seconds, images, skipped
+
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.detach(), y.detach()
         with attack_context(model, self.mode), torch.no_grad():

@@ -136,6 +136,13 @@ class LinfAttack:
         return (f"{type(self).__name__}(eps={self.eps:g}, steps={self.steps}, step_size={self.step_size:g}, "
                 f"random_start={self.random_start}, restarts={self.restarts}, seed={self.seed}, mode={self.mode!r})")
 
+    def state(self) -> dict:
+        """Statistics the attack accumulates over calls (JSON-able; none here), for checkpoints."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take back what state() returned (an evaluation resumed from a checkpoint)."""
+
     def _draw(self, draw, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.shard is None:
             return draw(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -4,7 +4,7 @@ spirit of AutoAttack/RobustBench (the checks that catch gradient masking)."""
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..attacks import corrupt, make_attack
 from ..attacks.registry import LABELS, correct_under
 from ..data.images import to_model_input
+from .checkpoint import AttackCheckpoint, correct_under_resumable, fingerprint
 
 
 def _per_class(correct: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -106,15 +107,21 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
                       apgd_steps: int = 50, restarts: int = 1, seed: int = 0, batch_size: int = 128,
                       progress=None, square_queries: int = 5000, autoattack_steps: int = 100,
                       masking_sweep: tuple[float, ...] = MASKING_SWEEP,
-                      attack_eps: dict[str, list[float]] | None = None) -> dict:
+                      attack_eps: dict[str, list[float]] | None = None,
+                      checkpoint_dir: Path | None = None) -> dict:
     """Accuracy clean, per attack per eps (with per-class accuracy), worst case over attacks per eps,
     and per corruption per severity. `pixels` are uint8 N x C x S x S images. `attack_eps` gives an
     attack its own eps list (e.g. the costly AutoAttack at fewer eps than FGSM); the worst case at an
-    eps is over the attacks run at it."""
+    eps is over the attacks run at it. With `checkpoint_dir`, every attack's result is kept there
+    batch by batch and taken back on the next call with the same model, images and settings
+    (emoshield.evaluation.checkpoint): a stopped evaluation resumes."""
     was_training = model.training
     model.eval()
     x_all = to_model_input(pixels)
     clean_correct = correct_under(model, x_all, labels, None, batch_size)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = AttackCheckpoint(checkpoint_dir, fingerprint(model, x_all, labels, batch_size), progress)
     report = {"num_images": int(len(labels)), "classes": classes,
               "clean_accuracy": clean_correct.float().mean().item(),
               "per_class_accuracy": {"clean": _per_class(clean_correct, labels, classes)},
@@ -133,13 +140,12 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
         for eps in attack_eps[name]:
             attack = make_attack(name, eps, **_attack_options(name, pgd_steps, apgd_steps, restarts, seed,
                                                               square_queries, autoattack_steps))
-            started = time.perf_counter()
-            correct = correct_under(model, x_all, labels, attack, batch_size)
+            correct, seconds = correct_under_resumable(model, x_all, labels, attack, batch_size, checkpoint)
             worst[eps] &= correct
             report["attacks"][name][f"{eps:g}"] = {"accuracy": correct.float().mean().item(),
                                                    "per_class_accuracy": _per_class(correct, labels, classes),
                                                    "attack": repr(attack),
-                                                   "seconds": round(time.perf_counter() - started, 2)}
+                                                   "seconds": round(seconds, 2)}
             if name == "autoattack":  # robust accuracy after each of its attacks, what it skipped, its cost
                 report["attacks"][name][f"{eps:g}"].update(
                     stages=attack.stages(), skipped=attack.skipped,
@@ -166,8 +172,10 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
         report["masking_checks"] = {"sweep": {}}
         for eps in masking_sweep:
             attack = make_attack("pgd", eps, steps=pgd_steps, seed=seed)
-            report["masking_checks"]["sweep"][f"{eps:g}"] = correct_under(model, x_all, labels, attack,
-                                                                          batch_size).float().mean().item()
+            correct, _ = correct_under_resumable(model, x_all, labels, attack, batch_size, checkpoint)
+            report["masking_checks"]["sweep"][f"{eps:g}"] = correct.float().mean().item()
+    if checkpoint is not None and checkpoint.loaded and progress:
+        progress(f"resumed: {checkpoint.loaded} attack batch(es) taken from {checkpoint.folder}")
     report["sanity_flags"] = sanity_flags(model, x_all, labels, was_training) + result_flags(report)
     model.train(was_training)
     return report
