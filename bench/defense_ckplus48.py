@@ -28,6 +28,7 @@ CLASSES = "happy,sad,surprise,disgust,fear"
 # "prototype": the reference frame split without validation frames (2 train / 1 test per CK+
 # sequence, last epoch kept), as the prototype quoted in issue 3 did
 PROTOCOL_ARGS = {"prototype": ["--protocol", "reference", "--val-fraction", "0"]}
+AUTOATTACK_EPS = "0.01,0.0313725"  # the defense's eps and RobustBench's 8/255
 
 
 def emoshield(*args: str) -> None:
@@ -71,8 +72,8 @@ def main() -> int:
         out = Path(args.out) / protocol
         started = time.perf_counter()
         emoshield("evaluate", "--model", str(dirs["defended"]), "--baseline", str(dirs["undefended"]),
-                  "--attacks", "fgsm,rfgsm,pgd,apgd", "--eps", "0.005,0.01,0.015", "--corruptions", "all",
-                  "--out", str(out))
+                  "--attacks", "fgsm,rfgsm,pgd,apgd,autoattack", "--eps", "0.005,0.01,0.015",
+                  "--autoattack-eps", AUTOATTACK_EPS, "--corruptions", "all", "--out", str(out))
         evaluation_seconds = time.perf_counter() - started
         result = json.loads((out / "robustness.json").read_text())
         epoch_seconds = {v: [r["seconds"] for r in json.loads((d / "history.json").read_text())]
@@ -81,6 +82,8 @@ def main() -> int:
         summary.append({
             "protocol": protocol, "model": result["model"], "baseline": result["baseline"],
             "defended": _headline(result["robustness"]), "undefended": _headline(result["baseline_robustness"]),
+            "masking_checks": result["robustness"].get("masking_checks"),
+            "sanity_flags": result["robustness"].get("sanity_flags", []),
             "seconds_per_epoch": {v: sum(s) / len(s) for v, s in epoch_seconds.items()},
             "evaluation_seconds": evaluation_seconds,
         })
@@ -93,14 +96,15 @@ def main() -> int:
 
 def _markdown(summary: list[dict], args) -> str:
     keys = ["clean", "fgsm@0.005", "fgsm@0.01", "fgsm@0.015", "rfgsm@0.005", "rfgsm@0.01", "rfgsm@0.015",
-            "pgd@0.01", "apgd@0.01", "worst@0.01"]
+            "pgd@0.01", "apgd@0.01", "autoattack@0.01", "worst@0.01", "autoattack@0.0313725"]
     lines = ["# Undefended vs defended: CK+48, 5 classes", "",
              f"{args.backbone} ({args.weights}) + localization head, {args.input_size} px, {args.epochs} epochs, "
              f"seed {args.seed}, SGD 0.01 + Algorithm 1, emoshield's default batch 32 and `--augment strong` "
              "(both models). Defense: S = {FGSM, R+FGSM}, "
              "beta_s = 0.5 each, beta0 = 0.5, eps 0.01, alpha eps/2, perturbations made with the current model "
              f"in every batch ({args.attack_bn}-mode BatchNorm), model selection on the mean of clean, FGSM and R+FGSM "
-             "validation accuracy. PGD-10 (random start) and APGD-CE-50 are unseen in training. "
+             "validation accuracy. PGD-10 (random start), APGD-CE-50 and AutoAttack (APGD-CE, APGD-T, FAB-T "
+             "100 steps, Square 5000 queries; at eps 0.01 and 8/255 = 0.0314) are unseen in training. "
              "2 CPU cores.", "",
              "| protocol | model | " + " | ".join(keys) + " | s/epoch |", "|---|---|" + "---:|" * (len(keys) + 1)]
     for s in summary:
@@ -108,6 +112,18 @@ def _markdown(summary: list[dict], args) -> str:
             row = s[variant]
             lines.append(f"| {s['protocol']} | {variant} | " + " | ".join(
                 f"{row[k]:.1%}" if k in row else "" for k in keys) + f" | {s['seconds_per_epoch'][variant]:.1f} |")
+    if any(s.get("masking_checks") for s in summary):
+        lines += ["", "Gradient-masking checks of the defended models: PGD-10 at eps 0.03 / 0.05 / 0.1 (must reach "
+                      "~0), PGD-10 transferred from the undefended twin at 0.01 (must not beat white-box PGD), "
+                      "sanity flags.", "", "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for s in summary:
+            checks = s.get("masking_checks") or {}
+            sweep, transfer = checks.get("sweep", {}), checks.get("transfer", {}).get("0.01", {})
+            cells = [f"{sweep[e]:.1%}" if e in sweep else "" for e in ("0.03", "0.05", "0.1")]
+            cells.append(f"{transfer['accuracy']:.1%}" if "accuracy" in transfer else "")
+            flags = "; ".join(s.get("sanity_flags") or []) or "none"
+            lines.append(f"| {s['protocol']} | " + " | ".join(cells) + f" | {flags} |")
     if any(s["protocol"] == "prototype" for s in summary):
         lines += ["", "prototype = the reference frame split without validation frames (CK+48: 2 train / 1 test "
                       "frames per sequence, as the prototype in issue 3), so the last epoch is kept."]

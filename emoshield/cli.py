@@ -199,6 +199,10 @@ def cmd_evaluate(args) -> int:
         robustness = RobustnessOptions(parse_attacks(args.attacks), parse_eps_list(args.eps),
                                        parse_corruptions(args.corruptions), args.pgd_steps, args.apgd_steps,
                                        args.restarts, args.attack_seed, args.square_queries)
+        if args.autoattack_eps is not None:
+            if "autoattack" not in robustness.attacks:
+                raise EmoshieldError("--autoattack-eps needs autoattack in --attacks")
+            robustness.attack_eps = {"autoattack": parse_eps_list(args.autoattack_eps)}
     elif args.baseline:
         raise EmoshieldError("--baseline compares robustness: give --attacks (and --eps) too")
     out = Path(args.out)
@@ -1028,6 +1032,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                                      "autoattack (the standard sequence APGD-CE, APGD-T, FAB-T, Square) "
                                      "(robustness report)")
     p.add_argument("--eps", default="0.005,0.01,0.015", help="eps list or start:stop:step (default: %(default)s)")
+    p.add_argument("--autoattack-eps", help="AutoAttack's own eps list (it is the costly one), e.g. 0.01,0.0313725 "
+                                            "for eps 0.01 and RobustBench's 8/255 (default: --eps)")
     p.add_argument("--corruptions", help="camera corruptions: all or a list of " + ",".join(CORRUPTIONS))
     p.add_argument("--baseline", help="another trained model (e.g. undefended) evaluated on the same images")
     p.set_defaults(func=cmd_evaluate)

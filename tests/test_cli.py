@@ -87,10 +87,24 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     run("evaluate", "--model", out, "--dataset", "jaffe", "--data-root", data_root, "--protocol", "all", "--out", cross)
     jaffe = json.loads((cross / "metrics.json").read_text())
     assert jaffe["dataset"] == "jaffe" and 100 < jaffe["num_images"] < 160  # JAFFE's 5-class faces
-    # the training dataset under other split options would test on training images and subjects: refused
-    # (in-process through the CLI's main: the exit status and the one line the command prints)
-    from emoshield.cli import main
+    from emoshield.cli import main  # in-process: the exit status and the one line the command prints
 
+    # AutoAttack at its own eps (the costly attack at fewer eps than the others)
+    own_eps = tmp_path / "aa-eps"
+    run("evaluate", "--model", out, "--dataset", "jaffe", "--data-root", data_root, "--protocol", "all",
+        "--limit-per-class", "3", "--attacks", "fgsm,autoattack", "--eps", "0.01", "--autoattack-eps", "0.002",
+        "--square-queries", "10", "--out", own_eps)
+    attacks = json.loads((own_eps / "robustness.json").read_text())["robustness"]["attacks"]
+    assert list(attacks["fgsm"]) == ["0.01"] and list(attacks["autoattack"]) == ["0.002"]
+    assert not (own_eps / "partial").exists()
+    for bad in (["--attacks", "fgsm", "--autoattack-eps", "0.01"], ["--attacks", "autoattack", "--autoattack-eps", "nan"],
+                ["--attacks", "autoattack", "--autoattack-eps", "2"], ["--attacks", "autoattack", "--autoattack-eps", "é"]):
+        code = main(["evaluate", "--model", str(out), "--dataset", "jaffe", "--data-root", str(data_root),
+                     "--protocol", "all", *bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("emoshield: error:"), (bad, err)
+
+    # the training dataset under other split options would test on training images and subjects: refused
     for split in (["--protocol", "subject", "--fold", "1"], ["--protocol", "all"]):
         code = main(["evaluate", "--model", str(out), "--dataset", "ckplus48", "--data-root", str(data_root),
                      *split, "--out", str(tmp_path / "leak")])
