@@ -205,6 +205,8 @@ def cmd_evaluate(args) -> int:
             robustness.attack_eps = {"autoattack": parse_eps_list(args.autoattack_eps)}
     elif args.baseline:
         raise EmoshieldError("--baseline compares robustness: give --attacks (and --eps) too")
+    elif args.autoattack_eps is not None:
+        raise EmoshieldError("--autoattack-eps needs autoattack in --attacks")
     out = Path(args.out)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = evaluate_model(Path(args.model), out, _eval_data(args), robustness,

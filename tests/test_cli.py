@@ -97,7 +97,8 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     attacks = json.loads((own_eps / "robustness.json").read_text())["robustness"]["attacks"]
     assert list(attacks["fgsm"]) == ["0.01"] and list(attacks["autoattack"]) == ["0.002"]
     assert not (own_eps / "partial").exists()
-    for bad in (["--attacks", "fgsm", "--autoattack-eps", "0.01"], ["--attacks", "autoattack", "--autoattack-eps", "nan"],
+    for bad in (["--autoattack-eps", "0.01"], ["--attacks", "fgsm", "--autoattack-eps", "0.01"],
+                ["--attacks", "autoattack", "--autoattack-eps", "nan"],
                 ["--attacks", "autoattack", "--autoattack-eps", "2"], ["--attacks", "autoattack", "--autoattack-eps", "é"]):
         code = main(["evaluate", "--model", str(out), "--dataset", "jaffe", "--data-root", str(data_root),
                      "--protocol", "all", *bad, "--out", str(tmp_path / "bad")])

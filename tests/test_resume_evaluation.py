@@ -83,11 +83,17 @@ class CountingAttacks:
         monkeypatch.setattr(registry, "correct_under", counted)
 
 
+def by_name(folder) -> dict:
+    return {json.loads(p.read_text())["name"]: p for p in entries(folder)}
+
+
 def test_an_interrupted_evaluation_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch, reference):
     total = CountingAttacks(monkeypatch)
-    assert comparable(run(tmp_path / "full")) == reference
+    lines = []
+    assert comparable(run(tmp_path / "full", progress=lines.append)) == reference
     batches = total.calls  # 4 batches x (2 attacks x 2 eps + 1 sweep eps) = 20
     assert batches == 20 and len(entries(tmp_path / "full")) == batches
+    assert not any(line.startswith("resumed") for line in lines)
 
     CountingAttacks(monkeypatch, stop_after=10)  # PGD done at both eps, AutoAttack 0.02 stops at batch 3 of 4
     with pytest.raises(KeyboardInterrupt):
@@ -95,40 +101,71 @@ def test_an_interrupted_evaluation_resumes_and_matches_an_uninterrupted_one(tmp_
     assert len(entries(tmp_path / "cp")) == 10
     resumed = CountingAttacks(monkeypatch)
     lines = []
-    report = robustness_report(tiny_model(), *tiny_faces(), CLASSES, ATTACKS, [0.02, 0.05], progress=lines.append,
-                               checkpoint_dir=tmp_path / "cp", **SETTINGS)
+    report = run(tmp_path / "cp", progress=lines.append)
     assert resumed.calls == batches - 10
     assert comparable(report) == reference  # AutoAttack's per-stage counts included
     assert any(line.startswith("resumed: 10 attack batch(es)") for line in lines)
     # the reported cost is the whole attack's: the batches run before the stop count too
-    assert report["attacks"]["autoattack"]["0.02"]["seconds"] > 0
+    saved = [json.loads(p.read_text()) for name, p in by_name(tmp_path / "cp").items()
+             if name.startswith("AutoAttack(eps=0.02,")]
+    assert len(saved) == 4
+    assert report["attacks"]["autoattack"]["0.02"]["seconds"] == pytest.approx(sum(e["seconds"] for e in saved),
+                                                                               abs=0.006)
 
 
-def test_damaged_entries_are_computed_again(tmp_path, monkeypatch, reference):
-    run(tmp_path)
-    files = entries(tmp_path)
-    hostile = [b"", b"{\"format\": \"emoshield.attack-checkpoint/1\"", b"\xff\xfe not json",
-               json.dumps({"nested": [[[[]]]] * 1000}).encode()]
-    for path, content in zip(files, hostile):
-        path.write_bytes(content)
-    entry = json.loads(files[4].read_text())  # the right name, a wrong length
-    files[4].write_text(json.dumps({**entry, "correct": entry["correct"] + "1"}))
-    entry = json.loads(files[5].read_text())  # not bits
-    files[5].write_text(json.dumps({**entry, "correct": "é" * len(entry["correct"])}))
-    entry = json.loads(files[6].read_text())  # a stage count that is not a number
-    files[6].write_text(json.dumps({**entry, "state": {"robust": {"clean": "x"}, "seconds": {}, "images": 1}}))
-    # AutoAttack states with other stage lists or no skipped field are refused as a whole
-    autoattack = [p for p in files[7:] if "AutoAttack" in json.loads(p.read_text())["name"]]
-    entry = json.loads(autoattack[0].read_text())
-    entry["state"]["robust"]["extra-stage"] = 1
-    autoattack[0].write_text(json.dumps(entry))
+def test_the_masking_sweep_takes_the_same_pgd_from_this_run_without_calling_it_resumed(tmp_path, monkeypatch):
     counting = CountingAttacks(monkeypatch)
-    assert comparable(run(tmp_path)) == reference
-    bad = 4 + 2 + ("AutoAttack" in json.loads(files[6].read_text())["name"]) + 1
-    assert counting.calls == bad
+    lines = []
+    report = run(tmp_path, progress=lines.append, masking_sweep=(0.05,))  # = PGD-3 at eps 0.05, run just before
+    assert counting.calls == 16 and not any(line.startswith("resumed") for line in lines)
+    assert report["masking_checks"]["sweep"]["0.05"] == report["attacks"]["pgd"]["0.05"]["accuracy"]
 
 
-def test_entries_of_another_model_images_or_batch_size_are_not_taken(tmp_path, monkeypatch):
+def test_damaged_or_foreign_files_in_the_checkpoint_folder_are_computed_again(tmp_path, monkeypatch, reference):
+    run(tmp_path)
+    files = by_name(tmp_path)
+    batches = ["0:4", "4:8", "8:12", "12:14"]
+
+    def path(prefix, batch):
+        return next(p for name, p in files.items() if name.startswith(prefix) and name.endswith("|" + batch))
+
+    def edit(prefix, batch, change):
+        entry = json.loads(path(prefix, batch).read_text())
+        change(entry)
+        path(prefix, batch).write_text(json.dumps(entry))
+
+    for batch, content in zip(batches, [b"", b'{"format": "emoshield.attack-checkpoint/1"', b"\xff\xfe not json",
+                                         b"[" * 200_000]):  # deeper than the JSON parser's recursion limit
+        path("PGD(eps=0.02,", batch).write_bytes(content)
+    edit("PGD(eps=0.05,", "0:4", lambda e: e.update(correct=e["correct"] + "1"))  # another length
+    edit("PGD(eps=0.05,", "4:8", lambda e: e.update(correct="é" * len(e["correct"])))  # not bits
+    edit("PGD(eps=0.05,", "8:12", lambda e: e.update(seconds=float("nan")))
+    edit("PGD(eps=0.05,", "12:14", lambda e: e.update(padding="x" * (1 << 20)))  # too big to be ours
+    edit("AutoAttack(eps=0.02,", "0:4", lambda e: e["state"]["robust"].update(clean="x"))
+    edit("AutoAttack(eps=0.02,", "4:8", lambda e: e["state"]["robust"].update({"extra-stage": 1}))
+    edit("AutoAttack(eps=0.02,", "8:12", lambda e: e["state"]["robust"].update(clean=float("inf")))
+    edit("AutoAttack(eps=0.02,", "12:14", lambda e: e["state"]["robust"].update({"apgd-ce": 10 ** 6}))  # rises
+    link, fifo, folder = (path("AutoAttack(eps=0.05,", b) for b in batches[:3])
+    link.unlink()
+    link.symlink_to("/dev/zero")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    folder.unlink()
+    folder.mkdir()  # also where this run's write of that entry must fail, alone
+    counting = CountingAttacks(monkeypatch)
+    lines = []
+    assert comparable(run(tmp_path, progress=lines.append)) == reference
+    assert counting.calls == 15  # all but the untouched AutoAttack eps 0.05 batch 12:14
+    assert [line for line in lines if "checkpoint" in line and "not written" in line][:1] and \
+        not any("checkpoints off" in line for line in lines)
+    # the link was read as "no entry" (never followed) and replaced by this run's entry; the folder stays
+    assert not link.is_symlink() and json.loads(link.read_text())["name"].startswith("AutoAttack(eps=0.05,")
+    assert folder.is_dir()
+
+
+def test_entries_of_another_model_tta_mode_images_or_settings_are_not_taken(tmp_path, monkeypatch):
+    from emoshield.models.tta import ViewAverage
+
     run(tmp_path)
     model = tiny_model()
     with torch.no_grad():
@@ -142,10 +179,15 @@ def test_entries_of_another_model_images_or_batch_size_are_not_taken(tmp_path, m
     run(tmp_path, faces=(pixels, labels))
     assert counting.calls == 20
     counting = CountingAttacks(monkeypatch)
-    run(tmp_path, batch_size=7)
+    run(tmp_path, batch_size=7)  # each entry names its images' range
     assert counting.calls == 2 * 5
     counting = CountingAttacks(monkeypatch)
     run(tmp_path, seed=1)  # the attack's settings are in each entry's name
+    assert counting.calls == 20
+    # the same weights behind another test-time augmentation are another model
+    run(tmp_path, model=ViewAverage(tiny_model(), "flip"))
+    counting = CountingAttacks(monkeypatch)
+    run(tmp_path, model=ViewAverage(tiny_model(), "tencrop"))
     assert counting.calls == 20
 
 

@@ -10,6 +10,7 @@ skipped, and said so, below that); FAB-T 100 steps, the same targets; Square 500
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -49,16 +50,23 @@ class AutoAttack(LinfAttack):
         return {name: count / self.images if self.images else None for name, count in self.robust.items()}
 
     def state(self) -> dict:
+        """The running counts and seconds (JSON-able), so a checkpointed evaluation can resume."""
         return {"robust": dict(self.robust), "images": self.images, "skipped": dict(self.skipped),
                 "seconds": dict(self.seconds)}
 
     def load_state(self, state: dict) -> None:
-        """Raises ValueError/KeyError/TypeError on a state of another shape, changing nothing."""
+        """Take back what state() returned; raises ValueError/KeyError/TypeError/OverflowError on a
+        state that this object could not have produced, changing nothing."""
         robust = {k: int(v) for k, v in state["robust"].items()}
         seconds = {k: float(v) for k, v in state["seconds"].items()}
         images, skipped = int(state["images"]), {str(k): str(v) for k, v in state["skipped"].items()}
-        if set(robust) != set(self.robust) or set(seconds) != set(self.seconds):
+        if list(robust) != list(self.robust) or list(seconds) != list(self.seconds):
             raise ValueError("AutoAttack state of another stage list")
+        counts = list(robust.values())  # clean, then after each attack: never more robust than before
+        if not (0 <= counts[-1] and all(a >= b for a, b in zip(counts, counts[1:])) and counts[0] <= images):
+            raise ValueError("AutoAttack state with counts out of range")
+        if not all(math.isfinite(v) and v >= 0 for v in seconds.values()):
+            raise ValueError("AutoAttack state with seconds out of range")
         self.robust, self.seconds, self.images, self.skipped = robust, seconds, images, skipped
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -2,25 +2,37 @@
 SIGKILL, a full disk) resumes at the batch it was on when the same command runs again, instead of
 starting an hours-long AutoAttack over.
 
-A batch's entry is the per-image correctness under one attack (its repr names every setting, seed
-included) and the attack's running statistics after that batch (AutoAttack's per-stage counts
-and seconds). Entries live under a folder named by a fingerprint of everything that decides
-them: the model's weights and buffers, the images and labels, the batch size and the attack
-code's own source. Anything else changed, and nothing is reused. An entry that cannot be read
-back (truncated, edited, another length) is computed again; a write that fails (full or
-read-only disk) is reported once and the evaluation goes on without checkpoints."""
+A batch's entry is the per-image correctness under one attack and the attack's running
+statistics after that batch (AutoAttack's per-stage counts and seconds). Its name is the
+attack's repr (every setting, seed included), its exact eps and the batch's image range; it lives
+under a folder named by a fingerprint of everything else that decides it: the model's weights,
+buffers and module structure (a test-time augmentation's mode included), the images and labels,
+torch's version and the attack code's own source. Anything changed, and nothing is reused.
+
+Entries are only data we wrote, but a damaged folder must not stop an evaluation: an entry that
+cannot be read back (truncated, edited, too big, not a regular file, a link, another length, a
+state out of range) is computed again, and a write that fails is skipped (a full or read-only
+disk turns checkpoints off, said once) while the evaluation goes on."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import stat
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 FORMAT = "emoshield.attack-checkpoint/1"
+MAX_ENTRY_BYTES = 1 << 20  # a batch's bits and a few counts: kilobytes; anything bigger is not ours
+WRITES_IMPOSSIBLE = {  # full or read-only disk, no permission: no later write will do better
+    errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _attack_code_digest() -> str:
@@ -31,63 +43,102 @@ def _attack_code_digest() -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> str:
-    """What a batch's result depends on besides the attack's settings."""
-    digest = hashlib.sha256(f"{FORMAT}\0{batch_size}\0{_attack_code_digest()}\0".encode())
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return f"{t.dtype}\0{tuple(t.shape)}\0".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
+    """What a batch's result depends on besides the attack's settings and the batch's range."""
+    digest = hashlib.sha256(f"{FORMAT}\0torch {torch.__version__}\0{_attack_code_digest()}\0".encode())
+    for module in model.modules():  # structure and plain settings (e.g. ViewAverage's mode)
+        digest.update(f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})\0".encode())
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}\0{tuple(t.shape)}\0".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode() + b"\0" + _tensor_bytes(tensor))
+    digest.update(_tensor_bytes(x) + _tensor_bytes(y))
     return digest.hexdigest()
+
+
+def _read_entry(path: Path) -> bytes | None:
+    """The file's bytes if it is a regular file of at most MAX_ENTRY_BYTES (no link, FIFO or device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ENTRY_BYTES:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_ENTRY_BYTES + 1)
+        return data if len(data) <= MAX_ENTRY_BYTES else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class AttackCheckpoint:
     """Per-batch results of attacks on one model and one set of images, under `folder`."""
 
-    def __init__(self, folder: Path, key: str, log=None):
+    def __init__(self, folder: Path, key: str, log: Callable[[str], None] | None = None):
         self.folder = Path(folder) / key[:24]
         self.log = log or (lambda message: None)
         self.writable = True
-        self.loaded = 0  # batches read back, for the caller's progress line
+        self.skipped_writes = 0
+        try:  # entries that were here before this run: only those count as resumed
+            self.before = {p.name for p in self.folder.iterdir()}
+        except OSError:
+            self.before = set()
+        self.resumed = 0  # batches taken from an earlier run, for the caller's progress line
 
     def _path(self, name: str) -> Path:
         return self.folder / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".json")
 
     def load(self, name: str, size: int) -> dict | None:
-        """{"correct": bool tensor, "state": dict, "seconds": float} of batch `name`, or None."""
-        try:
-            entry = json.loads(self._path(name).read_text())
-            bits = entry["correct"]
-            if entry.get("format") != FORMAT or entry.get("name") != name or len(bits) != size \
-                    or set(bits) - {"0", "1"} or not isinstance(entry.get("state"), dict):
-                return None
-            seconds = float(entry.get("seconds", 0.0))
-        except (OSError, ValueError, KeyError, TypeError):
+        """{"correct": bool tensor, "state": dict, "seconds": float} of batch `name`, or None
+        when there is no usable entry."""
+        data = _read_entry(self._path(name))
+        if data is None:
             return None
-        return {"correct": torch.tensor([b == "1" for b in bits], dtype=torch.bool), "state": entry["state"],
-                "seconds": seconds}
+        try:
+            entry = json.loads(data)
+            bits, state, seconds = entry["correct"], entry["state"], float(entry["seconds"])
+            if (entry.get("format") != FORMAT or entry.get("name") != name or not isinstance(bits, str)
+                    or len(bits) != size or set(bits) - {"0", "1"} or not isinstance(state, dict)
+                    or not math.isfinite(seconds) or seconds < 0):
+                return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
+            return None
+        return {"correct": torch.tensor([b == "1" for b in bits], dtype=torch.bool), "state": state,
+                "seconds": seconds, "earlier": self._path(name).name in self.before}
 
     def save(self, name: str, correct: torch.Tensor, state: dict, seconds: float) -> None:
+        """Write one batch's entry atomically (a reader sees all of it or nothing); a failed write
+        loses only this entry, a full or read-only disk turns checkpoints off for the run."""
         if not self.writable:
             return
         entry = {"format": FORMAT, "name": name, "correct": "".join("1" if c else "0" for c in correct.tolist()),
                  "state": state, "seconds": seconds}
-        path = self._path(name)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(entry))
-            os.replace(tmp, path)  # a reader sees the whole entry or none
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry-", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(entry))
+            os.replace(tmp, self._path(name))
         except OSError as e:
-            self.writable = False
-            tmp.unlink(missing_ok=True)
-            self.log(f"attack checkpoints off ({e.strerror or e}): this evaluation will not resume if stopped")
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if e.errno in WRITES_IMPOSSIBLE:
+                self.writable = False
+                self.log(f"attack checkpoints off ({e.strerror or e}): this evaluation will not resume if stopped")
+            elif not self.skipped_writes:
+                self.log(f"attack checkpoint not written ({e}); the evaluation goes on")
+            self.skipped_writes += 1
 
 
-def correct_under_resumable(model, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int,
+def correct_under_resumable(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack, batch_size: int,
                             checkpoint: AttackCheckpoint | None) -> tuple[torch.Tensor, float]:
     """Per-image correctness of `model` under `attack` (as registry.correct_under) and the attack's
     seconds, batch by batch through `checkpoint` when given. The attack's running statistics are
@@ -97,17 +148,17 @@ def correct_under_resumable(model, x: torch.Tensor, y: torch.Tensor, attack, bat
     parts, seconds = [], 0.0
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        name = f"{attack!r}|{i}:{i + len(yb)}"
+        name = f"{attack!r}|eps={attack.eps!r}|{i}:{i + len(yb)}"
         saved = checkpoint.load(name, len(yb)) if checkpoint is not None else None
         if saved is not None:
             try:
                 attack.load_state(saved["state"])
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
                 saved = None
         if saved is not None:
             parts.append(saved["correct"])
             seconds += saved["seconds"]
-            checkpoint.loaded += 1
+            checkpoint.resumed += saved["earlier"]
             continue
         started = time.perf_counter()
         correct = correct_under(model, xb, yb, attack, len(yb))

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import corrupt, make_attack
+from ..attacks.base import attack_context
+from ..attacks.folding import eval_graph
 from ..attacks.registry import LABELS, correct_under
 from ..data.images import to_model_input
 from .checkpoint import AttackCheckpoint, correct_under_resumable, fingerprint
@@ -119,9 +121,12 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
     model.eval()
     x_all = to_model_input(pixels)
     clean_correct = correct_under(model, x_all, labels, None, batch_size)
+    if attacks or masking_sweep:  # the folded copy every attack batch runs on, built before the first:
+        with attack_context(model, "eval"):  # small batches must not depend on what earlier ones built
+            eval_graph(model)                # (a resumed run skips those), so resumed = uninterrupted
     checkpoint = None
     if checkpoint_dir is not None:
-        checkpoint = AttackCheckpoint(checkpoint_dir, fingerprint(model, x_all, labels, batch_size), progress)
+        checkpoint = AttackCheckpoint(checkpoint_dir, fingerprint(model, x_all, labels), progress)
     report = {"num_images": int(len(labels)), "classes": classes,
               "clean_accuracy": clean_correct.float().mean().item(),
               "per_class_accuracy": {"clean": _per_class(clean_correct, labels, classes)},
@@ -174,8 +179,8 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
             attack = make_attack("pgd", eps, steps=pgd_steps, seed=seed)
             correct, _ = correct_under_resumable(model, x_all, labels, attack, batch_size, checkpoint)
             report["masking_checks"]["sweep"][f"{eps:g}"] = correct.float().mean().item()
-    if checkpoint is not None and checkpoint.loaded and progress:
-        progress(f"resumed: {checkpoint.loaded} attack batch(es) taken from {checkpoint.folder}")
+    if checkpoint is not None and checkpoint.resumed and progress:
+        progress(f"resumed: {checkpoint.resumed} attack batch(es) taken from {checkpoint.folder}")
     report["sanity_flags"] = sanity_flags(model, x_all, labels, was_training) + result_flags(report)
     model.train(was_training)
     return report

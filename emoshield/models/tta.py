@@ -46,6 +46,9 @@ class ViewAverage(nn.Module):
         self.config = getattr(model, "config", None)
         self.train(model.training)  # a new Module starts in training mode; reports check the mode
 
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"  # in the module's repr, so fingerprints and logs tell the modes apart
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = view_count(self.mode)
         out = self.model(torch_views(x, self.mode)).float().log_softmax(1)
