@@ -4,9 +4,10 @@ that resumes where it stopped when re-run.
     .venv/bin/python scripts/studies.py [--workers 2] [--only NAME,...] [--status]
 
 Stages (in order; see STAGES): the CK+48 subject study (5 folds), the cross-dataset table CK+48
--> JAFFE, the JAFFE subject study, JAFFE -> CK+48, the CK+48 reference study (2 seeds). Each is an
-`emoshield reproduce` or `emoshield cross-dataset` run with its work folder under
-runs/reproduce/ and its results under results/. Several workers share one study through its step
+-> JAFFE, the JAFFE subject study, JAFFE -> CK+48, README's undefended-vs-defended table
+(bench/defense_ckplus48.py, three protocols, with AutoAttack), the CK+48 reference study (2
+seeds). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
+folder under runs/ and its results under results/. Several workers share one study through its step
 locks (one process per training or evaluation step): a worker with nothing left to take in one
 stage moves on to the next ready one. Each worker gets cores / workers threads: on the 2-core
 Xeon, two 1-thread processes did 1.16x and 1.56x the attack work of one 2-thread process (two
@@ -48,9 +49,11 @@ class Stage:
     args: tuple[str, ...]
     out: str  # results folder (relative to ROOT)
     source: str | None = None  # cross-dataset: the study stage whose models it tests
+    script: str | None = None  # a bench script (relative to ROOT) instead of `emoshield`
 
     def command(self) -> list[str]:
-        return [str(EMOSHIELD), *self.args, "--out", self.out]
+        program = [sys.executable, str(ROOT / self.script)] if self.script else [str(EMOSHIELD)]
+        return [*program, *self.args, "--out", self.out]
 
 
 def study(name: str, *args: str) -> Stage:
@@ -64,11 +67,19 @@ def cross(name: str, source: str, target: str) -> Stage:
                  f"results/cross/{name}", source)
 
 
+def defense_table(name: str, protocols: str) -> Stage:
+    """README's undefended-vs-defended table (bench/defense_ckplus48.py: MobileNetV2, 64 px, one
+    fold or seed per protocol), with AutoAttack."""
+    return Stage(name, ("--protocols", protocols, "--work", f"runs/{name}"), f"results/{name}",
+                 script="bench/defense_ckplus48.py")
+
+
 STAGES = [
     study("ckplus48-subject-v2", "--dataset", "ckplus48", "--protocol", "subject"),
     cross("ckplus48-jaffe", "ckplus48-subject-v2", "jaffe"),
     study("jaffe-subject-v2", "--dataset", "jaffe", "--protocol", "subject"),
     cross("jaffe-ckplus48", "jaffe-subject-v2", "ckplus48"),
+    defense_table("defense_ckplus48", "reference,subject,prototype"),
     study("ckplus48-reference-v2", "--dataset", "ckplus48", "--protocol", "reference", "--seeds", "0,1"),
 ]
 
@@ -116,7 +127,18 @@ def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     return finished - here - _evaluated(stage)
 
 
+def _table_done(stage: Stage) -> bool:
+    """A defense table is done when its summary has every protocol asked for, each evaluated with
+    AutoAttack (rows of the earlier, pre-AutoAttack runs do not count)."""
+    rows = _json(ROOT / stage.out / "summary.json")
+    protocols = stage.args[stage.args.index("--protocols") + 1].split(",")
+    by_protocol = {r.get("protocol"): r for r in rows if isinstance(r, dict)} if isinstance(rows, list) else {}
+    return all("autoattack@0.01" in (by_protocol.get(p) or {}).get("defended", {}) for p in protocols)
+
+
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
+    if stage.script is not None:
+        return _table_done(stage)
     if stage.source is None:
         return _study_units(stage) is not None
     # with nothing left to test here: done once the report is written, or at once when no unit
@@ -138,6 +160,8 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state = "done"
         elif not ready(s, by_name):
             state = f"waits for {s.source}"
+        elif s.script is not None:
+            state = "to run"
         elif s.source is None:
             units = len(list((ROOT / s.out / "units").glob("*.json")))
             state = f"{units} unit(s) finished"
@@ -158,6 +182,7 @@ class Workers:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.failures: dict[str, int] = {}
+        self.running: set[str] = set()  # bench stages have no step locks: one worker each at a time
 
     def say(self, message: str) -> None:
         with self.lock:
@@ -202,8 +227,16 @@ class Workers:
             for stage in [s for s in pending if ready(s, self.by_name)]:
                 if self.stopping.is_set():
                     return
+                with self.lock:
+                    if stage.script is not None and stage.name in self.running:
+                        continue
+                    self.running.add(stage.name)
                 self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")
-                rc = self._run(index, stage)
+                try:
+                    rc = self._run(index, stage)
+                finally:
+                    with self.lock:
+                        self.running.discard(stage.name)
                 if rc == 0:  # a unit may have finished: RESULTS.md shows partial studies as they grow
                     self.rewrite_results()
                 state = "done" if done(stage, self.by_name) else "left steps to other workers" if rc == 0 else f"exit {rc}"

@@ -46,6 +46,23 @@ else:  # tests every unit whose models are under WORK
 """
 
 
+FAKE_BENCH = """import json, os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "bench": True}) + "\\n")
+marker = Path(os.environ["FAKE_LOG"] + ".bench-running")
+assert not marker.exists(), "two workers ran the same bench stage at once"
+marker.touch()
+time.sleep(0.3)
+marker.unlink()
+out.mkdir(parents=True, exist_ok=True)
+rows = [{"protocol": p, "defended": {"autoattack@0.01": 0.5}} for p in args[args.index("--protocols") + 1].split(",")]
+(out / "summary.json").write_text(json.dumps(rows))
+"""
+
+
 @pytest.fixture
 def studies(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("studies_under_test", ROOT / "scripts" / "studies.py")
@@ -55,6 +72,8 @@ def studies(tmp_path, monkeypatch):
     fake = tmp_path / "emoshield"
     fake.write_text(FAKE.format(python=sys.executable))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "defense_ckplus48.py").write_text(FAKE_BENCH)
     results_md = tmp_path / "results_md.py"
     results_md.write_text("from pathlib import Path\nwith open('RESULTS.md', 'a') as f:\n    f.write('regenerated\\n')\n")
     monkeypatch.setattr(module, "ROOT", tmp_path)
@@ -80,6 +99,7 @@ def test_every_stage_runs_after_its_source_and_results_md_is_rewritten(studies, 
         if stage.source:
             assert names.index(stage.out.split("/")[-1]) > names.index(stage.source)
     assert {c["threads"] for c in calls(tmp)} == {"1"}
+    assert names.count("defense_ckplus48") == 1  # a bench stage (no step locks) runs on one worker at a time
     # rewritten after every stage run (partial studies show their finished units) and at the end
     assert (tmp / "RESULTS.md").read_text().splitlines() == ["regenerated"] * (len(names) + 1)
     assert all(" done " in line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES}))
@@ -134,3 +154,18 @@ def test_only_and_status_and_bad_arguments(studies, capsys):
         with pytest.raises(SystemExit) as exc:
             module.main(argv)
         assert exc.value.code == 2
+
+
+def test_a_defense_table_without_autoattack_rows_is_run_again(studies, capsys):
+    module, tmp = studies
+    summary = tmp / "results/defense_ckplus48/summary.json"
+    summary.parent.mkdir(parents=True)
+    old_rows = [{"protocol": p, "defended": {"pgd@0.01": 0.9}} for p in ("reference", "subject", "prototype")]
+    summary.write_text(json.dumps(old_rows))  # an earlier run's table, before AutoAttack
+    by_name = {s.name: s for s in module.STAGES}
+    assert not module.done(by_name["defense_ckplus48"], by_name)
+    summary.write_text("not json")
+    assert not module.done(by_name["defense_ckplus48"], by_name)
+    assert module.main(["--only", "defense_ckplus48", "--workers", "2"]) == 0
+    assert [c["stage"] for c in calls(tmp)] == ["defense_ckplus48"]
+    assert module.done(by_name["defense_ckplus48"], by_name)
