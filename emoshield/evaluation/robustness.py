@@ -121,7 +121,7 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
     model.eval()
     x_all = to_model_input(pixels)
     clean_correct = correct_under(model, x_all, labels, None, batch_size)
-    if attacks or masking_sweep:  # the folded copy every attack batch runs on, built before the first:
+    if attacks:  # the folded copy every attack batch runs on, built before the first:
         with attack_context(model, "eval"):  # small batches must not depend on what earlier ones built
             eval_graph(model)                # (a resumed run skips those), so resumed = uninterrupted
     checkpoint = None
