@@ -1,14 +1,16 @@
 """Undefended vs defended (SPEC §6: S = {FGSM, R+FGSM}, beta0 0.5, eps 0.01) on CK+48, 5 classes,
 same backbone, epochs and seed, under the reference and subject (fold 0) protocols; each
-defended model is evaluated against its undefended twin with FGSM/R+FGSM/PGD/APGD and the
-camera corruptions.
+defended model is evaluated against its undefended twin with FGSM/R+FGSM/PGD/APGD, AutoAttack
+(at 0.01 and 8/255) and the camera corruptions.
 
     .venv/bin/python bench/defense_ckplus48.py [--data-root DIR] [--epochs 50] [--protocols reference,subject]
     (also --protocols prototype: reference frames split 2 train / 0 val / 1 test, last epoch kept)
 
 Writes results/defense_ckplus48/<protocol>/ (report.md, robustness.json, PNGs) and
-results/defense_ckplus48/summary.{json,md}; training folders stay under runs/ (not committed).
-Interrupted runs resume.
+results/defense_ckplus48/summary.{json,md} (after each protocol); training folders stay under
+--work (not committed). Interrupted runs resume: trainings from their checkpoints, the evaluation
+from its last attack batch, and a protocol whose row is already in the summary with AutoAttack and
+these settings is skipped (--force re-runs it), so a run that spans sessions does each once.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ def main() -> int:
                         help="BatchNorm mode that generates the training perturbations")
     parser.add_argument("--out", default="results/defense_ckplus48")
     parser.add_argument("--work", default="runs/defense_ckplus48")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run protocols whose row (with AutoAttack, same settings) is already in OUT")
     args = parser.parse_args()
     data = ["--data-root", args.data_root] if args.data_root else []
     summary_path = Path(args.out) / "summary.json"  # rows of other protocols are kept
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else []
     for protocol in args.protocols.split(","):
+        if not args.force and _finished(summary, protocol, args):
+            print(f"{protocol}: already in {summary_path} with AutoAttack (--force re-runs it)", flush=True)
+            continue
         split = PROTOCOL_ARGS.get(protocol, ["--protocol", protocol])
         common = ["--dataset", "ckplus48", *data, "--classes", CLASSES, *split, "--fold", "0",
                   "--backbone", args.backbone, "--weights", args.weights, "--input-size", args.input_size,
@@ -87,11 +94,27 @@ def main() -> int:
             "seconds_per_epoch": {v: sum(s) / len(s) for v, s in epoch_seconds.items()},
             "evaluation_seconds": evaluation_seconds,
         })
+        _write(summary, args)  # after each protocol: a run cut off later keeps this one
+    _write(summary, args)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def _write(summary: list[dict], args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     (Path(args.out) / "summary.md").write_text(_markdown(summary, args))
-    print((Path(args.out) / "summary.md").read_text())
-    return 0
+
+
+def _finished(summary: list[dict], protocol: str, args) -> bool:
+    """A protocol's row made with these settings and the current attack set: a run that spans
+    sessions does each protocol once (its training folders are not kept, its row is)."""
+    row = next((r for r in summary if r.get("protocol") == protocol), None)
+    if row is None or "autoattack@0.01" not in row.get("defended", {}):
+        return False
+    model = row.get("model", {})
+    return (model.get("backbone"), str(model.get("input_size")), str(model.get("epochs")), str(model.get("seed"))) == (
+        args.backbone, args.input_size, args.epochs, args.seed)
 
 
 def _markdown(summary: list[dict], args) -> str:

@@ -7,20 +7,22 @@ Stages (in order; see STAGES): the CK+48 subject study (5 folds), the cross-data
 -> JAFFE, the JAFFE subject study, JAFFE -> CK+48, README's undefended-vs-defended table
 (bench/defense_ckplus48.py, three protocols, with AutoAttack), the CK+48 reference study (2
 seeds). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
-folder under runs/ and its results under results/. Several workers share one study through its step
+folder under work_root() (~/.cache/emoshield/studies: outside the checkout, see there) and its
+results under results/. Several workers share one study through its step
 locks (one process per training or evaluation step): a worker with nothing left to take in one
 stage moves on to the next ready one. Each worker gets cores / workers threads: on the 2-core
 Xeon, two 1-thread processes did 1.16x and 1.56x the attack work of one 2-thread process (two
 runs side by side, PGD-20 on 128 faces, smallcnn 48 px), so two workers are the default.
 
 A cross-dataset stage tests each unit of its source study as soon as that unit has finished,
-and before the study's next training: a unit's models live in the (uncommitted) work folder, so a
-session that ends loses them, while the unit's numbers are committed. Units whose models are not
-here any more (an earlier session's) are left out and named by --status. A worker's output goes to
+and before the study's next training: a unit's models live in the (uncommitted) work folder, which
+a session on another machine does not have, while the unit's numbers are committed. Units whose
+models are not here any more (an earlier session's) are left out and named by --status. A worker's output goes to
 runs/studies/NAME.workerK.log; this script prints one line per stage started and ended. After
 every stage run that ends well (and at the end) it rewrites RESULTS.md and README's results block
 (scripts/results_md.py: a study still running shows its finished units, 'k of n'). SIGINT/SIGTERM stop the
-workers (the step in progress restarts from its last checkpoint on the next run)."""
+workers (the step in progress resumes from its last checkpoint on the next run: a training from
+its last epoch, an evaluation from its last attack batch)."""
 
 from __future__ import annotations
 
@@ -43,35 +45,45 @@ BACKBONES = "smallcnn,mobilenet_v2"
 IDLE_SECONDS = 60  # a pass that found every free step taken waits this long before looking again
 
 
+def work_root() -> Path:
+    """Where the stages' work folders (trained models, checkpoints, attack checkpoints) live:
+    $EMOSHIELD_STUDY_WORK, else ~/.cache/emoshield/studies. Outside the checkout, so a session
+    that gets the same machine back with a fresh checkout finds them and goes on mid-unit; only
+    the finished units' numbers (results/) are committed."""
+    return Path(os.environ.get("EMOSHIELD_STUDY_WORK") or Path.home() / ".cache" / "emoshield" / "studies")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     args: tuple[str, ...]
     out: str  # results folder (relative to ROOT)
+    work: str  # its work folder's name under work_root() (a cross-dataset stage: its source study's)
     source: str | None = None  # cross-dataset: the study stage whose models it tests
     script: str | None = None  # a bench script (relative to ROOT) instead of `emoshield`
 
+    @property
+    def work_dir(self) -> Path:
+        return work_root() / self.work
+
     def command(self) -> list[str]:
         program = [sys.executable, str(ROOT / self.script)] if self.script else [str(EMOSHIELD)]
-        return [*program, *self.args, "--out", self.out]
+        return [*program, *self.args, "--work", str(self.work_dir), "--out", self.out]
 
 
 def study(name: str, *args: str) -> Stage:
-    return Stage(name, ("reproduce", *args, "--backbones", BACKBONES, "--work", f"runs/reproduce/{name}",
-                        "--until-unit"),
-                 f"results/reproduce/{name}")
+    return Stage(name, ("reproduce", *args, "--backbones", BACKBONES, "--until-unit"), f"results/reproduce/{name}",
+                 name)
 
 
 def cross(name: str, source: str, target: str) -> Stage:
-    return Stage(name, ("cross-dataset", "--work", f"runs/reproduce/{source}", "--dataset", target),
-                 f"results/cross/{name}", source)
+    return Stage(name, ("cross-dataset", "--dataset", target), f"results/cross/{name}", source, source)
 
 
 def defense_table(name: str, protocols: str) -> Stage:
     """README's undefended-vs-defended table (bench/defense_ckplus48.py: MobileNetV2, 64 px, one
     fold or seed per protocol), with AutoAttack."""
-    return Stage(name, ("--protocols", protocols, "--work", f"runs/{name}"), f"results/{name}",
-                 script="bench/defense_ckplus48.py")
+    return Stage(name, ("--protocols", protocols), f"results/{name}", name, script="bench/defense_ckplus48.py")
 
 
 STAGES = [
@@ -109,7 +121,7 @@ def _untested_units(stage: Stage) -> set[str]:
     from emoshield.cross_dataset import finished_units
     from emoshield.errors import EmoshieldError
 
-    work = ROOT / stage.args[stage.args.index("--work") + 1]
+    work = stage.work_dir
     try:
         here = {f"{backbone}-{unit}" for backbone, unit, _ in finished_units(work)}
     except EmoshieldError:  # no work folder (yet, or not any more)
@@ -122,7 +134,7 @@ def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     result = _json(ROOT / by_name[stage.source].out / "results.json") or {}
     finished = {f"{b}-{u}" for b, units in result.get("units", {}).items() for u in units}
     finished |= {p.stem for p in (ROOT / by_name[stage.source].out / "units").glob("*.json")}
-    work = ROOT / stage.args[stage.args.index("--work") + 1]
+    work = stage.work_dir
     here = {f"{p.parent.name}-{p.name}" for p in work.glob("*/fold*-seed*")}
     return finished - here - _evaluated(stage)
 
@@ -169,7 +181,7 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state = f"{len(_evaluated(s))} unit(s) evaluated, {len(_untested_units(s))} to test"
         if s.source is not None and (lost := _lost_units(s, by_name)):
             state += f"; models gone, not tested: {', '.join(sorted(lost))}"
-        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --out {s.out}")
+        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --work {s.work_dir} --out {s.out}")
     return lines
 
 

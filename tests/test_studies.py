@@ -82,6 +82,7 @@ def studies(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "RESULTS_MD", results_md)
     monkeypatch.setattr(module, "IDLE_SECONDS", 0.1)
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("EMOSHIELD_STUDY_WORK", str(tmp_path / "work"))
     return module, tmp_path
 
 
@@ -100,6 +101,8 @@ def test_every_stage_runs_after_its_source_and_results_md_is_rewritten(studies, 
             assert names.index(stage.out.split("/")[-1]) > names.index(stage.source)
     assert {c["threads"] for c in calls(tmp)} == {"1"}
     assert names.count("defense_ckplus48") == 1  # a bench stage (no step locks) runs on one worker at a time
+    # work folders (models, checkpoints) outside the checkout, where a fresh checkout on this machine finds them
+    assert (tmp / "work" / "ckplus48-subject-v2" / "study.json").is_file() and not (tmp / "runs" / "reproduce").exists()
     # rewritten after every stage run (partial studies show their finished units) and at the end
     assert (tmp / "RESULTS.md").read_text().splitlines() == ["regenerated"] * (len(names) + 1)
     assert all(" done " in line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES}))
