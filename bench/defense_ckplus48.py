@@ -140,8 +140,8 @@ def _markdown(summary: list[dict], args) -> str:
                       "~0), PGD-10 transferred from the undefended twin at 0.01 (must not beat white-box PGD), "
                       "sanity flags.", "", "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
                   "|---|---:|---:|---:|---:|---|"]
-        for s in summary:
-            checks = s.get("masking_checks") or {}
+        for s in (s for s in summary if s.get("masking_checks")):  # rows of earlier runs had no checks
+            checks = s["masking_checks"]
             sweep, transfer = checks.get("sweep", {}), checks.get("transfer", {}).get("0.01", {})
             cells = [f"{sweep[e]:.1%}" if e in sweep else "" for e in ("0.03", "0.05", "0.1")]
             cells.append(f"{transfer['accuracy']:.1%}" if "accuracy" in transfer else "")
@@ -152,8 +152,9 @@ def _markdown(summary: list[dict], args) -> str:
                       "frames per sequence, as the prototype in issue 3), so the last epoch is kept."]
     lines += ["", "Full reports: " + ", ".join(f"[{s['protocol']}]({s['protocol']}/report.md)" for s in summary),
               "", f"Produced by `python bench/defense_ckplus48.py --epochs {args.epochs} --attack-bn {args.attack_bn}"
-              f" --out {args.out}` at commit "
-              f"`{summary[0]['model'].get('evaluated_by', 'unknown')}`."]
+              f" --out {args.out}`, each protocol's row at its own commit: " + ", ".join(
+                  f"{s['protocol']} `{s['model'].get('evaluated_by', 'unknown')[:12]}`" for s in summary)
+              + " (rows without AutoAttack columns are from before it was added)."]
     return "\n".join(lines) + "\n"
 
 
