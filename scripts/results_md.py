@@ -42,6 +42,14 @@ def _pct(stat: dict | None) -> str:
 BEST_PUBLISHED_FER2013 = 73.28  # single-network PrivateTest accuracy quoted in issue 4
 
 
+def _json_or_none(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def pretraining_table(root: Path) -> list[str]:
     """The cloud library's FER2013 runs: how each was trained and its PrivateTest accuracy."""
     rows = []
@@ -50,21 +58,26 @@ def pretraining_table(root: Path) -> list[str]:
         cfg = run["train_config"]
         history = json.loads((path.parent / "history.json").read_text())
         best = max(history, key=lambda e: e["val_accuracy"])
+        tta = _json_or_none(path.parent / "tta.json")  # scripts/pretrain_tta.py
+        multi = (f"{tta['accuracy']['flip'] * 100:.1f} / {tta['accuracy']['tencrop'] * 100:.1f}"
+                 if tta and {"flip", "tencrop"} <= set(tta.get("accuracy", {})) else "—")
         rows.append(
             f"| [{path.parent.name}]({_link(path.parent)}/report.md) | {m['backbone']} | {m['weights']} | "
             f"{m['input_size']} px | {m['epochs']} | {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']}, "
             f"`--augment {cfg['augment']}` | {'bfloat16 (`--amp`)' if cfg.get('amp') else 'float32'} | "
             f"{m['train_seconds'] / 3600:.1f} h | {best['val_accuracy'] * 100:.1f} (epoch {best['epoch']}) | "
-            f"**{m['test_accuracy'] * 100:.1f}** | {m['balanced_accuracy'] * 100:.1f} |")
+            f"**{m['test_accuracy'] * 100:.1f}** | {multi} | {m['balanced_accuracy'] * 100:.1f} |")
     if not rows:
         return []
     return ["## The cloud tier: backbones pretrained on FER2013", "",
             "`emoshield cloud pretrain` on FER2013's official split (train 28,709; PublicTest 3,589 picks the "
-            "epoch; PrivateTest 3,589 is the test), 7 classes, seed 0, 2 CPU cores, one crop at test time. "
+            "epoch; PrivateTest 3,589 is the test), 7 classes, seed 0, 2 CPU cores, one crop at test time; "
+            "'flip / ten-crop' = the same model averaged over the face and its mirror / over the four corner "
+            "and centre crops (90% of the side) and their mirrors (`scripts/pretrain_tta.py`). "
             f"Best published single model: {BEST_PUBLISHED_FER2013} (Khaireddin & Chen 2021, a tuned VGG variant at 48 px).", "",
             "| run | backbone | from | input | epochs | batch, lr, schedule, augmentation | precision | training "
-            "time | PublicTest (best epoch) | PrivateTest | balanced |",
-            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|", *rows, ""]
+            "time | PublicTest (best epoch) | PrivateTest | PrivateTest flip / ten-crop | balanced |",
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _study_name(result: dict) -> str:

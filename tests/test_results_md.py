@@ -67,3 +67,44 @@ def test_a_readme_without_the_block_is_an_error_not_a_silent_skip(results):
     proc = run(results, *_args(results))
     assert proc.returncode != 0 and "no <!-- results:begin" in proc.stderr
     assert (results / "README.md").read_text() == "# no block\n"
+
+
+def test_the_cloud_tier_table_shows_flip_and_ten_crop_from_pretrain_tta(results, tmp_path, data_root):
+    """scripts/pretrain_tta.py on a few FER2013 test faces: refused when the run's own one-crop
+    figure disagrees (another model or other images), written when it agrees; RESULTS.md's
+    cloud-tier table then shows flip / ten-crop, and '—' for a run without (or with a damaged) tta.json."""
+    import importlib.util
+
+    from emoshield.pipeline import DataOptions, evaluate_model
+
+    spec = importlib.util.spec_from_file_location("pretrain_tta", ROOT / "scripts" / "pretrain_tta.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir = results / "results/cloud_pretrain/smallcnn-fer2013-48px-amp"
+    (run_dir / "tta.json").unlink(missing_ok=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    argv = ["--model", "library:smallcnn-fer2013-48px", "--into", str(run_dir), "--data-root", str(data_root),
+            "--limit-per-class", "60"]
+    assert script.main(argv) == 2 and not (run_dir / "tta.json").exists()  # a few faces: not the run's 67.9%
+    data = DataOptions(dataset="fer2013", data_root=str(data_root), protocol="official", limit_per_class=60)
+    few = evaluate_model("library:smallcnn-fer2013-48px", tmp_path / "one", data)
+    one_crop = few["test_accuracy"]
+    assert 20 <= few["num_images"] <= 200 and one_crop != metrics["test_accuracy"]
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "test_accuracy": one_crop}))
+    assert script.main(argv) == 0
+    tta = json.loads((run_dir / "tta.json").read_text())
+    assert tta["accuracy"]["none"] == one_crop and tta["num_images"] == few["num_images"]
+    assert tta["limit_per_class"] == 60
+    assert all(0 <= tta["accuracy"][m] <= 1 for m in ("flip", "tencrop"))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))  # the table's other columns as committed
+    assert run(results, *_args(results)).returncode == 0
+    page = (results / "RESULTS.md").read_text()
+    cells = f"| {tta['accuracy']['flip'] * 100:.1f} / {tta['accuracy']['tencrop'] * 100:.1f} |"
+    row = next(line for line in page.splitlines() if line.startswith("| [smallcnn-fer2013-48px-amp]"))
+    assert cells in row
+    for damaged in ("not json", "[]", json.dumps({"accuracy": {"flip": 0.5}})):
+        (run_dir / "tta.json").write_text(damaged)
+        assert run(results, *_args(results)).returncode == 0
+        row = next(line for line in (results / "RESULTS.md").read_text().splitlines()
+                   if line.startswith("| [smallcnn-fer2013-48px-amp]"))
+        assert "| — |" in row
