@@ -51,11 +51,12 @@ def main() -> int:
     parser.add_argument("--out", default="results/defense_ckplus48")
     parser.add_argument("--work", default="runs/defense_ckplus48")
     parser.add_argument("--force", action="store_true",
-                        help="re-run protocols whose row (with AutoAttack, same settings) is already in OUT")
+                        help="re-evaluate protocols whose row (with AutoAttack, same settings) is already in OUT "
+                             "(their models are retrained only if their work folders are gone)")
     args = parser.parse_args()
     data = ["--data-root", args.data_root] if args.data_root else []
     summary_path = Path(args.out) / "summary.json"  # rows of other protocols are kept
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else []
+    summary = _read_summary(summary_path)
     for protocol in args.protocols.split(","):
         if not args.force and _finished(summary, protocol, args):
             print(f"{protocol}: already in {summary_path} with AutoAttack (--force re-runs it)", flush=True)
@@ -69,7 +70,10 @@ def main() -> int:
                     "--attack-bn", args.attack_bn]
         for variant, extra in (("undefended", []), ("defended", defended)):
             suffix = "-evalbn" if variant == "defended" and args.attack_bn == "eval" else ""
-            run_dir = Path(args.work) / f"{protocol}-{variant}{suffix}"
+            # the settings in the name: a work folder kept across runs never hands over a model
+            # trained with other epochs, input size, weights or seed
+            settings = f"{args.backbone}-{args.weights}-{args.input_size}px-{args.epochs}ep-seed{args.seed}"
+            run_dir = Path(args.work) / f"{protocol}-{settings}-{variant}{suffix}"
             dirs[variant] = run_dir
             if not (run_dir / "metrics.json").is_file():
                 resume = ["--resume"] if (run_dir / "checkpoint.safetensors").is_file() else []
@@ -100,21 +104,42 @@ def main() -> int:
     return 0
 
 
-def _write(summary: list[dict], args) -> None:
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    (Path(args.out) / "summary.md").write_text(_markdown(summary, args))
+def _short_commit(commit: str | None) -> str:
+    sha, _, dirty = str(commit or "unknown").partition("+")
+    return sha[:12] + ("+" + dirty if dirty else "")  # keep '+dirty': uncommitted code made that row
 
 
-def _finished(summary: list[dict], protocol: str, args) -> bool:
+def _read_summary(path: Path) -> list[dict]:
+    """The rows written so far; a missing, damaged or foreign file counts as none (the protocols
+    are run again), never as a crash that would stop the stage for good."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    ok = lambda r: (isinstance(r, dict) and isinstance(r.get("protocol"), str)  # noqa: E731
+                    and all(isinstance(r.get(k), dict) for k in ("model", "defended", "undefended")))
+    return [r for r in rows if ok(r)] if isinstance(rows, list) else []
+
+
+def _write(summary: list[dict], args: argparse.Namespace) -> None:
+    from emoshield.paths import write_atomic
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # whole files only: a stop mid-write leaves the old one
+    write_atomic(Path(args.out) / "summary.json", json.dumps(summary, indent=1).encode())
+    write_atomic(Path(args.out) / "summary.md", _markdown(summary, args).encode())
+
+
+def _finished(summary: list[dict], protocol: str, args: argparse.Namespace) -> bool:
     """A protocol's row made with these settings and the current attack set: a run that spans
-    sessions does each protocol once (its training folders are not kept, its row is)."""
-    row = next((r for r in summary if r.get("protocol") == protocol), None)
-    if row is None or "autoattack@0.01" not in row.get("defended", {}):
+    sessions does each protocol once (its training folders may be gone, its row is committed)."""
+    row = next((r for r in summary if r["protocol"] == protocol), None)
+    if row is None or "autoattack@0.01" not in row["defended"]:
         return False
-    model = row.get("model", {})
-    return (model.get("backbone"), str(model.get("input_size")), str(model.get("epochs")), str(model.get("seed"))) == (
-        args.backbone, args.input_size, args.epochs, args.seed)
+    model, defense = row["model"], row["model"].get("defense")
+    attack_bn = defense.get("attack_bn") if isinstance(defense, dict) else None
+    return ((model.get("backbone"), str(model.get("input_size")), str(model.get("epochs")), str(model.get("seed")),
+             str(model.get("weights", "")).split(":")[0], attack_bn)
+            == (args.backbone, args.input_size, args.epochs, args.seed, args.weights.split(":")[0], args.attack_bn))
 
 
 def _markdown(summary: list[dict], args) -> str:
@@ -153,7 +178,7 @@ def _markdown(summary: list[dict], args) -> str:
     lines += ["", "Full reports: " + ", ".join(f"[{s['protocol']}]({s['protocol']}/report.md)" for s in summary),
               "", f"Produced by `python bench/defense_ckplus48.py --epochs {args.epochs} --attack-bn {args.attack_bn}"
               f" --out {args.out}`, each protocol's row at its own commit: " + ", ".join(
-                  f"{s['protocol']} `{s['model'].get('evaluated_by', 'unknown')[:12]}`" for s in summary)
+                  f"{s['protocol']} `{_short_commit(s['model'].get('evaluated_by'))}`" for s in summary)
               + " (rows without AutoAttack columns are from before it was added)."]
     return "\n".join(lines) + "\n"
 

@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from emoshield.provenance import git_commit
 
     into = Path(args.into)
-    try:
+    try:  # checked before hours of evaluation, not after
         own = json.loads((into / "metrics.json").read_text())
-    except (OSError, ValueError) as exc:
-        print(f"pretrain_tta: {into}/metrics.json not readable ({exc})", file=sys.stderr)
+        if not isinstance(own.get("test_accuracy"), float):
+            raise ValueError("no test_accuracy")
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        print(f"pretrain_tta: {into}/metrics.json is not a finished run's metrics ({exc})", file=sys.stderr)
         return 2
     data = DataOptions(dataset="fer2013", data_root=args.data_root, protocol="official",
                        limit_per_class=args.limit_per_class)

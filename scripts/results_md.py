@@ -42,12 +42,18 @@ def _pct(stat: dict | None) -> str:
 BEST_PUBLISHED_FER2013 = 73.28  # single-network PrivateTest accuracy quoted in issue 4
 
 
-def _json_or_none(path: Path) -> dict | None:
+def _tta_accuracy(path: Path, one_crop: float) -> dict | None:
+    """scripts/pretrain_tta.py's figures for a run, only when they are the whole test set's and of
+    the run's own model (its one-crop figure is the run's); anything else shows as '—'."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        accuracy = value["accuracy"]
+        if value.get("limit_per_class") is not None or accuracy["none"] != one_crop:
+            return None
+        out = {mode: float(accuracy[mode]) for mode in ("flip", "tencrop")}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return None
-    return value if isinstance(value, dict) else None
+    return out if all(0 <= v <= 1 for v in out.values()) else None  # NaN fails too
 
 
 def pretraining_table(root: Path) -> list[str]:
@@ -58,9 +64,8 @@ def pretraining_table(root: Path) -> list[str]:
         cfg = run["train_config"]
         history = json.loads((path.parent / "history.json").read_text())
         best = max(history, key=lambda e: e["val_accuracy"])
-        tta = _json_or_none(path.parent / "tta.json")  # scripts/pretrain_tta.py
-        multi = (f"{tta['accuracy']['flip'] * 100:.1f} / {tta['accuracy']['tencrop'] * 100:.1f}"
-                 if tta and {"flip", "tencrop"} <= set(tta.get("accuracy", {})) else "—")
+        tta = _tta_accuracy(path.parent / "tta.json", m["test_accuracy"])
+        multi = f"{tta['flip'] * 100:.1f} / {tta['tencrop'] * 100:.1f}" if tta else "—"
         rows.append(
             f"| [{path.parent.name}]({_link(path.parent)}/report.md) | {m['backbone']} | {m['weights']} | "
             f"{m['input_size']} px | {m['epochs']} | {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']}, "

@@ -50,7 +50,8 @@ def work_root() -> Path:
     $EMOSHIELD_STUDY_WORK, else ~/.cache/emoshield/studies. Outside the checkout, so a session
     that gets the same machine back with a fresh checkout finds them and goes on mid-unit; only
     the finished units' numbers (results/) are committed."""
-    return Path(os.environ.get("EMOSHIELD_STUDY_WORK") or Path.home() / ".cache" / "emoshield" / "studies")
+    root = Path(os.environ.get("EMOSHIELD_STUDY_WORK") or Path.home() / ".cache" / "emoshield" / "studies")
+    return ROOT / root.expanduser()  # a relative path is the checkout's, as for the children (cwd=ROOT)
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,11 @@ STAGES = [
 ]
 
 
-def _json(path: Path) -> dict | None:
+def _json(path: Path):
+    """A results file's content, or None when it is missing or damaged (that stage is not done)."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -110,7 +112,7 @@ def _study_units(stage: Stage) -> int | None:
     """How many units a finished study has (None while it runs: no report yet, or a partial one
     written after each unit, which says complete false)."""
     result = _json(ROOT / stage.out / "results.json")
-    if result is None or result.get("complete") is False:
+    if not isinstance(result, dict) or result.get("complete") is False:
         return None
     return sum(len(units) for units in result.get("units", {}).values())
 
@@ -134,7 +136,8 @@ def _untested_units(stage: Stage) -> set[str]:
 
 def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     """Units the source study finished whose models are gone (an earlier session's work folder)."""
-    result = _json(ROOT / by_name[stage.source].out / "results.json") or {}
+    result = _json(ROOT / by_name[stage.source].out / "results.json")
+    result = result if isinstance(result, dict) else {}
     finished = {f"{b}-{u}" for b, units in result.get("units", {}).items() for u in units}
     finished |= {p.stem for p in (ROOT / by_name[stage.source].out / "units").glob("*.json")}
     work = stage.work_dir
@@ -147,8 +150,9 @@ def _table_done(stage: Stage) -> bool:
     AutoAttack (rows of the earlier, pre-AutoAttack runs do not count)."""
     rows = _json(ROOT / stage.out / "summary.json")
     protocols = stage.args[stage.args.index("--protocols") + 1].split(",")
-    by_protocol = {r.get("protocol"): r for r in rows if isinstance(r, dict)} if isinstance(rows, list) else {}
-    return all("autoattack@0.01" in (by_protocol.get(p) or {}).get("defended", {}) for p in protocols)
+    by_protocol = {r["protocol"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("protocol"), str)
+                   and isinstance(r.get("defended"), dict)} if isinstance(rows, list) else {}
+    return all(p in by_protocol and "autoattack@0.01" in by_protocol[p]["defended"] for p in protocols)
 
 
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
@@ -176,7 +180,11 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
         elif not ready(s, by_name):
             state = f"waits for {s.source}"
         elif s.script is not None:
-            state = "to run"
+            rows = _json(ROOT / s.out / "summary.json")
+            finished = sorted(r["protocol"] for r in rows if isinstance(r, dict) and isinstance(r.get("defended"), dict)
+                              and "autoattack@0.01" in r["defended"] and isinstance(r.get("protocol"), str)) \
+                if isinstance(rows, list) else []
+            state = f"with AutoAttack: {', '.join(finished) or 'none yet'}"
         elif s.source is None:
             units = len(list((ROOT / s.out / "units").glob("*.json")))
             state = f"{units} unit(s) finished"

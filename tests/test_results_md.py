@@ -85,6 +85,10 @@ def test_the_cloud_tier_table_shows_flip_and_ten_crop_from_pretrain_tta(results,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     argv = ["--model", "library:smallcnn-fer2013-48px", "--into", str(run_dir), "--data-root", str(data_root),
             "--limit-per-class", "60"]
+    for bad in ("[]", "not json", json.dumps({"test_accuracy": None})):  # refused before any evaluation
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "metrics.json").write_text(bad)
+        assert script.main([*argv[:2], "--into", str(tmp_path / "bad"), *argv[4:]]) == 2
     assert script.main(argv) == 2 and not (run_dir / "tta.json").exists()  # a few faces: not the run's 67.9%
     data = DataOptions(dataset="fer2013", data_root=str(data_root), protocol="official", limit_per_class=60)
     few = evaluate_model("library:smallcnn-fer2013-48px", tmp_path / "one", data)
@@ -96,13 +100,24 @@ def test_the_cloud_tier_table_shows_flip_and_ten_crop_from_pretrain_tta(results,
     assert tta["accuracy"]["none"] == one_crop and tta["num_images"] == few["num_images"]
     assert tta["limit_per_class"] == 60
     assert all(0 <= tta["accuracy"][m] <= 1 for m in ("flip", "tencrop"))
+    # a subset's figures are not the run's: the table takes only whole-test-set ones of the same model
+    assert run(results, *_args(results)).returncode == 0
+    row = next(line for line in (results / "RESULTS.md").read_text().splitlines()
+               if line.startswith("| [smallcnn-fer2013-48px-amp]"))
+    assert "| — |" in row
+    whole = {**tta, "limit_per_class": None, "accuracy": {"none": metrics["test_accuracy"], "flip": 0.6874,
+                                                          "tencrop": 0.6949}}
+    (run_dir / "tta.json").write_text(json.dumps(whole))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))  # the table's other columns as committed
     assert run(results, *_args(results)).returncode == 0
-    page = (results / "RESULTS.md").read_text()
-    cells = f"| {tta['accuracy']['flip'] * 100:.1f} / {tta['accuracy']['tencrop'] * 100:.1f} |"
-    row = next(line for line in page.splitlines() if line.startswith("| [smallcnn-fer2013-48px-amp]"))
-    assert cells in row
-    for damaged in ("not json", "[]", json.dumps({"accuracy": {"flip": 0.5}})):
+    row = next(line for line in (results / "RESULTS.md").read_text().splitlines()
+               if line.startswith("| [smallcnn-fer2013-48px-amp]"))
+    assert "| 68.7 / 69.5 |" in row
+    for damaged in ("not json", "[]", "[" * 100_000, json.dumps({"accuracy": {"flip": 0.5}}),
+                    json.dumps({**whole, "accuracy": None}), json.dumps({**whole, "accuracy": {**whole["accuracy"],
+                                                                                             "flip": "x"}}),
+                    json.dumps({**whole, "accuracy": {**whole["accuracy"], "tencrop": float("nan")}}),
+                    json.dumps({**whole, "accuracy": {**whole["accuracy"], "none": 0.5}})):  # another model
         (run_dir / "tta.json").write_text(damaged)
         assert run(results, *_args(results)).returncode == 0
         row = next(line for line in (results / "RESULTS.md").read_text().splitlines()

@@ -167,8 +167,38 @@ def test_a_defense_table_without_autoattack_rows_is_run_again(studies, capsys):
     summary.write_text(json.dumps(old_rows))  # an earlier run's table, before AutoAttack
     by_name = {s.name: s for s in module.STAGES}
     assert not module.done(by_name["defense_ckplus48"], by_name)
-    summary.write_text("not json")
-    assert not module.done(by_name["defense_ckplus48"], by_name)
+    for damaged in ("not json", "{}", "[" * 100_000, json.dumps([{"protocol": "reference", "defended": None}, {"protocol": ["x"]},
+                                                  {"protocol": "subject", "defended": "autoattack@0.01"}, 3])):
+        summary.write_text(damaged)
+        assert not module.done(by_name["defense_ckplus48"], by_name)
+        assert any(line.startswith("defense_ckplus48") for line in module.status_lines(module.STAGES, by_name))
     assert module.main(["--only", "defense_ckplus48", "--workers", "2"]) == 0
     assert [c["stage"] for c in calls(tmp)] == ["defense_ckplus48"]
     assert module.done(by_name["defense_ckplus48"], by_name)
+
+
+def test_the_defense_bench_reads_a_damaged_summary_as_no_rows_and_skips_only_matching_ones(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("defense_bench", ROOT / "bench" / "defense_ckplus48.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "summary.json"
+    for damaged in (b"", b"\xff\xfe", b"[" * 100_000, b"{}", b'[1, "x", {"protocol": 3}, {"protocol": "subject"}]'):
+        path.write_bytes(damaged)
+        assert bench._read_summary(path) == []
+    assert bench._read_summary(tmp_path / "missing.json") == []
+    model = {"backbone": "mobilenet_v2", "input_size": 64, "epochs": 50, "seed": 0, "weights": "imagenet:IMAGENET1K_V1",
+             "defense": {"attack_bn": "eval"}}
+    row = {"protocol": "reference", "model": model, "defended": {"autoattack@0.01": 0.9}, "undefended": {}}
+    path.write_text(json.dumps([row, {"protocol": "subject", "model": model, "defended": {"pgd@0.01": 0.8},
+                                      "undefended": {}}]))
+    rows = bench._read_summary(path)
+    args = argparse.Namespace(backbone="mobilenet_v2", input_size="64", epochs="50", seed="0", weights="imagenet",
+                              attack_bn="eval")
+    assert bench._finished(rows, "reference", args)
+    assert not bench._finished(rows, "subject", args)  # no AutoAttack in its row: run again
+    assert not bench._finished(rows, "prototype", args)  # no row
+    for change in ({"epochs": "10"}, {"seed": "1"}, {"weights": "scratch"}, {"attack_bn": "train"}, {"input_size": "48"}):
+        assert not bench._finished(rows, "reference", argparse.Namespace(**{**vars(args), **change})), change
