@@ -145,14 +145,18 @@ def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     return finished - here - _evaluated(stage)
 
 
-def _table_done(stage: Stage) -> bool:
-    """A defense table is done when its summary has every protocol asked for, each evaluated with
-    AutoAttack (rows of the earlier, pre-AutoAttack runs do not count)."""
+def _table_protocols_done(stage: Stage) -> set[str]:
+    """A defense table's protocols evaluated with AutoAttack (rows of the earlier, pre-AutoAttack
+    runs do not count; a damaged summary counts as none)."""
     rows = _json(ROOT / stage.out / "summary.json")
-    protocols = stage.args[stage.args.index("--protocols") + 1].split(",")
-    by_protocol = {r["protocol"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("protocol"), str)
-                   and isinstance(r.get("defended"), dict)} if isinstance(rows, list) else {}
-    return all(p in by_protocol and "autoattack@0.01" in by_protocol[p]["defended"] for p in protocols)
+    return {r["protocol"] for r in rows if isinstance(r, dict) and isinstance(r.get("protocol"), str)
+            and isinstance(r.get("defended"), dict) and "autoattack@0.01" in r["defended"]} \
+        if isinstance(rows, list) else set()
+
+
+def _table_done(stage: Stage) -> bool:
+    """Done when every protocol asked for is in the summary with AutoAttack."""
+    return set(stage.args[stage.args.index("--protocols") + 1].split(",")) <= _table_protocols_done(stage)
 
 
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
@@ -180,11 +184,7 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
         elif not ready(s, by_name):
             state = f"waits for {s.source}"
         elif s.script is not None:
-            rows = _json(ROOT / s.out / "summary.json")
-            finished = sorted(r["protocol"] for r in rows if isinstance(r, dict) and isinstance(r.get("defended"), dict)
-                              and "autoattack@0.01" in r["defended"] and isinstance(r.get("protocol"), str)) \
-                if isinstance(rows, list) else []
-            state = f"with AutoAttack: {', '.join(finished) or 'none yet'}"
+            state = f"with AutoAttack: {', '.join(sorted(_table_protocols_done(s))) or 'none yet'}"
         elif s.source is None:
             units = len(list((ROOT / s.out / "units").glob("*.json")))
             state = f"{units} unit(s) finished"

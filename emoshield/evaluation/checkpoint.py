@@ -22,12 +22,13 @@ import json
 import math
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..paths import write_atomic
 
 FORMAT = "emoshield.attack-checkpoint/1"
 MAX_ENTRY_BYTES = 1 << 20  # a batch's bits and a few counts: kilobytes; anything bigger is not ours
@@ -120,16 +121,10 @@ class AttackCheckpoint:
             return
         entry = {"format": FORMAT, "name": name, "correct": "".join("1" if c else "0" for c in correct.tolist()),
                  "state": state, "seconds": seconds}
-        tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".entry-", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(entry))
-            os.replace(tmp, self._path(name))
+            write_atomic(self._path(name), json.dumps(entry).encode())  # removes its temporary file on failure
         except OSError as e:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             if e.errno in WRITES_IMPOSSIBLE:
                 self.writable = False
                 self.log(f"attack checkpoints off ({e.strerror or e}): this evaluation will not resume if stopped")
