@@ -459,6 +459,55 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
     return result
 
 
+def recheck_masking(out_dir: Path, model_dir: Path, baseline_dir: Path | None = None,
+                    data: DataOptions | None = None, log=None) -> list[str]:
+    """Add the APGD-CE follow-up of the eps sweep (emoshield.evaluation.robustness.sweep_followup)
+    to a robustness.json made before it existed, without re-running its attacks: its flags are
+    recomputed and report.md re-rendered. The model(s) must give the stored clean accuracy on the
+    images they are loaded with, else the evaluation was of other images and this refuses.
+    Returns a line per report that changed."""
+    from .attacks.registry import correct_under
+    from .data.images import to_model_input
+    from .evaluation.robustness import result_flags, sweep_followup
+    from .models.tta import with_tta
+
+    out_dir = Path(out_dir)
+    path = out_dir / "robustness.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EmoshieldError(f"{path}: not a readable robustness report ({error})") from None
+    changed = []
+    for key, folder in (("robustness", model_dir), ("baseline_robustness", baseline_dir)):
+        report = result.get(key)
+        if report is None or folder is None or "sweep_apgd" in report.get("masking_checks", {}):
+            continue
+        before = dict(report, masking_checks=dict(report.get("masking_checks", {})))
+        model, records, root, _ = model_test_data(folder, data)
+        model = with_tta(model, result["model"].get("tta", "none")).eval()
+        test, _ = _decode_for(model, records, root, report["classes"])
+        clean = correct_under(model, to_model_input(test.pixels), test.labels, None, 128).float().mean().item()
+        if len(test.labels) != report["num_images"] or abs(clean - report["clean_accuracy"]) > 1e-6:
+            raise EmoshieldError(f"{folder} gives {clean:.2%} clean on {len(test.labels)} images, the report says "
+                                 f"{report['clean_accuracy']:.2%} on {report['num_images']}: not the images it "
+                                 "was evaluated on (pass the dataset options it used)")
+        settings = report["settings"]
+        sweep_followup(model, to_model_input(test.pixels), test.labels, report, settings["apgd_steps"],
+                       settings["seed"], progress=log)
+        if "sweep_apgd" not in report.get("masking_checks", {}):
+            continue
+        model_flags = [f for f in report["sanity_flags"] if f not in result_flags(before)]
+        report["sanity_flags"] = model_flags + result_flags(report)
+        changed.append(f"{key}: APGD-CE at eps {next(iter(report['masking_checks']['sweep_apgd']))}: "
+                       f"{next(iter(report['masking_checks']['sweep_apgd'].values())):.2%}")
+    if changed:
+        from .paths import write_atomic
+
+        write_atomic(path, json.dumps(result, indent=1, default=str).encode())
+        write_robustness_outputs(out_dir, result)
+    return changed
+
+
 def write_robustness_outputs(out_dir: Path, result: dict) -> None:
     """report.md and the PNG plots of a robustness.json's content (re-renderable from the JSON alone)."""
     from .evaluation.report import robustness_markdown

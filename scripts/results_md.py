@@ -156,9 +156,11 @@ def masking_table(studies: list[dict]) -> list[str]:
             white = _mean([u["defended"].get("pgd@0.01") for u in units.values()])
             square_found = sum(1 for u in units.values() for eps in u.get("autoattack", {}).get("defended", {}).values()
                                if (st := eps.get("stages") or {}).get("square", 1) < st.get("fab-t", 1) - 1e-9)
+            followup = [c["sweep_apgd"]["0.1"] for c in checks if "0.1" in c.get("sweep_apgd", {})]
+            apgd = f"{_f(_mean(followup))} ({len(followup)} of {len(units)})" if followup else "not needed"
             flags = sorted({f for u in units.values() for f in u.get("sanity_flags", [])})
             rows.append(f"| {_study_name(r)} | {backbone} | {len(units)} | {_f(sweep['0.03'])} | {_f(sweep['0.05'])} | "
-                        f"{_f(sweep['0.1'])} | {_f(transfer)} vs {_f(white)} | {square_found} | "
+                        f"{_f(sweep['0.1'])} | {apgd} | {_f(transfer)} vs {_f(white)} | {square_found} | "
                         f"{'; '.join(flags) or 'none'} |")
     if not rows:
         return []
@@ -166,9 +168,12 @@ def masking_table(studies: list[dict]) -> list[str]:
             "Defended models, mean over units, accuracy in %. PGD-10 must reach ~0 as eps grows; PGD-10 transferred "
             "from the undefended twin at eps 0.01 must not beat white-box PGD-10; Square (5000 queries, "
             "gradient-free) must not find what APGD-CE, APGD-T and FAB-T missed (count of unit x eps where it did). "
+            "Where PGD-10's fixed step leaves more than 10% at eps 0.1, APGD-CE-50 (adaptive step) is run there "
+            "(mean over those units); only both staying above 10% raises the masking flag. "
             "Sanity flags: the evaluator's own checks (training mode, accuracy rising with eps, ...).", "",
-            "| study | backbone | units | PGD eps 0.03 | PGD eps 0.05 | PGD eps 0.1 | transfer vs white-box PGD (0.01) "
-            "| Square found more | sanity flags |", "|---|---|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
+            "| study | backbone | units | PGD eps 0.03 | PGD eps 0.05 | PGD eps 0.1 | APGD-CE eps 0.1 (units) "
+            "| transfer vs white-box PGD (0.01) | Square found more | sanity flags |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
 
 
 def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) -> list[str]:

@@ -133,18 +133,21 @@ def test_a_checkpoint_keeps_the_grad_scaler_state(tmp_path):
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() != 1024.0
 
 
+class Rounding(torch.nn.Module):
+    """Rounds its input: zero input gradients everywhere, a masked model by construction."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+
+    def forward(self, x):
+        return self.net(torch.round(x * 8) / 8)
+
+
 def test_square_breaking_what_gradients_cannot_is_flagged_as_gradient_masking():
     """A model that rounds its input has zero input gradients: APGD is stuck, Square is not."""
     from emoshield.evaluation.robustness import robustness_report
-
-    class Rounding(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
-
-        def forward(self, x):
-            return self.net(torch.round(x * 8) / 8)
 
     model = Rounding().eval()
     pixels = torch.randint(0, 256, (32, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -155,6 +158,49 @@ def test_square_breaking_what_gradients_cannot_is_flagged_as_gradient_masking():
     assert report["attacks"]["apgd"]["0.1"]["accuracy"] > report["attacks"]["square"]["0.1"]["accuracy"] + 0.2
     assert any("gradient-free Square" in f and "masked" in f for f in report["sanity_flags"])
     assert any("exactly zero" in f for f in report["sanity_flags"])
+
+
+def test_the_sweep_flag_needs_apgd_to_stay_up_too():
+    """PGD's fixed step can stall at large eps on a model APGD breaks: no masking flag then."""
+    from emoshield.evaluation.robustness import result_flags
+
+    def report(**checks):
+        return {"masking_checks": {"sweep": {"0.03": 0.5, "0.1": 0.3}, **checks}, "attacks": {},
+                "clean_accuracy": 1.0, "num_images": 10}
+
+    def sweep_flags(r):
+        return [f for f in result_flags(r) if f.startswith("PGD leaves")]
+
+    assert sweep_flags(report()) == ["PGD leaves 30.0% accuracy at eps 0.1: accuracy must reach ~0 as eps grows; "
+                                     "the gradients may be masked"]
+    assert sweep_flags(report(sweep_apgd={"0.1": 0.01})) == []
+    assert sweep_flags(report(sweep_apgd={"0.1": 0.2})) == [
+        "PGD leaves 30.0% accuracy at eps 0.1 and APGD-CE 20.0%: accuracy must reach ~0 as eps grows; "
+        "the gradients may be masked"]
+    assert sweep_flags({**report(), "masking_checks": {"sweep": {"0.1": 0.05}}}) == []
+
+
+def test_apgd_follows_a_sweep_that_stays_up_and_only_then(five_classes):
+    """Zero input gradients: PGD and APGD both stay at 100%, flagged with both figures; a model whose
+    sweep reaches the floor gets no follow-up run."""
+    from emoshield.evaluation.robustness import robustness_report
+
+    model = Rounding().eval()
+    pixels = torch.randint(0, 256, (16, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(pixels.float() / 255).argmax(1)
+    report = robustness_report(model, pixels, labels, list("abcd"), ["fgsm"], [0.01], apgd_steps=5, pgd_steps=3,
+                               masking_sweep=(0.05, 0.1))
+    pgd, apgd = report["masking_checks"]["sweep"]["0.1"], report["masking_checks"]["sweep_apgd"]["0.1"]
+    assert pgd > 0.5 and apgd > 0.5  # PGD's random start moves a few; no gradient to follow from there
+    assert f"PGD leaves {pgd:.1%} accuracy at eps 0.1 and APGD-CE {apgd:.1%}: accuracy must reach ~0" in \
+        " ".join(report["sanity_flags"])
+
+    model, x, y = five_classes
+    pixels = (x * 255).round().to(torch.uint8)
+    report = robustness_report(model, pixels, y, FIVE.split(","), ["fgsm"], [0.01], apgd_steps=5, pgd_steps=3,
+                               masking_sweep=(0.5,))
+    assert report["masking_checks"]["sweep"]["0.5"] <= 0.1 and "sweep_apgd" not in report["masking_checks"]
 
 
 def test_a_robustness_report_with_autoattack_shows_each_stage(five_classes):

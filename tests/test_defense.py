@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,7 @@ def test_defense_cli_end_to_end(tmp_path, data_root):
     assert "%)" in report and ("↑" in report or "↓" in report or "=" in report)
     for png in ("accuracy_vs_eps.png", "accuracy_bars.png", "per_class_boxes.png", "confusion_matrix.png"):
         assert (out / png).stat().st_size > 1000, png
+    _recheck_an_old_report_whose_sweep_stayed_up(out, tmp_path / "def", tmp_path / "plain")
 
     sweep = tmp_path / "sweep"
     run("sweep", "--model", tmp_path / "def", "--attack", "fgsm", "--eps", "0:0.02:0.01", "--out", sweep)
@@ -170,3 +172,47 @@ def test_bad_defense_cli_fails_before_any_work(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "emoshield: error: defense weights must sum to 1, got 1.1 ({'fgsm': 0.5, 'rfgsm': 0.6})")
     assert not (tmp_path / "o").exists()
+
+
+def _recheck_an_old_report_whose_sweep_stayed_up(out, model, baseline):
+    """scripts/recheck_masking.py on a report as the code before the APGD follow-up wrote it, with
+    PGD's sweep stuck at 50% at eps 0.1: APGD-CE is run there on the real model, the flag goes
+    only if it reaches the floor, nothing else changes; other images are refused."""
+    import subprocess
+    import sys
+
+    from emoshield.evaluation.robustness import MASKING_FLOOR, result_flags
+
+    path = out / "robustness.json"
+    result = json.loads(path.read_text())
+    rob = result["robustness"]
+    in_run = rob["masking_checks"].pop("sweep_apgd", None)  # what this run's own follow-up found, if it ran one
+    rob["sanity_flags"] = [f for f in rob["sanity_flags"] if not f.startswith("PGD leaves")]
+    rob["masking_checks"]["sweep"]["0.1"] = 0.5
+    old_flag = [f for f in result_flags(rob) if f.startswith("PGD leaves 50.0%")]
+    assert old_flag and "APGD-CE" not in old_flag[0]
+    rob["sanity_flags"] = old_flag + rob["sanity_flags"]
+    untouched = {k: v for k, v in rob.items() if k not in ("masking_checks", "sanity_flags")}
+    path.write_text(json.dumps(result))
+    script = [sys.executable, "scripts/recheck_masking.py", "--out", str(out), "--model", str(model),
+              "--baseline", str(baseline)]
+    done = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    rechecked = json.loads(path.read_text())["robustness"]
+    apgd = rechecked["masking_checks"]["sweep_apgd"]["0.1"]
+    assert in_run is None or in_run == {"0.1": apgd}  # the same APGD-CE (seeded) as the evaluation's own
+    sweep_flags = [f for f in rechecked["sanity_flags"] if f.startswith("PGD leaves")]
+    assert sweep_flags == ([f"PGD leaves 50.0% accuracy at eps 0.1 and APGD-CE {apgd:.1%}: accuracy must reach ~0 as "
+                            "eps grows; the gradients may be masked"] if apgd > MASKING_FLOOR else [])
+    assert {k: v for k, v in rechecked.items() if k not in ("masking_checks", "sanity_flags")} == untouched
+    assert "baseline_robustness: " not in done.stdout  # its sweep reached the floor: nothing run there
+    assert "APGD-CE (adaptive step)" in (out / "report.md").read_text()
+    again = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert again.returncode == 0 and "nothing to add" in again.stdout
+    result = json.loads(path.read_text())  # a report of other images: refused, the file untouched
+    del result["robustness"]["masking_checks"]["sweep_apgd"]
+    result["robustness"]["clean_accuracy"] = 0.123
+    path.write_text(json.dumps(result))
+    refused = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "not the images" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and json.loads(path.read_text()) == result

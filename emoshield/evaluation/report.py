@@ -155,6 +155,9 @@ def robustness_markdown(report: dict, meta: dict, comparison: dict | None = None
         if checks.get("sweep"):
             lines += ["PGD accuracy as eps grows (must reach ~0): "
                       + ", ".join(f"eps {e}: {_pct(a)}" for e, a in checks["sweep"].items()), ""]
+        if checks.get("sweep_apgd"):
+            lines += ["PGD's fixed step stayed above the floor there, so APGD-CE (adaptive step) was run at that eps: "
+                      + ", ".join(f"eps {e}: {_pct(a)}" for e, a in checks["sweep_apgd"].items()), ""]
         if checks.get("transfer"):
             lines += ["PGD made on the baseline, transferred to this model (must not beat white-box PGD): "
                       + ", ".join(f"eps {e}: {_pct(v['accuracy'])}" for e, v in checks["transfer"].items()), ""]

@@ -67,9 +67,11 @@ def result_flags(report: dict) -> list[str]:
     sweep = report.get("masking_checks", {}).get("sweep", {})
     if sweep:
         largest = max(sweep, key=float)
-        if sweep[largest] > MASKING_FLOOR:
-            flags.append(f"PGD leaves {sweep[largest]:.1%} accuracy at eps {largest}: accuracy must reach ~0 as eps "
-                         "grows; the gradients may be masked")
+        stronger = report["masking_checks"].get("sweep_apgd", {}).get(largest)
+        if sweep[largest] > MASKING_FLOOR and (stronger is None or stronger > MASKING_FLOOR):
+            flags.append(f"PGD leaves {sweep[largest]:.1%} accuracy at eps {largest}"
+                         + ("" if stronger is None else f" and APGD-CE {stronger:.1%}")
+                         + ": accuracy must reach ~0 as eps grows; the gradients may be masked")
     flags += transfer_flags(report)
     attacks, clean = report["attacks"], report["clean_accuracy"]
     for name, by_eps in attacks.items():
@@ -102,6 +104,27 @@ def result_flags(report: dict) -> list[str]:
             flags.append(f"gradient-free Square ({entry['accuracy']:.1%}) is stronger than every gradient attack "
                          f"({min(gradient):.1%}) at eps {e}: the gradients may be masked")
     return flags
+
+
+def sweep_followup(model, x: torch.Tensor, labels: torch.Tensor, report: dict, apgd_steps: int = 50,
+                   seed: int = 0, batch_size: int = 128, checkpoint: AttackCheckpoint | None = None,
+                   progress=None) -> None:
+    """When PGD leaves accuracy above the floor at the sweep's largest eps, run APGD-CE there too
+    (masking_checks.sweep_apgd). PGD's fixed step (2.5 eps / steps) can stall at large eps on a
+    model whose gradients are fine; APGD adapts its step. Carlini et al.'s checklist: try a
+    stronger attack before calling the gradients masked, so only both staying up raises the flag."""
+    sweep = report.get("masking_checks", {}).get("sweep", {})
+    if not sweep:
+        return
+    largest = max(sweep, key=float)
+    if sweep[largest] <= MASKING_FLOOR:
+        return
+    attack = make_attack("apgd", float(largest), steps=apgd_steps, restarts=1, seed=seed)
+    correct, _ = correct_under_resumable(model, x, labels, attack, batch_size, checkpoint)
+    report["masking_checks"]["sweep_apgd"] = {largest: correct.float().mean().item()}
+    if progress:
+        progress(f"masking sweep: PGD leaves {sweep[largest]:.2%} at eps {largest}; "
+                 f"APGD-CE-{apgd_steps} there: {correct.float().mean().item():.2%}")
 
 
 def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str], attacks: list[str],
@@ -179,6 +202,7 @@ def robustness_report(model, pixels: torch.Tensor, labels: torch.Tensor, classes
             attack = make_attack("pgd", eps, steps=pgd_steps, seed=seed)
             correct, _ = correct_under_resumable(model, x_all, labels, attack, batch_size, checkpoint)
             report["masking_checks"]["sweep"][f"{eps:g}"] = correct.float().mean().item()
+        sweep_followup(model, x_all, labels, report, apgd_steps, seed, batch_size, checkpoint, progress)
     if checkpoint is not None and checkpoint.resumed and progress:
         progress(f"resumed: {checkpoint.resumed} attack batch(es) taken from {checkpoint.folder}")
     report["sanity_flags"] = sanity_flags(model, x_all, labels, was_training) + result_flags(report)

@@ -266,6 +266,7 @@ def _autoattack_section(result: dict) -> list[str]:
                   "", "| backbone | " + " | ".join(f"PGD eps {e}" for e in _sweep_keys(result)) +
                   " | transfer PGD eps " + _mid_eps(result) + " | white-box PGD |",
                   "|---|" + "---:|" * (len(_sweep_keys(result)) + 2)]
+        followup = _sweep_followup_lines(result)
         mid = _mid_eps(result)
         for backbone, units in result["units"].items():
             checks = [u.get("masking_checks", {}) for u in units.values()]
@@ -275,8 +276,24 @@ def _autoattack_section(result: dict) -> list[str]:
             lines.append(f"| {backbone} | " + " | ".join("n/a" if v is None else f"{v * 100:.1f}" for v in sweep) +
                          f" | {'n/a' if transfer is None else f'{transfer * 100:.1f}'} | "
                          f"{'n/a' if white is None else f'{white * 100:.1f}'} |")
-        lines.append("")
+        lines += [""] + followup
     return lines
+
+
+def _sweep_followup_lines(result: dict) -> list[str]:
+    """The units where PGD's fixed step stayed above the floor at the sweep's largest eps, with
+    what APGD-CE (adaptive step) left there: tells a weak attack from masked gradients."""
+    rows = [f"{backbone} {name}: PGD {u['masking_checks']['sweep'][eps] * 100:.1f}%, APGD-CE {acc * 100:.1f}% "
+            f"at eps {eps}"
+            for backbone, units in result["units"].items() for name, u in units.items()
+            for eps, acc in u.get("masking_checks", {}).get("sweep_apgd", {}).items()]
+    if not rows:
+        return []
+    from .robustness import MASKING_FLOOR
+
+    return [f"Where PGD's fixed step left more than {MASKING_FLOOR:.0%} at the sweep's largest eps, APGD-CE was "
+            f"run there (the flag is raised only if it stays above {MASKING_FLOOR:.0%} too): " + "; ".join(rows) + ".",
+            ""]
 
 
 def _sweep_keys(result: dict) -> list[str]:
