@@ -11,10 +11,13 @@ SmallCNN from scratch, 48 px, batch 64, SGD lr 0.02 momentum 0.9, weight decay 5
 says which ran). Each variant is one `emoshield cloud pretrain` run in WORK/NAME: re-running the
 same command resumes the interrupted one and skips finished ones, so the set can span sessions
 (about an hour per 30-epoch SmallCNN variant on 2 CPU cores; wider/deeper nets and 2x schedules
-cost more). A run made with other epochs or data than asked is refused, not mixed in.
+cost more). A run made with other epochs or data than asked is refused, not mixed in. Several
+processes may run the same command side by side (scripts/studies.py's workers do): each variant
+is trained by one of them (lock file WORK/NAME.lock), the others move on to the next.
 
 Writes OUT/levers.json (every run's settings, per-epoch history and figures), OUT/levers.md (the
-ablation table) and OUT/levers.png (PublicTest accuracy per epoch)."""
+ablation table) and OUT/levers.png (PublicTest accuracy per epoch) after every finished variant:
+while some are still training, levers.json says complete false and names them under pending."""
 
 from __future__ import annotations
 
@@ -63,8 +66,13 @@ def _flag(args: list[str], name: str) -> str:
     return args[len(args) - 1 - args[::-1].index(name) + 1]
 
 
-def run_variant(name: str, args: argparse.Namespace) -> dict:
-    """Train (or resume, or reuse) one variant; its row of the table."""
+def _finished(name: str, args: argparse.Namespace) -> bool:
+    return (Path(args.work) / name / "metrics.json").is_file() and \
+        (Path(args.work) / "library" / f"lever-{name}").is_dir()
+
+
+def train_variant(name: str, args: argparse.Namespace) -> None:
+    """Train (or resume) one variant unless it is finished; refuses a run of other epochs or data."""
     work = Path(args.work) / name
     flags = variant_args(name, args.epochs)
     command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *flags, "--name", f"lever-{name}",
@@ -80,10 +88,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         had = {"epochs": run["train_config"]["epochs"], "limit_per_class": run["data_options"].get("limit_per_class")}
         if had != asked:
             raise SystemExit(f"{work} was trained with {had}, not {asked}: pass another --work or delete it")
-    if not (work / "metrics.json").is_file() or not (Path(args.work) / "library" / f"lever-{name}").is_dir():
+    if not _finished(name, args):
         print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
         with open(Path(args.work) / f"{name}.log", "a") as log:
             subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def variant_row(name: str, args: argparse.Namespace) -> dict:
+    """A finished variant's row of the table, read from its training folder."""
+    work = Path(args.work) / name
     metrics = json.loads((work / "metrics.json").read_text())
     run = json.loads((work / "run.json").read_text())
     history = json.loads((work / "history.json").read_text())
@@ -91,7 +104,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
     model = load_model(work)
     parameters = sum(p.numel() for p in model.parameters())
-    return {"name": name, "change": LEVERS[name][0], "flags": flags, "backbone": run["backbone"],
+    return {"name": name, "change": LEVERS[name][0], "flags": variant_args(name, args.epochs), "backbone": run["backbone"],
             "parameters": parameters, "epochs": run["train_config"]["epochs"], "seed": run["train_config"]["seed"],
             "train_config": run["train_config"], "counts": run["counts"], "device": run.get("device"),
             "precision": metrics.get("precision", "not recorded"),
@@ -103,7 +116,29 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             "git_commit": metrics.get("git_commit")}
 
 
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+def write_outputs(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """levers.json/.md/.png of every asked variant finished so far (by this process or another),
+    under one lock: the last writer sees every variant finished before it wrote. 'complete' says
+    whether any is still to train (its name under 'pending')."""
+    from emoshield.paths import write_atomic
+    from emoshield.reproduce import report_lock
+
+    with report_lock(Path(args.work)):
+        rows = [variant_row(n, args) for n in names if _finished(n, args)]
+        if not rows:
+            return rows
+        pending = [n for n in names if not _finished(n, args)]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "levers.json", json.dumps(
+            {"epochs": args.epochs, "limit_per_class": args.limit_per_class, "complete": not pending,
+             "pending": pending, "baseline_flags": BASELINE, "runs": rows}, indent=1).encode())
+        write_atomic(out / "levers.md", markdown(rows, args, pending).encode())
+        plot(rows, out / "levers.png")
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()) -> str:
     base = next((r for r in rows if r["name"] == "baseline"), None)
     counts = rows[0]["counts"]
     lines = ["# The cloud tier's levers on FER2013, one at a time", "",
@@ -122,6 +157,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | **{100 * r['private_test']:.1f}** | "
                      f"{delta} | {100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
                      f"{r['precision']} | {r['device']} |")
+    if pending:
+        lines += ["", f"Still training (re-run the command to go on): {', '.join(pending)}."]
     lines += ["", "s/epoch: wall seconds per epoch of each run; the runs do not share a process, so compare them "
               "only roughly (shared machines drift). One seed: differences under ~0.8 points (the standard error "
               "of a 3,589-image accuracy near 68%) are noise.", ""]
@@ -165,23 +202,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in names:
-        try:
-            rows.append(run_variant(name, args))
-        except subprocess.CalledProcessError as exc:
-            print(f"{name}: the training failed (exit {exc.returncode}); see {Path(args.work) / (name + '.log')}",
-                  file=sys.stderr)
-            return 1
-        print(f"{name}: PrivateTest {100 * rows[-1]['private_test']:.1f}% (best epoch {rows[-1]['best_epoch']})",
-              flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(json.dumps({"epochs": args.epochs, "limit_per_class": args.limit_per_class,
-                                                 "baseline_flags": BASELINE, "runs": rows}, indent=1))
-    (out / "levers.md").write_text(markdown(rows, args))
-    plot(rows, out / "levers.png")
-    print(f"wrote {out / 'levers.md'}, {out / 'levers.json'}, {out / 'levers.png'}")
+    from emoshield.reproduce import step_lock
+
+    busy = []
+    for name in names:  # one process per variant (lock WORK/NAME.lock): several workers share the set
+        with step_lock(Path(args.work) / name) as mine:
+            if not mine:
+                busy.append(name)
+                print(f"{name}: training in another process", flush=True)
+                continue
+            try:
+                train_variant(name, args)
+            except subprocess.CalledProcessError as exc:
+                print(f"{name}: the training failed (exit {exc.returncode}); see "
+                      f"{Path(args.work) / (name + '.log')}", file=sys.stderr)
+                return 1
+        row = variant_row(name, args)
+        print(f"{name}: PrivateTest {100 * row['private_test']:.1f}% (best epoch {row['best_epoch']})", flush=True)
+        write_outputs(names, args)  # the table grows variant by variant
+    rows = write_outputs(names, args)
+    if rows:
+        print(f"wrote {Path(args.out) / 'levers.md'}, levers.json, levers.png ({len(rows)} of {len(names)} levers)")
+    if busy:
+        print(f"left to other processes: {', '.join(busy)}; re-run when they are done for the whole table")
     return 0
 
 

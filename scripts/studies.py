@@ -6,7 +6,8 @@ that resumes where it stopped when re-run.
 Stages (in order; see STAGES): the CK+48 subject study (5 folds), the cross-dataset table CK+48
 -> JAFFE, the JAFFE subject study, JAFFE -> CK+48, README's undefended-vs-defended table
 (bench/defense_ckplus48.py, three protocols, with AutoAttack), the CK+48 reference study (2
-seeds). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
+seeds), then issue 18's lever ablation on FER2013 (bench/cloud_levers.py, 30 epochs per lever,
+its levers shared between workers). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
 folder under work_root() (~/.cache/emoshield/studies: outside the checkout, see there) and its
 results under results/. Several workers share one study through its step
 locks (one process per training or evaluation step): a worker with nothing left to take in one
@@ -62,6 +63,7 @@ class Stage:
     work: str  # its work folder's name under work_root() (a cross-dataset stage: its source study's)
     source: str | None = None  # cross-dataset: the study stage whose models it tests
     script: str | None = None  # a bench script (relative to ROOT) instead of `emoshield`
+    shared: bool = False  # a bench script with its own step locks: several workers may run it at once
 
     @property
     def work_dir(self) -> Path:
@@ -87,6 +89,13 @@ def defense_table(name: str, protocols: str) -> Stage:
     return Stage(name, ("--protocols", protocols), f"results/{name}", name, script="bench/defense_ckplus48.py")
 
 
+def levers(name: str, epochs: int) -> Stage:
+    """The cloud tier's lever ablation on FER2013 (issue 18, bench/cloud_levers.py): one training
+    per lever, each taken by one worker (the bench's own variant locks)."""
+    return Stage(name, ("--epochs", str(epochs)), f"results/{name}", name, script="bench/cloud_levers.py",
+                 shared=True)
+
+
 STAGES = [
     study("ckplus48-subject-v2", "--dataset", "ckplus48", "--protocol", "subject"),
     cross("ckplus48-jaffe", "ckplus48-subject-v2", "jaffe"),
@@ -97,6 +106,8 @@ STAGES = [
     # 264 faces that stay robust), so a session that starts this stage late still commits units
     study("ckplus48-reference-v2", "--dataset", "ckplus48", "--protocol", "reference", "--seeds", "0,1",
           backbones="mobilenet_v2,smallcnn"),
+    # issue 18: what each lever of the FER2013 recipe is worth, before the long backbone run
+    levers("cloud_levers", 30),
 ]
 
 
@@ -159,7 +170,22 @@ def _table_done(stage: Stage) -> bool:
     return set(stage.args[stage.args.index("--protocols") + 1].split(",")) <= _table_protocols_done(stage)
 
 
+def _levers(stage: Stage) -> dict:
+    """A lever ablation's levers.json when it is of this stage's epochs on the full data, else {}."""
+    result = _json(ROOT / stage.out / "levers.json")
+    epochs = int(stage.args[stage.args.index("--epochs") + 1])
+    ok = isinstance(result, dict) and result.get("epochs") == epochs and result.get("limit_per_class") is None \
+        and isinstance(result.get("runs"), list)
+    return result if ok else {}
+
+
+def _levers_done(stage: Stage) -> bool:
+    return _levers(stage).get("complete") is True
+
+
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
+    if stage.script == "bench/cloud_levers.py":
+        return _levers_done(stage)
     if stage.script is not None:
         return _table_done(stage)
     if stage.source is None:
@@ -183,6 +209,9 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state = "done"
         elif not ready(s, by_name):
             state = f"waits for {s.source}"
+        elif s.script == "bench/cloud_levers.py":
+            runs = [r.get("name") for r in _levers(s).get("runs", []) if isinstance(r, dict)]
+            state = f"{len(runs)} lever(s) trained" + (f": {', '.join(map(str, runs))}" if runs else "")
         elif s.script is not None:
             state = f"with AutoAttack: {', '.join(sorted(_table_protocols_done(s))) or 'none yet'}"
         elif s.source is None:
@@ -251,7 +280,7 @@ class Workers:
                 if self.stopping.is_set():
                     return
                 with self.lock:
-                    if stage.script is not None and stage.name in self.running:
+                    if stage.script is not None and not stage.shared and stage.name in self.running:
                         continue
                     self.running.add(stage.name)
                 self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")

@@ -63,6 +63,35 @@ rows = [{"protocol": p, "defended": {"autoattack@0.01": 0.5}} for p in args[args
 """
 
 
+FAKE_LEVERS = """import json, os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+out, work = Path(args[args.index("--out") + 1]), Path(args[args.index("--work") + 1])
+work.mkdir(parents=True, exist_ok=True)
+seen = Path(os.environ["FAKE_LOG"] + ".levers-" + str(os.getpid()))
+seen.touch()
+trained = []
+for lever in ("a", "b"):  # like bench/cloud_levers.py: one process per lever, the others move on
+    try:
+        os.close(os.open(work / (lever + ".lock"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        continue
+    if not (work / lever).exists():
+        deadline = time.time() + 5  # the first lever waits (a while) for a second worker to join
+        while lever == "a" and time.time() < deadline and len(list(seen.parent.glob(seen.name.split("-")[0] + "-*"))) < 2:
+            time.sleep(0.05)
+        (work / lever).touch()
+        trained.append(lever)
+    os.unlink(work / (lever + ".lock"))
+done = [lever for lever in ("a", "b") if (work / lever).exists()]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "trained": trained}) + "\\n")
+out.mkdir(parents=True, exist_ok=True)
+(out / "levers.json").write_text(json.dumps({"epochs": int(args[args.index("--epochs") + 1]), "limit_per_class": None,
+                                             "complete": len(done) == 2, "runs": [{"name": n} for n in done]}))
+"""
+
+
 @pytest.fixture
 def studies(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("studies_under_test", ROOT / "scripts" / "studies.py")
@@ -74,6 +103,7 @@ def studies(tmp_path, monkeypatch):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "defense_ckplus48.py").write_text(FAKE_BENCH)
+    (tmp_path / "bench" / "cloud_levers.py").write_text(FAKE_LEVERS)
     results_md = tmp_path / "results_md.py"
     results_md.write_text("from pathlib import Path\nwith open('RESULTS.md', 'a') as f:\n    f.write('regenerated\\n')\n")
     monkeypatch.setattr(module, "ROOT", tmp_path)
@@ -202,3 +232,27 @@ def test_the_defense_bench_reads_a_damaged_summary_as_no_rows_and_skips_only_mat
     assert not bench._finished(rows, "prototype", args)  # no row
     for change in ({"epochs": "10"}, {"seed": "1"}, {"weights": "scratch"}, {"attack_bn": "train"}, {"input_size": "48"}):
         assert not bench._finished(rows, "reference", argparse.Namespace(**{**vars(args), **change})), change
+
+
+def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete(studies, capsys):
+    module, tmp = studies
+    by_name = {s.name: s for s in module.STAGES}
+    stage = by_name["cloud_levers"]
+    levers = tmp / "results/cloud_levers/levers.json"
+    levers.parent.mkdir(parents=True)
+    for partial in ('{"epochs": 30, "limit_per_class": null, "complete": false, "runs": [{"name": "a"}]}',
+                    '{"epochs": 10, "limit_per_class": null, "complete": true, "runs": []}',  # other epochs
+                    '{"epochs": 30, "limit_per_class": 6, "complete": true, "runs": []}',  # a quick slice
+                    "[" * 100_000, "not json", '{"epochs": 30, "complete": true, "runs": 3}'):
+        levers.write_text(partial)
+        assert not module.done(stage, by_name), partial
+    levers.write_text('{"epochs": 30, "limit_per_class": null, "complete": false, "runs": [{"name": "a"}, 7]}')
+    line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("cloud_levers"))
+    assert "1 lever(s) trained: a " in line
+    levers.unlink()
+    assert module.main(["--only", "cloud_levers", "--workers", "2", "--threads", "1"]) == 0
+    runs = [c for c in calls(tmp) if c["stage"] == "cloud_levers"]
+    # both workers ran the bench at once, each trained one lever (the first waited for the second)
+    assert sorted(lever for c in runs for lever in c["trained"]) == ["a", "b"]
+    assert all(len(c["trained"]) <= 1 for c in runs) and len(runs) >= 2
+    assert module.done(stage, by_name) and json.loads(levers.read_text())["complete"] is True

@@ -221,9 +221,26 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     bench = [sys.executable, str(ROOT / "bench" / "cloud_levers.py"), "--data-root", str(data_root), "--epochs", "1",
              "--limit-per-class", "6", "--only", "baseline,cutmix", "--work", str(tmp_path / "work"),
              "--out", str(tmp_path / "out"), "--device", "cpu"]
-    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    (tmp_path / "work").mkdir()
+    holder = subprocess.Popen(["sleep", "120"])  # another live process holds cutmix's training
+    (tmp_path / "work" / "cutmix.lock").write_text(str(holder.pid))
+    try:
+        proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cutmix: training in another process" in proc.stdout and "left to other processes: cutmix" in proc.stdout
+    partial = json.loads((tmp_path / "out" / "levers.json").read_text())
+    assert partial["complete"] is False and partial["pending"] == ["cutmix"]
+    assert [r["name"] for r in partial["runs"]] == ["baseline"]
+    assert "Still training (re-run the command to go on): cutmix." in (tmp_path / "out" / "levers.md").read_text()
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)  # the holder is gone: its lock is stale
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = [line.split()[1] for line in proc.stdout.splitlines() if "cloud pretrain" in line]
+    assert trained == ["cutmix:"]  # the baseline is not trained again
     result = json.loads((tmp_path / "out" / "levers.json").read_text())
+    assert result["complete"] is True and result["pending"] == []
     base, cutmix = result["runs"]
     assert base["train_config"]["mix"] == "none" and cutmix["train_config"]["mix"] == "cutmix"
     assert {k: v for k, v in base["train_config"].items() if k not in ("mix", "mix_alpha")} == {
