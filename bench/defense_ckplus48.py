@@ -82,9 +82,12 @@ def main() -> int:
                 print(f"{protocol} {variant}: trained in {time.perf_counter() - started:.0f} s", flush=True)
         out = Path(args.out) / protocol
         started = time.perf_counter()
+        # attack checkpoints beside the models (WORK), not under OUT in the checkout: a fresh checkout
+        # on the same machine resumes a stopped evaluation too
         emoshield("evaluate", "--model", str(dirs["defended"]), "--baseline", str(dirs["undefended"]),
                   "--attacks", "fgsm,rfgsm,pgd,apgd,autoattack", "--eps", "0.005,0.01,0.015",
-                  "--autoattack-eps", AUTOATTACK_EPS, "--corruptions", "all", "--out", str(out))
+                  "--autoattack-eps", AUTOATTACK_EPS, "--corruptions", "all", "--out", str(out),
+                  "--checkpoints", str(Path(args.work) / f"evaluation-{protocol}-{settings}"))
         evaluation_seconds = time.perf_counter() - started
         result = json.loads((out / "robustness.json").read_text())
         epoch_seconds = {v: [r["seconds"] for r in json.loads((d / "history.json").read_text())]

@@ -210,7 +210,8 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = evaluate_model(Path(args.model), out, _eval_data(args), robustness,
-                            Path(args.baseline) if args.baseline else None, log=log, tta=args.tta)
+                            Path(args.baseline) if args.baseline else None, log=log, tta=args.tta,
+                            checkpoint_root=Path(args.checkpoints) if args.checkpoints else None)
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"accuracy {metrics['test_accuracy']:.2%} (balanced {metrics['balanced_accuracy']:.2%}) on "
           f"{metrics['num_images']} images")
@@ -1038,6 +1039,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                                             "for eps 0.01 and RobustBench's 8/255 (default: --eps)")
     p.add_argument("--corruptions", help="camera corruptions: all or a list of " + ",".join(CORRUPTIONS))
     p.add_argument("--baseline", help="another trained model (e.g. undefended) evaluated on the same images")
+    p.add_argument("--checkpoints", help="keep the attack results batch by batch in CHECKPOINTS/partial instead of "
+                                         "OUT/partial (e.g. beside the models, outside a checkout), so a stopped "
+                                         "evaluation resumes from there; removed once the report is written")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="accuracy vs eps for one attack")
@@ -1132,7 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"emoshield: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("emoshield: interrupted (a training run continues with --resume)", file=sys.stderr)
+        print("emoshield: interrupted (a training run continues with --resume; an evaluation resumes from its "
+              "attack checkpoints when the same command runs again)", file=sys.stderr)
         return 130
     finally:
         distributed = sys.modules.get("emoshield.training.distributed")  # only if training ran

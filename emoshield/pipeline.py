@@ -407,11 +407,13 @@ class RobustnessOptions:
 
 def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = None,
                    robustness: RobustnessOptions | None = None, baseline_dir: Path | None = None,
-                   log=None, tta: str = "none") -> dict:
+                   log=None, tta: str = "none", checkpoint_root: Path | None = None) -> dict:
     """Evaluate a trained model (see model_test_data for which images). With `robustness`, also
     write robustness.json, report.md (SPEC §7 tables) and plots; with `baseline_dir`, evaluate
     that model on the same images and report the improvement over it. `tta` "flip" evaluates the
-    mean of the face and its mirror (emoshield.models.tta), attacks included, the baseline too."""
+    mean of the face and its mirror (emoshield.models.tta), attacks included, the baseline too.
+    Attack results are kept batch by batch in CHECKPOINT_ROOT/partial (default: OUT/partial), so a
+    stopped evaluation resumes; that folder is removed once the report is written."""
     from .models.tta import with_tta
 
     out_dir = Path(out_dir)
@@ -425,7 +427,7 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
                                "Evaluation", summary_name="summary.md" if robustness else "report.md")
     if robustness is None:
         return metrics
-    partial = out_dir / "partial"  # attack results batch by batch: a stopped evaluation resumes there
+    partial = Path(checkpoint_root or out_dir) / "partial"  # attack results batch by batch: a stopped evaluation resumes there
     report = _robustness(model, test, classes, robustness, log, partial)
     result = {"model": meta, "robustness": report}
     comparison, baseline_meta, baseline_report = None, None, None

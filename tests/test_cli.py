@@ -97,6 +97,30 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     attacks = json.loads((own_eps / "robustness.json").read_text())["robustness"]["attacks"]
     assert list(attacks["fgsm"]) == ["0.01"] and list(attacks["autoattack"]) == ["0.002"]
     assert not (own_eps / "partial").exists()
+    # --checkpoints: a stopped evaluation keeps its attack batches there (not under OUT) and resumes from them
+    import emoshield.evaluation.robustness as robustness_module
+
+    real, calls = robustness_module.correct_under_resumable, []
+
+    def stops_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # Ctrl-C during the second attack
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    kept, stopped = tmp_path / "kept", tmp_path / "aa-stopped"
+    command = ["evaluate", "--model", str(out), "--dataset", "jaffe", "--data-root", str(data_root), "--protocol",
+               "all", "--limit-per-class", "3", "--attacks", "fgsm,pgd", "--eps", "0.01", "--pgd-steps", "2",
+               "--out", str(stopped), "--checkpoints", str(kept)]
+    robustness_module.correct_under_resumable = stops_after_one
+    try:
+        assert main(command) == 130
+    finally:
+        robustness_module.correct_under_resumable = real
+    assert "an evaluation resumes" in capsys.readouterr().err
+    assert any((kept / "partial").iterdir()) and not (stopped / "partial").exists()
+    assert main(command) == 0
+    assert "resumed: 1 attack batch(es)" in capsys.readouterr().err and not (kept / "partial").exists()
     for bad in (["--autoattack-eps", "0.01"], ["--attacks", "fgsm", "--autoattack-eps", "0.01"],
                 ["--attacks", "autoattack", "--autoattack-eps", "nan"],
                 ["--attacks", "autoattack", "--autoattack-eps", "2"], ["--attacks", "autoattack", "--autoattack-eps", "é"]):
