@@ -202,6 +202,27 @@ def ready(stage: Stage, by_name: dict[str, Stage]) -> bool:
     return stage.source is None or bool(_untested_units(stage)) or done(by_name[stage.source], by_name)
 
 
+def evaluation_progress(stage: Stage) -> str:
+    """Where the evaluations in progress of a stage stand, from their attack checkpoints
+    (emoshield.evaluation.checkpoint: one entry per attack batch, named by attack, eps and images):
+    how many batches are kept and the newest one's name; '' when none is running."""
+    parts = []
+    for partial in sorted(stage.work_dir.glob("*/fold*-seed*/robustness/partial")) + \
+            sorted(stage.work_dir.glob("evaluation-*/partial")):
+        entries = [p for p in partial.glob("*/*.json") if p.is_file()]
+        if not entries:
+            continue
+        newest = _json(max(entries, key=lambda p: p.stat().st_mtime))
+        name = newest.get("name") if isinstance(newest, dict) and isinstance(newest.get("name"), str) else ""
+        attack, _, rest = name.partition("(")
+        fields = rest.rsplit(")", 1)[-1].split("|")  # '', 'eps=E', 'FIRST:LAST'
+        last = f"{attack} {fields[1].replace('=', ' ')} images {fields[2]}" if len(fields) == 3 else "unreadable"
+        where = partial.parent.parent if partial.parent.name == "robustness" else partial.parent
+        parts.append(f"evaluating {where.relative_to(stage.work_dir)}: {len(entries)} attack batch(es) kept, "
+                     f"last {last}")
+    return "; ".join(parts)
+
+
 def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
     lines = []
     for s in stages:
@@ -221,6 +242,8 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state = f"{len(_evaluated(s))} unit(s) evaluated, {len(_untested_units(s))} to test"
         if s.source is not None and (lost := _lost_units(s, by_name)):
             state += f"; models gone, not tested: {', '.join(sorted(lost))}"
+        if not done(s, by_name) and s.source is None and (progress := evaluation_progress(s)):
+            state += f"; {progress}"
         lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --work {s.work_dir} --out {s.out}")
     return lines
 

@@ -256,3 +256,27 @@ def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete
     assert sorted(lever for c in runs for lever in c["trained"]) == ["a", "b"]
     assert all(len(c["trained"]) <= 1 for c in runs) and len(runs) >= 2
     assert module.done(stage, by_name) and json.loads(levers.read_text())["complete"] is True
+
+
+def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
+    import os
+    import time
+
+    module, tmp = studies
+    by_name = {s.name: s for s in module.STAGES}
+    study, table = by_name["jaffe-subject-v2"], by_name["defense_ckplus48"]
+    entries = study.work_dir / "smallcnn" / "fold2-seed0" / "robustness" / "partial" / "f1"
+    entries.mkdir(parents=True)
+    for i, (name, eps, images) in enumerate((("FGSM(eps=0.01, seed=0)", "0.01", "0:128"),
+                                             ("AutoAttack(eps=0.0313725, steps=100)", "0.0313725", "128:256"))):
+        entry = entries / f"{i}.json"
+        entry.write_text(json.dumps({"name": f"{name}|eps={eps}|{images}"}))
+        os.utime(entry, (time.time() + i, time.time() + i))  # the second is the newest
+    bench = table.work_dir / "evaluation-subject-x" / "partial" / "f2"
+    bench.mkdir(parents=True)
+    (bench / "a.json").write_bytes(b"\xff not json")
+    lines = {line.split()[0]: line for line in module.status_lines(module.STAGES, by_name)}
+    assert "evaluating smallcnn/fold2-seed0: 2 attack batch(es) kept, last AutoAttack eps 0.0313725 images 128:256" \
+        in lines["jaffe-subject-v2"]
+    assert "evaluating evaluation-subject-x: 1 attack batch(es) kept, last unreadable" in lines["defense_ckplus48"]
+    assert "evaluating" not in lines["ckplus48-subject-v2"]
