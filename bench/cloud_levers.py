@@ -16,8 +16,12 @@ processes may run the same command side by side (scripts/studies.py's workers do
 is trained by one of them (lock file WORK/NAME.lock), the others move on to the next.
 
 Writes OUT/levers.json (every run's settings, per-epoch history and figures), OUT/levers.md (the
-ablation table) and OUT/levers.png (PublicTest accuracy per epoch) after every finished variant:
-while some are still training, levers.json says complete false and names them under pending."""
+ablation table) and OUT/levers.png (PublicTest accuracy per epoch) after every finished variant,
+with every lever finished in WORK (`--only` picks what this process trains, not the table's rows):
+while some are still to train, levers.json says complete false and names them under pending. The
+table's rows are results: a lever with a row is not trained again, even when its work folder is
+gone (another machine, another session), and rows are never dropped; OUT must be of the same
+epochs and data."""
 
 from __future__ import annotations
 
@@ -71,8 +75,22 @@ def _finished(name: str, args: argparse.Namespace) -> bool:
         (Path(args.work) / "library" / f"lever-{name}").is_dir()
 
 
-def train_variant(name: str, args: argparse.Namespace) -> None:
-    """Train (or resume) one variant unless it is finished; refuses a run of other epochs or data."""
+def check_settings(name: str, args: argparse.Namespace) -> None:
+    """Refuses a variant's folder made with other epochs or data than asked: resumed, it would mix
+    two runs; in the table, it would be another ablation's row."""
+    work = Path(args.work) / name
+    if (work / "run.json").is_file():
+        run = json.loads((work / "run.json").read_text())
+        asked = {"epochs": int(_flag(variant_args(name, args.epochs), "--epochs")),
+                 "limit_per_class": args.limit_per_class}
+        had = {"epochs": run["train_config"]["epochs"], "limit_per_class": run["data_options"].get("limit_per_class")}
+        if had != asked:
+            raise SystemExit(f"{work} was trained with {had}, not {asked}: pass another --work or delete it")
+
+
+def train_variant(name: str, args: argparse.Namespace) -> bool:
+    """Train (or resume) one variant unless it is finished (then False); refuses a run of other
+    epochs or data."""
     work = Path(args.work) / name
     flags = variant_args(name, args.epochs)
     command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *flags, "--name", f"lever-{name}",
@@ -82,16 +100,13 @@ def train_variant(name: str, args: argparse.Namespace) -> None:
         command += ["--data-root", args.data_root]
     if args.limit_per_class:
         command += ["--limit-per-class", str(args.limit_per_class)]
-    if (work / "run.json").is_file():  # a run of other epochs or data would resume into a mixed result
-        run = json.loads((work / "run.json").read_text())
-        asked = {"epochs": int(_flag(flags, "--epochs")), "limit_per_class": args.limit_per_class}
-        had = {"epochs": run["train_config"]["epochs"], "limit_per_class": run["data_options"].get("limit_per_class")}
-        if had != asked:
-            raise SystemExit(f"{work} was trained with {had}, not {asked}: pass another --work or delete it")
-    if not _finished(name, args):
-        print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
-        with open(Path(args.work) / f"{name}.log", "a") as log:
-            subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    check_settings(name, args)
+    if _finished(name, args):
+        return False
+    print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
+    with open(Path(args.work) / f"{name}.log", "a") as log:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return True
 
 
 def variant_row(name: str, args: argparse.Namespace) -> dict:
@@ -116,26 +131,52 @@ def variant_row(name: str, args: argparse.Namespace) -> dict:
             "git_commit": metrics.get("git_commit")}
 
 
-def write_outputs(names: list[str], args: argparse.Namespace) -> list[dict]:
-    """levers.json/.md/.png of every asked variant finished so far (by this process or another),
-    under one lock: the last writer sees every variant finished before it wrote. 'complete' says
-    whether any is still to train (its name under 'pending')."""
+def table_rows(args: argparse.Namespace) -> dict[str, dict]:
+    """The rows OUT's levers.json already has, by lever ({} when there is none or it is
+    unreadable). They are results: kept whether or not their training folders are still here (a
+    session on another machine adds the levers it trains to them). A table of other epochs or data
+    is refused, not mixed with."""
+    try:
+        table = json.loads((Path(args.out) / "levers.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(table, dict) or not isinstance(table.get("runs"), list):
+        return {}
+    made = {"epochs": table.get("epochs"), "limit_per_class": table.get("limit_per_class")}
+    asked = {"epochs": args.epochs, "limit_per_class": args.limit_per_class}
+    if made != asked:
+        raise SystemExit(f"{args.out}/levers.json is a table of {made}, not {asked}: pass another --out")
+    return {r["name"]: r for r in table["runs"] if isinstance(r, dict) and r.get("name") in LEVERS}
+
+
+def write_outputs(args: argparse.Namespace, only_if_changed: bool = False) -> list[dict]:
+    """levers.json/.md/.png: the rows OUT already has plus every lever finished in WORK (by this
+    process or another, whatever --only this one was given), under a lock in OUT, so the last
+    writer sees every variant finished before it wrote; rows are never dropped. 'complete' says
+    whether every lever has a row ('pending' names the rest). With `only_if_changed`, nothing is
+    written when WORK has no lever the table lacks (an idle worker re-runs this every minute)."""
     from emoshield.paths import write_atomic
     from emoshield.reproduce import report_lock
 
-    with report_lock(Path(args.work)):
-        rows = [variant_row(n, args) for n in names if _finished(n, args)]
-        if not rows:
-            return rows
-        pending = [n for n in names if not _finished(n, args)]
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with report_lock(out / "levers"):
+        rows = table_rows(args)
+        new = [n for n in LEVERS if _finished(n, args) and n not in rows]
+        if not rows and not new or only_if_changed and not new:
+            return []
+        for name in [n for n in LEVERS if _finished(n, args)]:  # this WORK's trainings: their rows are fresh
+            check_settings(name, args)
+            rows[name] = variant_row(name, args)
+        ordered = [rows[n] for n in LEVERS if n in rows]
+        pending = [n for n in LEVERS if n not in rows]
         write_atomic(out / "levers.json", json.dumps(
-            {"epochs": args.epochs, "limit_per_class": args.limit_per_class, "complete": not pending,
-             "pending": pending, "baseline_flags": BASELINE, "runs": rows}, indent=1).encode())
-        write_atomic(out / "levers.md", markdown(rows, args, pending).encode())
-        plot(rows, out / "levers.png")
-    return rows
+            {"epochs": args.epochs, "limit_per_class": args.limit_per_class, "levers": list(LEVERS),
+             "complete": not pending, "pending": pending, "baseline_flags": BASELINE, "runs": ordered},
+            indent=1).encode())
+        write_atomic(out / "levers.md", markdown(ordered, args, pending).encode())
+        plot(ordered, out / "levers.png")
+    return ordered
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()) -> str:
@@ -147,7 +188,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
              f"7 classes, 48 px, one crop, seed {rows[0]['seed']}, {args.epochs} epochs unless the lever changes it. "
              "Baseline = the shipped `smallcnn-fer2013-48px` recipe (SmallCNN from scratch, batch 64, SGD lr 0.02, "
              "cosine, `--augment standard`). Every other row changes one thing. Command: "
-             f"`python bench/cloud_levers.py --epochs {args.epochs}`.", "",
+             f"`python bench/cloud_levers.py --epochs {args.epochs} --work {args.work} --out {args.out}`.", "",
              "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | PrivateTest | "
              "vs baseline | balanced | s/epoch | precision | device |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -181,8 +222,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.png")  # whole files only, as levers.json
+    fig.savefig(partial, dpi=120)
     plt.close(fig)
+    os.replace(partial, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,28 +244,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown lever(s) {', '.join(unknown)}; levers: {', '.join(LEVERS)}")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    in_table = table_rows(args)  # before any training: a table of other epochs or data is refused
     Path(args.work).mkdir(parents=True, exist_ok=True)
     from emoshield.reproduce import step_lock
 
     busy = []
     for name in names:  # one process per variant (lock WORK/NAME.lock): several workers share the set
+        if name in in_table and not _finished(name, args):
+            print(f"{name}: in {args.out}/levers.json already (trained in an earlier work folder)", flush=True)
+            continue
         with step_lock(Path(args.work) / name) as mine:
             if not mine:
                 busy.append(name)
                 print(f"{name}: training in another process", flush=True)
                 continue
             try:
-                train_variant(name, args)
+                trained = train_variant(name, args)
             except subprocess.CalledProcessError as exc:
                 print(f"{name}: the training failed (exit {exc.returncode}); see "
                       f"{Path(args.work) / (name + '.log')}", file=sys.stderr)
                 return 1
         row = variant_row(name, args)
         print(f"{name}: PrivateTest {100 * row['private_test']:.1f}% (best epoch {row['best_epoch']})", flush=True)
-        write_outputs(names, args)  # the table grows variant by variant
-    rows = write_outputs(names, args)
+        if trained:
+            write_outputs(args)  # the table grows variant by variant
+    rows = write_outputs(args, only_if_changed=True)  # an idle re-run (a waiting worker) writes nothing
     if rows:
-        print(f"wrote {Path(args.out) / 'levers.md'}, levers.json, levers.png ({len(rows)} of {len(names)} levers)")
+        print(f"wrote {Path(args.out) / 'levers.md'}, levers.json, levers.png ({len(rows)} of {len(LEVERS)} levers)")
     if busy:
         print(f"left to other processes: {', '.join(busy)}; re-run when they are done for the whole table")
     return 0

@@ -457,56 +457,104 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
             report["sanity_flags"] += transfer_flags(report)
     _write_json(out_dir / "robustness.json", result)
     write_robustness_outputs(out_dir, result)
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove_checkpoints(partial, [(model, test)] + ([(base_model, base_test)] if baseline_dir is not None else []))
     return result
+
+
+def _remove_checkpoints(partial: Path, evaluated: list) -> None:
+    """Remove this evaluation's attack checkpoints (one folder per model and images), not what
+    other evaluations keep under the same root; then the root itself if nothing else is left."""
+    from .data.images import to_model_input
+    from .evaluation.checkpoint import checkpoint_folder
+
+    for model, images in evaluated:
+        shutil.rmtree(checkpoint_folder(partial, model, to_model_input(images.pixels), images.labels),
+                      ignore_errors=True)
+    try:
+        partial.rmdir()
+    except OSError:  # not empty (another evaluation's entries), or never made
+        pass
+
+
+IDENTITY = ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense", "classes", "backbone",
+            "head", "pooling", "weights", "input_size", "align")  # what names a model and its test images
+
+
+def _same_model(folder: Path, stored: dict, loaded: dict) -> None:
+    differ = [k for k in IDENTITY if stored.get(k) != loaded.get(k)]
+    if differ:
+        raise EmoshieldError(f"{folder} is not the model the report evaluated, or not on its images ("
+                             + ", ".join(f"{k}: report {stored.get(k)!r}, here {loaded.get(k)!r}" for k in differ[:3])
+                             + "); pass the model and the dataset options it was evaluated with")
 
 
 def recheck_masking(out_dir: Path, model_dir: Path, baseline_dir: Path | None = None,
                     data: DataOptions | None = None, log=None) -> list[str]:
     """Add the APGD-CE follow-up of the eps sweep (emoshield.evaluation.robustness.sweep_followup)
     to a robustness.json made before it existed, without re-running its attacks: its flags are
-    recomputed and report.md re-rendered. The model(s) must give the stored clean accuracy on the
-    images they are loaded with, else the evaluation was of other images and this refuses.
-    Returns a line per report that changed."""
+    recomputed (result flags from the numbers, model flags kept) and report.md re-rendered. Only
+    reports whose sweep stayed above the floor need it; for them the model (and baseline) must be
+    the ones the report names (training metadata), loaded on the same images the evaluation used
+    (the model's test records; the baseline decoded on those, as evaluate_model does), with the
+    same clean accuracy per class, else this refuses. Returns a line per report that changed."""
     from .attacks.registry import correct_under
     from .data.images import to_model_input
-    from .evaluation.robustness import result_flags, sweep_followup
+    from .evaluation.robustness import MASKING_FLOOR, _per_class, result_flags, sweep_followup
     from .models.tta import with_tta
+    from .provenance import git_commit
 
     out_dir = Path(out_dir)
     path = out_dir / "robustness.json"
     try:
         result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise EmoshieldError(f"{path}: not a readable robustness report ({error})") from None
+
+    def needs(report: dict | None) -> bool:
+        checks = (report or {}).get("masking_checks") or {}
+        sweep = checks.get("sweep") or {}
+        return bool(sweep) and "sweep_apgd" not in checks and sweep[max(sweep, key=float)] > MASKING_FLOOR
+
+    todo = [k for k in ("robustness", "baseline_robustness") if needs(result.get(k))]
+    if not todo:
+        return []
+    if "baseline_robustness" in todo and baseline_dir is None:
+        raise EmoshieldError(f"{path}: the baseline's sweep stayed above {MASKING_FLOOR:.0%} too; pass --baseline")
+    classes = result["robustness"]["classes"]
+    tta = result["model"].get("tta", "none")
+    model, records, root, meta = model_test_data(model_dir, data)
+    _same_model(Path(model_dir), result["model"], meta)
+    model = with_tta(model, tta).eval()
+    test, _ = _decode_for(model, records, root, classes)
+    loaded = {"robustness": (model, test)}
+    if "baseline_robustness" in todo:
+        base, _, _, base_meta = model_test_data(baseline_dir, None if data is None or data.dataset is None else data,
+                                                classes)
+        _same_model(Path(baseline_dir), result.get("baseline") or {}, base_meta)
+        base = with_tta(base, tta).eval()
+        loaded["baseline_robustness"] = (base, _decode_for(base, records, root, classes)[0])  # this model's images
     changed = []
-    for key, folder in (("robustness", model_dir), ("baseline_robustness", baseline_dir)):
-        report = result.get(key)
-        if report is None or folder is None or "sweep_apgd" in report.get("masking_checks", {}):
-            continue
-        before = dict(report, masking_checks=dict(report.get("masking_checks", {})))
-        model, records, root, _ = model_test_data(folder, data)
-        model = with_tta(model, result["model"].get("tta", "none")).eval()
-        test, _ = _decode_for(model, records, root, report["classes"])
-        clean = correct_under(model, to_model_input(test.pixels), test.labels, None, 128).float().mean().item()
-        if len(test.labels) != report["num_images"] or abs(clean - report["clean_accuracy"]) > 1e-6:
-            raise EmoshieldError(f"{folder} gives {clean:.2%} clean on {len(test.labels)} images, the report says "
-                                 f"{report['clean_accuracy']:.2%} on {report['num_images']}: not the images it "
-                                 "was evaluated on (pass the dataset options it used)")
+    for key in todo:
+        report, (net, images) = result[key], loaded[key]
+        x = to_model_input(images.pixels)
+        correct = correct_under(net, x, images.labels, None, 128)
+        if len(images.labels) != report["num_images"] or \
+                _per_class(correct, images.labels, classes) != report["per_class_accuracy"]["clean"]:
+            raise EmoshieldError(f"{key}: {correct.float().mean().item():.2%} clean on {len(images.labels)} images "
+                                 f"here, the report says {report['clean_accuracy']:.2%} on {report['num_images']} "
+                                 "(or other per-class figures): not the images it was evaluated on")
+        before = dict(report, masking_checks=dict(report["masking_checks"]))
         settings = report["settings"]
-        sweep_followup(model, to_model_input(test.pixels), test.labels, report, settings["apgd_steps"],
-                       settings["seed"], progress=log)
-        if "sweep_apgd" not in report.get("masking_checks", {}):
-            continue
+        sweep_followup(net, x, images.labels, report, settings["apgd_steps"], settings["seed"], progress=log)
+        report["masking_checks"]["sweep_apgd_by"] = git_commit()  # the attacks before it ran at evaluated_by
         model_flags = [f for f in report["sanity_flags"] if f not in result_flags(before)]
         report["sanity_flags"] = model_flags + result_flags(report)
-        changed.append(f"{key}: APGD-CE at eps {next(iter(report['masking_checks']['sweep_apgd']))}: "
-                       f"{next(iter(report['masking_checks']['sweep_apgd'].values())):.2%}")
-    if changed:
-        from .paths import write_atomic
+        eps, accuracy = next(iter(report["masking_checks"]["sweep_apgd"].items()))
+        changed.append(f"{key}: APGD-CE at eps {eps}: {accuracy:.2%}")
+    from .paths import write_atomic
 
-        write_atomic(path, json.dumps(result, indent=1, default=str).encode())
-        write_robustness_outputs(out_dir, result)
+    write_atomic(path, json.dumps(result, indent=1, default=str).encode())
+    write_robustness_outputs(out_dir, result)
     return changed
 
 

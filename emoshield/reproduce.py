@@ -363,7 +363,7 @@ class Study:
 @contextlib.contextmanager
 def report_lock(work: Path, wait_seconds: float = 300.0):
     """One writer of a study's report at a time (workers finishing units together would interleave
-    its files): waits for another process's write, then takes over a lock it holds too long."""
+    its files): waits for another process's write; after `wait_seconds` goes on without the lock."""
     deadline = time.monotonic() + wait_seconds
     while True:
         with step_lock(Path(work) / "report") as mine:
@@ -375,35 +375,37 @@ def report_lock(work: Path, wait_seconds: float = 300.0):
 
 @contextlib.contextmanager
 def step_lock(path: Path):
-    """Yields True when this process owns step `path` (a lock file with our pid; a stale lock of a
-    dead process is taken over), False when a live process is running it."""
+    """Yields True when this process owns step `path`, False when another live process does.
+    The lock is an flock on PATH.lock held while the step runs: the kernel drops it when its holder
+    dies (SIGKILL, reboot), so there is no stale lock to take over and no race between two
+    processes taking one over; the file carries the holder's pid for people only. The holder
+    removes the file while it still holds it, so a process that opened the old file retries."""
+    import fcntl
+
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)  # raises when no such process
-                alive = pid != os.getpid()
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                alive = False
-            except PermissionError:
-                alive = True
-            if alive:
-                yield False
-                return
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
         try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # we locked a file its last holder had just removed: lock the one at the path
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)  # while we hold it (see above)
+        os.close(fd)
 
 
 def _all_corruptions() -> list[str]:

@@ -157,7 +157,10 @@ def masking_table(studies: list[dict]) -> list[str]:
             square_found = sum(1 for u in units.values() for eps in u.get("autoattack", {}).get("defended", {}).values()
                                if (st := eps.get("stages") or {}).get("square", 1) < st.get("fab-t", 1) - 1e-9)
             followup = [c["sweep_apgd"]["0.1"] for c in checks if "0.1" in c.get("sweep_apgd", {})]
-            apgd = f"{_f(_mean(followup))} ({len(followup)} of {len(units)})" if followup else "not needed"
+            missing = sum(1 for c in checks if c.get("sweep", {}).get("0.1", 0) > 0.1 and "sweep_apgd" not in c)
+            apgd = (f"{_f(_mean(followup))} ({len(followup)} of {len(units)})" if followup else
+                    "not needed" if not missing else "") + (f"; not run on {missing}" if missing else "")
+            apgd = apgd.lstrip("; ")
             flags = sorted({f for u in units.values() for f in u.get("sanity_flags", [])})
             rows.append(f"| {_study_name(r)} | {backbone} | {len(units)} | {_f(sweep['0.03'])} | {_f(sweep['0.05'])} | "
                         f"{_f(sweep['0.1'])} | {apgd} | {_f(transfer)} vs {_f(white)} | {square_found} | "

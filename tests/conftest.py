@@ -173,3 +173,24 @@ def small_trained_model(data_root: Path, classes: str, epochs: int, test_images:
                 log=lambda _m: None).fit(parts["train"], parts["val"])
     model.eval()
     return model, to_model_input(parts["test"].pixels[:test_images]), parts["test"].labels[:test_images]
+
+
+HOLDER = """import sys, time
+from pathlib import Path
+from emoshield.reproduce import step_lock
+with step_lock(Path(sys.argv[1])) as mine:
+    print(mine, flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_step(step: Path):
+    """Another live process holding emoshield.reproduce.step_lock(step): a Popen to kill (its lock
+    goes with it, as when a real holder dies)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(step)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    assert holder.stdout.readline().strip() == "True", "the holder could not take the lock"
+    return holder

@@ -119,8 +119,13 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
         robustness_module.correct_under_resumable = real
     assert "an evaluation resumes" in capsys.readouterr().err
     assert any((kept / "partial").iterdir()) and not (stopped / "partial").exists()
+    other = kept / "partial" / "another-evaluation"  # another model's entries under the same root
+    other.mkdir()
+    (other / "entry.json").write_text("{}")
     assert main(command) == 0
-    assert "resumed: 1 attack batch(es)" in capsys.readouterr().err and not (kept / "partial").exists()
+    assert "resumed: 1 attack batch(es)" in capsys.readouterr().err
+    assert [p.name for p in (kept / "partial").iterdir()] == ["another-evaluation"]  # only this run's folder went
+    assert (other / "entry.json").is_file()
     for bad in (["--autoattack-eps", "0.01"], ["--attacks", "fgsm", "--autoattack-eps", "0.01"],
                 ["--attacks", "autoattack", "--autoattack-eps", "nan"],
                 ["--attacks", "autoattack", "--autoattack-eps", "2"], ["--attacks", "autoattack", "--autoattack-eps", "é"]):

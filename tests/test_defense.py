@@ -176,8 +176,9 @@ def test_bad_defense_cli_fails_before_any_work(tmp_path):
 
 def _recheck_an_old_report_whose_sweep_stayed_up(out, model, baseline):
     """scripts/recheck_masking.py on a report as the code before the APGD follow-up wrote it, with
-    PGD's sweep stuck at 50% at eps 0.1: APGD-CE is run there on the real model, the flag goes
-    only if it reaches the floor, nothing else changes; other images are refused."""
+    PGD's sweep stuck at 50% at eps 0.1 for the model and its baseline: APGD-CE is run there on the
+    real models (the baseline on the model's images), the flag goes only if it reaches the floor,
+    every other number and flag stays; another model, other images, a missing baseline are refused."""
     import subprocess
     import sys
 
@@ -185,34 +186,53 @@ def _recheck_an_old_report_whose_sweep_stayed_up(out, model, baseline):
 
     path = out / "robustness.json"
     result = json.loads(path.read_text())
-    rob = result["robustness"]
-    in_run = rob["masking_checks"].pop("sweep_apgd", None)  # what this run's own follow-up found, if it ran one
-    rob["sanity_flags"] = [f for f in rob["sanity_flags"] if not f.startswith("PGD leaves")]
-    rob["masking_checks"]["sweep"]["0.1"] = 0.5
-    old_flag = [f for f in result_flags(rob) if f.startswith("PGD leaves 50.0%")]
-    assert old_flag and "APGD-CE" not in old_flag[0]
-    rob["sanity_flags"] = old_flag + rob["sanity_flags"]
-    untouched = {k: v for k, v in rob.items() if k not in ("masking_checks", "sanity_flags")}
+    in_run, kept_flags = {}, {}
+    for key in ("robustness", "baseline_robustness"):
+        rob = result[key]
+        in_run[key] = rob["masking_checks"].pop("sweep_apgd", None)  # what the run's own follow-up found, if any
+        rob["sanity_flags"] = [f for f in rob["sanity_flags"] if not f.startswith("PGD leaves")]
+        kept_flags[key] = list(rob["sanity_flags"])  # model flags and (model's) transfer flags: must stay as they are
+        rob["masking_checks"]["sweep"]["0.1"] = 0.5
+        old_flag = [f for f in result_flags(rob) if f.startswith("PGD leaves 50.0%")]
+        assert old_flag and "APGD-CE" not in old_flag[0]
+        rob["sanity_flags"] = old_flag + rob["sanity_flags"]
+    untouched = {k: {n: v for n, v in r.items() if n not in ("masking_checks", "sanity_flags")}
+                 for k, r in result.items() if k in ("robustness", "baseline_robustness")}
     path.write_text(json.dumps(result))
-    script = [sys.executable, "scripts/recheck_masking.py", "--out", str(out), "--model", str(model),
-              "--baseline", str(baseline)]
-    done = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    stale = path.read_text()
+    root = Path(__file__).parents[1]
+
+    def recheck(*args):
+        return subprocess.run([sys.executable, "scripts/recheck_masking.py", "--out", str(out), *map(str, args)],
+                              capture_output=True, text=True, cwd=root)
+
+    missing = recheck("--model", model)  # the baseline's sweep needs it too
+    assert missing.returncode == 2 and "pass --baseline" in missing.stderr and path.read_text() == stale
+    swapped = recheck("--model", baseline, "--baseline", model)  # not the models the report names
+    assert swapped.returncode == 2 and "is not the model the report evaluated" in swapped.stderr
+    assert len(swapped.stderr.strip().splitlines()) == 1 and path.read_text() == stale
+    done = recheck("--model", model, "--baseline", baseline)
     assert done.returncode == 0, done.stderr
-    rechecked = json.loads(path.read_text())["robustness"]
-    apgd = rechecked["masking_checks"]["sweep_apgd"]["0.1"]
-    assert in_run is None or in_run == {"0.1": apgd}  # the same APGD-CE (seeded) as the evaluation's own
-    sweep_flags = [f for f in rechecked["sanity_flags"] if f.startswith("PGD leaves")]
-    assert sweep_flags == ([f"PGD leaves 50.0% accuracy at eps 0.1 and APGD-CE {apgd:.1%}: accuracy must reach ~0 as "
-                            "eps grows; the gradients may be masked"] if apgd > MASKING_FLOOR else [])
-    assert {k: v for k, v in rechecked.items() if k not in ("masking_checks", "sanity_flags")} == untouched
-    assert "baseline_robustness: " not in done.stdout  # its sweep reached the floor: nothing run there
+    rechecked = json.loads(path.read_text())
+    for key in ("robustness", "baseline_robustness"):
+        rob = rechecked[key]
+        apgd = rob["masking_checks"]["sweep_apgd"]["0.1"]
+        assert in_run[key] is None or in_run[key] == {"0.1": apgd}  # the same APGD-CE (seeded) as the evaluation's
+        assert rob["masking_checks"]["sweep_apgd_by"]  # the commit that added it (the attacks ran at evaluated_by)
+        sweep_flags = [f for f in rob["sanity_flags"] if f.startswith("PGD leaves")]
+        assert sweep_flags == ([f"PGD leaves 50.0% accuracy at eps 0.1 and APGD-CE {apgd:.1%}: accuracy must reach ~0 "
+                                "as eps grows; the gradients may be masked"] if apgd > MASKING_FLOOR else [])
+        assert [f for f in rob["sanity_flags"] if not f.startswith("PGD leaves")] == kept_flags[key]
+        assert {n: v for n, v in rob.items() if n not in ("masking_checks", "sanity_flags")} == untouched[key]
+        assert f"{key}: APGD-CE at eps 0.1: {apgd:.2%}" in done.stdout
     assert "APGD-CE (adaptive step)" in (out / "report.md").read_text()
-    again = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    again = recheck("--model", model, "--baseline", baseline)
     assert again.returncode == 0 and "nothing to add" in again.stdout
-    result = json.loads(path.read_text())  # a report of other images: refused, the file untouched
+    result = json.loads(path.read_text())  # a report of other images (per-class figures differ): refused
     del result["robustness"]["masking_checks"]["sweep_apgd"]
-    result["robustness"]["clean_accuracy"] = 0.123
+    first = next(iter(result["robustness"]["per_class_accuracy"]["clean"]))
+    result["robustness"]["per_class_accuracy"]["clean"][first] = 0.123
     path.write_text(json.dumps(result))
-    refused = subprocess.run(script, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    refused = recheck("--model", model, "--baseline", baseline)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "not the images" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and json.loads(path.read_text()) == result

@@ -156,12 +156,13 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     # this run's options are busy with elsewhere is left pending and listed, not reported as done
     from emoshield.cross_dataset import CrossOptions, unit_folder_name
 
-    sleeper = subprocess.Popen(["sleep", "60"])
+    from tests.conftest import hold_step
+
+    mine = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 3)
+    theirs = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 4)
+    holders = [hold_step(work / "smallcnn" / fold / unit_folder_name(options))
+               for fold, options in (("fold0-seed0", theirs), ("fold1-seed0", mine))]
     try:
-        mine = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 3)
-        theirs = CrossOptions("jaffe", None, [0.01], 3, 3, 30, 4)
-        for fold, options in (("fold0-seed0", theirs), ("fold1-seed0", mine)):
-            (work / "smallcnn" / fold / (unit_folder_name(options) + ".lock")).write_text(str(sleeper.pid))
         other_out = tmp_path / "cross-3"
         assert main(list(map(str, [*quick_cross[:-2], "--limit-per-class", "3", "--out", other_out]))) == 0
         err = capsys.readouterr().err
@@ -195,7 +196,9 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
         assert "Not in the table yet" not in (other_out / "report.md").read_text()
         monkeypatch.undo()
     finally:
-        sleeper.kill()
+        for holder in holders:
+            holder.kill()
+            holder.wait()
 
     # a later session has OUT (committed) but not WORK's checkpoints: it resumes from OUT's unit files
     import shutil
@@ -209,22 +212,45 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert other.returncode == 2 and "other options or weights" in other.stderr and "--out" in other.stderr
 
 
-def test_step_lock_lets_one_process_run_a_step_and_takes_over_stale_locks(tmp_path):
+def test_step_lock_lets_one_process_run_a_step_and_dies_with_its_holder(tmp_path):
+    import os
+
     from emoshield.reproduce import step_lock
+    from tests.conftest import hold_step
 
     step = tmp_path / "unit" / "defended"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = hold_step(step)
     try:
-        (tmp_path / "unit").mkdir()
-        (tmp_path / "unit" / "defended.lock").write_text(str(other.pid))
         with step_lock(step) as mine:
             assert mine is False  # a live process holds it
+        assert (tmp_path / "unit" / "defended.lock").read_text() == str(other.pid)
     finally:
-        other.kill()
+        other.kill()  # SIGKILL: no clean-up ran, its lock file stays, its lock goes with it
         other.wait()
-    with step_lock(step) as mine:  # its holder is dead: taken over
-        assert mine is True and (tmp_path / "unit" / "defended.lock").read_text() == str(__import__("os").getpid())
+    assert (tmp_path / "unit" / "defended.lock").exists()
+    (tmp_path / "unit" / "defended.lock").write_text(str(os.getpid() + 10**6))  # a pid means nothing
+    with step_lock(step) as mine:
+        assert mine is True and (tmp_path / "unit" / "defended.lock").read_text() == str(os.getpid())
+        with step_lock(step) as again:  # a second open in this process is another holder, refused too
+            assert again is False
     assert not (tmp_path / "unit" / "defended.lock").exists()
+
+
+def test_step_lock_gives_a_step_to_one_of_many_processes_starting_together(tmp_path):
+    """Many processes racing for one step (a stale lock file left by a killed holder): exactly one wins."""
+    import os
+
+    step = tmp_path / "levers" / "baseline"
+    step.parent.mkdir()
+    (tmp_path / "levers" / "baseline.lock").write_text("12345")
+    start = time.time() + 2.0
+    racer = ("import sys, time\nfrom pathlib import Path\nfrom emoshield.reproduce import step_lock\n"
+             f"time.sleep(max(0, {start} - time.time()))\n"
+             "with step_lock(Path(sys.argv[1])) as mine:\n    print(mine, flush=True)\n    time.sleep(5)\n")
+    racers = [subprocess.Popen([sys.executable, "-c", racer, str(step)], stdout=subprocess.PIPE, text=True,
+                               cwd=os.getcwd()) for _ in range(6)]
+    answers = [r.communicate(timeout=60)[0].strip() for r in racers]
+    assert sorted(answers) == ["False"] * 5 + ["True"], answers
 
 
 def test_a_step_another_process_finishes_during_our_pass_is_collected_not_reported_as_running(tmp_path, monkeypatch):
@@ -239,12 +265,12 @@ def test_a_step_another_process_finishes_during_our_pass_is_collected_not_report
     study = Study(StudyOptions(dataset="ckplus48", backbones=["smallcnn"], input_size=32), tmp_path / "out",
                   tmp_path / "work", log=lines.append)
     unit = study.unit_dir("smallcnn", 0, 0)
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def other_process_finishes():
         (unit / "own-head").mkdir(parents=True, exist_ok=True)
         (unit / "own-head" / "metrics.json").write_text("{}")
-        (unit / "own-head.lock").unlink()
+        owner.kill()  # and lets its lock go
+        owner.wait()
 
     def train(backbone, fold, seed, name, folder, tag):  # Study._train's contract, without the training
         if (folder / "metrics.json").is_file():
@@ -261,9 +287,10 @@ def test_a_step_another_process_finishes_during_our_pass_is_collected_not_report
     monkeypatch.setattr(study, "_save_unit", lambda *unit: None)
     written = []
     monkeypatch.setattr(study, "write", written.append)
+    from tests.conftest import hold_step
+
+    owner = hold_step(unit / "own-head")  # a live process runs own-head
     try:
-        unit.mkdir(parents=True)
-        (unit / "own-head.lock").write_text(str(owner.pid))  # a live process runs own-head
         finish_during_pass = False
         assert study.run() is None and written == []  # it is still running at the end: nothing to collect
         assert lines[-1].startswith("1 step(s) are running in other processes")

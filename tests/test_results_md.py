@@ -123,3 +123,24 @@ def test_the_cloud_tier_table_shows_flip_and_ten_crop_from_pretrain_tta(results,
         row = next(line for line in (results / "RESULTS.md").read_text().splitlines()
                    if line.startswith("| [smallcnn-fer2013-48px-amp]"))
         assert "| — |" in row
+
+
+def test_the_masking_table_says_where_the_apgd_follow_up_ran_was_not_needed_or_is_missing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_md_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def unit(sweep, **more):
+        return {"masking_checks": {"sweep": {"0.03": 0.5, "0.05": 0.3, "0.1": sweep}, **more},
+                "defended": {"pgd@0.01": 0.9}, "sanity_flags": []}
+
+    def row(units):
+        study = {"dataset": "ckplus48", "protocol": "subject", "units": {"smallcnn": units}}
+        return next(line for line in module.masking_table([study]) if line.startswith("| ckplus48"))
+
+    assert "| not needed |" in row({"a": unit(0.0), "b": unit(0.05)})
+    assert "| 1.0 (1 of 2) |" in row({"a": unit(0.3, sweep_apgd={"0.1": 0.01}), "b": unit(0.0)})
+    assert "| not run on 1 |" in row({"a": unit(0.3), "b": unit(0.0)})  # an old unit: not "not needed"
+    assert "| 1.0 (1 of 2); not run on 1 |" in row({"a": unit(0.3, sweep_apgd={"0.1": 0.01}), "b": unit(0.2)})

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import emoshield.attacks.registry as registry
-from emoshield.evaluation.robustness import robustness_report
+from emoshield.evaluation.robustness import MASKING_FLOOR, robustness_report
 
 CLASSES = ["a", "b", "c", "d", "e"]
 ATTACKS = ["pgd", "autoattack"]
@@ -189,6 +189,7 @@ def test_entries_of_another_model_tta_mode_images_or_settings_are_not_taken(tmp_
     counting = CountingAttacks(monkeypatch)
     report = run(tmp_path, model=ViewAverage(tiny_model(), "tencrop"))
     followup = "sweep_apgd" in report["masking_checks"]  # PGD-3 left > 10% at 0.1: APGD-CE ran there too
+    assert followup == (report["masking_checks"]["sweep"]["0.1"] > MASKING_FLOOR)
     assert counting.calls == 20 + 4 * followup
 
 

@@ -221,9 +221,9 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     bench = [sys.executable, str(ROOT / "bench" / "cloud_levers.py"), "--data-root", str(data_root), "--epochs", "1",
              "--limit-per-class", "6", "--only", "baseline,cutmix", "--work", str(tmp_path / "work"),
              "--out", str(tmp_path / "out"), "--device", "cpu"]
-    (tmp_path / "work").mkdir()
-    holder = subprocess.Popen(["sleep", "120"])  # another live process holds cutmix's training
-    (tmp_path / "work" / "cutmix.lock").write_text(str(holder.pid))
+    from tests.conftest import hold_step
+
+    holder = hold_step(tmp_path / "work" / "cutmix")  # another live process holds cutmix's training
     try:
         proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)
     finally:
@@ -232,15 +232,20 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cutmix: training in another process" in proc.stdout and "left to other processes: cutmix" in proc.stdout
     partial = json.loads((tmp_path / "out" / "levers.json").read_text())
-    assert partial["complete"] is False and partial["pending"] == ["cutmix"]
+    levers = ["baseline", "label-smoothing", "mixup", "cutmix", "augment-strong", "adamw", "wider", "deeper",
+              "schedule-2x"]
+    others = [n for n in levers if n not in ("baseline", "cutmix")]
+    # the table is the whole ablation's (whatever --only this process had): what is missing is pending
+    assert partial["complete"] is False and partial["pending"] == levers[1:] and partial["levers"] == levers
     assert [r["name"] for r in partial["runs"]] == ["baseline"]
-    assert "Still training (re-run the command to go on): cutmix." in (tmp_path / "out" / "levers.md").read_text()
-    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)  # the holder is gone: its lock is stale
+    assert "Still training (re-run the command to go on): label-smoothing, mixup, cutmix," in \
+        (tmp_path / "out" / "levers.md").read_text()
+    proc = subprocess.run(bench, capture_output=True, text=True, timeout=300)  # the holder is gone, its lock with it
     assert proc.returncode == 0, proc.stdout + proc.stderr
     trained = [line.split()[1] for line in proc.stdout.splitlines() if "cloud pretrain" in line]
     assert trained == ["cutmix:"]  # the baseline is not trained again
     result = json.loads((tmp_path / "out" / "levers.json").read_text())
-    assert result["complete"] is True and result["pending"] == []
+    assert result["complete"] is False and result["pending"] == others
     base, cutmix = result["runs"]
     assert base["train_config"]["mix"] == "none" and cutmix["train_config"]["mix"] == "cutmix"
     assert {k: v for k, v in base["train_config"].items() if k not in ("mix", "mix_alpha")} == {
@@ -249,7 +254,21 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     table = (tmp_path / "out" / "levers.md").read_text()
     assert "| baseline |" in table and "| cutmix |" in table and "a quick run, not a result" in table
     assert (tmp_path / "out" / "levers.png").stat().st_size > 0
-    again = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert f"--work {tmp_path / 'work'} --out {tmp_path / 'out'}" in table  # the command that goes on
+    written = (tmp_path / "out" / "levers.json").stat().st_mtime_ns
+    again = subprocess.run([*bench[:9], "cutmix", *bench[10:]], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "cloud pretrain" not in again.stdout  # nothing retrained
+    # nothing new: the table is not rewritten (an idle worker polls this), and --only cutmix keeps the baseline row
+    assert (tmp_path / "out" / "levers.json").stat().st_mtime_ns == written
+    assert [r["name"] for r in json.loads((tmp_path / "out" / "levers.json").read_text())["runs"]] == ["baseline", "cutmix"]
+    # another work folder (a session on another machine): the table's rows are results, not retrained nor dropped
+    elsewhere = subprocess.run([*bench[:11], str(tmp_path / "work2"), *bench[12:]], capture_output=True, text=True,
+                               timeout=300)
+    assert elsewhere.returncode == 0 and "cloud pretrain" not in elsewhere.stdout, elsewhere.stdout + elsewhere.stderr
+    assert "baseline: in " in elsewhere.stdout and not (tmp_path / "work2" / "baseline").exists()
+    assert json.loads((tmp_path / "out" / "levers.json").read_text()) == result
     other = subprocess.run([*bench[:5], "2", *bench[6:]], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "is a table of" in other.stderr and other.stderr.strip().count("\n") == 0
+    other = subprocess.run([*bench[:5], "2", *bench[6:13], str(tmp_path / "out2"), *bench[14:]], capture_output=True,
+                           text=True, timeout=300)  # its own table, but WORK's runs are of 1 epoch: refused too
     assert other.returncode != 0 and "was trained with" in other.stderr and other.stderr.strip().count("\n") == 0

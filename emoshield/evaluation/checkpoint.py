@@ -79,11 +79,20 @@ def _read_entry(path: Path) -> bytes | None:
         os.close(fd)
 
 
+KEY_CHARS = 24  # of the fingerprint, naming one model-and-images folder under the checkpoint root
+
+
+def checkpoint_folder(root: Path, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Path:
+    """The folder under `root` that holds the attack entries of `model` on these images (what an
+    evaluation removes once its report is written, leaving other evaluations' folders alone)."""
+    return Path(root) / fingerprint(model, x, y)[:KEY_CHARS]
+
+
 class AttackCheckpoint:
     """Per-batch results of attacks on one model and one set of images, under `folder`."""
 
     def __init__(self, folder: Path, key: str, log: Callable[[str], None] | None = None):
-        self.folder = Path(folder) / key[:24]
+        self.folder = Path(folder) / key[:KEY_CHARS]
         self.log = log or (lambda message: None)
         self.writable = True
         self.skipped_writes = 0
