@@ -136,17 +136,21 @@ def table_rows(args: argparse.Namespace) -> dict[str, dict]:
     unreadable). They are results: kept whether or not their training folders are still here (a
     session on another machine adds the levers it trains to them). A table of other epochs or data
     is refused, not mixed with."""
+    path = Path(args.out) / "levers.json"
     try:
-        table = json.loads((Path(args.out) / "levers.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    if not isinstance(table, dict) or not isinstance(table.get("runs"), list):
-        return {}
+    except (OSError, ValueError, RecursionError) as error:  # a damaged table is not "no rows": they would be lost
+        raise SystemExit(f"{path} is unreadable ({type(error).__name__}); repair or move it") from None
+    if not isinstance(table, dict) or not isinstance(table.get("runs"), list) or \
+            not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in table["runs"]):
+        raise SystemExit(f"{path} is not a lever table; repair or move it")
     made = {"epochs": table.get("epochs"), "limit_per_class": table.get("limit_per_class")}
     asked = {"epochs": args.epochs, "limit_per_class": args.limit_per_class}
     if made != asked:
-        raise SystemExit(f"{args.out}/levers.json is a table of {made}, not {asked}: pass another --out")
-    return {r["name"]: r for r in table["runs"] if isinstance(r, dict) and r.get("name") in LEVERS}
+        raise SystemExit(f"{path} is a table of {made}, not {asked}: pass another --out")
+    return {r["name"]: r for r in table["runs"]}  # levers dropped from LEVERS since keep their rows
 
 
 def write_outputs(args: argparse.Namespace, only_if_changed: bool = False) -> list[dict]:
@@ -168,7 +172,7 @@ def write_outputs(args: argparse.Namespace, only_if_changed: bool = False) -> li
         for name in [n for n in LEVERS if _finished(n, args)]:  # this WORK's trainings: their rows are fresh
             check_settings(name, args)
             rows[name] = variant_row(name, args)
-        ordered = [rows[n] for n in LEVERS if n in rows]
+        ordered = [rows[n] for n in LEVERS if n in rows] + [r for n, r in rows.items() if n not in LEVERS]
         pending = [n for n in LEVERS if n not in rows]
         write_atomic(out / "levers.json", json.dumps(
             {"epochs": args.epochs, "limit_per_class": args.limit_per_class, "levers": list(LEVERS),
@@ -244,13 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown lever(s) {', '.join(unknown)}; levers: {', '.join(LEVERS)}")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    in_table = table_rows(args)  # before any training: a table of other epochs or data is refused
+    table_rows(args)  # before any training: a damaged table, or one of other epochs or data, is refused
     Path(args.work).mkdir(parents=True, exist_ok=True)
     from emoshield.reproduce import step_lock
 
     busy = []
     for name in names:  # one process per variant (lock WORK/NAME.lock): several workers share the set
-        if name in in_table and not _finished(name, args):
+        if name in table_rows(args) and not _finished(name, args):  # read again: another WORK may have added it
             print(f"{name}: in {args.out}/levers.json already (trained in an earlier work folder)", flush=True)
             continue
         with step_lock(Path(args.work) / name) as mine:

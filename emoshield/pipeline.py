@@ -477,11 +477,13 @@ def _remove_checkpoints(partial: Path, evaluated: list) -> None:
 
 
 IDENTITY = ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense", "classes", "backbone",
-            "head", "pooling", "weights", "input_size", "align")  # what names a model and its test images
+            "head", "pooling", "weights", "input_size", "library_entry")  # what names a model and its test images
 
 
 def _same_model(folder: Path, stored: dict, loaded: dict) -> None:
     differ = [k for k in IDENTITY if stored.get(k) != loaded.get(k)]
+    if stored.get("align", "none") != loaded.get("align", "none"):  # reports before align was recorded: none
+        differ.append("align")
     if differ:
         raise EmoshieldError(f"{folder} is not the model the report evaluated, or not on its images ("
                              + ", ".join(f"{k}: report {stored.get(k)!r}, here {loaded.get(k)!r}" for k in differ[:3])
@@ -525,11 +527,10 @@ def recheck_masking(out_dir: Path, model_dir: Path, baseline_dir: Path | None = 
     model, records, root, meta = model_test_data(model_dir, data)
     _same_model(Path(model_dir), result["model"], meta)
     model = with_tta(model, tta).eval()
-    test, _ = _decode_for(model, records, root, classes)
+    test, records = _decode_for(model, records, root, classes)  # the baseline gets the faces this model decoded
     loaded = {"robustness": (model, test)}
     if "baseline_robustness" in todo:
-        base, _, _, base_meta = model_test_data(baseline_dir, None if data is None or data.dataset is None else data,
-                                                classes)
+        base, _, _, base_meta = model_test_data(baseline_dir, data, classes)
         _same_model(Path(baseline_dir), result.get("baseline") or {}, base_meta)
         base = with_tta(base, tta).eval()
         loaded["baseline_robustness"] = (base, _decode_for(base, records, root, classes)[0])  # this model's images

@@ -375,11 +375,13 @@ def report_lock(work: Path, wait_seconds: float = 300.0):
 
 @contextlib.contextmanager
 def step_lock(path: Path):
-    """Yields True when this process owns step `path`, False when another live process does.
-    The lock is an flock on PATH.lock held while the step runs: the kernel drops it when its holder
-    dies (SIGKILL, reboot), so there is no stale lock to take over and no race between two
-    processes taking one over; the file carries the holder's pid for people only. The holder
-    removes the file while it still holds it, so a process that opened the old file retries."""
+    """Yields True when this process owns step `path`, False when another holder does (another
+    process, or another step_lock of this one on the same path). The lock is an flock on
+    PATH.lock held while the step runs: the kernel drops it when its holder dies (SIGKILL,
+    reboot), so there is no stale lock to take over and no race between two processes taking one
+    over; the file carries the holder's pid for people only. The holder removes the file while it
+    still holds it, and a process that locked (or found locked) a file no longer at the path
+    tries the one there. Local filesystems only (on NFS flock is emulated per process)."""
     import fcntl
 
     lock = path.with_name(path.name + ".lock")
@@ -388,24 +390,33 @@ def step_lock(path: Path):
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
+            held = False
         try:
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             current = False
-        if current:
+        except OSError:
+            os.close(fd)
+            raise
+        if not current:  # its holder has just removed it: the step may be free now
+            os.close(fd)
+            continue
+        if held:
             break
-        os.close(fd)  # we locked a file its last holder had just removed: lock the one at the path
+        os.close(fd)
+        yield False
+        return
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield True
     finally:
-        lock.unlink(missing_ok=True)  # while we hold it (see above)
-        os.close(fd)
+        try:
+            lock.unlink(missing_ok=True)  # while we hold it (see above)
+        finally:
+            os.close(fd)
 
 
 def _all_corruptions() -> list[str]:

@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="the model the report evaluated")
     parser.add_argument("--baseline", type=Path, help="its baseline model, if the report has one")
     parser.add_argument("--dataset", help="the dataset it was evaluated on, when not the model's own test split")
-    parser.add_argument("--data-root")
+    parser.add_argument("--data-root", help="where the dataset is now, if it moved since the evaluation")
     parser.add_argument("--protocol", default="all")
     parser.add_argument("--limit-per-class", type=int)
     parser.add_argument("--unit", type=Path, help="a study's unit file to update from the rechecked report")
     args = parser.parse_args(argv)
     data = DataOptions(dataset=args.dataset, data_root=args.data_root, protocol=args.protocol,
-                       limit_per_class=args.limit_per_class) if args.dataset else None
+                       limit_per_class=args.limit_per_class) if args.dataset or args.data_root else None
     try:
         if args.unit is not None and not args.unit.is_file():
             raise EmoshieldError(f"{args.unit}: no such unit file")

@@ -180,7 +180,11 @@ def _levers(stage: Stage) -> dict:
 
 
 def _levers_done(stage: Stage) -> bool:
-    return _levers(stage).get("complete") is True
+    """Complete, and a row for every lever it lists (a stale 'complete' does not pass)."""
+    result = _levers(stage)
+    names = {r.get("name") for r in result.get("runs", []) if isinstance(r, dict)}
+    levers = result.get("levers")
+    return result.get("complete") is True and isinstance(levers, list) and set(levers) <= names
 
 
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:

@@ -192,5 +192,8 @@ def hold_step(step: Path):
 
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(step)], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT)
-    assert holder.stdout.readline().strip() == "True", "the holder could not take the lock"
+    if holder.stdout.readline().strip() != "True":
+        holder.kill()
+        holder.wait()
+        raise AssertionError("the holder could not take the lock")
     return holder

@@ -248,9 +248,25 @@ def test_step_lock_gives_a_step_to_one_of_many_processes_starting_together(tmp_p
              f"time.sleep(max(0, {start} - time.time()))\n"
              "with step_lock(Path(sys.argv[1])) as mine:\n    print(mine, flush=True)\n    time.sleep(5)\n")
     racers = [subprocess.Popen([sys.executable, "-c", racer, str(step)], stdout=subprocess.PIPE, text=True,
-                               cwd=os.getcwd()) for _ in range(6)]
+                               cwd=ROOT) for _ in range(6)]
     answers = [r.communicate(timeout=60)[0].strip() for r in racers]
     assert sorted(answers) == ["False"] * 5 + ["True"], answers
+
+
+def test_step_lock_never_has_two_holders_while_holders_come_and_go(tmp_path):
+    """Processes taking and releasing one step's lock in a tight loop (each release removes the file
+    another may have just opened): a marker made with O_EXCL inside proves one holder at a time."""
+    step = tmp_path / "step"
+    looper = ("import os, sys, time\nfrom pathlib import Path\nfrom emoshield.reproduce import step_lock\n"
+              "step, marker, won = Path(sys.argv[1]), sys.argv[2], 0\nend = time.time() + 2\n"
+              "while time.time() < end:\n    with step_lock(step) as mine:\n        if mine:\n"
+              "            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))\n            won += 1\n"
+              "            os.unlink(marker)\nprint(won)\n")
+    loopers = [subprocess.Popen([sys.executable, "-c", looper, str(step), str(tmp_path / "inside")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(3)]
+    results = [r.communicate(timeout=60) for r in loopers]
+    assert all(r.returncode == 0 for r in loopers), [err for _, err in results]  # FileExistsError: two holders
+    assert sum(int(out) for out, _ in results) > 10 and not (tmp_path / "step.lock").exists()
 
 
 def test_a_step_another_process_finishes_during_our_pass_is_collected_not_reported_as_running(tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "trained": trained}) + "\\n")
 out.mkdir(parents=True, exist_ok=True)
 (out / "levers.json").write_text(json.dumps({"epochs": int(args[args.index("--epochs") + 1]), "limit_per_class": None,
-                                             "complete": len(done) == 2, "runs": [{"name": n} for n in done]}))
+                                             "levers": ["a", "b"], "complete": len(done) == 2,
+                                             "runs": [{"name": n} for n in done]}))
 """
 
 
@@ -243,7 +244,9 @@ def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete
     for partial in ('{"epochs": 30, "limit_per_class": null, "complete": false, "runs": [{"name": "a"}]}',
                     '{"epochs": 10, "limit_per_class": null, "complete": true, "runs": []}',  # other epochs
                     '{"epochs": 30, "limit_per_class": 6, "complete": true, "runs": []}',  # a quick slice
-                    "[" * 100_000, "not json", '{"epochs": 30, "complete": true, "runs": 3}'):
+                    "[" * 100_000, "not json", '{"epochs": 30, "complete": true, "runs": 3}',
+                    # a stale 'complete': a lever it lists has no row
+                    '{"epochs": 30, "limit_per_class": null, "complete": true, "levers": ["a", "b"], "runs": [{"name": "a"}]}'):
         levers.write_text(partial)
         assert not module.done(stage, by_name), partial
     levers.write_text('{"epochs": 30, "limit_per_class": null, "complete": false, "runs": [{"name": "a"}, 7]}')

@@ -269,6 +269,13 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     assert json.loads((tmp_path / "out" / "levers.json").read_text()) == result
     other = subprocess.run([*bench[:5], "2", *bench[6:]], capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "is a table of" in other.stderr and other.stderr.strip().count("\n") == 0
+    table = (tmp_path / "out" / "levers.json").read_bytes()
+    for damaged in (b"<<<<<<< HEAD\n" + table, b'{"epochs": 1, "runs": [3]}'):  # e.g. a merge conflict
+        (tmp_path / "out" / "levers.json").write_bytes(damaged)
+        refused = subprocess.run(bench, capture_output=True, text=True, timeout=300)  # its rows would be lost
+        assert refused.returncode != 0 and "repair or move it" in refused.stderr and "cloud pretrain" not in refused.stdout
+        assert (tmp_path / "out" / "levers.json").read_bytes() == damaged
+    (tmp_path / "out" / "levers.json").write_bytes(table)
     other = subprocess.run([*bench[:5], "2", *bench[6:13], str(tmp_path / "out2"), *bench[14:]], capture_output=True,
                            text=True, timeout=300)  # its own table, but WORK's runs are of 1 epoch: refused too
     assert other.returncode != 0 and "was trained with" in other.stderr and other.stderr.strip().count("\n") == 0

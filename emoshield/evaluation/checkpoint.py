@@ -17,6 +17,7 @@ disk turns checkpoints off, said once) while the evaluation goes on."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -36,8 +37,10 @@ WRITES_IMPOSSIBLE = {  # full or read-only disk, no permission: no later write w
     errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+@functools.cache
 def _attack_code_digest() -> str:
-    """sha256 of emoshield/attacks/*.py: a fixed attack is a different attack."""
+    """sha256 of emoshield/attacks/*.py: a fixed attack is a different attack. Read once per
+    process (the code it runs), so editing the files mid-run does not change its folder."""
     digest = hashlib.sha256()
     for path in sorted((Path(__file__).resolve().parents[1] / "attacks").glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
