@@ -218,3 +218,26 @@ def test_aligned_decoding_on_worker_threads_matches_one_thread(data_root):
     for _ in range(3):
         threaded = decode_images(dataset.root, records, 48, workers=4, align="eyes").pixels
         assert np.array_equal(threaded, decode_images(dataset.root, records, 48, workers=1, align="eyes").pixels)
+
+
+def test_face_detection_on_threads_matches_one_thread_and_each_thread_has_its_cascade(data_root):
+    """The face cascade is per thread too (the eye cascade's race above): detect_faces on 4 threads
+    at once finds the boxes one thread finds, image by image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+
+    from emoshield.data.faces import detect_faces, haar_cascade
+
+    paths = sorted((data_root / "jaffe").rglob("*.tiff"))[:48]
+    assert len(paths) == 48
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths]
+    alone = [detect_faces(img) for img in images]
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(detect_faces, images)) == alone
+    with ThreadPoolExecutor(2) as pool:
+        theirs = list(pool.map(lambda _: haar_cascade(), range(2)))  # kept alive: no id reuse
+    mine = haar_cascade()
+    assert mine is haar_cascade() and all(c is not mine for c in theirs)
+    assert haar_cascade("haarcascade_eye.xml") is not mine  # one per name too

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import threading
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,7 @@ from ..paths import cache_dir
 
 DEFAULT_MARGIN = 0.1
 _CACHE_VERSION = 1
+_THREAD = threading.local()  # per-thread OpenCV cascades (see haar_cascade)
 
 
 def _load_cascade(name: str) -> cv2.CascadeClassifier:
@@ -32,10 +32,16 @@ def _load_cascade(name: str) -> cv2.CascadeClassifier:
     return cascade
 
 
-@lru_cache(maxsize=4)
 def haar_cascade(name: str = "haarcascade_frontalface_default.xml") -> cv2.CascadeClassifier:
-    """Load one of OpenCV's bundled Haar cascades (one shared object: use it from one thread)."""
-    return _load_cascade(name)
+    """One of OpenCV's bundled Haar cascades, one object per thread and name: detectMultiScale
+    changes the classifier's state and releases the GIL, so threads must not share one (the eye
+    cascade's race corrupted aligned training sets before it was made per-thread)."""
+    cascades = getattr(_THREAD, "cascades", None)
+    if cascades is None:
+        cascades = _THREAD.cascades = {}
+    if name not in cascades:
+        cascades[name] = _load_cascade(name)
+    return cascades[name]
 
 
 def detect_faces(gray: np.ndarray, min_size: int = 24) -> list[tuple[int, int, int, int]]:
@@ -121,16 +127,12 @@ def _base_detector(name: str, default_min_size: int):
 
 
 ALIGN_MODES = ("none", "eyes")
-_THREAD = threading.local()
 
 
 def _eye_cascade() -> cv2.CascadeClassifier:
     """OpenCV's eye cascade, one per thread: detectMultiScale changes the classifier's state and
     releases the GIL, so decode_images' worker threads must not share one."""
-    cascade = getattr(_THREAD, "eyes", None)
-    if cascade is None:
-        cascade = _THREAD.eyes = _load_cascade("haarcascade_eye.xml")
-    return cascade
+    return haar_cascade("haarcascade_eye.xml")
 
 
 EYE_SEARCH_PX = 96  # faces are searched for eyes at this width (CK+48 ships 48 px faces)
