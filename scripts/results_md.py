@@ -1,8 +1,10 @@
 """RESULTS.md from the committed study folders (results/reproduce/*/results.json): our numbers
 beside the reference's, a headline table and one table per claim; plus the cloud tier's FER2013
-pretraining runs (results/cloud_pretrain/*/, copied there by scripts/collect_pretrain.py).
+pretraining runs (results/cloud_pretrain/*/, copied there by scripts/collect_pretrain.py) and its
+lever ablation (results/cloud_levers/, bench/cloud_levers.py).
 
-    .venv/bin/python scripts/results_md.py [--studies results/reproduce] [--pretrain results/cloud_pretrain] [--out RESULTS.md]
+    .venv/bin/python scripts/results_md.py [--studies results/reproduce] [--pretrain results/cloud_pretrain]
+        [--levers results/cloud_levers] [--out RESULTS.md]
 """
 
 from __future__ import annotations
@@ -139,6 +141,25 @@ def headline_table(studies: list[dict]) -> list[str]:
                 f"**{_pct(d.get('autoattack@0.01'))}** ({_pct(u.get('autoattack@0.01'))}) | {both('autoattack@0.0313725')} | "
                 f"{sum(c['holds'] for c in held)}/{len(held)} | {r.get('compute_seconds', 0) / 60:.0f} min |")
     return lines
+
+
+def levers_section(folder: Path) -> list[str]:
+    """The FER2013 lever ablation (bench/cloud_levers.py's levers.md, under its own heading), with
+    how many levers have a row while it is still running; nothing before its first lever."""
+    page = folder / "levers.md"
+    try:
+        table, text = json.loads((folder / "levers.json").read_text()), page.read_text()
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(table, dict) or not isinstance(table.get("runs"), list) or not table["runs"]:
+        return []
+    body = text.partition("\n")[2].strip()  # without its own title
+    done, levers = len(table["runs"]), table.get("levers") or []
+    state = "" if table.get("complete") else f" ({done} of {len(levers)} levers so far; still to run: " \
+        f"{', '.join(table.get('pending', []))})"
+    return [f"## The cloud tier's levers, one at a time{state}", "",
+            f"[levers.md]({_link(folder)}/levers.md), every run's history in levers.json, "
+            f"![PublicTest accuracy per epoch]({_link(folder)}/levers.png)", "", body, ""]
 
 
 def masking_table(studies: list[dict]) -> list[str]:
@@ -290,6 +311,7 @@ def main() -> int:
     parser.add_argument("--pretrain", default="results/cloud_pretrain")
     parser.add_argument("--cross", default="results/cross")
     parser.add_argument("--apgd-fix", default="results/apgd_fix", help="bench/apgd_fix.py's output")
+    parser.add_argument("--levers", default="results/cloud_levers", help="bench/cloud_levers.py's output")
     parser.add_argument("--out", default="RESULTS.md")
     parser.add_argument("--readme", default="README.md", help="its results block is rewritten too ('' = leave it)")
     args = parser.parse_args()
@@ -313,6 +335,7 @@ def main() -> int:
     lines += cross_table(Path(args.cross))
     lines += apgd_fix_table(Path(args.studies) / "apgd_before_fix.json", studies, Path(args.apgd_fix) / "results.json")
     lines += pretraining_table(Path(args.pretrain))
+    lines += levers_section(Path(args.levers))
     reading = Path(args.studies) / "reading.md"  # the hand-written interpretation, kept beside the studies
     if reading.is_file():
         lines += [reading.read_text().strip(), ""]

@@ -29,7 +29,8 @@ def results(tmp_path):
 def _args(tmp):
     r = tmp / "results"
     return ["--studies", r / "reproduce", "--pretrain", r / "cloud_pretrain", "--cross", r / "cross",
-            "--apgd-fix", r / "apgd_fix", "--out", tmp / "RESULTS.md", "--readme", tmp / "README.md"]
+            "--apgd-fix", r / "apgd_fix", "--levers", r / "cloud_levers", "--out", tmp / "RESULTS.md",
+            "--readme", tmp / "README.md"]
 
 
 def test_results_page_shows_the_rerun_studies_with_autoattack_and_the_checks(results):
@@ -144,3 +145,22 @@ def test_the_masking_table_says_where_the_apgd_follow_up_ran_was_not_needed_or_i
     assert "| 1.0 (1 of 2) |" in row({"a": unit(0.3, sweep_apgd={"0.1": 0.01}), "b": unit(0.0)})
     assert "| not run on 1 |" in row({"a": unit(0.3), "b": unit(0.0)})  # an old unit: not "not needed"
     assert "| 1.0 (1 of 2); not run on 1 |" in row({"a": unit(0.3, sweep_apgd={"0.1": 0.01}), "b": unit(0.2)})
+
+
+def test_the_lever_ablation_shows_its_table_and_how_far_it_has_got(results):
+    levers = results / "results" / "cloud_levers"
+    shutil.rmtree(levers, ignore_errors=True)
+    assert run(results, *_args(results)).returncode == 0  # none yet: no section
+    assert "levers, one at a time" not in (results / "RESULTS.md").read_text()
+    levers.mkdir(parents=True)
+    (levers / "levers.json").write_text(json.dumps({"levers": ["baseline", "mixup", "wider"], "complete": False,
+                                                    "pending": ["wider"], "runs": [{"name": "baseline"}, {"name": "mixup"}]}))
+    (levers / "levers.md").write_text("# its own title\n\n| lever | PrivateTest |\n|---|---:|\n| baseline | **67.9** |\n")
+    assert run(results, *_args(results)).returncode == 0
+    page = (results / "RESULTS.md").read_text()
+    assert "## The cloud tier's levers, one at a time (2 of 3 levers so far; still to run: wider)" in page
+    assert "| baseline | **67.9** |" in page and "its own title" not in page
+    assert "(results/cloud_levers/levers.md)" in page
+    (levers / "levers.json").write_text("{")  # damaged: left out, the page is still written
+    assert run(results, *_args(results)).returncode == 0
+    assert "levers, one at a time" not in (results / "RESULTS.md").read_text()
