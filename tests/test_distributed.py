@@ -95,3 +95,20 @@ def test_two_gloo_processes_match_one_process_and_resume(tmp_path, data_root):
     w3 = weights(resumed)
     assert relative_distance(w2, w3) < 1e-4
     assert json.loads((resumed / "metrics.json").read_text())["test_accuracy"] == m2["test_accuracy"]
+
+
+def test_two_gloo_processes_match_one_process_in_defended_training(tmp_path, data_root):
+    """Defended training (FGSM + R+FGSM examples made with the current model every batch) under
+    torchrun: each rank draws R+FGSM's random start for the whole global batch and keeps its rows
+    (LinfAttack.shard), so 2 processes train on the adversarial images 1 process makes. Before
+    that fix every rank drew the noise of rows 0..n for its own shard."""
+    defended = ["--memory-format", "contiguous", "--defense", "fgsm:0.5,rfgsm:0.5", "--eps", "0.03"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    emoshield(one, 1, data_root, extra=defended)
+    proc = emoshield(two, 1, data_root, processes=2, extra=defended)
+    assert "data parallel over 2 processes (gloo)" in proc.stderr
+    h1, h2 = (json.loads((f / "history.json").read_text()) for f in (one, two))
+    assert json.loads((two / "metrics.json").read_text())["defense"]["methods"] == {"fgsm": 0.5, "rfgsm": 0.5}
+    for key in ("train_loss", "val_loss", "val_rfgsm_accuracy"):
+        assert abs(h1[0][key] - h2[0][key]) < 1e-4, (key, h1[0][key], h2[0][key])
+    assert relative_distance(weights(one), weights(two)) < 1e-4
