@@ -165,13 +165,15 @@ def _markdown(summary: list[dict], args) -> str:
                 f"{row[k]:.1%}" if k in row else "" for k in keys) + f" | {s['seconds_per_epoch'][variant]:.1f} |")
     if any(s.get("masking_checks") for s in summary):
         lines += ["", "Gradient-masking checks of the defended models: PGD-10 at eps 0.03 / 0.05 / 0.1 (must reach "
-                      "~0), PGD-10 transferred from the undefended twin at 0.01 (must not beat white-box PGD), "
-                      "sanity flags.", "", "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
+                      "~0; where it leaves more than 10% at 0.1, APGD-CE-50 is run there and shown beside it), PGD-10 "
+                      "transferred from the undefended twin at 0.01 (must not beat white-box PGD), sanity flags.", "", "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
                   "|---|---:|---:|---:|---:|---|"]
         for s in (s for s in summary if s.get("masking_checks")):  # rows of earlier runs had no checks
             checks = s["masking_checks"]
             sweep, transfer = checks.get("sweep", {}), checks.get("transfer", {}).get("0.01", {})
             cells = [f"{sweep[e]:.1%}" if e in sweep else "" for e in ("0.03", "0.05", "0.1")]
+            if "0.1" in checks.get("sweep_apgd", {}):  # PGD stayed above 10% there: what APGD-CE left
+                cells[2] += f" (APGD-CE {checks['sweep_apgd']['0.1']:.1%})"
             cells.append(f"{transfer['accuracy']:.1%}" if "accuracy" in transfer else "")
             flags = "; ".join(s.get("sanity_flags") or []) or "none"
             lines.append(f"| {s['protocol']} | " + " | ".join(cells) + f" | {flags} |")

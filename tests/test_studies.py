@@ -233,6 +233,12 @@ def test_the_defense_bench_reads_a_damaged_summary_as_no_rows_and_skips_only_mat
     assert not bench._finished(rows, "prototype", args)  # no row
     for change in ({"epochs": "10"}, {"seed": "1"}, {"weights": "scratch"}, {"attack_bn": "train"}, {"input_size": "48"}):
         assert not bench._finished(rows, "reference", argparse.Namespace(**{**vars(args), **change})), change
+    # its masking table shows APGD-CE beside PGD at 0.1 where PGD stayed above the floor
+    checked = [{**row, "defended": {"clean": 1.0}, "undefended": {"clean": 1.0},
+                "seconds_per_epoch": {"defended": 1.0, "undefended": 1.0}, "sanity_flags": [],
+                "masking_checks": {"sweep": {"0.03": 0.3, "0.05": 0.2, "0.1": 0.193}, "sweep_apgd": {"0.1": 0.011}}}]
+    page = bench._markdown(checked, argparse.Namespace(**vars(args), out="results/defense_ckplus48"))
+    assert "| reference | 30.0% | 20.0% | 19.3% (APGD-CE 1.1%) |  | none |" in page
 
 
 def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete(studies, capsys):
