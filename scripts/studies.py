@@ -311,6 +311,7 @@ class Workers:
                         continue
                     self.running.add(stage.name)
                 self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")
+                run_started = time.monotonic()
                 try:
                     rc = self._run(index, stage)
                 finally:
@@ -326,6 +327,9 @@ class Workers:
                 first = next(iter(self._pending()), None)
                 if first is not None and first is not stage and first.source is not None and _untested_units(first):
                     break  # a unit just finished: test its models before anything else (a new pass)
+                if rc == 0 and not done(stage, self.by_name) and time.monotonic() - run_started >= IDLE_SECONDS:
+                    break  # it did a unit of work and has more: back to the first stage (stages are in priority
+                    # order), not on to a later one; one that returned at once had nothing free to take
             if time.monotonic() - started < IDLE_SECONDS:  # every free step was taken: look again later
                 self.stopping.wait(IDLE_SECONDS)
 

@@ -289,3 +289,12 @@ def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
         in lines["jaffe-subject-v2"]
     assert "evaluating evaluation-subject-x: 1 attack batch(es) kept, last unreadable" in lines["defense_ckplus48"]
     assert "evaluating" not in lines["ckplus48-subject-v2"]
+
+
+def test_a_worker_goes_back_to_the_first_unfinished_stage_after_each_unit(studies):
+    """Stages are in priority order: a study that hands back after one unit (--until-unit) is taken
+    up again before any later stage starts (the lever ablation must not take a worker from a
+    study with units left)."""
+    module, tmp = studies
+    assert module.main(["--workers", "1", "--only", "jaffe-subject-v2,defense_ckplus48"]) == 0
+    assert [c["stage"] for c in calls(tmp)] == ["jaffe-subject-v2"] * 3 + ["defense_ckplus48"]
