@@ -166,7 +166,8 @@ def _markdown(summary: list[dict], args) -> str:
     if any(s.get("masking_checks") for s in summary):
         lines += ["", "Gradient-masking checks of the defended models: PGD-10 at eps 0.03 / 0.05 / 0.1 (must reach "
                       "~0; where it leaves more than 10% at 0.1, APGD-CE-50 is run there and shown beside it), PGD-10 "
-                      "transferred from the undefended twin at 0.01 (must not beat white-box PGD), sanity flags.", "", "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
+                      "transferred from the undefended twin at 0.01 (must not beat white-box PGD), sanity flags.", "",
+                  "| protocol | PGD 0.03 | PGD 0.05 | PGD 0.1 | transfer 0.01 | flags |",
                   "|---|---:|---:|---:|---:|---|"]
         for s in (s for s in summary if s.get("masking_checks")):  # rows of earlier runs had no checks
             checks = s["masking_checks"]

@@ -427,7 +427,7 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
                                "Evaluation", summary_name="summary.md" if robustness else "report.md")
     if robustness is None:
         return metrics
-    partial = Path(checkpoint_root or out_dir) / "partial"  # attack results batch by batch: a stopped evaluation resumes there
+    partial = Path(checkpoint_root or out_dir) / "partial"  # attack results batch by batch: a stop resumes there
     report = _robustness(model, test, classes, robustness, log, partial)
     result = {"model": meta, "robustness": report}
     comparison, baseline_meta, baseline_report = None, None, None
