@@ -501,7 +501,7 @@ def recheck_masking(out_dir: Path, model_dir: Path, baseline_dir: Path | None = 
     same clean accuracy per class, else this refuses. Returns a line per report that changed."""
     from .attacks.registry import correct_under
     from .data.images import to_model_input
-    from .evaluation.robustness import MASKING_FLOOR, _per_class, result_flags, sweep_followup
+    from .evaluation.robustness import MASKING_FLOOR, _per_class, result_flags, sweep_followup, sweep_followup_eps
     from .models.tta import with_tta
     from .provenance import git_commit
 
@@ -512,12 +512,7 @@ def recheck_masking(out_dir: Path, model_dir: Path, baseline_dir: Path | None = 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise EmoshieldError(f"{path}: not a readable robustness report ({error})") from None
 
-    def needs(report: dict | None) -> bool:
-        checks = (report or {}).get("masking_checks") or {}
-        sweep = checks.get("sweep") or {}
-        return bool(sweep) and "sweep_apgd" not in checks and sweep[max(sweep, key=float)] > MASKING_FLOOR
-
-    todo = [k for k in ("robustness", "baseline_robustness") if needs(result.get(k))]
+    todo = [k for k in ("robustness", "baseline_robustness") if sweep_followup_eps(result.get(k)) is not None]
     if not todo:
         return []
     if "baseline_robustness" in todo and baseline_dir is None:

@@ -106,6 +106,17 @@ def result_flags(report: dict) -> list[str]:
     return flags
 
 
+def sweep_followup_eps(report: dict) -> str | None:
+    """The sweep's largest eps when PGD left accuracy above the floor there and no APGD-CE
+    follow-up has run yet (what sweep_followup and recheck_masking act on), else None."""
+    checks = (report or {}).get("masking_checks") or {}
+    sweep = checks.get("sweep") or {}
+    if not sweep or "sweep_apgd" in checks:
+        return None
+    largest = max(sweep, key=float)
+    return largest if sweep[largest] > MASKING_FLOOR else None
+
+
 def sweep_followup(model, x: torch.Tensor, labels: torch.Tensor, report: dict, apgd_steps: int = 50,
                    seed: int = 0, batch_size: int = 128, checkpoint: AttackCheckpoint | None = None,
                    progress=None) -> None:
@@ -113,12 +124,10 @@ def sweep_followup(model, x: torch.Tensor, labels: torch.Tensor, report: dict, a
     (masking_checks.sweep_apgd). PGD's fixed step (2.5 eps / steps) can stall at large eps on a
     model whose gradients are fine; APGD adapts its step. Carlini et al.'s checklist: try a
     stronger attack before calling the gradients masked, so only both staying up raises the flag."""
-    sweep = report.get("masking_checks", {}).get("sweep", {})
-    if not sweep:
+    largest = sweep_followup_eps(report)
+    if largest is None:
         return
-    largest = max(sweep, key=float)
-    if sweep[largest] <= MASKING_FLOOR:
-        return
+    sweep = report["masking_checks"]["sweep"]
     attack = make_attack("apgd", float(largest), steps=apgd_steps, restarts=1, seed=seed)
     correct, _ = correct_under_resumable(model, x, labels, attack, batch_size, checkpoint)
     report["masking_checks"]["sweep_apgd"] = {largest: correct.float().mean().item()}
