@@ -104,8 +104,11 @@ def train_variant(name: str, args: argparse.Namespace) -> bool:
     if _finished(name, args):
         return False
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
-    with open(Path(args.work) / f"{name}.log", "a") as log:
-        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    from emoshield.reproduce import tied_to_this_process
+
+    with open(Path(args.work) / f"{name}.log", "a") as log:  # the training dies with this process and its lock
+        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       preexec_fn=tied_to_this_process())
     return True
 
 

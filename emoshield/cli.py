@@ -272,7 +272,7 @@ def cmd_reproduce(args) -> int:
 
 def cmd_cross_dataset(args) -> int:
     from .attacks import parse_eps_list
-    from .cross_dataset import CrossOptions, cross_evaluate
+    from .cross_dataset import CrossOptions, cross_evaluate, library_cross
 
     for flag in ("pgd_steps", "autoattack_steps", "square_queries", "limit_per_class"):
         value = getattr(args, flag)
@@ -281,6 +281,14 @@ def cmd_cross_dataset(args) -> int:
     options = CrossOptions(args.dataset, args.data_root, parse_eps_list(args.eps), args.pgd_steps,
                            args.autoattack_steps, args.square_queries, args.limit_per_class)
     out = Path(args.out)
+    if args.model:
+        if not args.model.startswith("library:"):
+            raise EmoshieldError(f"--model takes a cloud library entry, library:NAME, not {args.model!r} (a study's "
+                                 "models: --work)")
+        library_cross(args.model[len("library:"):], out, options)
+        print((out / "report.md").read_text())
+        print(f"  every number: {out / 'results.json'}")
+        return 0
     result = cross_evaluate(Path(args.work), out, options)
     print((out / "report.md").read_text())
     print(f"  every number: {out / 'results.json'} ({len(result['units'])} units)")
@@ -1085,9 +1093,13 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="return once this process has evaluated one unit, e.g. for scripts/studies.py to test "
                         "that unit's models on another dataset before they are lost with the session")
     p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("cross-dataset", help="a study's defended and undefended models on another dataset: "
-                                             "clean, PGD and AutoAttack beside their own held-out people")
-    p.add_argument("--work", required=True, help="the study's work folder (`emoshield reproduce --work`)")
+    p = sub.add_parser("cross-dataset", help="a study's defended and undefended models (or a cloud library entry "
+                                             "as shipped) on another dataset: clean, PGD and AutoAttack beside "
+                                             "their own held-out people")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--work", help="the study's work folder (`emoshield reproduce --work`)")
+    which.add_argument("--model", help="library:NAME: a cloud library entry with no fine-tuning (e.g. FER2013 -> "
+                                       "CK+48), beside its own test accuracy")
     p.add_argument("--dataset", choices=["ckplus48", "jaffe", "fer2013"], required=True,
                    help="the dataset to test on (every image of the models' classes)")
     p.add_argument("--data-root", help="folder holding the dataset folder (default: $EMOSHIELD_DATA)")

@@ -104,15 +104,20 @@ def _identity(options: CrossOptions, study: dict) -> dict:
 
 
 def _saved(path: Path, options: CrossOptions, study: dict) -> dict | None:
+    return _read_matching(path, _identity(options, study), "from another study")
+
+
+def _read_matching(path: Path, identity: dict, other: str) -> dict | None:
+    """The saved result at PATH (None if there is none) when its identity keys match; a result
+    made otherwise is refused, never mixed or overwritten."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise EmoshieldError(f"{path} is not a readable unit file ({exc}); delete it to re-evaluate") from None
-    if not isinstance(saved, dict) or {k: saved.get(k) for k in ("options", "study")} != _identity(options, study):
-        raise EmoshieldError(f"{path} was made with other options or from another study; pass another --out "
-                             "or delete it")
+        raise EmoshieldError(f"{path} is not a readable result file ({exc}); delete it to re-evaluate") from None
+    if not isinstance(saved, dict) or {k: saved.get(k) for k in identity} != identity:
+        raise EmoshieldError(f"{path} was made with other options or {other}; pass another --out or delete it")
     return saved
 
 
@@ -212,3 +217,85 @@ def write_report(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "report.md").write_text(cross_markdown(result))
+
+
+LIBRARY_VARIANT = "no fine-tuning"  # the table's 'model' column for a cloud library entry as shipped
+
+
+def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dict:
+    """A cloud library entry as it is shipped (e.g. FER2013 -> CK+48 with no fine-tuning) on every
+    face of the target of the classes it has: clean, PGD and AutoAttack, beside its own test
+    accuracy from the library metadata (FER2013 PrivateTest; clean only). OUT/evaluation holds
+    the full robustness report; OUT/results.json has the shape `collect` gives a study, so
+    RESULTS.md's cross-dataset table shows it as one more row. Re-running returns the saved result
+    when entry (sha256) and options match, and refuses an OUT made otherwise."""
+    from .models.library import read_entry
+    from .paths import write_atomic
+    from .pipeline import DataOptions, RobustnessOptions, evaluate_model
+    from .provenance import git_commit
+    from .reproduce import headline, mean_std, step_lock
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    meta, _ = read_entry(entry)
+    source = str(meta.get("data", "")).split(" ")[0] or "?"
+    if source == options.target:
+        raise EmoshieldError(f"library:{entry} was pretrained on {source}: test it on its own test split with "
+                             f"`emoshield evaluate --model library:{entry} --dataset {source} --protocol official`")
+    identity = {"options": asdict(options) | {"data_root": None},
+                "library_entry": {"name": meta.get("name"), "sha256": meta.get("sha256")}}
+    out = Path(out)
+    path = out / "results.json"
+    if (saved := _read_matching(path, identity, "from another library entry")) is not None:
+        log(f"library:{entry} on {options.target}: already done ({path})")
+        return saved
+    data = DataOptions(dataset=options.target, data_root=options.data_root, protocol="all",
+                       limit_per_class=options.limit_per_class)
+    robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
+                                   square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
+    with step_lock(out / "evaluation") as mine:
+        if not mine:
+            raise EmoshieldError(f"{out} is being evaluated by another process")
+        if (saved := _read_matching(path, identity, "from another library entry")) is not None:  # finished by another process meanwhile
+            return saved
+        log(f"library:{entry} on {options.target}: evaluating")
+        result = evaluate_model(Path(f"library:{entry}"), out / "evaluation", data, robustness,
+                                log=lambda m: log(f"  {m}"))
+    report = result["robustness"]
+    own = {"clean": (meta.get("accuracy") or {}).get("test")}
+    target = headline(report)
+    record = {"source": source, "target": options.target, **identity, "num_images": report["num_images"],
+              "classes": result["model"]["classes"], "input_size": meta.get("input_size"),
+              "epochs": meta.get("epochs"), "seed": meta.get("seed"), "own_test": meta.get("data"),
+              "summary": {meta.get("backbone", "?"): {LIBRARY_VARIANT: {
+                  "source": {k: mean_std([v]) for k, v in own.items()},
+                  "target": {k: mean_std([v]) for k, v in target.items()}}}},
+              "autoattack_stages": {e: v.get("stages") for e, v in report["attacks"].get("autoattack", {}).items()},
+              "sanity_flags": report["sanity_flags"], "units": {}, "pending": [], "unit_commits": [git_commit()]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(library_markdown(record, entry))
+    write_atomic(path, json.dumps(record, indent=1).encode())  # last: its presence means done
+    return record
+
+
+def library_markdown(record: dict, entry: str) -> str:
+    """The library entry's cross-dataset row: its own test figure vs the other dataset's faces."""
+    from .evaluation.study_report import _pm
+
+    o = record["options"]
+    backbone, variants = next(iter(record["summary"].items()))
+    s = variants[LIBRARY_VARIANT]
+    lines = [f"# library:{entry} ({record['source']}) on {record['target']} with no fine-tuning", "",
+             f"The cloud library entry as shipped ({backbone}, {record['input_size']} px, {record['epochs']} epochs, "
+             f"seed {record['seed']}, sha256 {record['library_entry']['sha256'][:12]}), tested on "
+             f"{record['num_images']} {record['target']} images of the classes it has "
+             f"({', '.join(record['classes'])}); its outputs stay all of its classes. 'Own' = its test accuracy "
+             f"from the library metadata ({record['own_test']}). AutoAttack standard (APGD-CE, APGD-T, FAB-T "
+             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries) and PGD-{o['pgd_steps']}. "
+             f"Full report: [evaluation/report.md](evaluation/report.md). Commit {record['unit_commits'][0][:12]}.", ""]
+    for eps in (f"{e:g}" for e in o["eps"]):
+        lines += [f"## eps {eps}", "", f"| backbone | own clean | {record['target']} clean | "
+                  f"{record['target']} PGD-{o['pgd_steps']} | {record['target']} AutoAttack |", "|---|---|---|---|---|",
+                  f"| {backbone} | {_pm(s['source'].get('clean'))} | {_pm(s['target']['clean'])} | "
+                  f"{_pm(s['target'].get(f'pgd@{eps}'))} | {_pm(s['target'].get(f'autoattack@{eps}'))} |", ""]
+    lines += ["## Sanity flags", "", *(f"- {f}" for f in record["sanity_flags"] or ["none raised"]), ""]
+    return "\n".join(lines)

@@ -419,6 +419,28 @@ def step_lock(path: Path):
             os.close(fd)
 
 
+def tied_to_this_process():
+    """A subprocess preexec_fn: the child gets SIGKILL when this process dies (Linux
+    PR_SET_PDEATHSIG), so a child doing the work of this process's step_lock never runs on after
+    the lock went with its holder; a child whose parent died before the call exits at once. Where
+    prctl is missing (not Linux) the child is not tied."""
+    import signal
+
+    parent = os.getpid()
+
+    def tie() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return tie
+
+
 def _all_corruptions() -> list[str]:
     from .attacks import parse_corruptions
 

@@ -247,10 +247,12 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
 
 
 def cross_table(root: Path) -> list[str]:
-    """Issue 17 item 5: each study's models on every face of the other dataset (results/cross/*)."""
-    rows = []
-    for path in sorted(root.glob("*/results.json")):
+    """Issue 17 item 5 and issue 18 item 4: each study's models on every face of the other dataset,
+    and the cloud backbone as shipped on both (results/cross/*)."""
+    rows, library = [], False
+    for path in sorted(root.glob("*/results.json"), key=lambda p: ("library_entry" in p.read_text(), p)):
         c = json.loads(path.read_text())
+        library |= "library_entry" in c
         eps = f"{c['options']['eps'][0]:g}"
         for backbone, variants in c["summary"].items():
             for variant, s in variants.items():
@@ -260,12 +262,15 @@ def cross_table(root: Path) -> list[str]:
                             f"| {_pct(dst['clean'])} | {_pct(dst.get(f'pgd@{eps}'))} | {_pct(dst.get(f'autoattack@{eps}'))} |")
     if not rows:
         return []
+    shipped = (" 'no fine-tuning' = the cloud library's FER2013 backbone as shipped (7 outputs, 48 px), on every face "
+               "of the other dataset; its 'own' figure is its FER2013 PrivateTest accuracy (7 classes), which no study "
+               "attacked." if library else "")
     return ["## Across datasets: what survives a change of faces", "",
             "Every finished unit of a subject study (its defended and undefended localization-head models) tested on "
             "every face of the other dataset, of the classes both have (CK+48 has no angry or neutral faces in our "
             "5-class set; a 7-class JAFFE model keeps its 7 outputs). 'Own' = the study's held-out people. eps 0.01; "
             "AutoAttack = the standard sequence (Square 5000 queries). Units whose models were lost with an earlier "
-            "session are not in these tables (each report names them).", "",
+            "session are not in these tables (each report names them)." + shipped, "",
             "| models → faces | backbone | model | units | own clean | own AutoAttack | other clean | other PGD-10 "
             "| other AutoAttack |", "|---|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
 

@@ -388,3 +388,85 @@ def test_a_partial_report_is_made_from_the_finished_units_and_names_the_pending_
     assert "Partial: 1 of 2 units finished" in report and "pending: smallcnn-fold1-seed0" in report
     (out / "units" / "smallcnn-fold1-seed0.json").write_text(json.dumps({**unit, "fold": 1}))
     assert study.collect()["complete"] is True
+
+
+def test_a_library_entry_as_shipped_is_tested_on_another_dataset_beside_its_own_test_figure(
+        tmp_path, data_root, capsys, monkeypatch):
+    """FER2013 -> JAFFE with no fine-tuning: every JAFFE face of the entry's classes, clean, PGD and
+    AutoAttack; resumed, not re-run; a pretraining dataset, another entry or other options refused."""
+    from emoshield.cli import main
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.models.library import add_entry
+
+    library = tmp_path / "library"
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
+    classes = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    add_entry("tiny-fer2013", build_model(ModelConfig("smallcnn", classes, 16)), library,
+              data="fer2013 official split: test (PrivateTest) 3589 images", epochs=1, seed=0,
+              accuracy={"test": 0.25})
+    out = tmp_path / "fer2013-jaffe"
+    command = ["cross-dataset", "--model", "library:tiny-fer2013", "--dataset", "jaffe", "--data-root", str(data_root),
+               "--pgd-steps", "3", "--autoattack-steps", "3", "--square-queries", "30", "--limit-per-class", "1",
+               "--out", str(out)]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())
+    assert result["source"] == "fer2013" and result["target"] == "jaffe" and result["classes"] == classes
+    assert 7 <= result["num_images"] <= 28  # one sequence (about 3 images) per class, every class JAFFE has
+    s = result["summary"]["smallcnn"]["no fine-tuning"]
+    assert s["source"]["clean"]["mean"] == 0.25 and s["source"]["clean"]["n"] == 1  # its own PrivateTest figure
+    evaluation = json.loads((out / "evaluation" / "robustness.json").read_text())
+    assert s["target"]["clean"]["mean"] == evaluation["robustness"]["clean_accuracy"]
+    assert 0 <= s["target"]["autoattack@0.01"]["mean"] <= min(s["target"]["clean"]["mean"],
+                                                                s["target"]["pgd@0.01"]["mean"] + 1e-9)
+    assert result["library_entry"]["sha256"] and "| smallcnn |" in printed and "jaffe AutoAttack" in printed
+    assert not (out / "evaluation" / "partial").exists()  # attack checkpoints removed once written
+
+    assert main(command) == 0 and "already done" in capsys.readouterr().err  # resumed: the same file
+    assert json.loads((out / "results.json").read_text()) == result
+    for other, message in (([*command[:-2], "--pgd-steps", "4", "--out", str(out)], "other options"),
+                           ([a if a != "jaffe" else "fer2013" for a in command], "pretrained on fer2013"),
+                           ([a if a != "library:tiny-fer2013" else "runs/x" for a in command], "library:NAME")):
+        assert main(other) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    add_entry("tiny-fer2013", build_model(ModelConfig("smallcnn", classes, 32)), library, data="fer2013 x",
+              overwrite=True)  # other weights under the same name: not the entry OUT was made from
+    assert main(command) == 2 and "another library entry" in capsys.readouterr().err
+
+
+def test_a_child_tied_to_its_parent_dies_with_it_and_an_untied_one_does_not(tmp_path):
+    """bench/cloud_levers.py's training child must not run on unlocked once the lock's holder is killed."""
+    import os
+    import signal
+
+    parent_code = ("import subprocess, sys, time\n"
+                   "from emoshield.reproduce import tied_to_this_process\n"
+                   "tied = subprocess.Popen(['sleep', '60'], preexec_fn=tied_to_this_process())\n"
+                   "free = subprocess.Popen(['sleep', '60'])\n"
+                   "print(tied.pid, free.pid, flush=True)\n"
+                   "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    tied, free = map(int, parent.stdout.readline().split())
+
+    def alive(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    try:
+        assert alive(tied) and alive(free)
+        parent.kill()  # SIGKILL: no clean-up of its own runs
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while alive(tied) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(tied)
+        assert alive(free)  # without the tie a child runs on (what the tie is for)
+    finally:
+        for pid in (tied, free):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
