@@ -214,3 +214,25 @@ def test_another_dataset_is_tested_on_the_model_classes_it_has(tmp_path, data_ro
         cv2.imwrite(str(faces / cls / "a.png"), np.full((32, 32), 128, np.uint8))
     with pytest.raises(EmoshieldError, match="none of the model's classes"):
         model_test_data(folder, DataOptions(dataset="folder", data_root=str(faces), protocol="all"))
+
+
+def test_a_busy_cpu_and_several_torch_threads_give_one_hint_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    import torch
+
+    from emoshield.cli import busy_cpu_hint, main
+
+    assert busy_cpu_hint(1, 9.0, 2) is None  # one thread: nothing to wait on
+    assert busy_cpu_hint(2, 0.3, 2) is None  # an idle machine
+    assert "load 1.6 on 2 cores" in busy_cpu_hint(2, 1.6, 2) and "OMP_NUM_THREADS=1" in busy_cpu_hint(2, 1.6, 2)
+    monkeypatch.setenv("EMOSHIELD_HINTS", "1")  # the suite turns hints off (conftest)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert main(["evaluate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("emoshield: note: the CPU is busy (load 7.0 on") and err[1].startswith("emoshield: error")
+    assert main(["models", "list"]) == 0 and "CPU is busy" not in capsys.readouterr().err  # no compute: no hint
+    monkeypatch.setenv("EMOSHIELD_HINTS", "0")
+    assert main(["evaluate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert "CPU is busy" not in capsys.readouterr().err
