@@ -255,7 +255,8 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
     with step_lock(out / "evaluation") as mine:
         if not mine:
             raise EmoshieldError(f"{out} is being evaluated by another process")
-        if (saved := _read_matching(path, identity, "from another library entry")) is not None:  # finished by another process meanwhile
+        saved = _read_matching(path, identity, "from another library entry")  # finished elsewhere meanwhile?
+        if saved is not None:
             return saved
         log(f"library:{entry} on {options.target}: evaluating")
         result = evaluate_model(Path(f"library:{entry}"), out / "evaluation", data, robustness,

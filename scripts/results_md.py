@@ -263,8 +263,9 @@ def cross_table(root: Path) -> list[str]:
     if not rows:
         return []
     shipped = (" 'no fine-tuning' = the cloud library's FER2013 backbone as shipped (7 outputs, 48 px), on every face "
-               "of the other dataset; its 'own' figure is its FER2013 PrivateTest accuracy (7 classes), which no study "
-               "attacked." if library else "")
+               "of the other dataset of the classes it knows (CK+48: all but contempt, angry included; JAFFE: all 7); "
+               "its 'own' figure is its FER2013 PrivateTest accuracy (7 classes), which no study attacked."
+               if library else "")
     return ["## Across datasets: what survives a change of faces", "",
             "Every finished unit of a subject study (its defended and undefended localization-head models) tested on "
             "every face of the other dataset, of the classes both have (CK+48 has no angry or neutral faces in our "
