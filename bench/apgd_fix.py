@@ -6,8 +6,11 @@ This bench loads the APGD of commit 5a1e4b3 (the last before the fix, read from 
 into the package) beside today's and runs both, with PGD-10, on every study model that is still
 here: each finished unit's defended and undefended (localization head) model under
 runs/reproduce/*/, on its own held-out test faces (split.json), eps 0.01 and 8/255, 50 steps, seed 0.
+With --seeds, both APGDs run once per seed (random start and restarts) and the table shows the mean
+over seeds, each seed's figures in results.json: one face apart on one seed may be a seed's luck.
 
     .venv/bin/python bench/apgd_fix.py [--work runs/reproduce] [--out results/apgd_fix] [--steps 50]
+        [--seeds 0,1,2] [--study 'ckplus48-reference-v2']
 
 Writes OUT/results.json and OUT/report.md; the fixed APGD-CE must not be weaker on any model.
 """
@@ -15,6 +18,7 @@ Writes OUT/results.json and OUT/report.md; the fixed APGD-CE must not be weaker 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import subprocess
@@ -67,9 +71,14 @@ def main() -> int:
     parser.add_argument("--work", default="runs/reproduce")
     parser.add_argument("--out", default="results/apgd_fix")
     parser.add_argument("--steps", type=int, default=50, help="APGD iterations (the studies' apgd_steps)")
+    parser.add_argument("--seeds", default="0", help="comma-separated APGD seeds (default: %(default)s)")
+    parser.add_argument("--study", default="*", help="only the study folders matching this glob (default: all)")
     args = parser.parse_args()
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    if not seeds:
+        parser.error("--seeds needs at least one seed")
     OldAPGD = apgd_before_fix()
-    found = models(Path(args.work))
+    found = [m for m in models(Path(args.work)) if fnmatch.fnmatch(m[0], args.study)]
     if not found:
         print(f"no finished study unit with its models under {args.work}", file=sys.stderr)
         return 1
@@ -87,32 +96,41 @@ def main() -> int:
                    "clean": clean, "dataset": meta["dataset"], "protocol": meta["protocol"],
                    "backbone": meta["backbone"], "input_size": meta["input_size"], "epochs": meta["epochs"],
                    "seed": meta["seed"]}
-            for name, attack in (("pgd10", make_attack("pgd", eps, steps=10, seed=0)),
-                                 ("apgd_before_fix", OldAPGD(eps, steps=args.steps, seed=0)),
-                                 ("apgd_fixed", make_attack("apgd", eps, steps=args.steps, seed=0))):
+            started = time.perf_counter()
+            pgd = make_attack("pgd", eps, steps=10, seed=0)
+            row["pgd10"] = correct_under(model, x, y, pgd, 128).float().mean().item()
+            row["pgd10_seconds"] = round(time.perf_counter() - started, 2)
+            for name, make in (("apgd_before_fix", lambda seed: OldAPGD(eps, steps=args.steps, seed=seed)),
+                               ("apgd_fixed", lambda seed: make_attack("apgd", eps, steps=args.steps, seed=seed))):
                 started = time.perf_counter()
-                row[name] = correct_under(model, x, y, attack, 128).float().mean().item()
+                by_seed = [correct_under(model, x, y, make(seed), 128).float().mean().item() for seed in seeds]
+                row[name], row[f"{name}_by_seed"] = sum(by_seed) / len(by_seed), by_seed
                 row[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
             rows.append(row)
             print(f"{study} {unit} {variant} eps {eps:.4g}: PGD-10 {row['pgd10']:.2%}, APGD-CE before fix "
                   f"{row['apgd_before_fix']:.2%}, fixed {row['apgd_fixed']:.2%}", flush=True)
     weaker = [r for r in rows if r["apgd_fixed"] > r["apgd_before_fix"] + 1e-9]
     result = {"what": __doc__.splitlines()[0], "before_fix_commit": BEFORE_FIX, "steps": args.steps,
-              "restarts": 1, "seed": 0, "torch": torch.__version__, "rows": rows,
+              "restarts": 1, "seed": seeds[0] if len(seeds) == 1 else None, "seeds": seeds,
+              "torch": torch.__version__, "rows": rows,
               "fixed_weaker_on": [f"{r['study']} {r['unit']} {r['model']} eps {r['eps']:g}" for r in weaker]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = ["# APGD-CE before and after the step-size fix, same models and faces", "",
              f"`python bench/apgd_fix.py`: every study model still under {args.work} (each unit's defended and "
              "undefended localization-head model, its own held-out test faces from split.json), APGD-CE with "
-             f"{args.steps} steps, 1 restart, seed 0; 'before fix' = emoshield/attacks/apgd.py at {BEFORE_FIX}. "
-             "Robust accuracy in % (lower = stronger attack).", "",
+             f"{args.steps} steps, 1 restart, "
+             + (f"seed {seeds[0]}" if len(seeds) == 1
+                else f"mean over seeds {', '.join(map(str, seeds))} (PGD-10: seed 0)")
+             + f"; 'before fix' = emoshield/attacks/apgd.py at {BEFORE_FIX}. Robust accuracy in % (lower = stronger "
+             "attack).", "",
              "| study | unit | backbone | model | eps | faces | clean | PGD-10 | APGD-CE before fix | APGD-CE fixed | "
              "fixed - before |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['study']} | {r['unit']} | {r['backbone']} | {r['model']} | {r['eps']:.4g} | {r['images']} | "
                      f"{r['clean'] * 100:.1f} | {r['pgd10'] * 100:.1f} | {r['apgd_before_fix'] * 100:.1f} | "
                      f"{r['apgd_fixed'] * 100:.1f} | {(r['apgd_fixed'] - r['apgd_before_fix']) * 100:+.1f} |")
-    lines += ["", f"Fixed APGD-CE weaker than before on: {', '.join(result['fixed_weaker_on']) or 'no model'}.", ""]
+    lines += ["", f"Fixed APGD-CE weaker than before on: {', '.join(result['fixed_weaker_on']) or 'no model'}"
+              + (" (mean over seeds)." if len(seeds) > 1 else "."), ""]
     (out / "report.md").write_text("\n".join(lines))
     print(f"wrote {out / 'report.md'}; fixed weaker on {len(weaker)} of {len(rows)} model x eps")
     return 1 if weaker else 0
