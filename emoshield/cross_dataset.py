@@ -124,14 +124,11 @@ def _read_matching(path: Path, identity: dict, other: str) -> dict | None:
 def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: CrossOptions,
                    study: dict, log) -> None:
     from .paths import write_atomic
-    from .pipeline import DataOptions, RobustnessOptions, evaluate_model
+    from .pipeline import evaluate_model
     from .provenance import git_commit
     from .reproduce import headline
 
-    data = DataOptions(dataset=options.target, data_root=options.data_root, protocol="all",
-                       limit_per_class=options.limit_per_class)
-    robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
-                                   square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
+    data, robustness = _target_evaluation(options)
     result = evaluate_model(folder / VARIANTS["defended"], folder / unit_folder_name(options), data, robustness,
                             baseline_dir=folder / VARIANTS["undefended"], log=lambda m: log(f"  {m}"))
     own = json.loads((folder / "robustness" / "robustness.json").read_text())  # on the fold's held-out people
@@ -142,11 +139,27 @@ def _evaluate_unit(backbone: str, unit: str, folder: Path, path: Path, options: 
               "seed": result["model"]["seed"]}
     for variant, key in (("defended", "robustness"), ("undefended", "baseline_robustness")):
         record[variant] = {"target": headline(result[key]), "source": headline(own[key]),
-                           "autoattack_stages": {e: v.get("stages") for e, v in
-                                                 result[key]["attacks"].get("autoattack", {}).items()},
+                           "autoattack_stages": _autoattack_stages(result[key]),
                            "sanity_flags": result[key]["sanity_flags"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1).encode())
+
+
+def _target_evaluation(options: CrossOptions):
+    """(data, robustness options) of a cross-dataset evaluation: every image of the target of the
+    model's classes, PGD and AutoAttack at the options' eps."""
+    from .pipeline import DataOptions, RobustnessOptions
+
+    data = DataOptions(dataset=options.target, data_root=options.data_root, protocol="all",
+                       limit_per_class=options.limit_per_class)
+    robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
+                                   square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
+    return data, robustness
+
+
+def _autoattack_stages(report: dict) -> dict:
+    """Accuracy after each AutoAttack stage, per eps, of one robustness report."""
+    return {e: v.get("stages") for e, v in report["attacks"].get("autoattack", {}).items()}
 
 
 def collect(out: Path, options: CrossOptions, study: dict) -> dict:
@@ -231,7 +244,7 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
     when entry (sha256) and options match, and refuses an OUT made otherwise."""
     from .models.library import read_entry
     from .paths import write_atomic
-    from .pipeline import DataOptions, RobustnessOptions, evaluate_model
+    from .pipeline import evaluate_model
     from .provenance import git_commit
     from .reproduce import headline, mean_std, step_lock
 
@@ -248,10 +261,7 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
     if (saved := _read_matching(path, identity, "from another library entry")) is not None:
         log(f"library:{entry} on {options.target}: already done ({path})")
         return saved
-    data = DataOptions(dataset=options.target, data_root=options.data_root, protocol="all",
-                       limit_per_class=options.limit_per_class)
-    robustness = RobustnessOptions(["pgd", "autoattack"], list(options.eps), pgd_steps=options.pgd_steps,
-                                   square_queries=options.square_queries, autoattack_steps=options.autoattack_steps)
+    data, robustness = _target_evaluation(options)
     with step_lock(out / "evaluation") as mine:
         if not mine:
             raise EmoshieldError(f"{out} is being evaluated by another process")
@@ -270,7 +280,7 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
               "summary": {meta.get("backbone", "?"): {LIBRARY_VARIANT: {
                   "source": {k: mean_std([v]) for k, v in own.items()},
                   "target": {k: mean_std([v]) for k, v in target.items()}}}},
-              "autoattack_stages": {e: v.get("stages") for e, v in report["attacks"].get("autoattack", {}).items()},
+              "autoattack_stages": _autoattack_stages(report),
               "sanity_flags": report["sanity_flags"], "units": {}, "pending": [], "unit_commits": [git_commit()]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(library_markdown(record, entry))

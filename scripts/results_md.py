@@ -249,10 +249,11 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
 def cross_table(root: Path) -> list[str]:
     """Issue 17 item 5 and issue 18 item 4: each study's models on every face of the other dataset,
     and the cloud backbone as shipped on both (results/cross/*)."""
-    rows, library = [], False
-    for path in sorted(root.glob("*/results.json"), key=lambda p: ("library_entry" in p.read_text(), p)):
-        c = json.loads(path.read_text())
-        library |= "library_entry" in c
+    tables = sorted(((json.loads(p.read_text()), p) for p in root.glob("*/results.json")),
+                    key=lambda t: ("library_entry" in t[0], t[1]))  # the studies' models first
+    library = any("library_entry" in c for c, _ in tables)
+    rows = []
+    for c, path in tables:
         eps = f"{c['options']['eps'][0]:g}"
         for backbone, variants in c["summary"].items():
             for variant, s in variants.items():
