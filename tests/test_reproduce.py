@@ -433,6 +433,11 @@ def test_a_library_entry_as_shipped_is_tested_on_another_dataset_beside_its_own_
     add_entry("tiny-fer2013", build_model(ModelConfig("smallcnn", classes, 32)), library, data="fer2013 x",
               overwrite=True)  # other weights under the same name: not the entry OUT was made from
     assert main(command) == 2 and "another library entry" in capsys.readouterr().err
+    for damaged in ("{", "[]", "\u00e9\u00e9"):  # truncated, not an object, non-ASCII: one line, nothing run
+        (out / "results.json").write_text(damaged)
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("not a readable result file" in err or "other options" in err)
 
 
 def test_a_child_tied_to_its_parent_dies_with_it_and_an_untied_one_does_not(tmp_path):
