@@ -11,6 +11,7 @@ over seeds, each seed's figures in results.json: one face apart on one seed may 
 
     .venv/bin/python bench/apgd_fix.py [--work runs/reproduce] [--out results/apgd_fix] [--steps 50]
         [--seeds 0,1,2] [--study 'ckplus48-reference-v2']
+    .venv/bin/python bench/apgd_fix.py --out results/apgd_fix --render   # report.md from results.json
 
 Writes OUT/results.json and OUT/report.md; the fixed APGD-CE must not be weaker on any model.
 """
@@ -59,7 +60,52 @@ def models(work: Path) -> list[tuple[str, str, str, Path]]:
     return found
 
 
+def markdown(result: dict, work: str | None = None) -> str:
+    """OUT/report.md from OUT/results.json: every row says its data, split protocol, backbone,
+    input size, training epochs and seed (the unit name ends in the training seed)."""
+    rows, seeds, steps = result["rows"], result.get("seeds") or [result["seed"]], result["steps"]
+    work = work or result.get("work", "the studies' work folders")
+    lines = ["# APGD-CE before and after the step-size fix, same models and faces", "",
+             f"`python bench/apgd_fix.py`: every study model still under {work} (each unit's defended and "
+             "undefended localization-head model, its own held-out test faces from split.json), APGD-CE with "
+             f"{steps} steps, {result.get('restarts', 1)} restart, "
+             + (f"seed {seeds[0]}" if len(seeds) == 1
+                else f"mean over seeds {', '.join(map(str, seeds))} (PGD-10: seed 0)")
+             + f"; 'before fix' = emoshield/attacks/apgd.py at {result['before_fix_commit']}. Robust accuracy in % "
+             "(lower = stronger attack). 'data' = dataset, split protocol; 'input, epochs' = the model's "
+             "training.", "",
+             "| study | unit | data | backbone | input, epochs | model | eps | faces | clean | PGD-10 | "
+             "APGD-CE before fix | APGD-CE fixed | fixed - before |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['study']} | {r['unit']} | {r['dataset']}, {r['protocol']} | {r['backbone']} | "
+                     f"{r['input_size']} px, {r['epochs']} | {r['model']} | {r['eps']:.4g} | {r['images']} | "
+                     f"{r['clean'] * 100:.1f} | {r['pgd10'] * 100:.1f} | {r['apgd_before_fix'] * 100:.1f} | "
+                     f"{r['apgd_fixed'] * 100:.1f} | {(r['apgd_fixed'] - r['apgd_before_fix']) * 100:+.1f} |")
+    lines += ["", f"Fixed APGD-CE weaker than before on: {', '.join(result['fixed_weaker_on']) or 'no model'}"
+              + (" (mean over seeds)." if len(seeds) > 1 else "."), ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/reproduce")
+    parser.add_argument("--out", default="results/apgd_fix")
+    parser.add_argument("--steps", type=int, default=50, help="APGD iterations (the studies' apgd_steps)")
+    parser.add_argument("--seeds", default="0", help="comma-separated APGD seeds (default: %(default)s)")
+    parser.add_argument("--study", default="*", help="only the study folders matching this glob (default: all)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite OUT/report.md from OUT/results.json (no attack is run)")
+    args = parser.parse_args()
+    if args.render:
+        try:
+            result = json.loads((Path(args.out) / "results.json").read_text())
+            (Path(args.out) / "report.md").write_text(markdown(result))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"cannot render {Path(args.out) / 'report.md'}: {error}", file=sys.stderr)
+            return 1
+        print(f"wrote {Path(args.out) / 'report.md'}")
+        return 0
     import torch
 
     from emoshield.attacks import make_attack
@@ -67,13 +113,6 @@ def main() -> int:
     from emoshield.data.images import to_model_input
     from emoshield.pipeline import _decode_for, model_test_data
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/reproduce")
-    parser.add_argument("--out", default="results/apgd_fix")
-    parser.add_argument("--steps", type=int, default=50, help="APGD iterations (the studies' apgd_steps)")
-    parser.add_argument("--seeds", default="0", help="comma-separated APGD seeds (default: %(default)s)")
-    parser.add_argument("--study", default="*", help="only the study folders matching this glob (default: all)")
-    args = parser.parse_args()
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     if not seeds:
         parser.error("--seeds needs at least one seed")
@@ -110,28 +149,12 @@ def main() -> int:
             print(f"{study} {unit} {variant} eps {eps:.4g}: PGD-10 {row['pgd10']:.2%}, APGD-CE before fix "
                   f"{row['apgd_before_fix']:.2%}, fixed {row['apgd_fixed']:.2%}", flush=True)
     weaker = [r for r in rows if r["apgd_fixed"] > r["apgd_before_fix"] + 1e-9]
-    result = {"what": __doc__.splitlines()[0], "before_fix_commit": BEFORE_FIX, "steps": args.steps,
+    result = {"what": __doc__.splitlines()[0], "before_fix_commit": BEFORE_FIX, "steps": args.steps, "work": args.work,
               "restarts": 1, "seed": seeds[0] if len(seeds) == 1 else None, "seeds": seeds,
               "torch": torch.__version__, "rows": rows,
               "fixed_weaker_on": [f"{r['study']} {r['unit']} {r['model']} eps {r['eps']:g}" for r in weaker]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    lines = ["# APGD-CE before and after the step-size fix, same models and faces", "",
-             f"`python bench/apgd_fix.py`: every study model still under {args.work} (each unit's defended and "
-             "undefended localization-head model, its own held-out test faces from split.json), APGD-CE with "
-             f"{args.steps} steps, 1 restart, "
-             + (f"seed {seeds[0]}" if len(seeds) == 1
-                else f"mean over seeds {', '.join(map(str, seeds))} (PGD-10: seed 0)")
-             + f"; 'before fix' = emoshield/attacks/apgd.py at {BEFORE_FIX}. Robust accuracy in % (lower = stronger "
-             "attack).", "",
-             "| study | unit | backbone | model | eps | faces | clean | PGD-10 | APGD-CE before fix | APGD-CE fixed | "
-             "fixed - before |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['study']} | {r['unit']} | {r['backbone']} | {r['model']} | {r['eps']:.4g} | {r['images']} | "
-                     f"{r['clean'] * 100:.1f} | {r['pgd10'] * 100:.1f} | {r['apgd_before_fix'] * 100:.1f} | "
-                     f"{r['apgd_fixed'] * 100:.1f} | {(r['apgd_fixed'] - r['apgd_before_fix']) * 100:+.1f} |")
-    lines += ["", f"Fixed APGD-CE weaker than before on: {', '.join(result['fixed_weaker_on']) or 'no model'}"
-              + (" (mean over seeds)." if len(seeds) > 1 else "."), ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.md").write_text(markdown(result, args.work))
     print(f"wrote {out / 'report.md'}; fixed weaker on {len(weaker)} of {len(rows)} model x eps")
     return 1 if weaker else 0
 

@@ -185,6 +185,11 @@ def collect(out: Path, options: CrossOptions, study: dict) -> dict:
             "unit_commits": sorted({r["git_commit"] for r in records})}
 
 
+def _autoattack_words(steps, queries) -> str:
+    """How the reports name the AutoAttack settings they ran (one wording for every table)."""
+    return f"AutoAttack standard (APGD-CE, APGD-T, FAB-T {steps} steps, Square {queries} queries)"
+
+
 def cross_markdown(result: dict) -> str:
     """The table RESULTS.md quotes: own held-out people vs the other dataset, per backbone and model."""
     from .evaluation.study_report import _pm
@@ -201,11 +206,11 @@ def cross_markdown(result: dict) -> str:
              f"its classes ({', '.join(result['classes'] or [])}), {result['input_size']} px, "
              f"{result['epochs']} training epochs. mean ± std over units. "
              f"Commits: {', '.join(c[:12] for c in result['unit_commits'])}.", "",
-             f"- 'own' = the study's figures on {held_out}, with the study's settings: AutoAttack standard "
-             f"(APGD-CE, APGD-T, FAB-T {so.get('autoattack_steps')} steps, Square {so.get('square_queries')} "
-             f"queries) at eps {', '.join(f'{e:g}' for e in so.get('autoattack_eps', []))}.",
-             f"- {result['target']} = this table's settings: AutoAttack standard (APGD-CE, APGD-T, FAB-T "
-             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries) and PGD-{o['pgd_steps']}.", ""]
+             f"- 'own' = the study's figures on {held_out}, with the study's settings: "
+             f"{_autoattack_words(so.get('autoattack_steps'), so.get('square_queries'))} "
+             f"at eps {', '.join(f'{e:g}' for e in so.get('autoattack_eps', []))}.",
+             f"- {result['target']} = this table's settings: "
+             f"{_autoattack_words(o['autoattack_steps'], o['square_queries'])} and PGD-{o['pgd_steps']}.", ""]
     if result.get("pending"):
         lines += [f"Not in the table yet (pending or being evaluated by another process): "
                   f"{', '.join(result['pending'])}.", ""]
@@ -300,8 +305,8 @@ def library_markdown(record: dict, entry: str) -> str:
              f"seed {record['seed']}, sha256 {record['library_entry']['sha256'][:12]}), tested on "
              f"{record['num_images']} {record['target']} images of the classes it has "
              f"({', '.join(record['classes'])}); its outputs stay all of its classes. 'Own' = its test accuracy "
-             f"from the library metadata ({record['own_test']}). AutoAttack standard (APGD-CE, APGD-T, FAB-T "
-             f"{o['autoattack_steps']} steps, Square {o['square_queries']} queries) and PGD-{o['pgd_steps']}. "
+             f"from the library metadata ({record['own_test']}). "
+             f"{_autoattack_words(o['autoattack_steps'], o['square_queries'])} and PGD-{o['pgd_steps']}. "
              f"Full report: [evaluation/report.md](evaluation/report.md). Commit {record['unit_commits'][0][:12]}.", ""]
     for eps in (f"{e:g}" for e in o["eps"]):
         lines += [f"## eps {eps}", "", f"| backbone | own clean | {record['target']} clean | "

@@ -15,6 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emoshield.evaluation.masking import MASKING_FLOOR, MASKING_SWEEP, sweep_followup_eps  # noqa: E402
+
+SWEEP = [f"{eps:g}" for eps in MASKING_SWEEP]  # the masking sweep's eps as the reports key them
+LARGEST = SWEEP[-1]
+
 WHAT_DIFFERS = """## What differs from the reference
 | | reference (SPEC §7) | here |
 |---|---|---|
@@ -172,19 +179,20 @@ def masking_table(studies: list[dict]) -> list[str]:
             checks = [u.get("masking_checks", {}) for u in units.values()]
             if not any(checks):
                 continue
-            sweep = {e: _mean([c.get("sweep", {}).get(e) for c in checks]) for e in ("0.03", "0.05", "0.1")}
+            sweep = {e: _mean([c.get("sweep", {}).get(e) for c in checks]) for e in SWEEP}
             transfer = _mean([c.get("transfer", {}).get("0.01", {}).get("accuracy") for c in checks])
             white = _mean([u["defended"].get("pgd@0.01") for u in units.values()])
             square_found = sum(1 for u in units.values() for eps in u.get("autoattack", {}).get("defended", {}).values()
                                if (st := eps.get("stages") or {}).get("square", 1) < st.get("fab-t", 1) - 1e-9)
-            followup = [c["sweep_apgd"]["0.1"] for c in checks if "0.1" in c.get("sweep_apgd", {})]
-            missing = sum(1 for c in checks if c.get("sweep", {}).get("0.1", 0) > 0.1 and "sweep_apgd" not in c)
+            followup = [c["sweep_apgd"][LARGEST] for c in checks if LARGEST in c.get("sweep_apgd", {})]
+            missing = sum(1 for u in units.values() if sweep_followup_eps(u) is not None)
             apgd = (f"{_f(_mean(followup))} ({len(followup)} of {len(units)})" if followup else
                     "not needed" if not missing else "") + (f"; not run on {missing}" if missing else "")
             apgd = apgd.lstrip("; ")
             flags = sorted({f for u in units.values() for f in u.get("sanity_flags", [])})
-            rows.append(f"| {_study_name(r)} | {backbone} | {len(units)} | {_f(sweep['0.03'])} | {_f(sweep['0.05'])} | "
-                        f"{_f(sweep['0.1'])} | {apgd} | {_f(transfer)} vs {_f(white)} | {square_found} | "
+            rows.append(f"| {_study_name(r)} | {backbone} | {len(units)} | "
+                        + "".join(f"{_f(sweep[e])} | " for e in SWEEP)
+                        + f"{apgd} | {_f(transfer)} vs {_f(white)} | {square_found} | "
                         f"{'; '.join(flags) or 'none'} |")
     if not rows:
         return []
@@ -192,12 +200,13 @@ def masking_table(studies: list[dict]) -> list[str]:
             "Defended models, mean over units, accuracy in %. PGD-10 must reach ~0 as eps grows; PGD-10 transferred "
             "from the undefended twin at eps 0.01 must not beat white-box PGD-10; Square (5000 queries, "
             "gradient-free) must not find what APGD-CE, APGD-T and FAB-T missed (count of unit x eps where it did). "
-            "Where PGD-10's fixed step leaves more than 10% at eps 0.1, APGD-CE-50 (adaptive step) is run there "
-            "(mean over those units); only both staying above 10% raises the masking flag. "
+            f"Where PGD-10's fixed step leaves more than {MASKING_FLOOR:.0%} at eps {LARGEST}, APGD-CE-50 (adaptive "
+            f"step) is run there (mean over those units); only both staying above {MASKING_FLOOR:.0%} raises the "
+            "masking flag. "
             "Sanity flags: the evaluator's own checks (training mode, accuracy rising with eps, ...).", "",
-            "| study | backbone | units | PGD eps 0.03 | PGD eps 0.05 | PGD eps 0.1 | APGD-CE eps 0.1 (units) "
+            "| study | backbone | units | " + "".join(f"PGD eps {e} | " for e in SWEEP) + f"APGD-CE eps {LARGEST} (units) "
             "| transfer vs white-box PGD (0.01) | Square found more | sanity flags |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, ""]
+            "|---|---|---:|" + "---:|" * (len(SWEEP) + 3) + "---|", *rows, ""]
 
 
 def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) -> list[str]:

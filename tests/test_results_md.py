@@ -168,3 +168,23 @@ def test_the_lever_ablation_shows_its_table_and_how_far_it_has_got(results):
     (levers / "levers.json").write_text("{")  # damaged: left out, the page is still written
     assert run(results, *_args(results)).returncode == 0
     assert "levers, one at a time" not in (results / "RESULTS.md").read_text()
+
+
+@pytest.mark.parametrize("folder", ["apgd_fix", "apgd_fix_seeds"])
+def test_apgd_fix_report_is_its_results_json_with_data_input_and_epochs(tmp_path, folder):
+    """bench/apgd_fix.py --render rebuilds report.md from results.json alone: the committed pair is
+    in sync, and every row names its data, protocol, backbone, input size and training epochs."""
+    shutil.copytree(ROOT / "results" / folder, tmp_path / folder)
+    (tmp_path / folder / "report.md").unlink()
+    bench = [sys.executable, ROOT / "bench" / "apgd_fix.py", "--out", tmp_path / folder, "--render"]
+    proc = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / folder / "report.md").read_text()
+    assert report == (ROOT / "results" / folder / "report.md").read_text()
+    rows = json.loads((tmp_path / folder / "results.json").read_text())["rows"]
+    for r in rows:
+        assert (f"| {r['study']} | {r['unit']} | {r['dataset']}, {r['protocol']} | {r['backbone']} | "
+                f"{r['input_size']} px, {r['epochs']} | {r['model']} |") in report
+    (tmp_path / folder / "results.json").write_text('{"rows": [{"study": "x"}]')  # truncated
+    proc = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("cannot render") and proc.stderr.count("\n") == 1

@@ -15,6 +15,7 @@ from ..attacks.folding import eval_graph
 from ..attacks.registry import LABELS, correct_under
 from ..data.images import to_model_input
 from .checkpoint import AttackCheckpoint, correct_under_resumable, fingerprint
+from .masking import MASKING_FLOOR, MASKING_SWEEP, sweep_followup_eps
 
 
 def _per_class(correct: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -54,10 +55,6 @@ def sanity_flags(model, x: torch.Tensor, y: torch.Tensor, was_training: bool) ->
     if zero > 0.5:
         flags.append(f"input gradients are exactly zero for {zero:.0%} of samples (gradient masking?)")
     return flags
-
-
-MASKING_SWEEP = (0.03, 0.05, 0.1)  # PGD at growing eps: 0.1 is 25/255, enough to break any face model
-MASKING_FLOOR = 0.1  # accuracy PGD must get below at the sweep's largest eps
 
 
 def result_flags(report: dict) -> list[str]:
@@ -104,17 +101,6 @@ def result_flags(report: dict) -> list[str]:
             flags.append(f"gradient-free Square ({entry['accuracy']:.1%}) is stronger than every gradient attack "
                          f"({min(gradient):.1%}) at eps {e}: the gradients may be masked")
     return flags
-
-
-def sweep_followup_eps(report: dict) -> str | None:
-    """The sweep's largest eps when PGD left accuracy above the floor there and no APGD-CE
-    follow-up has run yet (what sweep_followup and recheck_masking act on), else None."""
-    checks = (report or {}).get("masking_checks") or {}
-    sweep = checks.get("sweep") or {}
-    if not sweep or "sweep_apgd" in checks:
-        return None
-    largest = max(sweep, key=float)
-    return largest if sweep[largest] > MASKING_FLOOR else None
 
 
 def sweep_followup(model, x: torch.Tensor, labels: torch.Tensor, report: dict, apgd_steps: int = 50,

@@ -289,7 +289,7 @@ def _sweep_followup_lines(result: dict) -> list[str]:
             for eps, acc in u.get("masking_checks", {}).get("sweep_apgd", {}).items()]
     if not rows:
         return []
-    from .robustness import MASKING_FLOOR
+    from .masking import MASKING_FLOOR
 
     return [f"Where PGD's fixed step left more than {MASKING_FLOOR:.0%} at the sweep's largest eps, APGD-CE was "
             f"run there (the flag is raised only if it stays above {MASKING_FLOOR:.0%} too): " + "; ".join(rows) + ".",
