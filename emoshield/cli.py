@@ -1118,9 +1118,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (the GPU when torch sees one), cpu, cuda or cuda:N; under torchrun each process "
                         "takes its LOCAL_RANK's GPU (default: %(default)s)")
-    p.add_argument("--amp", action="store_true",
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision for the training passes (float16 on CUDA, bfloat16 on CPU); "
-                        "attack passes stay float32 so that gradient signs are not lost to rounding")
+                        "attack passes stay float32 so that gradient signs are not lost to rounding; "
+                        "--no-amp (the default) keeps float32")
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
                    help="layout of the model while it trains: channels_last is 1.1-2.1x faster on CPU; "
                         "contiguous makes runs with different process counts match to 1e-5 (torch's "

@@ -236,3 +236,25 @@ def test_a_busy_cpu_and_several_torch_threads_give_one_hint_line(tmp_path, capsy
     monkeypatch.setenv("EMOSHIELD_HINTS", "0")
     assert main(["evaluate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "CPU is busy" not in capsys.readouterr().err
+
+
+def test_every_cloud_lever_parses_as_a_pretrain_command_and_float32_turns_amp_off():
+    """bench/cloud_levers.py's variants are `emoshield cloud pretrain` flag lists: each must parse,
+    change only what its row says, and the float32 lever must undo the baseline's --amp."""
+    import importlib.util
+
+    from emoshield.cli import build_parser
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cloud_levers", ROOT / "bench" / "cloud_levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    parse = build_parser().parse_args
+    base = parse(["cloud", "pretrain", *levers.variant_args("baseline", 30), "--name", "x"])
+    assert base.amp is True and base.epochs == 30 and base.backbone == "smallcnn"
+    for name in levers.LEVERS:
+        args = parse(["cloud", "pretrain", *levers.variant_args(name, 30), "--name", "x"])
+        changed = {k for k, v in vars(args).items() if vars(base).get(k) != v and k != "func"}
+        assert bool(changed) == (name != "baseline"), (name, changed)
+    assert parse(["cloud", "pretrain", *levers.variant_args("float32", 30), "--name", "x"]).amp is False
+    assert parse(["cloud", "pretrain", *levers.variant_args("schedule-2x", 30), "--name", "x"]).epochs == 60
