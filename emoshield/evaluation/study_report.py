@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .masking import MASKING_FLOOR
+
 AA_STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
 RUN_LABELS = {"localization": "localization head", "own-head": "backbone's own head", "scratch": "scratch",
               "imagenet": "ImageNet", "defended": "defended (localization)"}
@@ -289,8 +291,6 @@ def _sweep_followup_lines(result: dict) -> list[str]:
             for eps, acc in u.get("masking_checks", {}).get("sweep_apgd", {}).items()]
     if not rows:
         return []
-    from .masking import MASKING_FLOOR
-
     return [f"Where PGD's fixed step left more than {MASKING_FLOOR:.0%} at the sweep's largest eps, APGD-CE was "
             f"run there (the flag is raised only if it stays above {MASKING_FLOOR:.0%} too): " + "; ".join(rows) + ".",
             ""]
