@@ -60,13 +60,12 @@ def models(work: Path) -> list[tuple[str, str, str, Path]]:
     return found
 
 
-def markdown(result: dict, work: str | None = None) -> str:
+def markdown(result: dict) -> str:
     """OUT/report.md from OUT/results.json: every row says its data, split protocol, backbone,
     input size, training epochs and seed (the unit name ends in the training seed)."""
     rows, seeds, steps = result["rows"], result.get("seeds") or [result["seed"]], result["steps"]
-    work = work or result.get("work", "the studies' work folders")
     lines = ["# APGD-CE before and after the step-size fix, same models and faces", "",
-             f"`python bench/apgd_fix.py`: every study model still under {work} (each unit's defended and "
+             f"`python bench/apgd_fix.py`: every study model still under {result['work']} (each unit's defended and "
              "undefended localization-head model, its own held-out test faces from split.json), APGD-CE with "
              f"{steps} steps, {result.get('restarts', 1)} restart, "
              + (f"seed {seeds[0]}" if len(seeds) == 1
@@ -154,7 +153,7 @@ def main() -> int:
               "torch": torch.__version__, "rows": rows,
               "fixed_weaker_on": [f"{r['study']} {r['unit']} {r['model']} eps {r['eps']:g}" for r in weaker]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(markdown(result, args.work))
+    (out / "report.md").write_text(markdown(result))
     print(f"wrote {out / 'report.md'}; fixed weaker on {len(weaker)} of {len(rows)} model x eps")
     return 1 if weaker else 0
 

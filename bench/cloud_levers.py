@@ -134,7 +134,7 @@ def variant_row(name: str, args: argparse.Namespace) -> dict:
             "private_test": metrics["test_accuracy"], "private_test_balanced": metrics["balanced_accuracy"],
             "train_seconds": metrics.get("train_seconds"),
             # the median: an epoch that spanned a pause (SIGSTOP for a test run, a suspended session) is not speed
-            "seconds_per_epoch": statistics.median([h["seconds"] for h in history]) if history else None,
+            "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
             "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val_accuracy", "seconds")} for h in history],
             "git_commit": metrics.get("git_commit")}
 

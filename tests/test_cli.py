@@ -239,8 +239,8 @@ def test_a_busy_cpu_and_several_torch_threads_give_one_hint_line(tmp_path, capsy
 
 
 def test_every_cloud_lever_parses_as_a_pretrain_command_and_float32_turns_amp_off():
-    """bench/cloud_levers.py's variants are `emoshield cloud pretrain` flag lists: each must parse,
-    change only what its row says, and the float32 lever must undo the baseline's --amp."""
+    """bench/cloud_levers.py's variants are `emoshield cloud pretrain` flag lists: each must parse and
+    differ from the baseline (the baseline from nothing), and the float32 lever must undo its --amp."""
     import importlib.util
 
     from emoshield.cli import build_parser
