@@ -59,14 +59,20 @@ LEVERS: dict[str, tuple[str, list[str]]] = {  # trained in this order: the likel
 }
 
 
-def variant_args(name: str, epochs: int) -> list[str]:
-    """The pretrain flags of one variant: the baseline's, then the lever's (argparse keeps the last)."""
+def lever_flags(name: str) -> tuple[list[str], int]:
+    """A lever's own pretrain flags, and the factor it multiplies the epochs by."""
     flags = list(LEVERS[name][1])
     factor = 1
     if "--epochs-factor" in flags:
         i = flags.index("--epochs-factor")
         factor = int(flags[i + 1])
         del flags[i:i + 2]
+    return flags, factor
+
+
+def variant_args(name: str, epochs: int) -> list[str]:
+    """The pretrain flags of one variant: the baseline's, then the lever's (argparse keeps the last)."""
+    flags, factor = lever_flags(name)
     return [*BASELINE, "--epochs", str(epochs * factor), *flags]
 
 

@@ -7,7 +7,8 @@ Stages (in order; see STAGES): the CK+48 subject study (5 folds), the cross-data
 -> JAFFE, the JAFFE subject study, JAFFE -> CK+48, README's undefended-vs-defended table
 (bench/defense_ckplus48.py, three protocols, with AutoAttack), the CK+48 reference study (2
 seeds), then issue 18's lever ablation on FER2013 (bench/cloud_levers.py, 30 epochs per lever,
-its levers shared between workers). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
+its levers shared between workers), then its long run (bench/cloud_final.py: the winning levers
+combined, 100 epochs, one process on every core). Each is an `emoshield reproduce`, `emoshield cross-dataset` or bench run with its work
 folder under work_root() (~/.cache/emoshield/studies: outside the checkout, see there) and its
 results under results/. Several workers share one study through its step
 locks (one process per training or evaluation step): a worker with nothing left to take in one
@@ -64,6 +65,8 @@ class Stage:
     source: str | None = None  # cross-dataset: the study stage whose models it tests
     script: str | None = None  # a bench script (relative to ROOT) instead of `emoshield`
     shared: bool = False  # a bench script with its own step locks: several workers may run it at once
+    after: str | None = None  # a stage that must be done first (not a source of models to test)
+    solo: bool = False  # one process on every core (a single long training): all threads, not cores / workers
 
     @property
     def work_dir(self) -> Path:
@@ -96,6 +99,13 @@ def levers(name: str, epochs: int) -> Stage:
                  shared=True)
 
 
+def final_run(name: str, epochs: int, entry: str) -> Stage:
+    """Issue 18's long run (bench/cloud_final.py): the levers that won the ablation, combined, on
+    every core once the ablation is complete; its results land in results/cloud_pretrain/ENTRY."""
+    return Stage(name, ("--levers", "results/cloud_levers/levers.json", "--epochs", str(epochs), "--name", entry),
+                 "results/cloud_pretrain", name, script="bench/cloud_final.py", after="cloud_levers", solo=True)
+
+
 STAGES = [
     study("ckplus48-subject-v2", "--dataset", "ckplus48", "--protocol", "subject"),
     cross("ckplus48-jaffe", "ckplus48-subject-v2", "jaffe"),
@@ -108,6 +118,7 @@ STAGES = [
           backbones="mobilenet_v2,smallcnn"),
     # issue 18: what each lever of the FER2013 recipe is worth, before the long backbone run
     levers("cloud_levers", 30),
+    final_run("cloud_final", 100, "fer2013-48px-final"),
 ]
 
 
@@ -187,9 +198,28 @@ def _levers_done(stage: Stage) -> bool:
     return result.get("complete") is True and isinstance(levers, list) and set(levers) <= names
 
 
+def _final_entry(stage: Stage) -> str:
+    return stage.args[stage.args.index("--name") + 1]
+
+
+def _final_done(stage: Stage) -> bool:
+    """Trained on the full data and scored with every test-time augmentation (its tta.json)."""
+    tta = _json(ROOT / stage.out / _final_entry(stage) / "tta.json")
+    return isinstance(tta, dict) and tta.get("limit_per_class") is None and isinstance(tta.get("accuracy"), dict) \
+        and "tencrop" in tta["accuracy"]
+
+
+def _final_epochs(stage: Stage) -> int:
+    """Epochs the long run has finished (its training folder's history.json; 0 before the first)."""
+    history = _json(stage.work_dir / _final_entry(stage) / "run" / "history.json")
+    return len(history) if isinstance(history, list) else 0
+
+
 def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
     if stage.script == "bench/cloud_levers.py":
         return _levers_done(stage)
+    if stage.script == "bench/cloud_final.py":
+        return _final_done(stage)
     if stage.script is not None:
         return _table_done(stage)
     if stage.source is None:
@@ -202,7 +232,9 @@ def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
 
 def ready(stage: Stage, by_name: dict[str, Stage]) -> bool:
     """A study: always; a cross-dataset stage: once a source unit it has not tested is here, or
-    once its source is done (to write its report)."""
+    once its source is done (to write its report); a stage with `after`: once that one is done."""
+    if stage.after is not None and not done(by_name[stage.after], by_name):
+        return False
     return stage.source is None or bool(_untested_units(stage)) or done(by_name[stage.source], by_name)
 
 
@@ -233,7 +265,9 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
         if done(s, by_name):
             state = "done"
         elif not ready(s, by_name):
-            state = f"waits for {s.source}"
+            state = f"waits for {s.source or s.after}"
+        elif s.script == "bench/cloud_final.py":
+            state = f"training: {_final_epochs(s)} of {s.args[s.args.index('--epochs') + 1]} epochs"
         elif s.script == "bench/cloud_levers.py":
             runs = [r.get("name") for r in _levers(s).get("runs", []) if isinstance(r, dict)]
             state = f"{len(runs)} lever(s) trained" + (f": {', '.join(map(str, runs))}" if runs else "")
@@ -269,7 +303,8 @@ class Workers:
 
     def _run(self, worker: int, stage: Stage) -> int:
         LOGS.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        threads = max(self.threads, os.cpu_count() or 1) if stage.solo else self.threads
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(LOGS / f"{stage.name}.worker{worker}.log", "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(stage.command())}\n")
             log.flush()
@@ -292,6 +327,8 @@ class Workers:
             return not done(stage, self.by_name) and self.failures.get(stage.name, 0) < 2
 
         pending = [s for s in self.stages if alive(s) and (
+            s.after is None or done(self.by_name[s.after], self.by_name)
+            or (s.after in names and alive(self.by_name[s.after]))) and (
             s.source is None or done(self.by_name[s.source], self.by_name) or bool(_untested_units(s))
             or (s.source in names and alive(self.by_name[s.source])))]
         # a cross-dataset stage with models to test goes first: they vanish with the session

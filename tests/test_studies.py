@@ -93,6 +93,20 @@ out.mkdir(parents=True, exist_ok=True)
 """
 
 
+FAKE_FINAL = """import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1]) / args[args.index("--name") + 1]
+levers = json.loads(Path(args[args.index("--levers") + 1]).read_text())
+assert levers["complete"] is True, "started before the ablation was complete"
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({"stage": out.parent.name, "threads": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+out.mkdir(parents=True, exist_ok=True)
+(out / "tta.json").write_text(json.dumps({"limit_per_class": None, "accuracy": {"none": 0.7, "flip": 0.71,
+                                                                            "tencrop": 0.72}}))
+"""
+
+
 @pytest.fixture
 def studies(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("studies_under_test", ROOT / "scripts" / "studies.py")
@@ -105,6 +119,7 @@ def studies(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "defense_ckplus48.py").write_text(FAKE_BENCH)
     (tmp_path / "bench" / "cloud_levers.py").write_text(FAKE_LEVERS)
+    (tmp_path / "bench" / "cloud_final.py").write_text(FAKE_FINAL)
     results_md = tmp_path / "results_md.py"
     results_md.write_text("from pathlib import Path\nwith open('RESULTS.md', 'a') as f:\n    f.write('regenerated\\n')\n")
     monkeypatch.setattr(module, "ROOT", tmp_path)
@@ -130,7 +145,7 @@ def test_every_stage_runs_after_its_source_and_results_md_is_rewritten(studies, 
     for stage in module.STAGES:  # a cross-dataset stage only after its study (the stand-in asserts it too)
         if stage.source:
             assert names.index(stage.out.split("/")[-1]) > names.index(stage.source)
-    assert {c["threads"] for c in calls(tmp)} == {"1"}
+    assert {c["threads"] for c in calls(tmp) if c["stage"] != "cloud_pretrain"} == {"1"}  # the long run: all
     assert names.count("defense_ckplus48") == 1  # a bench stage (no step locks) runs on one worker at a time
     # work folders (models, checkpoints) outside the checkout, where a fresh checkout on this machine finds them
     assert (tmp / "work" / "ckplus48-subject-v2" / "study.json").is_file() and not (tmp / "runs" / "reproduce").exists()
@@ -265,6 +280,38 @@ def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete
     assert sorted(lever for c in runs for lever in c["trained"]) == ["a", "b"]
     assert all(len(c["trained"]) <= 1 for c in runs) and len(runs) >= 2
     assert module.done(stage, by_name) and json.loads(levers.read_text())["complete"] is True
+
+
+def test_the_long_run_waits_for_the_whole_ablation_and_then_has_every_core(studies, monkeypatch):
+    """cloud_final (bench/cloud_final.py) starts only once the lever table is complete, runs as one
+    process with every core's threads (the workers' split is for the many-process stages), and is done
+    when its tta.json is there (a quick slice's is not a result)."""
+    module, tmp = studies
+    by_name = {s.name: s for s in module.STAGES}
+    final = by_name["cloud_final"]
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
+    assert not module.ready(final, by_name)
+    line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("cloud_final"))
+    assert "waits for cloud_levers" in line
+    assert module.main(["--only", "cloud_levers,cloud_final", "--workers", "2", "--threads", "1"]) == 0
+    runs = [c for c in calls(tmp) if c["stage"] in ("cloud_levers", "cloud_pretrain")]
+    assert runs[-1] == {"stage": "cloud_pretrain", "threads": "2"}  # after every lever run, on both cores
+    assert [c["stage"] for c in runs].count("cloud_pretrain") == 1
+    assert all(c["threads"] == "1" for c in runs[:-1])
+    assert module.done(final, by_name)
+    tta = tmp / final.out / "fer2013-48px-final" / "tta.json"
+    for stale in ('{"limit_per_class": 6, "accuracy": {"tencrop": 0.5}}', '{"accuracy": {"none": 0.5}}', "{"):
+        tta.write_text(stale)
+        assert not module.done(final, by_name), stale
+    history = final.work_dir / "fer2013-48px-final" / "run" / "history.json"
+    history.parent.mkdir(parents=True)
+    history.write_text(json.dumps([{"epoch": 1}, {"epoch": 2}]))
+    line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("cloud_final"))
+    assert "training: 2 of 100 epochs" in line
+    # only the long run asked for, its ablation not done and not to be run: nothing starts
+    (tmp / "results/cloud_levers/levers.json").unlink()
+    assert module.main(["--only", "cloud_final"]) == 1
+    assert [c["stage"] for c in calls(tmp)].count("cloud_pretrain") == 1
 
 
 def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):

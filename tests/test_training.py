@@ -164,7 +164,7 @@ def test_the_width_and_depth_variants_of_the_vgg_style_net():
     from emoshield.models.backbones import backbone_spec, torchvision_parts
 
     sizes = {}
-    for name, convs in (("smallcnn", 8), ("widecnn", 8), ("deepcnn", 12)):
+    for name, convs in (("smallcnn", 8), ("widecnn", 8), ("deepcnn", 12), ("widedeepcnn", 12)):
         features, _ = torchvision_parts(name)
         out = features(torch.zeros(1, 3, 48, 48))
         assert out.shape == (1, backbone_spec(name).feature_channels, 3, 3)
@@ -172,6 +172,8 @@ def test_the_width_and_depth_variants_of_the_vgg_style_net():
         sizes[name] = sum(p.numel() for p in features.parameters())
     assert sizes["smallcnn"] == 1_173_216  # the shipped library entry's architecture, unchanged
     assert sizes["smallcnn"] < sizes["deepcnn"] < sizes["widecnn"] < 15e6 / 4  # float32 under 15 MB
+    # both levers at once (bench/cloud_final.py takes it when both win): over 15 MB in float32
+    assert 15e6 / 4 < sizes["widedeepcnn"] < 15e6 / 2
 
 
 def _epoch_of(out):

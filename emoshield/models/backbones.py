@@ -47,10 +47,11 @@ BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (
     # the width and depth levers of the VGG-style net (issue 18): same 4 blocks and pooling
     BackboneSpec("widecnn", None, 384, 16, "WideCNN: SmallCNN 1.5x wider (48-384 channels), 2.6M parameters"),
     BackboneSpec("deepcnn", None, 256, 16, "DeepCNN: SmallCNN with 3 conv layers per block (12), 2.0M parameters"),
+    BackboneSpec("widedeepcnn", None, 384, 16, "WideDeepCNN: WideCNN with 3 conv layers per block, 4.4M parameters"),
 )}
 
 # VGG-style nets built here: name -> (channels of the first block, conv layers per block)
-SMALL_CNNS = {"smallcnn": (32, 2), "widecnn": (48, 2), "deepcnn": (32, 3)}
+SMALL_CNNS = {"smallcnn": (32, 2), "widecnn": (48, 2), "deepcnn": (32, 3), "widedeepcnn": (48, 3)}
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -1,0 +1,124 @@
+"""bench/cloud_final.py: the recipe of issue 18's long run is chosen from the lever ablation by a
+fixed rule on PublicTest (never PrivateTest), and the run trains, resumes and is scored once."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import ROOT
+
+LEVERS = ["baseline", "wider", "schedule-2x", "augment-strong", "deeper", "mixup", "cutmix", "label-smoothing",
+          "adamw", "float32"]
+
+
+@pytest.fixture(scope="module")
+def final():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("cloud_final_under_test", ROOT / "bench" / "cloud_final.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(public: dict[str, float], **extra) -> dict:
+    """A lever table as bench/cloud_levers.py writes it (only what the recipe reads, plus a
+    PrivateTest figure, the same for every lever: it must not matter)."""
+    return {"epochs": 30, "limit_per_class": None, "levers": LEVERS, "complete": True, "pending": [],
+            "runs": [{"name": n, "public_test": v, "private_test": 0.5} for n, v in public.items()], **extra}
+
+
+def parsed(flags: list[str]):
+    from emoshield.cli import build_parser
+
+    return build_parser().parse_args(["cloud", "pretrain", *flags, "--epochs", "100", "--name", "x"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.55, 0.75), min_size=len(LEVERS), max_size=len(LEVERS)), st.sampled_from([0.0, 0.8, 2.0]))
+def test_the_recipe_takes_exactly_the_levers_that_beat_the_baseline_on_publictest(final, scores, margin):
+    rows = {r["name"]: r for r in table(dict(zip(LEVERS, scores)))["runs"]}
+    recipe = final.choose(rows, margin)
+    gains = {n: 100 * (rows[n]["public_test"] - rows["baseline"]["public_test"]) for n in LEVERS[1:]}
+    taken = set(recipe["taken"])
+    assert all(gains[n] > margin for n in taken)
+    assert "schedule-2x" not in taken  # the run's length is --epochs, not a flag
+    assert not {"mixup", "cutmix"} <= taken
+    for n in set(LEVERS[1:]) - taken - {"schedule-2x"}:  # every winner is taken, save the weaker mix
+        assert gains[n] <= margin or (n in ("mixup", "cutmix") and {"mixup", "cutmix"} & taken)
+    args, base = parsed(recipe["flags"]), parsed(final.BASELINE)
+    assert args.backbone == {frozenset(): "smallcnn", frozenset({"wider"}): "widecnn", frozenset({"deeper"}): "deepcnn",
+                             frozenset({"wider", "deeper"}): "widedeepcnn"}[frozenset(taken & {"wider", "deeper"})]
+    assert args.amp is ("float32" not in taken)
+    assert args.mix == next((m for m in ("mixup", "cutmix") if m in taken), "none")
+    assert (args.augment == "strong") is ("augment-strong" in taken)
+    assert (args.optimizer == "adamw") is ("adamw" in taken)
+    assert (args.label_smoothing > 0) is ("label-smoothing" in taken)
+    if not taken:
+        assert vars(args) == vars(base)
+    assert set(recipe["reasons"]) == set(LEVERS[1:])
+
+
+def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path, capsys):
+    path = tmp_path / "levers.json"
+    path.write_text(json.dumps(table({"baseline": 0.674, "wider": 0.70}, complete=False)))
+    assert final.main(["--levers", str(path), "--dry-run"]) == 0
+    page = capsys.readouterr().out
+    assert "| wider | +2.6 | yes |" in page and "| deeper |  | no | not measured |" in page
+    assert "--backbone widecnn" in page and "PrivateTest was not looked at" in page
+    assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cloud_final: ") and "not complete (still to train: schedule-2x, " in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{", b"[" * 100_000, b"\xff\xfe", b"[]", b'{"runs": 3}', b'{"runs": [{"name": 1}]}',
+    json.dumps(table({"wider": 0.7})).encode(),  # no baseline
+    json.dumps(table({"baseline": "0.6"})).encode(), json.dumps(table({"baseline": True})).encode(),
+    json.dumps(table({"baseline": 67.4})).encode(),  # a percentage where a fraction belongs
+    json.dumps(table({"baseline": float("nan")})).encode(),
+    json.dumps(table(dict.fromkeys(LEVERS, 0.6), limit_per_class=6)).encode(),  # a quick slice, not a result
+])
+def test_a_damaged_or_foreign_lever_table_is_one_line_and_trains_nothing(final, tmp_path, capsys, content):
+    path = tmp_path / "levers.json"
+    path.write_bytes(content)
+    assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cloud_final: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_long_run_trains_the_chosen_recipe_scores_it_and_resumes(tmp_path, data_root):
+    """On a slice of FER2013 for 1 epoch: wider and deeper both won (WideDeepCNN), CutMix beat mixup,
+    float32 won; the run lands in OUT/NAME with its recipe and test-time figures, a re-run does
+    nothing, and the same work folder with another length is refused."""
+    public = dict.fromkeys(LEVERS, 0.60) | {"baseline": 0.60, "wider": 0.62, "deeper": 0.615, "mixup": 0.62,
+                                            "cutmix": 0.63, "float32": 0.61, "adamw": 0.605}
+    levers = tmp_path / "levers.json"
+    levers.write_text(json.dumps(table(public, limit_per_class=6)))
+    bench = [sys.executable, str(ROOT / "bench" / "cloud_final.py"), "--levers", str(levers), "--data-root",
+             str(data_root), "--limit-per-class", "6", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+             "--device", "cpu", "--name", "tiny-final"]
+    proc = subprocess.run([*bench, "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "work" / "tiny-final" / "train.log").read_text()
+    out = tmp_path / "out" / "tiny-final"
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["taken"] == ["wider", "deeper", "cutmix", "float32"]  # adamw's +0.5 is within the margin
+    run = json.loads((tmp_path / "work" / "tiny-final" / "run" / "run.json").read_text())
+    assert run["backbone"] == "widedeepcnn" and run["train_config"]["mix"] == "cutmix"
+    assert run["train_config"]["amp"] is False and run["train_config"]["epochs"] == 1
+    metrics, tta = json.loads((out / "metrics.json").read_text()), json.loads((out / "tta.json").read_text())
+    assert tta["accuracy"]["none"] == metrics["test_accuracy"] and set(tta["accuracy"]) == {"none", "flip", "tencrop"}
+    assert "| adamw | +0.5 | no | +0.5 <= 0.8 points |" in (out / "recipe.md").read_text()
+    assert (tmp_path / "work" / "library" / "tiny-final" / "weights.safetensors").is_file()
+    again = subprocess.run([*bench, "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    other = subprocess.run([*bench, "--epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "begun with another recipe" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
