@@ -3,8 +3,8 @@
 PrivateTest with one crop, flip and ten-crop.
 
     python bench/cloud_final.py [--levers results/cloud_levers/levers.json] [--epochs 100]
-        [--margin 0.8] [--name fer2013-final] [--work runs/cloud_final] [--out results/cloud_pretrain]
-        [--device auto] [--data-root DIR] [--dry-run]
+        [--margin 0.8] [--name fer2013-48px-final] [--library DIR] [--work runs/cloud_final]
+        [--out results/cloud_pretrain] [--device auto] [--data-root DIR] [--dry-run]
 
 The rule that picks the recipe was written before the ablation's results were in:
 - a lever is taken when its PublicTest accuracy (best epoch) beats the baseline's by more than
@@ -16,9 +16,10 @@ The rule that picks the recipe was written before the ablation's results were in
   found a longer schedule paid. float32 is taken like any lever (it costs ~1.8x the time).
 
 Writes OUT/NAME/recipe.json and recipe.md (every lever's PublicTest gain and whether it was
-taken) before training, then trains `emoshield cloud pretrain` in WORK/NAME (re-running the command
-resumes it from its last epoch; a WORK made with another recipe is refused), adds the entry to
-WORK/library, copies the run's report, metrics, history and plots to OUT/NAME (as
+taken) before training (and removes the result files of a run of another recipe from there), then
+trains `emoshield cloud pretrain` in WORK/NAME (re-running the command resumes it from its last
+epoch; a WORK begun with another recipe, length or slice of the data is refused), adds the entry
+to the library (the user's, where `--weights library:NAME` and the studies find it), copies the run's report, metrics, history and plots to OUT/NAME (as
 scripts/collect_pretrain.py does) and its one-crop / flip / ten-crop figures to OUT/NAME/tta.json
 (scripts/pretrain_tta.py), which RESULTS.md's cloud-tier table reads. `--dry-run` prints the
 recipe and stops (it also reads an ablation still in progress: levers not yet trained are 'not
@@ -29,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from cloud_levers import BASELINE, LEVERS, lever_flags  # noqa: E402
+from cloud_levers import BASELINE, LEVERS, lever_flags, pretrain_command, run_logged  # noqa: E402
 
 # levers that change the same setting: at most one of a group is taken (the higher PublicTest)
 EXCLUSIVE = [("mixup", "cutmix")]
@@ -50,13 +49,14 @@ NOT_A_FLAG = {"baseline", "schedule-2x"}  # the baseline is the start; the lengt
 
 
 class RecipeError(Exception):
-    """The ablation table cannot give a recipe (missing, damaged, or incomplete)."""
+    """The ablation table cannot give a recipe (missing, damaged, or incomplete), or a folder holds
+    another recipe's run."""
 
 
-def read_levers(path: Path, partial: bool = False, quick: bool = False) -> dict[str, dict]:
-    """The ablation's rows by lever name, each with a numeric public_test; refuses a table that is
-    damaged, lacks the baseline, is not complete (unless `partial`: a dry run) or is of a slice of
-    the data (unless `quick`: a quick run on a slice itself)."""
+def read_levers(path: Path, partial: bool = False, quick: bool = False) -> tuple[dict, dict[str, dict]]:
+    """The ablation's table and its rows by lever name, each with a PublicTest accuracy in [0, 1];
+    refuses a table that is damaged, lacks the baseline, is not complete (unless `partial`: a dry
+    run) or is of a slice of the data (unless `quick`: a quick run on a slice itself)."""
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as error:
@@ -77,7 +77,7 @@ def read_levers(path: Path, partial: bool = False, quick: bool = False) -> dict[
     if not partial and (table.get("complete") is not True or not set(LEVERS) <= set(rows)):
         missing = [n for n in LEVERS if n not in rows]
         raise RecipeError(f"{path}: the ablation is not complete (still to train: {', '.join(missing) or '?'})")
-    return rows
+    return table, rows
 
 
 def choose(rows: dict[str, dict], margin: float) -> dict:
@@ -85,13 +85,14 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
     base = rows["baseline"]["public_test"]
     gains = {n: 100 * (rows[n]["public_test"] - base) for n in LEVERS if n in rows and n != "baseline"}
     winners = {n for n, g in gains.items() if g > margin and n not in NOT_A_FLAG}
-    reasons = {n: (f"+{g:.1f} > {margin:g} points" if n in winners else f"{g:+.1f} <= {margin:g} points")
+    reasons = {n: (f"{g:+.2f} > {margin:g} points" if n in winners else f"{g:+.2f} <= {margin:g} points")
                for n, g in gains.items()}
     for group in EXCLUSIVE:
         taken = sorted((n for n in group if n in winners), key=lambda n: -gains[n])
         for loser in taken[1:]:
             winners.discard(loser)
-            reasons[loser] += f", but {taken[0]} gained more (they change the same thing)"
+            reasons[loser] += (f", but {taken[0]} gained more" if gains[loser] < gains[taken[0]] else
+                               f", a tie with {taken[0]}, which is taken") + " (they change the same thing)"
     flags = list(BASELINE)
     for name in (n for n in LEVERS if n in winners):  # the ablation's order: later flags override
         flags += lever_flags(name)[0]
@@ -104,10 +105,51 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
         if n not in rows and n != "baseline":
             reasons[n] = "not measured"
     if "schedule-2x" in gains:
-        reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.1f} points: a longer schedule "
+        reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.2f} points: a longer schedule "
                                   f"{'paid' if gains['schedule-2x'] > margin else 'did not pay'} (the length is --epochs)")
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
             "taken": [n for n in LEVERS if n in winners], "reasons": reasons, "flags": flags}
+
+
+def recipe_for(levers: Path, epochs: int, margin: float, limit_per_class: int | None = None,
+               partial: bool = False) -> dict:
+    """The long run's recipe from the ablation table LEVERS (RecipeError when it cannot give one)."""
+    table, rows = read_levers(levers, partial=partial, quick=limit_per_class is not None)
+    return {**choose(rows, margin), "epochs": epochs, "levers": str(levers), "ablation_epochs": table.get("epochs"),
+            "limit_per_class": limit_per_class}
+
+
+RUN_KEYS = ("flags", "epochs", "limit_per_class")  # what makes two runs the same run
+
+
+def _recorded(path: Path) -> dict | None:
+    """A recipe.json's content (None when there is none); RecipeError when it is damaged."""
+    if not path.exists():
+        return None
+    try:
+        had = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        raise RecipeError(f"{path} is unreadable ({type(error).__name__}); move it away") from None
+    if not isinstance(had, dict):
+        raise RecipeError(f"{path} is not a recipe; move it away")
+    return had
+
+
+def same_run(had: dict | None, recipe: dict) -> bool:
+    return had is not None and all(had.get(k) == recipe[k] for k in RUN_KEYS)
+
+
+def scored(out: Path, recipe: dict) -> bool:
+    """OUT (results/cloud_pretrain/NAME) holds this recipe's run, trained and scored: its
+    recipe.json is this recipe and its tta.json has every test-time figure, of the same data.
+    Damaged files are 'not scored'. scripts/studies.py asks this too."""
+    try:
+        had = _recorded(out / "recipe.json")
+        tta = json.loads((out / "tta.json").read_text())
+        complete = isinstance(tta, dict) and isinstance(tta.get("accuracy"), dict) and "tencrop" in tta["accuracy"]
+    except (RecipeError, OSError, ValueError, RecursionError):
+        return False
+    return complete and same_run(had, recipe) and tta.get("limit_per_class") == recipe["limit_per_class"]
 
 
 def recipe_markdown(recipe: dict, name: str) -> str:
@@ -121,33 +163,34 @@ def recipe_markdown(recipe: dict, name: str) -> str:
         if n == "baseline":
             continue
         gain = recipe["gains_points"].get(n)
-        lines.append(f"| {n} | {'' if gain is None else f'{gain:+.1f}'} | {'yes' if n in recipe['taken'] else 'no'} "
+        lines.append(f"| {n} | {'' if gain is None else f'{gain:+.2f}'} | {'yes' if n in recipe['taken'] else 'no'} "
                      f"| {recipe['reasons'].get(n, '')} |")
     lines += ["", f"Training: `emoshield cloud pretrain {' '.join(recipe['flags'])} --epochs {recipe['epochs']}` "
-              f"({recipe['epochs']} epochs).", ""]
+              f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'}).", ""]
     return "\n".join(lines)
 
 
-def check_work(work: Path, recipe: dict) -> None:
-    """Refuses a work folder begun with another recipe or length: resumed, it would mix two runs."""
-    path = work / "recipe.json"
-    if path.is_file():
-        try:
-            had = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise RecipeError(f"{path} is unreadable ({type(error).__name__}); delete {work} or pass another --work")
-        if not isinstance(had, dict) or (had.get("flags"), had.get("epochs")) != (recipe["flags"], recipe["epochs"]):
-            raise RecipeError(f"{work} was begun with another recipe ({path}); pass another --work")
+def prepare(work: Path, out: Path, recipe: dict, name: str) -> None:
+    """Refuses a WORK begun with another run; records the recipe in WORK and OUT, first removing
+    from OUT the result files of another recipe's run (they must not be read as this one's)."""
+    from collect_pretrain import FILES
+    from emoshield.paths import write_atomic
 
-
-def finished(out: Path, recipe: dict) -> bool:
-    """OUT/NAME holds this recipe's scored run: its recipe.json is this one and tta.json is there."""
-    try:
-        had = json.loads((out / "recipe.json").read_text())
-        json.loads((out / "tta.json").read_text())["accuracy"]["tencrop"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        return False
-    return isinstance(had, dict) and (had.get("flags"), had.get("epochs")) == (recipe["flags"], recipe["epochs"])
+    had = _recorded(work / "recipe.json")
+    if had is not None and not same_run(had, recipe):
+        raise RecipeError(f"{work} was begun with another recipe, length or slice of the data "
+                          f"({work / 'recipe.json'}); pass another --work")
+    if (work / "run").exists() and had is None:
+        raise RecipeError(f"{work / 'run'} holds a training of no recorded recipe; pass another --work")
+    if not same_run(_recorded(out / "recipe.json"), recipe):
+        for stale in (*FILES, "tta.json"):
+            (out / stale).unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record = json.dumps(recipe, indent=1).encode()
+    write_atomic(work / "recipe.json", record)
+    write_atomic(out / "recipe.json", record)
+    write_atomic(out / "recipe.md", recipe_markdown(recipe, name).encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.8,
                         help="PublicTest points a lever must gain to be taken (default: %(default)s)")
     parser.add_argument("--name", default="fer2013-48px-final", help="library entry and results folder name")
+    parser.add_argument("--library", help="library folder (default: $EMOSHIELD_LIBRARY or the cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=os.environ.get("EMOSHIELD_DATA"))
     parser.add_argument("--limit-per-class", type=int, help="a quick run on a slice (tests; not a result)")
@@ -166,56 +210,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.margin < 0:
         parser.error("--epochs must be >= 1 and --margin >= 0")
-    from emoshield.models.library import check_name
     from emoshield.errors import EmoshieldError
+    from emoshield.models.library import check_name
 
+    work, out = Path(args.work) / args.name, Path(args.out) / args.name
     try:
         check_name(args.name)
-        rows = read_levers(Path(args.levers), partial=args.dry_run, quick=args.limit_per_class is not None)
-        recipe = {**choose(rows, args.margin), "epochs": args.epochs, "levers": args.levers,
-                  "ablation_epochs": json.loads(Path(args.levers).read_text()).get("epochs"),
-                  "limit_per_class": args.limit_per_class}
-        work, out = Path(args.work) / args.name, Path(args.out) / args.name
+        recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run)
         if args.dry_run:
             print(recipe_markdown(recipe, args.name))
             return 0
-        check_work(work, recipe)
-        if finished(out, recipe):
+        if scored(out, recipe):
             print(f"{out}: trained and scored already (tta.json); nothing to do")
             return 0
-    except (RecipeError, EmoshieldError) as error:
+        prepare(work, out, recipe, args.name)
+    except (RecipeError, EmoshieldError, OSError) as error:
         print(f"cloud_final: {error}", file=sys.stderr)
         return 2
-    from emoshield.paths import write_atomic
-    from emoshield.reproduce import tied_to_this_process
-
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    record = json.dumps(recipe, indent=1).encode()
-    write_atomic(work / "recipe.json", record)
-    write_atomic(out / "recipe.json", record)
-    write_atomic(out / "recipe.md", recipe_markdown(recipe, args.name).encode())
-    command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *recipe["flags"], "--epochs", str(args.epochs),
-               "--name", args.name, "--library", str(Path(args.work) / "library"), "--work", str(work / "run"),
-               "--force", "--quiet", "--device", args.device]
-    if args.data_root:
-        command += ["--data-root", args.data_root]
-    if args.limit_per_class:
-        command += ["--limit-per-class", str(args.limit_per_class)]
+    command = pretrain_command([*recipe["flags"], "--epochs", str(args.epochs)], args.name, work / "run", args,
+                               library=Path(args.library) if args.library else None)
     print(f"{time.strftime('%H:%M:%S')} {args.name}: taken {', '.join(recipe['taken']) or 'nothing (the baseline)'}; "
           f"training {args.epochs} epochs (log: {work / 'train.log'})", flush=True)
-    with open(work / "train.log", "a") as log:  # the training dies with this process
-        rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=tied_to_this_process()).returncode
+    rc = run_logged(command, work / "train.log")
     if rc != 0:
         print(f"cloud_final: the training failed (exit {rc}); see {work / 'train.log'}", file=sys.stderr)
         return 1
-    from collect_pretrain import FILES
+    from collect_pretrain import collect
     import pretrain_tta
 
-    for name in FILES:
-        if (work / "run" / name).is_file():
-            shutil.copy2(work / "run" / name, out / name)
+    collect(work / "run", out)
     tta = ["--model", str(work / "run"), "--into", str(out)]
     if args.data_root:
         tta += ["--data-root", args.data_root]

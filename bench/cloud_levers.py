@@ -98,27 +98,43 @@ def check_settings(name: str, args: argparse.Namespace) -> None:
             raise SystemExit(f"{work} was trained with {had}, not {asked}: pass another --work or delete it")
 
 
-def train_variant(name: str, args: argparse.Namespace) -> bool:
-    """Train (or resume) one variant unless it is finished (then False); refuses a run of other
-    epochs or data."""
-    work = Path(args.work) / name
-    flags = variant_args(name, args.epochs)
-    command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *flags, "--name", f"lever-{name}",
-               "--library", str(Path(args.work) / "library"), "--work", str(work), "--force", "--quiet",
-               "--device", args.device]
+def pretrain_command(flags: list[str], name: str, work: Path, args: argparse.Namespace,
+                     library: Path | None = None) -> list[str]:
+    """`emoshield cloud pretrain FLAGS` as library entry NAME (into LIBRARY; None: the user's
+    library) trained in WORK, on args' device, data root and slice."""
+    command = [sys.executable, "-m", "emoshield", "cloud", "pretrain", *flags, "--name", name, "--work", str(work),
+               "--force", "--quiet", "--device", args.device]
+    if library is not None:
+        command += ["--library", str(library)]
     if args.data_root:
         command += ["--data-root", args.data_root]
     if args.limit_per_class:
         command += ["--limit-per-class", str(args.limit_per_class)]
+    return command
+
+
+def run_logged(command: list[str], log: Path) -> int:
+    """Runs COMMAND with its output appended to LOG; the child dies with this process (and so with
+    any lock this process holds for it)."""
+    from emoshield.reproduce import tied_to_this_process
+
+    with open(log, "a") as out:
+        return subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                              preexec_fn=tied_to_this_process()).returncode
+
+
+def train_variant(name: str, args: argparse.Namespace) -> bool:
+    """Train (or resume) one variant unless it is finished (then False); refuses a run of other
+    epochs or data."""
+    command = pretrain_command(variant_args(name, args.epochs), f"lever-{name}", Path(args.work) / name, args,
+                               library=Path(args.work) / "library")
     check_settings(name, args)
     if _finished(name, args):
         return False
     print(f"{time.strftime('%H:%M:%S')} {name}: {' '.join(command[3:])}", flush=True)
-    from emoshield.reproduce import tied_to_this_process
-
-    with open(Path(args.work) / f"{name}.log", "a") as log:  # the training dies with this process and its lock
-        subprocess.run(command, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       preexec_fn=tied_to_this_process())
+    rc = run_logged(command, Path(args.work) / f"{name}.log")
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, command)
     return True
 
 

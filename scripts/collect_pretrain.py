@@ -15,6 +15,14 @@ from pathlib import Path
 FILES = ("report.md", "metrics.json", "run.json", "history.json", "training_curves.png", "confusion_matrix.png")
 
 
+def collect(work: Path, target: Path) -> None:
+    """Copies a finished training's result files (FILES, those it has) from WORK to TARGET."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if (work / name).is_file():
+            shutil.copy2(work / name, target / name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", nargs="+", help="training folders of finished pretraining runs")
@@ -25,10 +33,7 @@ def main() -> int:
             print(f"{work}: no metrics.json (not a finished training)", file=sys.stderr)
             return 1
         target = Path(args.out) / work.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in FILES:
-            if (work / name).is_file():
-                shutil.copy2(work / name, target / name)
+        collect(work, target)
         print(f"{work} -> {target}")
     return 0
 

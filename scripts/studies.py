@@ -40,11 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parents[1] / "bench"  # the bench scripts' own code (a test moves ROOT only)
 EMOSHIELD = ROOT / ".venv" / "bin" / "emoshield"
 LOGS = ROOT / "runs" / "studies"
 RESULTS_MD = ROOT / "scripts" / "results_md.py"
 BACKBONES = "smallcnn,mobilenet_v2"
 IDLE_SECONDS = 60  # a pass that found every free step taken waits this long before looking again
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def work_root() -> Path:
@@ -102,8 +111,9 @@ def levers(name: str, epochs: int) -> Stage:
 def final_run(name: str, epochs: int, entry: str) -> Stage:
     """Issue 18's long run (bench/cloud_final.py): the levers that won the ablation, combined, on
     every core once the ablation is complete; its results land in results/cloud_pretrain/ENTRY."""
-    return Stage(name, ("--levers", "results/cloud_levers/levers.json", "--epochs", str(epochs), "--name", entry),
-                 "results/cloud_pretrain", name, script="bench/cloud_final.py", after="cloud_levers", solo=True)
+    return Stage(name, ("--levers", "results/cloud_levers/levers.json", "--epochs", str(epochs), "--margin", "0.8",
+                        "--name", entry), "results/cloud_pretrain", name, script="bench/cloud_final.py",
+                 after="cloud_levers", solo=True)
 
 
 STAGES = [
@@ -198,20 +208,40 @@ def _levers_done(stage: Stage) -> bool:
     return result.get("complete") is True and isinstance(levers, list) and set(levers) <= names
 
 
-def _final_entry(stage: Stage) -> str:
-    return stage.args[stage.args.index("--name") + 1]
+def _arg(stage: Stage, flag: str) -> str:
+    return stage.args[stage.args.index(flag) + 1]
+
+
+_CLOUD_FINAL = []
+
+
+def _cloud_final():
+    """bench/cloud_final.py as a module (torch-free): its own rule says when the long run is done."""
+    if not _CLOUD_FINAL:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("cloud_final", BENCH / "cloud_final.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CLOUD_FINAL.append(module)
+    return _CLOUD_FINAL[0]
 
 
 def _final_done(stage: Stage) -> bool:
-    """Trained on the full data and scored with every test-time augmentation (its tta.json)."""
-    tta = _json(ROOT / stage.out / _final_entry(stage) / "tta.json")
-    return isinstance(tta, dict) and tta.get("limit_per_class") is None and isinstance(tta.get("accuracy"), dict) \
-        and "tencrop" in tta["accuracy"]
+    """The recipe the ablation table gives, trained on the full data and scored with every
+    test-time augmentation (bench/cloud_final.py's `scored`: the same test the script makes)."""
+    final = _cloud_final()
+    try:
+        recipe = final.recipe_for(ROOT / _arg(stage, "--levers"), int(_arg(stage, "--epochs")),
+                                  float(_arg(stage, "--margin")))
+    except final.RecipeError:
+        return False
+    return final.scored(ROOT / stage.out / _arg(stage, "--name"), recipe)
 
 
 def _final_epochs(stage: Stage) -> int:
     """Epochs the long run has finished (its training folder's history.json; 0 before the first)."""
-    history = _json(stage.work_dir / _final_entry(stage) / "run" / "history.json")
+    history = _json(stage.work_dir / _arg(stage, "--name") / "run" / "history.json")
     return len(history) if isinstance(history, list) else 0
 
 
@@ -267,7 +297,8 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
         elif not ready(s, by_name):
             state = f"waits for {s.source or s.after}"
         elif s.script == "bench/cloud_final.py":
-            state = f"training: {_final_epochs(s)} of {s.args[s.args.index('--epochs') + 1]} epochs"
+            epochs = _final_epochs(s)
+            state = f"trained {epochs} of {_arg(s, '--epochs')} epochs" if epochs else "not started"
         elif s.script == "bench/cloud_levers.py":
             runs = [r.get("name") for r in _levers(s).get("runs", []) if isinstance(r, dict)]
             state = f"{len(runs)} lever(s) trained" + (f": {', '.join(map(str, runs))}" if runs else "")
@@ -296,6 +327,8 @@ class Workers:
         self.stopping = threading.Event()
         self.failures: dict[str, int] = {}
         self.running: set[str] = set()  # bench stages have no step locks: one worker each at a time
+        self.active = 0  # children running
+        self.solo_active = False  # a solo stage is running: nothing starts beside it
 
     def say(self, message: str) -> None:
         with self.lock:
@@ -303,7 +336,7 @@ class Workers:
 
     def _run(self, worker: int, stage: Stage) -> int:
         LOGS.mkdir(parents=True, exist_ok=True)
-        threads = max(self.threads, os.cpu_count() or 1) if stage.solo else self.threads
+        threads = max(self.threads, cores()) if stage.solo else self.threads
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         with open(LOGS / f"{stage.name}.worker{worker}.log", "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(stage.command())}\n")
@@ -346,7 +379,11 @@ class Workers:
                 with self.lock:
                     if stage.script is not None and not stage.shared and stage.name in self.running:
                         continue
+                    if self.solo_active or (stage.solo and self.active):
+                        continue  # a solo stage has the machine to itself: it waits for the others to end
                     self.running.add(stage.name)
+                    self.active += 1
+                    self.solo_active = stage.solo
                 self.say(f"worker {index}: {stage.name} (log: {LOGS.relative_to(ROOT)}/{stage.name}.worker{index}.log)")
                 run_started = time.monotonic()
                 try:
@@ -354,6 +391,8 @@ class Workers:
                 finally:
                     with self.lock:
                         self.running.discard(stage.name)
+                        self.active -= 1
+                        self.solo_active = self.solo_active and not stage.solo
                 if rc == 0:  # a unit may have finished: RESULTS.md shows partial studies as they grow
                     self.rewrite_results()
                 state = "done" if done(stage, self.by_name) else "left steps to other workers" if rc == 0 else f"exit {rc}"
@@ -415,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if not EMOSHIELD.exists():
         print(f"{EMOSHIELD} not found: run `make setup` first", file=sys.stderr)
         return 2
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads or max(1, cores() // args.workers)
     workers = Workers(stages, by_name, args.workers, threads)
     previous = {sig: signal.signal(sig, workers.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"{args.workers} worker(s), {threads} thread(s) each; stages: {', '.join(names)}", flush=True)

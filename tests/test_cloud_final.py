@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_the_recipe_takes_exactly_the_levers_that_beat_the_baseline_on_publictes
     assert all(gains[n] > margin for n in taken)
     assert "schedule-2x" not in taken  # the run's length is --epochs, not a flag
     assert not {"mixup", "cutmix"} <= taken
+    if {"mixup", "cutmix"} & taken:  # the one of the two with the higher PublicTest
+        assert gains[(taken & {"mixup", "cutmix"}).pop()] == max(gains["mixup"], gains["cutmix"])
     for n in set(LEVERS[1:]) - taken - {"schedule-2x"}:  # every winner is taken, save the weaker mix
         assert gains[n] <= margin or (n in ("mixup", "cutmix") and {"mixup", "cutmix"} & taken)
     args, base = parsed(recipe["flags"]), parsed(final.BASELINE)
@@ -69,7 +72,7 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     path.write_text(json.dumps(table({"baseline": 0.674, "wider": 0.70}, complete=False)))
     assert final.main(["--levers", str(path), "--dry-run"]) == 0
     page = capsys.readouterr().out
-    assert "| wider | +2.6 | yes |" in page and "| deeper |  | no | not measured |" in page
+    assert "| wider | +2.60 | yes |" in page and "| deeper |  | no | not measured |" in page
     assert "--backbone widecnn" in page and "PrivateTest was not looked at" in page
     assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -91,20 +94,39 @@ def test_a_damaged_or_foreign_lever_table_is_one_line_and_trains_nothing(final, 
     assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cloud_final: ") and len(err.splitlines()) == 1
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
-def test_the_long_run_trains_the_chosen_recipe_scores_it_and_resumes(tmp_path, data_root):
+@pytest.mark.parametrize("where", ["work", "out"])
+@pytest.mark.parametrize("content", [b"[" * 100_000, b"{", b"\xff", b"[]", b"7", None])  # None: a folder
+def test_a_damaged_recipe_record_is_one_line_and_trains_nothing(final, tmp_path, capsys, content, where):
+    """WORK/NAME/recipe.json or OUT/NAME/recipe.json damaged (a crash, a hand edit): refused before
+    any training with one line, never a traceback; nothing is written."""
+    levers = tmp_path / "levers.json"
+    levers.write_text(json.dumps(table(dict.fromkeys(LEVERS, 0.6))))
+    record = tmp_path / where / "x" / "recipe.json"
+    record.parent.mkdir(parents=True)
+    record.mkdir() if content is None else record.write_bytes(content)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc = final.main(["--levers", str(levers), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                     "--name", "x"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("cloud_final: ") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_long_run_trains_the_chosen_recipe_scores_it_once_and_refuses_another_in_its_folder(tmp_path, data_root):
     """On a slice of FER2013 for 1 epoch: wider and deeper both won (WideDeepCNN), CutMix beat mixup,
-    float32 won; the run lands in OUT/NAME with its recipe and test-time figures, a re-run does
-    nothing, and the same work folder with another length is refused."""
+    float32 won; the run lands in OUT/NAME with its recipe and test-time figures and its entry in the
+    library, a re-run does nothing, the same work folder with another length or slice is refused,
+    and a new recipe in another work folder first clears the old run's figures from OUT."""
     public = dict.fromkeys(LEVERS, 0.60) | {"baseline": 0.60, "wider": 0.62, "deeper": 0.615, "mixup": 0.62,
                                             "cutmix": 0.63, "float32": 0.61, "adamw": 0.605}
     levers = tmp_path / "levers.json"
     levers.write_text(json.dumps(table(public, limit_per_class=6)))
     bench = [sys.executable, str(ROOT / "bench" / "cloud_final.py"), "--levers", str(levers), "--data-root",
              str(data_root), "--limit-per-class", "6", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-             "--device", "cpu", "--name", "tiny-final"]
+             "--device", "cpu", "--name", "tiny-final", "--library", str(tmp_path / "library")]
     proc = subprocess.run([*bench, "--epochs", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "work" / "tiny-final" / "train.log").read_text()
     out = tmp_path / "out" / "tiny-final"
@@ -115,10 +137,24 @@ def test_the_long_run_trains_the_chosen_recipe_scores_it_and_resumes(tmp_path, d
     assert run["train_config"]["amp"] is False and run["train_config"]["epochs"] == 1
     metrics, tta = json.loads((out / "metrics.json").read_text()), json.loads((out / "tta.json").read_text())
     assert tta["accuracy"]["none"] == metrics["test_accuracy"] and set(tta["accuracy"]) == {"none", "flip", "tencrop"}
-    assert "| adamw | +0.5 | no | +0.5 <= 0.8 points |" in (out / "recipe.md").read_text()
-    assert (tmp_path / "work" / "library" / "tiny-final" / "weights.safetensors").is_file()
+    assert "| adamw | +0.50 | no | +0.50 <= 0.8 points |" in (out / "recipe.md").read_text()
+    assert "| mixup | +2.00 | no | +2.00 > 0.8 points, but cutmix gained more" in (out / "recipe.md").read_text()
+    assert (tmp_path / "library" / "tiny-final" / "weights.safetensors").is_file()
     again = subprocess.run([*bench, "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
-    other = subprocess.run([*bench, "--epochs", "2"], capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2 and "begun with another recipe" in other.stderr
-    assert len(other.stderr.strip().splitlines()) == 1
+    for other in (["--epochs", "2"], ["--epochs", "1", "--limit-per-class", "7"]):
+        proc = subprocess.run([*bench, *other], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "begun with another recipe, length or slice" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    # another recipe (a higher margin: only CutMix left) in a fresh work folder, killed at once:
+    # the old run's figures are gone from OUT, its new recipe is there, and it is not 'scored'
+    new = [*bench[:bench.index("--work") + 1], str(tmp_path / "work2"), *bench[bench.index("--work") + 2:],
+           "--epochs", "1", "--margin", "2.5"]
+    proc = subprocess.Popen(new, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "work2" / "tiny-final" / "train.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    assert json.loads((out / "recipe.json").read_text())["taken"] == ["cutmix"]
+    assert not (out / "tta.json").exists() and not (out / "metrics.json").exists()

@@ -51,7 +51,8 @@ from pathlib import Path
 args = sys.argv[1:]
 out = Path(args[args.index("--out") + 1])
 with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "bench": True}) + "\\n")
+    log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "bench": True,
+                          "beside_solo": (Path(os.environ["FAKE_LOG"]).parent / "running-final").exists()}) + "\\n")
 marker = Path(os.environ["FAKE_LOG"] + ".bench-running")
 assert not marker.exists(), "two workers ran the same bench stage at once"
 marker.touch()
@@ -87,21 +88,34 @@ done = [lever for lever in ("a", "b") if (work / lever).exists()]
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps({"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "trained": trained}) + "\\n")
 out.mkdir(parents=True, exist_ok=True)
+sys.path.insert(0, os.environ["REAL_BENCH"])
+from cloud_levers import LEVERS  # a complete table has the real levers' rows too: the long run's rule reads them
+rows = done + (list(LEVERS) if len(done) == 2 else [])
 (out / "levers.json").write_text(json.dumps({"epochs": int(args[args.index("--epochs") + 1]), "limit_per_class": None,
                                              "levers": ["a", "b"], "complete": len(done) == 2,
-                                             "runs": [{"name": n} for n in done]}))
+                                             "runs": [{"name": n, "public_test": 0.6} for n in rows]}))
 """
 
 
-FAKE_FINAL = """import json, os, sys
+FAKE_FINAL = """import json, os, sys, time
 from pathlib import Path
 args = sys.argv[1:]
-out = Path(args[args.index("--out") + 1]) / args[args.index("--name") + 1]
-levers = json.loads(Path(args[args.index("--levers") + 1]).read_text())
-assert levers["complete"] is True, "started before the ablation was complete"
+arg = lambda flag: args[args.index(flag) + 1]
+out = Path(arg("--out")) / arg("--name")
+levers = json.loads(Path(arg("--levers")).read_text())
+beside = list(Path(os.environ["FAKE_LOG"]).parent.glob("*.bench-running"))
 with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps({"stage": out.parent.name, "threads": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+    log.write(json.dumps({"stage": out.parent.name, "threads": os.environ.get("OMP_NUM_THREADS"),
+                          "ablation_complete": levers["complete"], "beside": len(beside)}) + "\\n")
+marker = Path(os.environ["FAKE_LOG"]).parent / "running-final"
+marker.touch()
+time.sleep(0.5)  # anything started beside it meanwhile leaves its trace
+marker.unlink()
+sys.path.insert(0, os.environ["REAL_BENCH"])
+from cloud_final import recipe_for  # the real rule: what it writes must pass the driver's `done`
+recipe = recipe_for(Path(arg("--levers")), int(arg("--epochs")), float(arg("--margin")))
 out.mkdir(parents=True, exist_ok=True)
+(out / "recipe.json").write_text(json.dumps(recipe))
 (out / "tta.json").write_text(json.dumps({"limit_per_class": None, "accuracy": {"none": 0.7, "flip": 0.71,
                                                                             "tencrop": 0.72}}))
 """
@@ -128,6 +142,7 @@ def studies(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "RESULTS_MD", results_md)
     monkeypatch.setattr(module, "IDLE_SECONDS", 0.1)
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("REAL_BENCH", str(ROOT / "bench"))
     monkeypatch.setenv("EMOSHIELD_STUDY_WORK", str(tmp_path / "work"))
     return module, tmp_path
 
@@ -284,34 +299,60 @@ def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete
 
 def test_the_long_run_waits_for_the_whole_ablation_and_then_has_every_core(studies, monkeypatch):
     """cloud_final (bench/cloud_final.py) starts only once the lever table is complete, runs as one
-    process with every core's threads (the workers' split is for the many-process stages), and is done
-    when its tta.json is there (a quick slice's is not a result)."""
+    process with every core's threads and nothing beside it, and is done only when its folder holds
+    the recipe the table gives, scored (bench/cloud_final.py's own test)."""
     module, tmp = studies
     by_name = {s.name: s for s in module.STAGES}
     final = by_name["cloud_final"]
-    monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(module, "cores", lambda: 2)
     assert not module.ready(final, by_name)
     line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("cloud_final"))
     assert "waits for cloud_levers" in line
     assert module.main(["--only", "cloud_levers,cloud_final", "--workers", "2", "--threads", "1"]) == 0
     runs = [c for c in calls(tmp) if c["stage"] in ("cloud_levers", "cloud_pretrain")]
-    assert runs[-1] == {"stage": "cloud_pretrain", "threads": "2"}  # after every lever run, on both cores
-    assert [c["stage"] for c in runs].count("cloud_pretrain") == 1
+    assert runs[-1] == {"stage": "cloud_pretrain", "threads": "2", "ablation_complete": True, "beside": 0}
+    assert [c["stage"] for c in runs].count("cloud_pretrain") == 1  # once: a failed start would retry
     assert all(c["threads"] == "1" for c in runs[:-1])
     assert module.done(final, by_name)
-    tta = tmp / final.out / "fer2013-48px-final" / "tta.json"
-    for stale in ('{"limit_per_class": 6, "accuracy": {"tencrop": 0.5}}', '{"accuracy": {"none": 0.5}}', "{"):
-        tta.write_text(stale)
-        assert not module.done(final, by_name), stale
+    out = tmp / final.out / "fer2013-48px-final"
+    recipe = json.loads((out / "recipe.json").read_text())
+    for path, stale in ((out / "tta.json", '{"limit_per_class": 6, "accuracy": {"tencrop": 0.5}}'),
+                        (out / "tta.json", '{"limit_per_class": null, "accuracy": {"none": 0.5}}'),
+                        (out / "tta.json", "["),
+                        (out / "recipe.json", json.dumps({**recipe, "epochs": 50})),  # another length
+                        (out / "recipe.json", json.dumps({**recipe, "flags": recipe["flags"] + ["--no-amp"]})),
+                        (out / "recipe.json", "[" * 100_000)):
+        kept = path.read_text()
+        path.write_text(stale)
+        assert not module.done(final, by_name), stale[:80]
+        path.write_text(kept)
+    assert module.done(final, by_name)
     history = final.work_dir / "fer2013-48px-final" / "run" / "history.json"
     history.parent.mkdir(parents=True)
     history.write_text(json.dumps([{"epoch": 1}, {"epoch": 2}]))
+    (out / "tta.json").unlink()
     line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("cloud_final"))
-    assert "training: 2 of 100 epochs" in line
+    assert "trained 2 of 100 epochs" in line
     # only the long run asked for, its ablation not done and not to be run: nothing starts
     (tmp / "results/cloud_levers/levers.json").unlink()
     assert module.main(["--only", "cloud_final"]) == 1
     assert [c["stage"] for c in calls(tmp)].count("cloud_pretrain") == 1
+
+
+def test_a_solo_stage_waits_for_the_running_ones_and_nothing_starts_beside_it(studies):
+    """With the ablation complete and a bench stage running, the other worker does not start the
+    long run (solo) beside it; with the long run running, the bench stage waits for it."""
+    module, tmp = studies
+    assert module.main(["--only", "cloud_levers", "--workers", "2", "--threads", "1"]) == 0
+    assert module.main(["--only", "defense_ckplus48,cloud_final", "--workers", "2", "--threads", "1"]) == 0
+    runs = [c for c in calls(tmp) if c["stage"] in ("defense_ckplus48", "cloud_pretrain")]
+    assert [c["stage"] for c in runs] == ["defense_ckplus48", "cloud_pretrain"] and runs[1]["beside"] == 0
+    # the other way round (--only orders the stages): the long run first, the bench waits for it
+    (tmp / "results/cloud_pretrain/fer2013-48px-final/tta.json").unlink()
+    (tmp / "results/defense_ckplus48/summary.json").unlink()
+    assert module.main(["--only", "cloud_final,defense_ckplus48", "--workers", "2", "--threads", "1"]) == 0
+    runs = [c for c in calls(tmp) if c["stage"] in ("defense_ckplus48", "cloud_pretrain")][2:]
+    assert [c["stage"] for c in runs] == ["cloud_pretrain", "defense_ckplus48"] and runs[1]["beside_solo"] is False
 
 
 def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
