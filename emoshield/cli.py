@@ -250,7 +250,7 @@ def cmd_reproduce(args) -> int:
         fold_list=[int(f) for f in args.fold_list.split(",")] if args.fold_list else None,
         eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
         autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
-        square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick)
+        square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     study = Study(options, out, work, command=["emoshield", *args.argv])
@@ -867,6 +867,12 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_cloud_serve)
 
 
+def _add_align_arg(p) -> None:
+    p.add_argument("--align", choices=["none", "eyes"], default="none",
+                   help="face alignment: eyes = rotate each face crop so its eyes are level (OpenCV's eye cascade); "
+                        "saved with the model, so evaluation, bundles and devices align alike (default: %(default)s)")
+
+
 def _add_edge_commands(sub) -> None:
     """The edge node and its clients: torch-free to parse and to serve (jobs run `emoshield train`
     as child processes), so `emoshield edge ...` starts in about a second and the node stays small."""
@@ -993,9 +999,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="localization = SPEC §2 module; backbone = the backbone's own classifier")
     p.add_argument("--pooling", default="global", help=f"localization-head pooling: {POOLING_HELP}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
-    p.add_argument("--align", choices=["none", "eyes"], default="none",
-                   help="face alignment: eyes = rotate each face crop so its eyes are level (OpenCV's eye cascade); "
-                        "saved with the model, so evaluation, bundles and devices align alike (default: %(default)s)")
+    _add_align_arg(p)
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--input-size", type=int, default=48)
@@ -1084,6 +1088,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                         "undefended models; '' for none (default: %(default)s)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (default: %(default)s)")
     p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
+    _add_align_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")
     p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")

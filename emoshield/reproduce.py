@@ -35,6 +35,8 @@ DEFAULT_CLASSES = {"ckplus48": REFERENCE_CLASSES}
 ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd", "autoattack"]
 ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI): RobustBench's L-inf budget
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
+# options added after studies were saved: a saved study without one ran with its default
+LATER_OPTIONS = {"align": "none"}
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
@@ -60,6 +62,7 @@ class StudyOptions:
     apgd_steps: int = 50
     limit_per_class: int | None = None
     quick: bool = False
+    align: str = "none"  # "eyes": every face crop rotated so its eyes are level (emoshield.data.faces)
 
     def resolved(self) -> "StudyOptions":
         """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
@@ -67,6 +70,10 @@ class StudyOptions:
             raise EmoshieldError(f"--protocol must be reference or subject, got {self.protocol!r}")
         if not self.backbones:
             raise EmoshieldError("--backbones is empty")
+        from .data.faces import ALIGN_MODES
+
+        if self.align not in ALIGN_MODES:
+            raise EmoshieldError(f"--align is one of {', '.join(ALIGN_MODES)}, not {self.align!r}")
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
@@ -133,7 +140,7 @@ class Study:
         options = {k: v for k, v in asdict(self.options).items() if k not in UNIT_OPTIONS}
         saved = json.loads(marker.read_text()) if marker.is_file() else {"options": options, "weights": {}}
         clash = [b for b, w in self.weights.items() if saved["weights"].get(b, w) != w]
-        if saved["options"] != options or clash:
+        if {**LATER_OPTIONS, **saved["options"]} != options or clash:
             raise EmoshieldError(f"{self.work} holds a study with other options or weights ({marker}); "
                                  "pass another --work or delete it")
         saved["weights"].update(self.weights)
@@ -239,7 +246,8 @@ class Study:
         if not path.is_file():
             return None
         saved = json.loads(path.read_text())
-        if {k: saved.get(k) for k in ("options", "weights")} != self._study_identity(backbone):
+        identity = {"options": {**LATER_OPTIONS, **(saved.get("options") or {})}, "weights": saved.get("weights")}
+        if identity != self._study_identity(backbone):
             raise EmoshieldError(f"{path} was made with other options or weights than this study's; "
                                  "pass another --out or delete it")
         return saved
@@ -277,7 +285,7 @@ class Study:
         self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
                  f"{', defended' if defended else ''}, {self.options.epochs} epochs)")
         train_model(self._data(fold), ModelOptions(backbone=backbone, weights=weights, head=head,
-                                                   input_size=self.options.input_size),
+                                                   input_size=self.options.input_size, align=self.options.align),
                     TrainConfig(epochs=self.options.epochs, seed=seed), folder, resume=resume, progress=False,
                     log=lambda m: self.log(f"  {m}"), defense=DefenseConfig() if defended else None)
         return "finished"

@@ -43,12 +43,15 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
         "--quiet", env=env)
     out, work = tmp_path / "study", tmp_path / "work"
     study = ["reproduce", "--dataset", "ckplus48", "--data-root", data_root, "--protocol", "subject",
-             "--backbones", "smallcnn", "--input-size", "32", "--quick", "--out", out, "--work", work]
+             "--backbones", "smallcnn", "--input-size", "32", "--quick", "--align", "eyes", "--out", out, "--work", work]
     proc = run(*study, env=env)
     assert re.search(r"study done: \d/7 of the reference's claims hold here", proc.stdout)
 
     result = json.loads((out / "results.json").read_text())
     assert result["weights"] == {"smallcnn": "library:smallcnn-fer2013-32px"}
+    assert result["options"]["align"] == "eyes"  # every model of the study aligns its faces, and says so
+    models = sorted((work / "smallcnn").glob("fold*-seed0/*/run.json"))
+    assert len(models) == 8 and all(json.loads(m.read_text())["align"] == "eyes" for m in models)  # 2 units x 4 runs
     assert result["classes"] == sorted(FIVE.split(","))
     units = result["units"]["smallcnn"]
     assert sorted(units) == ["fold0-seed0", "fold1-seed0"]  # --quick: 2 subject folds, one seed
@@ -100,7 +103,8 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     report = (out / "report.md").read_text()
     for section in ("Table II", "Clean test accuracy", "Convergence", "FGSM accuracy vs eps", "Table III",
                     "Camera corruptions", "claims, checked", "--quick", "AutoAttack, attack by attack",
-                    "Gradient-masking checks", "eps 0.0313725 (8/255)", "Square at 30 queries"):
+                    "Gradient-masking checks", "eps 0.0313725 (8/255)", "Square at 30 queries",
+                    "faces aligned (eyes levelled, `--align eyes`)"):
         assert section in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file() and (out / image).stat().st_size > 1000
@@ -114,6 +118,8 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
     # the same work folder with other options is refused (it would mix results)
     other = run(*study, "--epochs", "1", env=env, check=False)
+    assert other.returncode == 2 and "other options" in other.stderr
+    other = run(*["none" if a == "eyes" else a for a in study], env=env, check=False)  # unaligned faces
     assert other.returncode == 2 and "other options" in other.stderr
     # the study's models on another dataset (every JAFFE face of their classes): beside their own figures
     cross = tmp_path / "cross"
@@ -210,6 +216,30 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
     other = run(*study, "--epochs", "1", "--work", tmp_path / "work2", env=env, check=False)  # OUT's: other options
     assert other.returncode == 2 and "other options or weights" in other.stderr and "--out" in other.stderr
+
+
+def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tmp_path, monkeypatch):
+    """Studies saved before `--align` existed ran unaligned: they resume with --align none and are
+    refused with --align eyes (their folders hold unaligned models)."""
+    from dataclasses import asdict
+
+    from emoshield.errors import EmoshieldError
+    from emoshield.reproduce import UNIT_OPTIONS, Study, StudyOptions
+
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "library"))
+    for align, resumes in (("none", True), ("eyes", False)):
+        study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], align=align),
+                      tmp_path / "out", tmp_path / align)
+        old = {k: v for k, v in asdict(study.options).items() if k not in (*UNIT_OPTIONS, "align")}
+        (tmp_path / align).mkdir()
+        (tmp_path / align / "study.json").write_text(json.dumps({"options": old, "weights": {}}))
+        if resumes:
+            study._check_work()
+        else:
+            with pytest.raises(EmoshieldError, match="other options"):
+                study._check_work()
+    with pytest.raises(EmoshieldError, match="--align is one of none, eyes"):
+        StudyOptions(dataset="jaffe", align="nose").resolved()
 
 
 def test_step_lock_lets_one_process_run_a_step_and_dies_with_its_holder(tmp_path):

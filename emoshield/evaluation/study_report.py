@@ -55,8 +55,9 @@ def _units_label(result: dict) -> str:
 def _context(result: dict) -> str:
     """What every plot title says: data, protocol, input size, epochs, seeds."""
     opts = result["options"]
-    return (f"{result['dataset']}, {result['protocol']} protocol, {opts['input_size']} px, {opts['epochs']} epochs, "
-            f"seed {','.join(map(str, opts['seeds']))}")
+    aligned = ", faces aligned (eyes level)" if opts.get("align", "none") != "none" else ""
+    return (f"{result['dataset']}, {result['protocol']} protocol, {opts['input_size']} px{aligned}, "
+            f"{opts['epochs']} epochs, seed {','.join(map(str, opts['seeds']))}")
 
 
 def study_plots(result: dict, out: Path) -> dict[str, str]:
@@ -174,7 +175,9 @@ def study_markdown(result: dict, plots: dict[str, str]) -> str:
     partial = " (partial)" if result.get("pending_units") else ""
     lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol{partial}", "",
              f"{result['dataset']} ({len(classes)} classes: {', '.join(classes)}), {_units_label(result)}; "
-             f"input {opts['input_size']} px, {opts['epochs']} epochs, batch 32, SGD lr 0.01 with Algorithm 1 "
+             f"input {opts['input_size']} px"
+             + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
+             + f", {opts['epochs']} epochs, batch 32, SGD lr 0.01 with Algorithm 1 "
              "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
              f"eval-mode perturbations made with the current model in every batch. {os.cpu_count()} CPU cores, no GPU."
              + (" **--quick: a tiny slice; these numbers check the code path, not the claims.**" if opts["quick"] else ""),
