@@ -17,9 +17,9 @@ import json, os, sys, time
 from pathlib import Path
 args = sys.argv[1:]
 out = Path(args[args.index("--out") + 1])
-work = Path(args[args.index("--work") + 1])
+work = Path(args[args.index("--work") + 1]) if "--work" in args else None
 with open(os.environ["FAKE_LOG"], "a") as log:
-    log.write(json.dumps({{"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS")}}) + "\\n")
+    log.write(json.dumps({{"stage": out.name, "threads": os.environ.get("OMP_NUM_THREADS"), "args": args}}) + "\\n")
 if out.name in os.environ.get("FAKE_FAIL", "").split(","):
     sys.exit(3)
 time.sleep(0.2)
@@ -38,6 +38,9 @@ if args[0] == "reproduce":  # two units, each leaving its models under WORK and 
             (out / "results.json").write_text(json.dumps({{"complete": False, "units": {{"smallcnn": {{unit: {{}}}}}}}}))
             sys.exit(0)
     (out / "results.json").write_text(json.dumps({{"complete": True, "units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
+elif "--model" in args:  # a library entry as shipped on another dataset: no units, nothing pending
+    assert work is None, "--model and --work together"
+    (out / "results.json").write_text(json.dumps({{"units": {{}}, "pending": []}}))
 else:  # tests every unit whose models are under WORK
     for folder in work.glob("*/fold*-seed*"):
         assert (folder / "robustness" / "robustness.json").is_file(), "cross-dataset before the unit finished"
@@ -353,6 +356,37 @@ def test_a_solo_stage_waits_for_the_running_ones_and_nothing_starts_beside_it(st
     assert module.main(["--only", "cloud_final,defense_ckplus48", "--workers", "2", "--threads", "1"]) == 0
     runs = [c for c in calls(tmp) if c["stage"] in ("defense_ckplus48", "cloud_pretrain")][2:]
     assert [c["stage"] for c in runs] == ["cloud_pretrain", "defense_ckplus48"] and runs[1]["beside_solo"] is False
+
+
+def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_faces(studies):
+    """Issue 18 item 4's stages: the v3 studies take the long run's backbone from its recipe
+    (@final), align faces, and start only after it; the library entry's cross-dataset tests take
+    --model and no --work; a study's cross stage follows its study."""
+    module, tmp = studies
+    assert module.main(["--workers", "2", "--threads", "1"]) == 0
+    names = [c["stage"] for c in calls(tmp)]
+    final_at = names.index("cloud_pretrain")
+    for name in ("fer2013-final-ckplus48", "fer2013-final-jaffe", "jaffe-subject-v3", "ckplus48-subject-v3"):
+        assert names.index(name) > final_at, name
+    assert names.index("jaffe-ckplus48-v3") > names.index("jaffe-subject-v3")
+    recipe = json.loads((tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").read_text())
+    backbone = recipe["flags"][len(recipe["flags"]) - 1 - recipe["flags"][::-1].index("--backbone") + 1]
+    for c in calls(tmp):
+        if c["stage"].endswith("-v3") and c["args"][0] == "reproduce":
+            assert c["args"][c["args"].index("--backbones") + 1] == backbone and "@final" not in c["args"]
+            assert c["args"][c["args"].index("--align") + 1] == "eyes"
+        if c["stage"].startswith("fer2013-final-"):
+            assert "--work" not in c["args"] and c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final"
+    # a recipe naming another backbone: the next v3 run takes it
+    (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text(
+        json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone", "widedeepcnn"]}))
+    stage = {s.name: s for s in module.STAGES}["jaffe-subject-v3"]
+    assert stage.command()[stage.command().index("--backbones") + 1] == "widedeepcnn"
+    (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text("[" * 100_000)
+    with pytest.raises(RuntimeError, match="no recipe with a backbone"):
+        stage.command()
+    workers = module.Workers([stage], {s.name: s for s in module.STAGES}, 1, 1)  # the driver: one line, exit 2
+    assert workers._run(0, stage) == 2
 
 
 def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
