@@ -47,6 +47,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {  # trained in this order: the likel
     "wider": ("WideCNN: 1.5x the channels (2.6M parameters)", ["--backbone", "widecnn"]),
     "schedule-2x": ("twice the epochs (same cosine shape)", ["--epochs-factor", "2"]),
     "augment-strong": ("`--augment strong` (+ light jitter, random erasing)", ["--augment", "strong"]),
+    # the head sees where on the face a feature is (the 3x3 map of a 48 px face), not only its average
+    "spatial-head": ("localization head on the 3x3 feature map (`--pooling grid:3`)", ["--pooling", "grid:3"]),
     "deeper": ("DeepCNN: 3 conv layers per block (2.0M parameters)", ["--backbone", "deepcnn"]),
     "mixup": ("mixup, alpha 0.2", ["--mix", "mixup", "--mix-alpha", "0.2"]),
     "cutmix": ("CutMix, alpha 1.0", ["--mix", "cutmix", "--mix-alpha", "1.0"]),

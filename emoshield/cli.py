@@ -512,7 +512,8 @@ def cmd_cloud_pretrain(args) -> int:
         if resume:
             print(f"resuming the interrupted training in {work}", file=sys.stderr)
         metrics = train_model(data, ModelOptions(backbone=args.backbone, weights=args.weights,
-                                                 input_size=args.input_size),
+                                                 input_size=args.input_size, pooling=args.pooling,
+                                                 dropout=args.dropout),
                               config, work, resume=resume, progress=not args.quiet,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
         if metrics is None:  # a torchrun rank other than 0: rank 0 adds the entry
@@ -838,6 +839,7 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", default="imagenet", help="starting weights: imagenet (where shipped) or scratch")
     p.add_argument("--input-size", type=int, default=48)
+    _add_head_args(p, "as for `emoshield train` (global averages the feature map, grid:N keeps an NxN layout)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
@@ -865,6 +867,12 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--database", help="SQLAlchemy URL of a catalog the library is indexed into at start and "
                                       "served from (default: $EMOSHIELD_CLOUD_DATABASE_URL, else the folder itself)")
     p.set_defaults(func=cmd_cloud_serve)
+
+
+def _add_head_args(p, pooling_help: str) -> None:
+    """The localization head's options (torch-free: the cloud commands are in the device's parser)."""
+    p.add_argument("--pooling", default="global", help=f"localization-head pooling: {pooling_help} (default: %(default)s)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
 
 
 def _add_align_arg(p) -> None:
@@ -997,8 +1005,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="scratch", help="scratch | imagenet[:ENTRY] | PATH.safetensors")
     p.add_argument("--head", choices=HEADS, default="localization",
                    help="localization = SPEC §2 module; backbone = the backbone's own classifier")
-    p.add_argument("--pooling", default="global", help=f"localization-head pooling: {POOLING_HELP}")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
+    _add_head_args(p, POOLING_HELP)
     _add_align_arg(p)
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--epochs", type=int, default=50)

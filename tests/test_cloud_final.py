@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 
-LEVERS = ["baseline", "wider", "schedule-2x", "augment-strong", "deeper", "mixup", "cutmix", "label-smoothing",
-          "adamw", "float32"]
+LEVERS = ["baseline", "wider", "schedule-2x", "augment-strong", "spatial-head", "deeper", "mixup", "cutmix",
+          "label-smoothing", "adamw", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_the_recipe_takes_exactly_the_levers_that_beat_the_baseline_on_publictes
     assert (args.augment == "strong") is ("augment-strong" in taken)
     assert (args.optimizer == "adamw") is ("adamw" in taken)
     assert (args.label_smoothing > 0) is ("label-smoothing" in taken)
+    assert (args.pooling == "grid:3") is ("spatial-head" in taken)
     if not taken:
         assert vars(args) == vars(base)
     assert set(recipe["reasons"]) == set(LEVERS[1:])
@@ -117,11 +118,11 @@ def test_a_damaged_recipe_record_is_one_line_and_trains_nothing(final, tmp_path,
 
 def test_the_long_run_trains_the_chosen_recipe_scores_it_once_and_refuses_another_in_its_folder(tmp_path, data_root):
     """On a slice of FER2013 for 1 epoch: wider and deeper both won (WideDeepCNN), CutMix beat mixup,
-    float32 won; the run lands in OUT/NAME with its recipe and test-time figures and its entry in the
+    float32 and the spatial head won; the run lands in OUT/NAME with its recipe and test-time figures and its entry in the
     library, a re-run does nothing, the same work folder with another length or slice is refused,
     and a new recipe in another work folder first clears the old run's figures from OUT."""
     public = dict.fromkeys(LEVERS, 0.60) | {"baseline": 0.60, "wider": 0.62, "deeper": 0.615, "mixup": 0.62,
-                                            "cutmix": 0.63, "float32": 0.61, "adamw": 0.605}
+                                            "cutmix": 0.63, "float32": 0.61, "adamw": 0.605, "spatial-head": 0.62}
     levers = tmp_path / "levers.json"
     levers.write_text(json.dumps(table(public, limit_per_class=6)))
     bench = [sys.executable, str(ROOT / "bench" / "cloud_final.py"), "--levers", str(levers), "--data-root",
@@ -131,10 +132,10 @@ def test_the_long_run_trains_the_chosen_recipe_scores_it_once_and_refuses_anothe
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "work" / "tiny-final" / "train.log").read_text()
     out = tmp_path / "out" / "tiny-final"
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["taken"] == ["wider", "deeper", "cutmix", "float32"]  # adamw's +0.5 is within the margin
+    assert recipe["taken"] == ["wider", "spatial-head", "deeper", "cutmix", "float32"]  # adamw's +0.5: no
     run = json.loads((tmp_path / "work" / "tiny-final" / "run" / "run.json").read_text())
     assert run["backbone"] == "widedeepcnn" and run["train_config"]["mix"] == "cutmix"
-    assert run["train_config"]["amp"] is False and run["train_config"]["epochs"] == 1
+    assert run["train_config"]["amp"] is False and run["train_config"]["epochs"] == 1 and run["pooling"] == "grid:3"
     metrics, tta = json.loads((out / "metrics.json").read_text()), json.loads((out / "tta.json").read_text())
     assert tta["accuracy"]["none"] == metrics["test_accuracy"] and set(tta["accuracy"]) == {"none", "flip", "tencrop"}
     assert "| adamw | +0.50 | no | +0.50 <= 0.8 points |" in (out / "recipe.md").read_text()
