@@ -345,7 +345,8 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
             state += f"; models gone, not tested: {', '.join(sorted(lost))}"
         if not done(s, by_name) and s.source is None and (progress := evaluation_progress(s)):
             state += f"; {progress}"
-        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)} --work {s.work_dir} --out {s.out}")
+        work = f" --work {s.work_dir}" if s.pass_work else ""
+        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)}{work} --out {s.out}")
     return lines
 
 

@@ -377,6 +377,8 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
             assert c["args"][c["args"].index("--align") + 1] == "eyes"
         if c["stage"].startswith("fer2013-final-"):
             assert "--work" not in c["args"] and c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final"
+    status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
+    assert "--work" not in status["fer2013-final-jaffe"] and "--work" in status["jaffe-subject-v3"]
     # a recipe naming another backbone: the next v3 run takes it
     (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text(
         json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone", "widedeepcnn"]}))
