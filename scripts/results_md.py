@@ -65,6 +65,20 @@ def _tta_accuracy(path: Path, one_crop: float) -> dict | None:
     return out if all(0 <= v <= 1 for v in out.values()) else None  # NaN fails too
 
 
+def _recipe_words(cfg: dict, run: dict) -> str:
+    """What a run changed beyond batch, lr, schedule and augmentation (the levers of issue 18)."""
+    words = []
+    if cfg.get("optimizer", "sgd") != "sgd":
+        words.append(f"{cfg['optimizer']} (weight decay {cfg.get('weight_decay')})")
+    if cfg.get("mix", "none") != "none":
+        words.append(f"{cfg['mix']} alpha {cfg.get('mix_alpha')}")
+    if cfg.get("label_smoothing"):
+        words.append(f"label smoothing {cfg['label_smoothing']}")
+    if run.get("pooling", "global") != "global":
+        words.append(f"head pooling {run['pooling']}")
+    return "".join(f", {w}" for w in words)
+
+
 def pretraining_table(root: Path) -> list[str]:
     """The cloud library's FER2013 runs: how each was trained and its PrivateTest accuracy."""
     rows = []
@@ -75,10 +89,12 @@ def pretraining_table(root: Path) -> list[str]:
         best = max(history, key=lambda e: e["val_accuracy"])
         tta = _tta_accuracy(path.parent / "tta.json", m["test_accuracy"])
         multi = f"{tta['flip'] * 100:.1f} / {tta['tencrop'] * 100:.1f}" if tta else "—"
+        recipe = f" ([recipe]({_link(path.parent)}/recipe.md))" if (path.parent / "recipe.md").is_file() else ""
         rows.append(
-            f"| [{path.parent.name}]({_link(path.parent)}/report.md) | {m['backbone']} | {m['weights']} | "
+            f"| [{path.parent.name}]({_link(path.parent)}/report.md){recipe} | {m['backbone']} | {m['weights']} | "
             f"{m['input_size']} px | {m['epochs']} | {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']}, "
-            f"`--augment {cfg['augment']}` | {'bfloat16 (`--amp`)' if cfg.get('amp') else 'float32'} | "
+            f"`--augment {cfg['augment']}`{_recipe_words(cfg, run)} | "
+            f"{'bfloat16 (`--amp`)' if cfg.get('amp') else 'float32'} | "
             f"{m['train_seconds'] / 3600:.1f} h | {best['val_accuracy'] * 100:.1f} (epoch {best['epoch']}) | "
             f"**{m['test_accuracy'] * 100:.1f}** | {multi} | {m['balanced_accuracy'] * 100:.1f} |")
     if not rows:

@@ -130,6 +130,28 @@ def test_the_cloud_tier_table_shows_flip_and_ten_crop_from_pretrain_tta(results,
         assert "| — |" in row
 
 
+def test_the_long_runs_row_links_its_recipe_and_names_its_levers(results):
+    """bench/cloud_final.py's run in results/cloud_pretrain/NAME: its row links recipe.md and says
+    which levers beyond batch, lr, schedule and augmentation it trained with."""
+    pretrain = results / "results/cloud_pretrain"
+    final = pretrain / "fer2013-48px-final"
+    shutil.copytree(pretrain / "smallcnn-fer2013-48px-amp", final)
+    run_json = json.loads((final / "run.json").read_text())
+    run_json["pooling"] = "grid:3"
+    run_json["train_config"].update(optimizer="adamw", weight_decay=0.05, mix="cutmix", mix_alpha=1.0,
+                                    label_smoothing=0.1)
+    (final / "run.json").write_text(json.dumps(run_json))
+    (final / "recipe.md").write_text("# recipe\n")
+    assert run(results, *_args(results)).returncode == 0
+    lines = (results / "RESULTS.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| [fer2013-48px-final]"))
+    assert "([recipe](results/cloud_pretrain/fer2013-48px-final/recipe.md))" in row
+    assert "`--augment standard`, adamw (weight decay 0.05), cutmix alpha 1.0, label smoothing 0.1, " \
+           "head pooling grid:3 |" in row
+    shipped = next(line for line in lines if line.startswith("| [smallcnn-fer2013-48px-amp]"))
+    assert "recipe" not in shipped and "`--augment standard` |" in shipped
+
+
 def test_the_masking_table_says_where_the_apgd_follow_up_ran_was_not_needed_or_is_missing():
     import importlib.util
 
