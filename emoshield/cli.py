@@ -250,7 +250,8 @@ def cmd_reproduce(args) -> int:
         fold_list=[int(f) for f in args.fold_list.split(",")] if args.fold_list else None,
         eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
         autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
-        square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align)
+        square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align,
+        start_weights=args.weights)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     study = Study(options, out, work, command=["emoshield", *args.argv])
@@ -839,7 +840,7 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", default="imagenet", help="starting weights: imagenet (where shipped) or scratch")
     p.add_argument("--input-size", type=int, default=48)
-    _add_head_args(p, "as for `emoshield train` (global averages the feature map, grid:N keeps an NxN layout)")
+    _add_head_args(p)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
@@ -869,9 +870,12 @@ def _add_service_commands(sub) -> None:
     p.set_defaults(func=cmd_cloud_serve)
 
 
-def _add_head_args(p, pooling_help: str) -> None:
-    """The localization head's options (torch-free: the cloud commands are in the device's parser)."""
-    p.add_argument("--pooling", default="global", help=f"localization-head pooling: {pooling_help} (default: %(default)s)")
+def _add_head_args(p) -> None:
+    """The localization head's options (train, cloud pretrain)."""
+    from .models.heads import POOLING_HELP
+
+    p.add_argument("--pooling", default="global",
+                   help=f"localization-head pooling: {POOLING_HELP} (default: %(default)s)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer of the localization head")
 
 
@@ -965,7 +969,6 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     if torch_free:
         return parser
     from .models import BACKBONES, HEADS
-    from .models.heads import POOLING_HELP
     from .training import SCHEDULES
     from .attacks import CORRUPTIONS
     from .training.augment import AUGMENTATIONS
@@ -1005,7 +1008,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="scratch", help="scratch | imagenet[:ENTRY] | PATH.safetensors")
     p.add_argument("--head", choices=HEADS, default="localization",
                    help="localization = SPEC §2 module; backbone = the backbone's own classifier")
-    _add_head_args(p, POOLING_HELP)
+    _add_head_args(p)
     _add_align_arg(p)
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--epochs", type=int, default=50)
@@ -1082,6 +1085,8 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--backbones", default="resnet18,mobilenet_v2",
                    help="comma-separated; each starts from the cloud library's entry for it at --input-size, "
                         "else ImageNet weights, else scratch (default: %(default)s)")
+    p.add_argument("--weights", help="starting weights of every backbone: library:NAME (of that backbone and "
+                                     "input size), imagenet or scratch (default: the best here, per backbone)")
     p.add_argument("--input-size", type=int, default=48)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")

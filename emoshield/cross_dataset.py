@@ -97,26 +97,39 @@ def unit_folder_name(options: CrossOptions) -> str:
     return f"cross-{options.target}-{digest.hexdigest()[:10]}"
 
 
+def _with_later_options(study):
+    """A study record with the options added since it was saved at their defaults (reproduce's
+    LATER_OPTIONS): a unit file of an older study and a re-run of it are the same study."""
+    from .reproduce import LATER_OPTIONS
+
+    if not isinstance(study, dict) or not isinstance(study.get("options", {}), dict):
+        return study
+    return {**study, "options": {**LATER_OPTIONS, **study.get("options", {})}}
+
+
 def _identity(options: CrossOptions, study: dict) -> dict:
     """What a unit file must match to be reused: these options (not the data path) and the study
     (its options and weights), so one OUT never mixes settings or studies."""
-    return {"options": asdict(options) | {"data_root": None}, "study": study}
+    return {"options": asdict(options) | {"data_root": None}, "study": _with_later_options(study)}
 
 
 def _saved(path: Path, options: CrossOptions, study: dict) -> dict | None:
-    return _read_matching(path, _identity(options, study), "from another study")
+    return _read_matching(path, _identity(options, study), "from another study",
+                          normalize=lambda saved: {**saved, "study": _with_later_options(saved.get("study"))})
 
 
-def _read_matching(path: Path, identity: dict, other: str) -> dict | None:
-    """The saved result at PATH (None if there is none) when its identity keys match; a result
-    made otherwise is refused, never mixed or overwritten."""
+def _read_matching(path: Path, identity: dict, other: str, normalize=None) -> dict | None:
+    """The saved result at PATH (None if there is none) when its identity keys match (after
+    `normalize`, if given); a result made otherwise is refused, never mixed or overwritten."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EmoshieldError(f"{path} is not a readable result file ({exc}); delete it to re-evaluate") from None
-    if not isinstance(saved, dict) or {k: saved.get(k) for k in identity} != identity:
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EmoshieldError(f"{path} is not a readable result file ({type(exc).__name__}); "
+                             "delete it to re-evaluate") from None
+    compared = normalize(saved) if normalize and isinstance(saved, dict) else saved
+    if not isinstance(saved, dict) or {k: compared.get(k) for k in identity} != identity:
         raise EmoshieldError(f"{path} was made with other options or {other}; pass another --out or delete it")
     return saved
 

@@ -36,7 +36,7 @@ ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd", "autoattack"]
 ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI): RobustBench's L-inf budget
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 # options added after studies were saved: a saved study without one ran with its default
-LATER_OPTIONS = {"align": "none"}
+LATER_OPTIONS = {"align": "none", "start_weights": None}
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
@@ -63,6 +63,7 @@ class StudyOptions:
     limit_per_class: int | None = None
     quick: bool = False
     align: str = "none"  # "eyes": every face crop rotated so its eyes are level (emoshield.data.faces)
+    start_weights: str | None = None  # every backbone's starting weights (default: the best here, per backbone)
 
     def resolved(self) -> "StudyOptions":
         """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
@@ -108,6 +109,26 @@ def pretrained_weights(backbone: str, input_size: int) -> str:
     return "imagenet" if imagenet_available(backbone) else "scratch"
 
 
+def chosen_weights(backbone: str, input_size: int, asked: str | None) -> str:
+    """The starting weights of a backbone: ASKED (`--weights`: library:NAME of this backbone and
+    input size, imagenet where cached, or scratch), else the best available (pretrained_weights)."""
+    from .models.backbones import imagenet_available
+    from .models.library import read_entry
+
+    if asked is None:
+        return pretrained_weights(backbone, input_size)
+    if asked == "scratch" or (asked == "imagenet" and imagenet_available(backbone)):
+        return asked
+    if asked.startswith("library:"):
+        meta, _ = read_entry(asked.removeprefix("library:"), verify=False)
+        if (meta.get("backbone"), meta.get("input_size")) != (backbone, input_size):
+            raise EmoshieldError(f"--weights {asked} is a {meta.get('backbone')} at {meta.get('input_size')} px, "
+                                 f"not {backbone} at {input_size} px")
+        return asked
+    raise EmoshieldError(f"--weights is library:NAME, imagenet (where its weights are cached) or scratch, "
+                         f"not {asked!r} for {backbone}")
+
+
 def _run_plan(backbone: str, weights: str) -> dict[str, tuple[str, str, bool]]:
     """run name -> (weights, head, defended)."""
     from .models.backbones import imagenet_available
@@ -129,7 +150,8 @@ class Study:
         self.out, self.work = Path(out), Path(work)
         self.command = command or []
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.weights = {b: pretrained_weights(b, self.options.input_size) for b in self.options.backbones}
+        self.weights = {b: chosen_weights(b, self.options.input_size, self.options.start_weights)
+                        for b in self.options.backbones}
 
     def _check_work(self) -> None:
         """A work folder belongs to one set of options: resuming with others would mix results.

@@ -97,9 +97,11 @@ def final_backbone() -> str:
     last --backbone flag); a stage that uses it runs after the long run, so the recipe is there."""
     recipe = _json(ROOT / "results" / "cloud_pretrain" / FINAL_ENTRY / "recipe.json")
     flags = recipe.get("flags") if isinstance(recipe, dict) else None
-    if not isinstance(flags, list) or "--backbone" not in flags[:-1]:
+    at = len(flags) - 1 - flags[::-1].index("--backbone") if isinstance(flags, list) and "--backbone" in flags else -1
+    value = flags[at + 1] if 0 <= at < len(flags) - 1 else None
+    if not isinstance(value, str) or not value or value.startswith("-"):
         raise RuntimeError(f"no recipe with a backbone in results/cloud_pretrain/{FINAL_ENTRY}/recipe.json")
-    return str(flags[len(flags) - 1 - flags[::-1].index("--backbone") + 1])
+    return value
 
 
 def study(name: str, *args: str, backbones: str = BACKBONES, after: str | None = None) -> Stage:
@@ -156,10 +158,10 @@ STAGES = [
     library_cross("fer2013-final-ckplus48", FINAL_ENTRY, "ckplus48", after="cloud_final"),
     library_cross("fer2013-final-jaffe", FINAL_ENTRY, "jaffe", after="cloud_final"),
     study("jaffe-subject-v3", "--dataset", "jaffe", "--protocol", "subject", "--align", "eyes",
-          backbones=FINAL_BACKBONE, after="cloud_final"),
+          "--weights", f"library:{FINAL_ENTRY}", backbones=FINAL_BACKBONE, after="cloud_final"),
     cross("jaffe-ckplus48-v3", "jaffe-subject-v3", "ckplus48"),
     study("ckplus48-subject-v3", "--dataset", "ckplus48", "--protocol", "subject", "--align", "eyes",
-          backbones=FINAL_BACKBONE, after="cloud_final"),
+          "--weights", f"library:{FINAL_ENTRY}", backbones=FINAL_BACKBONE, after="cloud_final"),
     cross("ckplus48-jaffe-v3", "ckplus48-subject-v3", "jaffe"),
 ]
 
@@ -233,36 +235,39 @@ def _levers(stage: Stage) -> dict:
 
 
 def _levers_done(stage: Stage) -> bool:
-    """Complete, and a row for every lever it lists (a stale 'complete' does not pass)."""
+    """Complete, and a row for every lever it lists and every lever bench/cloud_levers.py has now (a
+    stale 'complete', or a table finished before a lever was added, does not pass)."""
     result = _levers(stage)
     names = {r.get("name") for r in result.get("runs", []) if isinstance(r, dict)}
     levers = result.get("levers")
-    return result.get("complete") is True and isinstance(levers, list) and set(levers) <= names
+    current = set(_bench("cloud_levers").LEVERS)
+    return result.get("complete") is True and isinstance(levers, list) and set(levers) | current <= names
 
 
 def _arg(stage: Stage, flag: str) -> str:
     return stage.args[stage.args.index(flag) + 1]
 
 
-_CLOUD_FINAL = []
+_BENCH_MODULES: dict = {}
 
 
-def _cloud_final():
-    """bench/cloud_final.py as a module (torch-free): its own rule says when the long run is done."""
-    if not _CLOUD_FINAL:
+def _bench(name: str):
+    """bench/NAME.py as a module (cloud_levers, cloud_final: torch-free at import), for their own
+    rules: which levers there are, when the long run is done."""
+    if name not in _BENCH_MODULES:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("cloud_final", BENCH / "cloud_final.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _CLOUD_FINAL.append(module)
-    return _CLOUD_FINAL[0]
+        _BENCH_MODULES[name] = module
+    return _BENCH_MODULES[name]
 
 
 def _final_done(stage: Stage) -> bool:
     """The recipe the ablation table gives, trained on the full data and scored with every
     test-time augmentation (bench/cloud_final.py's `scored`: the same test the script makes)."""
-    final = _cloud_final()
+    final = _bench("cloud_final")
     try:
         recipe = final.recipe_for(ROOT / _arg(stage, "--levers"), int(_arg(stage, "--epochs")),
                                   float(_arg(stage, "--margin")))
@@ -415,7 +420,10 @@ class Workers:
                 if self.stopping.is_set():
                     return
                 with self.lock:
-                    if stage.script is not None and not stage.shared and stage.name in self.running:
+                    one_at_a_time = (stage.script is not None and not stage.shared) or not stage.pass_work
+                    if one_at_a_time and stage.name in self.running:  # no step locks to share it by
+                        continue
+                    if done(stage, self.by_name):  # another worker finished it since this pass began
                         continue
                     if self.solo_active or (stage.solo and self.active):
                         continue  # a solo stage has the machine to itself: it waits for the others to end

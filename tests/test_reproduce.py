@@ -240,6 +240,62 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                 study._check_work()
     with pytest.raises(EmoshieldError, match="--align is one of none, eyes"):
         StudyOptions(dataset="jaffe", align="nose").resolved()
+    # a unit saved before the options existed is this study's unit (an unaligned one)
+    study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"]), tmp_path / "out",
+                  tmp_path / "none")
+    identity = study._study_identity("smallcnn")
+    old_unit = {"options": {k: v for k, v in identity["options"].items() if k not in ("align", "start_weights")},
+                "weights": identity["weights"], "record": {}}
+    study.unit_file("smallcnn", 0, 0).parent.mkdir(parents=True)
+    study.unit_file("smallcnn", 0, 0).write_text(json.dumps(old_unit))
+    assert study._saved_unit("smallcnn", 0, 0) == old_unit
+    aligned = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], align="eyes"),
+                    tmp_path / "out", tmp_path / "eyes")
+    with pytest.raises(EmoshieldError, match="other options or weights"):
+        aligned._saved_unit("smallcnn", 0, 0)
+
+
+def test_a_cross_dataset_unit_of_a_study_saved_before_an_option_existed_is_still_its_unit(tmp_path):
+    """results/cross/*/units/*.json of older studies lack `align`: the same study re-run (whose
+    study.json now names align none) must find them, not refuse them; an aligned study must not."""
+    from emoshield.cross_dataset import CrossOptions, _saved
+    from emoshield.errors import EmoshieldError
+
+    options = CrossOptions(target="jaffe")
+    old_study = {"options": {"dataset": "ckplus48", "epochs": 50}, "weights": {"smallcnn": "library:x"}}
+    path = tmp_path / "unit.json"
+    from emoshield.cross_dataset import _identity
+
+    path.write_text(json.dumps({**_identity(options, old_study), "study": old_study, "clean": 0.5}))
+    rerun = {**old_study, "options": {**old_study["options"], "align": "none", "start_weights": None}}
+    assert _saved(path, options, rerun)["clean"] == 0.5 and _saved(path, options, old_study)["clean"] == 0.5
+    with pytest.raises(EmoshieldError, match="another study"):
+        _saved(path, options, {**rerun, "options": {**rerun["options"], "align": "eyes"}})
+    path.write_text("[" * 100_000)
+    with pytest.raises(EmoshieldError, match="not a readable result file"):
+        _saved(path, options, rerun)
+
+
+def test_a_study_starts_every_backbone_from_the_weights_asked_or_refuses_them(tmp_path, monkeypatch):
+    """`reproduce --weights`: a library entry of the backbone and input size, imagenet where cached,
+    scratch; anything else is one error before any training."""
+    from emoshield.errors import EmoshieldError
+    from emoshield.reproduce import Study, StudyOptions, chosen_weights
+
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "library"))  # empty: the embedded entry only
+    shipped = "library:smallcnn-fer2013-48px"
+    assert chosen_weights("smallcnn", 48, shipped) == shipped and chosen_weights("smallcnn", 48, "scratch") == "scratch"
+    assert chosen_weights("smallcnn", 48, None) == shipped  # the best here
+    for backbone, size, asked, message in (("widecnn", 48, shipped, "is a smallcnn at 48 px, not widecnn at 48"),
+                                           ("smallcnn", 32, shipped, "not smallcnn at 32 px"),
+                                           ("smallcnn", 48, "library:missing", "no library entry 'missing'"),
+                                           ("smallcnn", 48, "imagenet", "imagenet \\(where its weights are cached\\)"),
+                                           ("smallcnn", 48, "weights.pt", "not 'weights.pt'")):
+        with pytest.raises(EmoshieldError, match=message):
+            chosen_weights(backbone, size, asked)
+    study = Study(StudyOptions(dataset="jaffe", protocol="subject", backbones=["smallcnn"], start_weights="scratch"),
+                  tmp_path / "out", tmp_path / "work")
+    assert study.weights == {"smallcnn": "scratch"} and study._study_identity("smallcnn")["weights"] == "scratch"
 
 
 def test_step_lock_lets_one_process_run_a_step_and_dies_with_its_holder(tmp_path):

@@ -40,6 +40,11 @@ if args[0] == "reproduce":  # two units, each leaving its models under WORK and 
     (out / "results.json").write_text(json.dumps({{"complete": True, "units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
 elif "--model" in args:  # a library entry as shipped on another dataset: no units, nothing pending
     assert work is None, "--model and --work together"
+    busy = Path(os.environ["FAKE_LOG"] + "." + out.name + ".running")
+    assert not busy.exists(), "two workers ran the same library entry's test at once"
+    busy.touch()
+    time.sleep(0.3)
+    busy.unlink()
     (out / "results.json").write_text(json.dumps({{"units": {{}}, "pending": []}}))
 else:  # tests every unit whose models are under WORK
     for folder in work.glob("*/fold*-seed*"):
@@ -285,7 +290,9 @@ def test_the_lever_ablation_is_shared_by_the_workers_and_done_only_when_complete
                     '{"epochs": 30, "limit_per_class": 6, "complete": true, "runs": []}',  # a quick slice
                     "[" * 100_000, "not json", '{"epochs": 30, "complete": true, "runs": 3}',
                     # a stale 'complete': a lever it lists has no row
-                    '{"epochs": 30, "limit_per_class": null, "complete": true, "levers": ["a", "b"], "runs": [{"name": "a"}]}'):
+                    '{"epochs": 30, "limit_per_class": null, "complete": true, "levers": ["a", "b"], "runs": [{"name": "a"}]}',
+                    # complete by its own list, but a lever bench/cloud_levers.py has now is missing
+                    '{"epochs": 30, "limit_per_class": null, "complete": true, "levers": ["a"], "runs": [{"name": "a"}]}'):
         levers.write_text(partial)
         assert not module.done(stage, by_name), partial
     levers.write_text('{"epochs": 30, "limit_per_class": null, "complete": false, "runs": [{"name": "a"}, 7]}')
@@ -370,11 +377,12 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
         assert names.index(name) > final_at, name
     assert names.index("jaffe-ckplus48-v3") > names.index("jaffe-subject-v3")
     recipe = json.loads((tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").read_text())
-    backbone = recipe["flags"][len(recipe["flags"]) - 1 - recipe["flags"][::-1].index("--backbone") + 1]
+    assert names.count("fer2013-final-ckplus48") == names.count("fer2013-final-jaffe") == 1  # one worker each
     for c in calls(tmp):
-        if c["stage"].endswith("-v3") and c["args"][0] == "reproduce":
-            assert c["args"][c["args"].index("--backbones") + 1] == backbone and "@final" not in c["args"]
+        if c["stage"].endswith("-v3") and c["args"][0] == "reproduce":  # the stand-in's levers tie: smallcnn
+            assert c["args"][c["args"].index("--backbones") + 1] == "smallcnn" and "@final" not in c["args"]
             assert c["args"][c["args"].index("--align") + 1] == "eyes"
+            assert c["args"][c["args"].index("--weights") + 1] == "library:fer2013-48px-final"
         if c["stage"].startswith("fer2013-final-"):
             assert "--work" not in c["args"] and c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final"
     status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
@@ -384,9 +392,12 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
         json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone", "widedeepcnn"]}))
     stage = {s.name: s for s in module.STAGES}["jaffe-subject-v3"]
     assert stage.command()[stage.command().index("--backbones") + 1] == "widedeepcnn"
-    (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text("[" * 100_000)
-    with pytest.raises(RuntimeError, match="no recipe with a backbone"):
-        stage.command()
+    for damaged in ("[" * 100_000, json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone"]}),
+                    json.dumps({**recipe, "flags": ["--backbone", "--lr", "0.1"]}), json.dumps({"flags": [1, 2]}),
+                    json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone", 7]}), json.dumps({"flags": "x"})):
+        (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text(damaged)
+        with pytest.raises(RuntimeError, match="no recipe with a backbone"):
+            stage.command()
     workers = module.Workers([stage], {s.name: s for s in module.STAGES}, 1, 1)  # the driver: one line, exit 2
     assert workers._run(0, stage) == 2
 
