@@ -19,9 +19,10 @@ Writes OUT/NAME/recipe.json and recipe.md (every lever's PublicTest gain and whe
 taken) before training (and removes the result files of a run of another recipe from there), then
 trains `emoshield cloud pretrain` in WORK/NAME (re-running the command resumes it from its last
 epoch; a WORK begun with another recipe, length or slice of the data is refused), adds the entry
-to the library (the user's, where `--weights library:NAME` and the studies find it), copies the run's report, metrics, history and plots to OUT/NAME (as
-scripts/collect_pretrain.py does) and its one-crop / flip / ten-crop figures to OUT/NAME/tta.json
-(scripts/pretrain_tta.py), which RESULTS.md's cloud-tier table reads. `--dry-run` prints the
+to the library (the user's, where `--weights library:NAME` and the studies find it), copies the
+run's report, metrics, history and plots to OUT/NAME (as scripts/collect_pretrain.py does) and its
+one-crop / flip / ten-crop figures to OUT/NAME/tta.json (scripts/pretrain_tta.py), which
+RESULTS.md's cloud-tier table reads. `--dry-run` prints the
 recipe and stops (it also reads an ablation still in progress: levers not yet trained are 'not
 measured')."""
 
