@@ -102,6 +102,10 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
             flags += ["--backbone", backbone]
             for n in pair:
                 reasons[n] += f" (with {', '.join(sorted(pair - {n}))}: {backbone})"
+    base_precision = rows["baseline"].get("precision")
+    for n in gains:  # another machine (no native bfloat16) trained it: its gain includes the precision's
+        if n != "float32" and rows[n].get("precision") != base_precision:
+            reasons[n] += f" (trained in {rows[n].get('precision')}, the baseline in {base_precision})"
     for n in LEVERS:
         if n not in rows and n != "baseline":
             reasons[n] = "not measured"

@@ -234,6 +234,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
                      f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | **{100 * r['private_test']:.1f}** | "
                      f"{delta} | {100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
                      f"{r['precision']} | {r['device']} |")
+    mixed = [r["name"] for r in rows if base is not None and r["name"] not in ("baseline", "float32")
+             and r["precision"] != base["precision"]]
+    if mixed:  # another machine (no native bfloat16) trained them: their difference includes the precision's
+        lines += ["", f"**Trained in another precision than the baseline ({base['precision']}): {', '.join(mixed)}**; "
+                  "their 'vs baseline' includes the precision's effect (the float32 row measures it)."]
     if pending:
         lines += ["", f"Still training (re-run the command to go on): {', '.join(pending)}."]
     lines += ["", "s/epoch: median wall seconds per epoch of each run (an epoch that spanned a pause does not "

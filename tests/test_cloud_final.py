@@ -70,10 +70,14 @@ def test_the_recipe_takes_exactly_the_levers_that_beat_the_baseline_on_publictes
 
 def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path, capsys):
     path = tmp_path / "levers.json"
-    path.write_text(json.dumps(table({"baseline": 0.674, "wider": 0.70}, complete=False)))
+    partial = table({"baseline": 0.674, "wider": 0.70, "mixup": 0.675}, complete=False)
+    for r in partial["runs"]:
+        r["precision"] = "float32" if r["name"] == "mixup" else "bfloat16"
+    path.write_text(json.dumps(partial))
     assert final.main(["--levers", str(path), "--dry-run"]) == 0
     page = capsys.readouterr().out
     assert "| wider | +2.60 | yes |" in page and "| deeper |  | no | not measured |" in page
+    assert "| mixup | +0.10 | no | +0.10 <= 0.8 points (trained in float32, the baseline in bfloat16) |" in page
     assert "--backbone widecnn" in page and "PrivateTest was not looked at" in page
     assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

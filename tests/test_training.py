@@ -215,6 +215,32 @@ def test_sigkill_then_resume_finishes_with_nothing_lost(tmp_path, data_root):
                                                   json.loads((straight / "history.json").read_text())]
 
 
+def test_the_lever_table_flags_rows_trained_in_another_precision_than_the_baseline():
+    """A session on a CPU without native bfloat16 trains the remaining levers in float32: their rows
+    must say their difference includes the precision's (the float32 lever's own row is that)."""
+    import argparse
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cloud_levers", ROOT / "bench" / "cloud_levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+
+    def row(name, precision):
+        return {"name": name, "change": "x", "backbone": "smallcnn", "parameters": 1e6, "epochs": 30, "seed": 0,
+                "counts": {"train": 1, "val": 1, "test": 1}, "public_test": 0.6, "best_epoch": 3,
+                "private_test": 0.6, "private_test_balanced": 0.6, "seconds_per_epoch": 100.0,
+                "precision": precision, "device": "cpu"}
+
+    args = argparse.Namespace(epochs=30, limit_per_class=None, work="w", out="o")
+    same = levers.markdown([row("baseline", "bfloat16"), row("wider", "bfloat16"), row("float32", "float32")], args)
+    assert "another precision" not in same
+    mixed = levers.markdown([row("baseline", "bfloat16"), row("wider", "bfloat16"), row("mixup", "float32"),
+                             row("float32", "float32")], args)
+    assert "**Trained in another precision than the baseline (bfloat16): mixup**" in mixed
+
+
 def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retraining(tmp_path, data_root):
     """bench/cloud_levers.py on a slice of FER2013: each lever is the baseline's flags plus its own,
     the table has a row per lever, a re-run reuses the finished runs and a run of other epochs is refused."""
