@@ -113,7 +113,24 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
         reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.2f} points: a longer schedule "
                                   f"{'paid' if gains['schedule-2x'] > margin else 'did not pay'} (the length is --epochs)")
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
-            "taken": [n for n in LEVERS if n in winners], "reasons": reasons, "flags": flags}
+            "taken": [n for n in LEVERS if n in winners], "reasons": reasons, "flags": flags,
+            "seconds_per_epoch": _pace(rows, winners)}
+
+
+def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
+    """The recipe's seconds per epoch at the ablation's pace: the baseline's, times each taken
+    lever's slowdown over it (a guess: the slowdowns are measured one at a time). None when a row
+    lacks its pace."""
+    def pace(name: str) -> float | None:
+        value = rows[name].get("seconds_per_epoch")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    seconds = pace("baseline")
+    for name in taken:
+        if seconds is None or pace(name) is None:
+            return None
+        seconds *= pace(name) / pace("baseline")
+    return seconds
 
 
 def recipe_for(levers: Path, epochs: int, margin: float, limit_per_class: int | None = None,
@@ -171,7 +188,12 @@ def recipe_markdown(recipe: dict, name: str) -> str:
         lines.append(f"| {n} | {'' if gain is None else f'{gain:+.2f}'} | {'yes' if n in recipe['taken'] else 'no'} "
                      f"| {recipe['reasons'].get(n, '')} |")
     lines += ["", f"Training: `emoshield cloud pretrain {' '.join(recipe['flags'])} --epochs {recipe['epochs']}` "
-              f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'}).", ""]
+              f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'})."]
+    if recipe.get("seconds_per_epoch"):
+        lines += ["", f"Expected time: ~{recipe['seconds_per_epoch'] * recipe['epochs'] / 3600:.1f} h at the ablation's "
+                  f"pace ({recipe['seconds_per_epoch']:.0f} s/epoch: the baseline's, times each taken lever's slowdown; "
+                  "the levers ran one thread each beside another run, so the long run on every core goes faster)."]
+    lines.append("")
     return "\n".join(lines)
 
 

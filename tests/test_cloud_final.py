@@ -78,6 +78,12 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     page = capsys.readouterr().out
     assert "| wider | +2.60 | yes |" in page and "| deeper |  | no | not measured |" in page
     assert "| mixup | +0.10 | no | +0.10 <= 0.8 points (trained in float32, the baseline in bfloat16) |" in page
+    assert "Expected time" not in page  # the rows have no pace
+    for r in partial["runs"]:
+        r["seconds_per_epoch"] = {"baseline": 100.0, "wider": 220.0, "mixup": 100.0}[r["name"]]
+    path.write_text(json.dumps(partial))
+    assert final.main(["--levers", str(path), "--dry-run", "--epochs", "90"]) == 0
+    assert "Expected time: ~5.5 h at the ablation's pace (220 s/epoch" in capsys.readouterr().out
     assert "--backbone widecnn" in page and "PrivateTest was not looked at" in page
     assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
