@@ -22,7 +22,8 @@ epoch; a WORK begun with another recipe, length or slice of the data is refused)
 to the library (the user's, where `--weights library:NAME` and the studies find it), copies the
 run's report, metrics, history and plots to OUT/NAME (as scripts/collect_pretrain.py does) and its
 one-crop / flip / ten-crop figures to OUT/NAME/tta.json (scripts/pretrain_tta.py), which
-RESULTS.md's cloud-tier table reads. `--dry-run` prints the
+RESULTS.md's cloud-tier table reads, and the entry's sha256 and size (whether it fits the 15 MB of
+an embedded default) to OUT/NAME/entry.json. `--dry-run` prints the
 recipe and stops (it also reads an ablation still in progress: levers not yet trained are 'not
 measured')."""
 
@@ -47,6 +48,7 @@ EXCLUSIVE = [("mixup", "cutmix")]
 # taken together, these two become one backbone that has both changes
 BOTH_BACKBONES = {frozenset({"wider", "deeper"}): "widedeepcnn"}
 NOT_A_FLAG = {"baseline", "schedule-2x"}  # the baseline is the start; the length is --epochs
+EMBED_LIMIT_BYTES = 15_000_000  # issue 18: the embedded default's weights stay within 15 MB
 
 
 class RecipeError(Exception):
@@ -163,12 +165,15 @@ def same_run(had: dict | None, recipe: dict) -> bool:
 
 def scored(out: Path, recipe: dict) -> bool:
     """OUT (results/cloud_pretrain/NAME) holds this recipe's run, trained and scored: its
-    recipe.json is this recipe and its tta.json has every test-time figure, of the same data.
-    Damaged files are 'not scored'. scripts/studies.py asks this too."""
+    recipe.json is this recipe, its entry.json names the library entry (sha256) and its tta.json has
+    every test-time figure, of the same data. Damaged files are "not scored". scripts/studies.py
+    asks this too."""
     try:
         had = _recorded(out / "recipe.json")
         tta = json.loads((out / "tta.json").read_text())
         complete = isinstance(tta, dict) and isinstance(tta.get("accuracy"), dict) and "tencrop" in tta["accuracy"]
+        entry = json.loads((out / "entry.json").read_text())
+        complete = complete and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
     except (RecipeError, OSError, ValueError, RecursionError):
         return False
     return complete and same_run(had, recipe) and tta.get("limit_per_class") == recipe["limit_per_class"]
@@ -210,7 +215,7 @@ def prepare(work: Path, out: Path, recipe: dict, name: str) -> None:
     if (work / "run").exists() and had is None:
         raise RecipeError(f"{work / 'run'} holds a training of no recorded recipe; pass another --work")
     if not same_run(_recorded(out / "recipe.json"), recipe):
-        for stale in (*FILES, "tta.json"):
+        for stale in (*FILES, "tta.json", "entry.json"):
             (out / stale).unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     import pretrain_tta
 
     collect(work / "run", out)
+    from emoshield.models.library import read_entry
+    from emoshield.paths import write_atomic
+
+    try:  # which entry these figures are of: its sha256 (the driver's cross-dataset stages check it)
+        meta, weights = read_entry(args.name, Path(args.library) if args.library else None)
+    except EmoshieldError as error:
+        print(f"cloud_final: {error}", file=sys.stderr)
+        return 1
+    write_atomic(out / "entry.json", json.dumps({"name": args.name, "sha256": meta["sha256"],
+                                                 "bytes": weights.stat().st_size, "backbone": meta.get("backbone"),
+                                                 "embeddable": weights.stat().st_size <= EMBED_LIMIT_BYTES},
+                                                indent=1).encode())
     tta = ["--model", str(work / "run"), "--into", str(out)]
     if args.data_root:
         tta += ["--data-root", args.data_root]
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         tta += ["--limit-per-class", str(args.limit_per_class)]
     if pretrain_tta.main(tta) != 0:
         return 1
-    print(f"wrote {out}: recipe.md, report.md, metrics.json, tta.json")
+    print(f"wrote {out}: recipe.md, report.md, metrics.json, entry.json, tta.json")
     return 0
 
 

@@ -244,6 +244,17 @@ def _levers_done(stage: Stage) -> bool:
     return result.get("complete") is True and isinstance(levers, list) and set(levers) | current <= names
 
 
+def _library_cross_done(stage: Stage) -> bool:
+    """A long run's library entry tested on another dataset: its report is of the entry the run
+    made (results/cloud_pretrain/ENTRY/entry.json's sha256); a report of an earlier entry of the
+    same name (a long run retrained with another recipe) is not done. Torch-free: no library import."""
+    result = _json(ROOT / stage.out / "results.json")
+    entry = _json(ROOT / "results" / "cloud_pretrain" / _arg(stage, "--model").removeprefix("library:") / "entry.json")
+    made = result.get("library_entry") if isinstance(result, dict) else None
+    return (_study_units(stage) is not None and isinstance(entry, dict) and isinstance(made, dict)
+            and isinstance(entry.get("sha256"), str) and made.get("sha256") == entry["sha256"])
+
+
 def _arg(stage: Stage, flag: str) -> str:
     return stage.args[stage.args.index(flag) + 1]
 
@@ -289,6 +300,8 @@ def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
         return _final_done(stage)
     if stage.script is not None:
         return _table_done(stage)
+    if not stage.pass_work:
+        return _library_cross_done(stage)
     if stage.source is None:
         return _study_units(stage) is not None
     # with nothing left to test here: done once the report is written, or at once when no unit

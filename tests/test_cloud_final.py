@@ -150,7 +150,11 @@ def test_the_long_run_trains_the_chosen_recipe_scores_it_once_and_refuses_anothe
     assert tta["accuracy"]["none"] == metrics["test_accuracy"] and set(tta["accuracy"]) == {"none", "flip", "tencrop"}
     assert "| adamw | +0.50 | no | +0.50 <= 0.8 points |" in (out / "recipe.md").read_text()
     assert "| mixup | +2.00 | no | +2.00 > 0.8 points, but cutmix gained more" in (out / "recipe.md").read_text()
-    assert (tmp_path / "library" / "tiny-final" / "weights.safetensors").is_file()
+    weights = tmp_path / "library" / "tiny-final" / "weights.safetensors"
+    entry = json.loads((out / "entry.json").read_text())
+    library_meta = json.loads((weights.parent / "metadata.json").read_text())
+    assert entry["sha256"] == library_meta["sha256"] and entry["bytes"] == weights.stat().st_size
+    assert entry["backbone"] == "widedeepcnn" and entry["embeddable"] is False  # 4.8M float32 parameters
     again = subprocess.run([*bench, "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     for other in (["--epochs", "2"], ["--epochs", "1", "--limit-per-class", "7"]):
@@ -168,4 +172,4 @@ def test_the_long_run_trains_the_chosen_recipe_scores_it_once_and_refuses_anothe
     proc.kill()
     proc.communicate()
     assert json.loads((out / "recipe.json").read_text())["taken"] == ["cutmix"]
-    assert not (out / "tta.json").exists() and not (out / "metrics.json").exists()
+    assert not (out / "tta.json").exists() and not (out / "metrics.json").exists() and not (out / "entry.json").exists()

@@ -45,7 +45,10 @@ elif "--model" in args:  # a library entry as shipped on another dataset: no uni
     busy.touch()
     time.sleep(0.3)
     busy.unlink()
-    (out / "results.json").write_text(json.dumps({{"units": {{}}, "pending": []}}))
+    entry = args[args.index("--model") + 1].removeprefix("library:")
+    meta = json.loads(Path("results/cloud_pretrain", entry, "entry.json").read_text())
+    (out / "results.json").write_text(json.dumps({{"units": {{}}, "pending": [],
+                                                 "library_entry": {{"name": entry, "sha256": meta["sha256"]}}}}))
 else:  # tests every unit whose models are under WORK
     for folder in work.glob("*/fold*-seed*"):
         assert (folder / "robustness" / "robustness.json").is_file(), "cross-dataset before the unit finished"
@@ -126,6 +129,7 @@ out.mkdir(parents=True, exist_ok=True)
 (out / "recipe.json").write_text(json.dumps(recipe))
 (out / "tta.json").write_text(json.dumps({"limit_per_class": None, "accuracy": {"none": 0.7, "flip": 0.71,
                                                                             "tencrop": 0.72}}))
+(out / "entry.json").write_text(json.dumps({"name": arg("--name"), "sha256": "a" * 64}))
 """
 
 
@@ -385,6 +389,12 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
             assert c["args"][c["args"].index("--weights") + 1] == "library:fer2013-48px-final"
         if c["stage"].startswith("fer2013-final-"):
             assert "--work" not in c["args"] and c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final"
+    by_name = {s.name: s for s in module.STAGES}
+    library_cross = by_name["fer2013-final-jaffe"]
+    assert module.done(library_cross, by_name)
+    meta = tmp / "results/cloud_pretrain/fer2013-48px-final/entry.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "sha256": "b" * 64}))  # the entry retrained
+    assert not module.done(library_cross, by_name)  # its report is of the earlier entry: to run again
     status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
     assert "--work" not in status["fer2013-final-jaffe"] and "--work" in status["jaffe-subject-v3"]
     # a recipe naming another backbone: the next v3 run takes it
