@@ -324,7 +324,8 @@ def evaluation_progress(stage: Stage) -> str:
     how many batches are kept and the newest one's name; '' when none is running."""
     parts = []
     for partial in sorted(stage.work_dir.glob("*/fold*-seed*/robustness/partial")) + \
-            sorted(stage.work_dir.glob("evaluation-*/partial")):
+            sorted(stage.work_dir.glob("evaluation-*/partial")) + \
+            ([ROOT / stage.out / "evaluation" / "partial"] if not stage.pass_work else []):  # a library entry's
         entries = [p for p in partial.glob("*/*.json") if p.is_file()]
         if not entries:
             continue
@@ -334,7 +335,8 @@ def evaluation_progress(stage: Stage) -> str:
         fields = rest.rsplit(")", 1)[-1].split("|")  # '', 'eps=E', 'FIRST:LAST'
         last = f"{attack} {fields[1].replace('=', ' ')} images {fields[2]}" if len(fields) == 3 else "unreadable"
         where = partial.parent.parent if partial.parent.name == "robustness" else partial.parent
-        parts.append(f"evaluating {where.relative_to(stage.work_dir)}: {len(entries)} attack batch(es) kept, "
+        where = where.relative_to(stage.work_dir if where.is_relative_to(stage.work_dir) else ROOT / stage.out)
+        parts.append(f"evaluating {where}: {len(entries)} attack batch(es) kept, "
                      f"last {last}")
     return "; ".join(parts)
 

@@ -434,6 +434,12 @@ def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
         in lines["jaffe-subject-v2"]
     assert "evaluating evaluation-subject-x: 1 attack batch(es) kept, last unreadable" in lines["defense_ckplus48"]
     assert "evaluating" not in lines["ckplus48-subject-v2"]
+    library = by_name["fer2013-final-jaffe"]  # a library entry's test keeps its batches in its results folder
+    entries = tmp / library.out / "evaluation" / "partial" / "f3"
+    entries.mkdir(parents=True)
+    (entries / "0.json").write_text(json.dumps({"name": "PGD(eps=0.01, steps=10)|eps=0.01|0:128"}))
+    line = next(x for x in module.status_lines(module.STAGES, by_name) if x.startswith("fer2013-final-jaffe"))
+    assert "evaluating evaluation: 1 attack batch(es) kept, last PGD eps 0.01 images 0:128" in line
 
 
 def test_a_worker_goes_back_to_the_first_unfinished_stage_after_each_unit(studies):
