@@ -225,14 +225,17 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
              "Baseline = the shipped `smallcnn-fer2013-48px` recipe (SmallCNN from scratch, batch 64, SGD lr 0.02, "
              "cosine, `--augment standard`). Every other row changes one thing. Command: "
              f"`python bench/cloud_levers.py --epochs {args.epochs} --work {args.work} --out {args.out}`.", "",
-             "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | PrivateTest | "
+             "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | vs baseline | PrivateTest | "
              "vs baseline | balanced | s/epoch | precision | device |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        delta = "" if base is None or r is base else f"{100 * (r['private_test'] - base['private_test']):+.1f}"
+        def delta(key: str) -> str:
+            return "" if base is None or r is base else f"{100 * ((r[key] or 0) - (base[key] or 0)):+.1f}"
+
         lines.append(f"| {r['name']} | {r['change']} | {r['backbone']} | {r['parameters'] / 1e6:.2f}M | {r['epochs']} | "
-                     f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | **{100 * r['private_test']:.1f}** | "
-                     f"{delta} | {100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
+                     f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | {delta('public_test')} | "
+                     f"**{100 * r['private_test']:.1f}** | {delta('private_test')} | "
+                     f"{100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
                      f"{r['precision']} | {r['device']} |")
     mixed = [r["name"] for r in rows if base is not None and r["name"] not in ("baseline", "float32")
              and r["precision"] != base["precision"]]
@@ -244,7 +247,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
     lines += ["", "s/epoch: median wall seconds per epoch of each run (an epoch that spanned a pause does not "
               "count); the runs do not share a process, so compare them "
               "only roughly (shared machines drift). One seed: differences under ~0.8 points (the standard error "
-              "of a 3,589-image accuracy near 68%) are noise.", ""]
+              "of a 3,589-image accuracy near 68%) are noise. bench/cloud_final.py picks levers by the PublicTest "
+              "difference (more than 0.8 points); PrivateTest is the test.", ""]
     return "\n".join(lines)
 
 
