@@ -97,25 +97,19 @@ def unit_folder_name(options: CrossOptions) -> str:
     return f"cross-{options.target}-{digest.hexdigest()[:10]}"
 
 
-def _with_later_options(study):
-    """A study record with the options added since it was saved at their defaults (reproduce's
-    LATER_OPTIONS): a unit file of an older study and a re-run of it are the same study."""
-    from .reproduce import LATER_OPTIONS
-
-    if not isinstance(study, dict) or not isinstance(study.get("options", {}), dict):
-        return study
-    return {**study, "options": {**LATER_OPTIONS, **study.get("options", {})}}
-
-
 def _identity(options: CrossOptions, study: dict) -> dict:
     """What a unit file must match to be reused: these options (not the data path) and the study
     (its options and weights), so one OUT never mixes settings or studies."""
-    return {"options": asdict(options) | {"data_root": None}, "study": _with_later_options(study)}
+    from .reproduce import with_later_options
+
+    return {"options": asdict(options) | {"data_root": None}, "study": with_later_options(study)}
 
 
 def _saved(path: Path, options: CrossOptions, study: dict) -> dict | None:
+    from .reproduce import with_later_options
+
     return _read_matching(path, _identity(options, study), "from another study",
-                          normalize=lambda saved: {**saved, "study": _with_later_options(saved.get("study"))})
+                          normalize=lambda saved: {**saved, "study": with_later_options(saved.get("study"))})
 
 
 def _read_matching(path: Path, identity: dict, other: str, normalize=None) -> dict | None:

@@ -37,6 +37,14 @@ ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 # options added after studies were saved: a saved study without one ran with its default
 LATER_OPTIONS = {"align": "none", "start_weights": None}
+
+
+def with_later_options(record):
+    """A saved study record ({"options": ..., ...}) with the options added since it was saved at
+    their defaults: an older study and a re-run of it are the same study. Anything else as is."""
+    if not isinstance(record, dict) or not isinstance(record.get("options", {}), dict):
+        return record
+    return {**record, "options": {**LATER_OPTIONS, **(record.get("options") or {})}}
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
@@ -162,7 +170,7 @@ class Study:
         options = {k: v for k, v in asdict(self.options).items() if k not in UNIT_OPTIONS}
         saved = json.loads(marker.read_text()) if marker.is_file() else {"options": options, "weights": {}}
         clash = [b for b, w in self.weights.items() if saved["weights"].get(b, w) != w]
-        if {**LATER_OPTIONS, **saved["options"]} != options or clash:
+        if with_later_options(saved)["options"] != options or clash:
             raise EmoshieldError(f"{self.work} holds a study with other options or weights ({marker}); "
                                  "pass another --work or delete it")
         saved["weights"].update(self.weights)
@@ -268,8 +276,7 @@ class Study:
         if not path.is_file():
             return None
         saved = json.loads(path.read_text())
-        identity = {"options": {**LATER_OPTIONS, **(saved.get("options") or {})}, "weights": saved.get("weights")}
-        if identity != self._study_identity(backbone):
+        if {k: with_later_options(saved).get(k) for k in ("options", "weights")} != self._study_identity(backbone):
             raise EmoshieldError(f"{path} was made with other options or weights than this study's; "
                                  "pass another --out or delete it")
         return saved
