@@ -159,7 +159,7 @@ def variant_row(name: str, args: argparse.Namespace) -> dict:
             "train_seconds": metrics.get("train_seconds"),
             # the median: an epoch that spanned a pause (SIGSTOP for a test run, a suspended session) is not speed
             "seconds_per_epoch": statistics.median(h["seconds"] for h in history),
-            "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val_accuracy", "seconds")} for h in history],
+            "history": [{k: h.get(k) for k in ("epoch", "train_loss", "train_accuracy", "val_accuracy", "seconds")} for h in history],
             "git_commit": metrics.get("git_commit")}
 
 
@@ -226,8 +226,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
              "cosine, `--augment standard`). Every other row changes one thing. Command: "
              f"`python bench/cloud_levers.py --epochs {args.epochs} --work {args.work} --out {args.out}`.", "",
              "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | vs baseline | PrivateTest | "
-             "vs baseline | balanced | s/epoch | precision | device |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "vs baseline | balanced | train (last epoch) | s/epoch | precision | device |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         def delta(key: str) -> str:
             return "" if base is None or r is base else f"{100 * ((r[key] or 0) - (base[key] or 0)):+.1f}"
@@ -235,7 +235,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
         lines.append(f"| {r['name']} | {r['change']} | {r['backbone']} | {r['parameters'] / 1e6:.2f}M | {r['epochs']} | "
                      f"{100 * (r['public_test'] or 0):.1f} ({r['best_epoch']}) | {delta('public_test')} | "
                      f"**{100 * r['private_test']:.1f}** | {delta('private_test')} | "
-                     f"{100 * r['private_test_balanced']:.1f} | {r['seconds_per_epoch']:.0f} | "
+                     f"{100 * r['private_test_balanced']:.1f} | {last_train_accuracy(r)} | {r['seconds_per_epoch']:.0f} | "
                      f"{r['precision']} | {r['device']} |")
     mixed = [r["name"] for r in rows if base is not None and r["name"] not in ("baseline", "float32")
              and r["precision"] != base["precision"]]
@@ -244,12 +244,20 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
                   "their 'vs baseline' includes the precision's effect (the float32 row measures it)."]
     if pending:
         lines += ["", f"Still training (re-run the command to go on): {', '.join(pending)}."]
-    lines += ["", "s/epoch: median wall seconds per epoch of each run (an epoch that spanned a pause does not "
+    lines += ["", "train (last epoch): accuracy on the training batches as trained (augmented; a mixed image counts "
+              "each of its two labels by its weight), beside PublicTest's it shows how far a lever overfits.", "",
+              "s/epoch: median wall seconds per epoch of each run (an epoch that spanned a pause does not "
               "count); the runs do not share a process, so compare them "
               "only roughly (shared machines drift). One seed: differences under ~0.8 points (the standard error "
               "of a 3,589-image accuracy near 68%) are noise. bench/cloud_final.py picks levers by the PublicTest "
               "difference (more than 0.8 points); PrivateTest is the test.", ""]
     return "\n".join(lines)
+
+
+def last_train_accuracy(row: dict) -> str:
+    """The last epoch's training accuracy in percent ('' for a row saved before it was kept)."""
+    value = (row.get("history") or [{}])[-1].get("train_accuracy")
+    return "" if value is None else f"{100 * value:.1f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

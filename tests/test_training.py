@@ -239,6 +239,14 @@ def test_the_lever_table_flags_rows_trained_in_another_precision_than_the_baseli
     mixed = levers.markdown([row("baseline", "bfloat16"), row("wider", "bfloat16"), row("mixup", "float32"),
                              row("float32", "float32")], args)
     assert "**Trained in another precision than the baseline (bfloat16): mixup**" in mixed
+    # the last epoch's training accuracy beside PublicTest's shows the overfitting gap; a row saved
+    # before training accuracy was kept shows an empty cell, not a made-up figure
+    fitted = dict(row("schedule-2x", "bfloat16"), history=[{"epoch": 1, "train_accuracy": 0.5},
+                                                           {"epoch": 2, "train_accuracy": 0.8914}])
+    gaps = levers.markdown([row("baseline", "bfloat16"), fitted], args).splitlines()
+    assert "| train (last epoch) |" in gaps[4]
+    assert next(line for line in gaps if line.startswith("| baseline |")).split(" | ")[-4] == ""
+    assert next(line for line in gaps if line.startswith("| schedule-2x |")).split(" | ")[-4] == "89.1"
 
 
 def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retraining(tmp_path, data_root):
