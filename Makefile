@@ -15,11 +15,15 @@ DEMO_OUT ?= runs/demo
 # chromium and chromium-driver (headless) for the dashboard's browser tests (Selenium never downloads a driver).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system demo test clean embedded-library
+.PHONY: setup system data-check demo test clean embedded-library
 
 setup: system $(STAMP)
 
 system:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "installing Debian's python3-venv (to create .venv)"; \
+	  $(SUDO) apt-get install -y -q python3-venv >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q python3-venv >/dev/null; }; }
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
 	  echo "installing Debian's mosquitto (MQTT broker)"; \
 	  $(SUDO) apt-get install -y -q mosquitto >/dev/null 2>&1 || \
@@ -41,17 +45,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/emoshield models install-weights
 	@rm -f $(VENV)/.installed-* && touch $@
 
-demo: setup
-	@test -n "$$EMOSHIELD_DATA" || { echo "set EMOSHIELD_DATA to the folder holding ckplus48/"; exit 2; }
+# The datasets are checked before anything is installed: a missing folder is one line, not an error
+# after minutes of installing (the tests read ckplus48/, jaffe/ and fer2013/).
+data-check:
+	@test -n "$$EMOSHIELD_DATA" && test -d "$$EMOSHIELD_DATA" || { \
+	  echo "no datasets: set EMOSHIELD_DATA to the folder holding ckplus48/, jaffe/ and fer2013/ (see README, Data)"; exit 2; }
+
+demo: data-check setup
 	$(BIN)/emoshield models list
 	$(BIN)/emoshield data summary --dataset ckplus48 --classes happy,sad,surprise,disgust,fear --protocol subject --fold 0
-	$(BIN)/python scripts/demo.py --work $(DEMO_OUT) $(if $(KEEP),--keep) $(if $(PORT),--port $(PORT))
+	$(BIN)/python scripts/demo.py --work $(DEMO_OUT) $(if $(filter-out 0 no false,$(KEEP)),--keep) $(if $(PORT),--port $(PORT))
 
 # Two workers (pytest-xdist), one thread each: most tests wait on process start-up, services and
 # I/O, so two run side by side in ~half the time on 2 cores; a file's tests stay on one worker
 # in order (some share a service fixture and build on each other). TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
-test: setup
+test: data-check setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Rebuild the model library entry shipped in emoshield/library (FER2013, ~1 h on 2 cores with

@@ -88,7 +88,10 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/reproduce")
+    from emoshield.paths import study_work_root
+
+    parser.add_argument("--work", default=str(study_work_root()),
+                        help="the folder holding the studies' work folders (default: scripts/studies.py's, %(default)s)")
     parser.add_argument("--out", default="results/apgd_fix")
     parser.add_argument("--steps", type=int, default=50, help="APGD iterations (the studies' apgd_steps)")
     parser.add_argument("--seeds", default="0", help="comma-separated APGD seeds (default: %(default)s)")

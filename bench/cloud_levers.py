@@ -224,7 +224,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
              f"7 classes, 48 px, one crop, seed {rows[0]['seed']}, {args.epochs} epochs unless the lever changes it. "
              "Baseline = the shipped `smallcnn-fer2013-48px` recipe (SmallCNN from scratch, batch 64, SGD lr 0.02, "
              "cosine, `--augment standard`). Every other row changes one thing. Command: "
-             f"`python bench/cloud_levers.py --epochs {args.epochs} --work {args.work} --out {args.out}`.", "",
+             f"`python bench/cloud_levers.py --epochs {args.epochs} --work {shown_path(args.work)} --out {args.out}`.", "",
              "| lever | change | backbone | parameters | epochs | PublicTest (best epoch) | vs baseline | PrivateTest | "
              "vs baseline | balanced | train (last epoch) | s/epoch | precision | device |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -252,6 +252,12 @@ def markdown(rows: list[dict], args: argparse.Namespace, pending: list[str] = ()
               "of a 3,589-image accuracy near 68%) are noise. bench/cloud_final.py picks levers by the PublicTest "
               "difference (more than 0.8 points); PrivateTest is the test.", ""]
     return "\n".join(lines)
+
+
+def shown_path(path) -> str:
+    """A path as a reader can re-type it on their own machine: the home folder as '~'."""
+    text, home = str(path), str(Path.home())
+    return "~" + text[len(home):] if text == home or text.startswith(home + "/") else text
 
 
 def last_train_accuracy(row: dict) -> str:

@@ -37,10 +37,12 @@ def accuracy(model_dir: Path, data, mode: str) -> tuple[float, int]:
 
 
 def main() -> int:
+    from emoshield.paths import study_work_root
     from emoshield.pipeline import DataOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/reproduce/ckplus48-subject-v2")
+    parser.add_argument("--work", default=str(study_work_root() / "ckplus48-subject-v2"),
+                        help="the study's work folder (default: scripts/studies.py's, %(default)s)")
     parser.add_argument("--backbone", default="smallcnn")
     parser.add_argument("--cross", default="jaffe")
     parser.add_argument("--data-root", default=None)

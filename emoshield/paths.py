@@ -11,6 +11,7 @@ from .errors import EmoshieldError
 
 DATA_ENV = "EMOSHIELD_DATA"
 CACHE_ENV = "EMOSHIELD_CACHE"
+STUDY_WORK_ENV = "EMOSHIELD_STUDY_WORK"
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -30,6 +31,13 @@ def cache_dir(sub: str = "") -> Path:
     path = base / sub if sub else base
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def study_work_root() -> Path:
+    """Where scripts/studies.py's stages keep their work folders (trained models, checkpoints):
+    $EMOSHIELD_STUDY_WORK, else ~/.cache/emoshield/studies (outside any checkout; not created here).
+    The benches that re-read a study's models default to the same place."""
+    return Path(os.environ.get(STUDY_WORK_ENV) or Path.home() / ".cache" / "emoshield" / "studies").expanduser()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -27,7 +27,7 @@ WHAT_DIFFERS = """## What differs from the reference
 |---|---|---|
 | data | LIRIS-CSE: 208 videos of 12 children, 5 classes, 22,474 frames | CK+48 (5 of its 7 classes: the reference's happy, sad, surprise, disgust, fear; 3 frames per sequence) and JAFFE (7 classes, 10 subjects, 213 images) |
 | split | per-video frame split (80/10/10) | CK+48 under SPEC §3's reading of it (1 train / 1 val / 1 test frame per sequence) AND subject-independent 5-fold; JAFFE subject 5-fold only (it has no sequences) |
-| backbones | VGG16 and AlexNet, ImageNet-pretrained, 480 px | ResNet18 pretrained by our cloud tier on FER2013 (48 px) and MobileNetV2 (ImageNet), both at 48 px; no ImageNet VGG16/AlexNet weights can be downloaded here |
+| backbones | VGG16 and AlexNet, ImageNet-pretrained, 480 px | the VGG-style SmallCNN pretrained by our cloud tier on FER2013 and MobileNetV2 (ImageNet), both at 48 px (the superseded first studies: ResNet18 pretrained here); no ImageNet VGG16/AlexNet weights can be downloaded here |
 | hardware | V100 GPU | 2 CPU cores |
 | recipe | batch 128, SGD lr 0.01, Algorithm 1, 50 epochs | the same schedule, optimizer and epochs; batch 32 and `--augment strong` (our measured defaults, README "Training") |
 | attacks | FGSM, R+FGSM, PGD (unseen) | the same, plus APGD-CE-50 (unseen) to rule out gradient masking and camera corruptions |

@@ -65,8 +65,9 @@ def work_root() -> Path:
     $EMOSHIELD_STUDY_WORK, else ~/.cache/emoshield/studies. Outside the checkout, so a session
     that gets the same machine back with a fresh checkout finds them and goes on mid-unit; only
     the finished units' numbers (results/) are committed."""
-    root = Path(os.environ.get("EMOSHIELD_STUDY_WORK") or Path.home() / ".cache" / "emoshield" / "studies")
-    return ROOT / root.expanduser()  # a relative path is the checkout's, as for the children (cwd=ROOT)
+    from emoshield.paths import study_work_root
+
+    return ROOT / study_work_root()  # a relative path is the checkout's, as for the children (cwd=ROOT)
 
 
 @dataclass(frozen=True)
