@@ -6,3 +6,10 @@ The CLI prints these as a single line instead of a traceback.
 
 class EmoshieldError(Exception):
     """A user-facing problem, described in one line that names the file or option."""
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception as the one line a log, a job record or a heartbeat shows: its type and its
+    message's first line (cut to `limit` characters)."""
+    text = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -395,3 +395,69 @@ def test_any_subject_id_becomes_a_tag_the_edge_accepts_or_none(subject):
 
     tag = subject_tag(subject)
     assert tag is None or re.fullmatch(SUBJECT_PATTERN, tag)
+
+
+def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_path, monkeypatch):
+    """A database that restarts (claims and updates refused) and a full disk (the job log) must not
+    end the edge's job worker: a dead worker would leave every later job queued while /health said
+    ok. The worker retries, /health says 'degraded' meanwhile (without the fault's text, which may
+    name hosts), and a job failure the store refused once is still recorded."""
+    import errno
+
+    from sqlalchemy.exc import OperationalError
+
+    from emoshield.errors import EmoshieldError
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode, create_app
+    from tests.conftest import FIVE, trust_repository
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config)
+    node.WORKER_RETRY_SECONDS = 0.05
+    health = next(r.endpoint for r in create_app(node).routes if getattr(r, "path", None) == "/health")
+    database_down = threading.Event()
+    database_down.set()
+    lost = OperationalError("SELECT jobs", {}, Exception("server at db.internal:5432 closed the connection"))
+    claim, update = node.store.claim_next_job, node.store.update_job
+    refusals = [lost]  # the first failure record is refused once
+    log_writes = []
+
+    def flaky_claim():
+        if database_down.is_set():
+            raise lost
+        return claim()
+
+    def flaky_update(job_id, **fields):
+        if fields.get("status") == "failed" and refusals:
+            raise refusals.pop()
+        return update(job_id, **fields)
+
+    def full_disk_log(job_id, text):
+        log_writes.append(text)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failing_job(job_id):
+        raise EmoshieldError("not enough samples\nsecond line")
+
+    monkeypatch.setattr(node.store, "claim_next_job", flaky_claim)
+    monkeypatch.setattr(node.store, "update_job", flaky_update)
+    monkeypatch.setattr(node, "_log", full_disk_log)
+    monkeypatch.setattr(node, "run_job", failing_job)
+    node.start()
+    try:
+        first = node.queue_job("manual")
+        assert wait_for(lambda: node.worker_fault is not None, timeout=10)
+        answer = health()
+        assert answer["status"] == "degraded" and "db.internal" not in json.dumps(answer)
+        time.sleep(0.3)  # several retries while the database is down
+        assert node._worker.is_alive() and node.store.job(first)["status"] == "queued"
+        database_down.clear()
+        assert wait_for(lambda: node.store.job(first)["status"] == "failed", timeout=10)
+        assert node.store.job(first)["error"] == "EmoshieldError: not enough samples"
+        assert log_writes and not refusals  # the log write failed, the refused record was retried
+        second = node.queue_job("manual")  # the worker still takes jobs
+        assert wait_for(lambda: node.store.job(second)["status"] == "failed", timeout=10)
+        assert node._worker.is_alive() and health()["status"] == "ok"
+    finally:
+        node.stop()

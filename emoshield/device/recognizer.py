@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data.faces import ALIGN_MODES, DEFAULT_MARGIN, align_face, expand_box, face_detector
 from ..data.images import resize_face
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_probes
 from ..views import TTA_MODES, mean_probabilities, numpy_views
 from .tracking import FaceTracker
@@ -121,10 +121,6 @@ class EmotionClassifier:
         return p / p.sum(axis=1, keepdims=True)
 
 
-def _first_line(exc: Exception) -> str:
-    return f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-
-
 def load_classifier(bundle_dir: Path, precision: str = "int8", threads: int = 1) -> EmotionClassifier:
     """The bundle's model in `precision`, int8 only once it passed its self-check on this CPU:
     an int8 model that disagrees with the fp32 logits stored with the probe faces (below the
@@ -140,7 +136,7 @@ def load_classifier(bundle_dir: Path, precision: str = "int8", threads: int = 1)
     try:
         classifier = EmotionClassifier(bundle_dir, "int8", threads)
     except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
-        reason = f"int8 model does not load on this CPU ({_first_line(exc)})"
+        reason = f"int8 model does not load on this CPU ({one_line(exc, 160)})"
     else:
         entry = classifier.manifest.get("self_check")
         if not isinstance(entry, dict) or PROBES not in classifier.manifest.get("files", {}):
@@ -157,7 +153,7 @@ def load_classifier(bundle_dir: Path, precision: str = "int8", threads: int = 1)
             predicted = np.concatenate([classifier.logits(images[i:i + 1]) for i in range(probes)])
             agreement = float((predicted.argmax(1) == reference.argmax(1)).mean())
         except Exception as exc:
-            reason = f"int8 model fails on this CPU ({_first_line(exc)})"
+            reason = f"int8 model fails on this CPU ({one_line(exc, 160)})"
         else:
             if agreement >= threshold:
                 classifier.check = SelfCheck("int8", "int8", "self-check passed", agreement, threshold, probes,
@@ -181,7 +177,7 @@ def health_check(bundle_dir: Path, precision: str = "int8", threads: int = 1) ->
     except BundleError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
-        raise BundleError(f"{bundle_dir}: health check failed ({_first_line(exc)})") from None
+        raise BundleError(f"{bundle_dir}: health check failed ({one_line(exc, 160)})") from None
     if p.shape != (2, len(classifier.classes)) or not np.isfinite(p).all():
         raise BundleError(f"{bundle_dir}: health check failed (output shape {p.shape} or non-finite values)")
     return classifier

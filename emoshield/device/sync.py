@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from ..tiers.bundle import MANIFEST, ONNX_FP32, ONNX_INT8, PROBES, SIGNATURE, BundleError, verify_signature
 from ..tiers.wire import RemoteValueError, parse_version
 from .store import BundleStore
@@ -166,13 +166,13 @@ class EdgeSync:
         except tuf.DownloadLengthMismatchError as exc:
             return self._set("refused", f"more than the signed size was sent ({exc}); {keeping}")
         except (tuf.RepositoryError, BundleError, RemoteValueError) as exc:
-            return self._set("refused", f"refused an update: {_one_line(exc)}; {keeping}")
+            return self._set("refused", f"refused an update: {one_line(exc, 200)}; {keeping}")
         except (tuf.DownloadError, OSError) as exc:  # unreachable, HTTP errors, too slow, disk full
-            return self._set("unreachable", f"edge unreachable or failing ({_one_line(exc)}); {keeping}")
+            return self._set("unreachable", f"edge unreachable or failing ({one_line(exc, 200)}); {keeping}")
         except ValueError as exc:  # python-tuf's own value checks on remote input
-            return self._set("refused", f"refused an update: {_one_line(exc)}; {keeping}")
+            return self._set("refused", f"refused an update: {one_line(exc, 200)}; {keeping}")
         except Exception as exc:  # noqa: BLE001 - whatever else a hostile edge provokes: the device runs on
-            return self._set("refused", f"update failed: {_one_line(exc)}; {keeping}")
+            return self._set("refused", f"update failed: {one_line(exc, 200)}; {keeping}")
         if version is None:
             return None
         previous = self.store.state()["previous"]
@@ -224,10 +224,6 @@ class EdgeSync:
         return None
 
 
-def _one_line(exc: Exception) -> str:
-    return f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-
-
 def read_trust_root(path: Path) -> bytes:
     """The edge's root metadata a device was given (bytes; python-tuf verifies it at use)."""
     try:
@@ -273,7 +269,7 @@ class BackgroundUpdate:
                          f"v{self.store.rollback(str(exc))}")
                 self._ready = self.load(self.store.current_dir())
             except Exception as again:  # noqa: BLE001 - the frame loop keeps the classifier it has
-                self.log(f"device: no update this time ({_one_line(again)}); running on as before")
+                self.log(f"device: no update this time ({one_line(again, 200)}); running on as before")
 
     def take(self) -> "EmotionClassifier | None":
         """The classifier of a newly installed bundle, once (None while none is ready)."""

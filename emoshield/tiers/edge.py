@@ -47,7 +47,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
 from .trust import TrustRepository, lifetimes_for
@@ -208,6 +208,8 @@ class EdgeNode:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="edge-jobs", daemon=True)
+        self.worker_fault: str | None = None  # the job worker's last fault while it retries (/health)
+        self._unrecorded_failure: tuple[int, str, float] | None = None  # a job failure the store refused
         self._child: subprocess.Popen | None = None
         self._child_lock = threading.Lock()
         self.announcer = None
@@ -329,19 +331,44 @@ class EdgeNode:
             return self.queue_job("auto")
         return None
 
+    WORKER_RETRY_SECONDS = 5.0
+
     def _work(self) -> None:
+        """The job worker. A fault outside a job (the database restarting or locked, a full disk)
+        is printed, shown by /health and retried: the thread never ends before stop(), because a
+        dead worker would leave every later job queued while the node looked healthy."""
         while not self._stop.is_set():
-            job_id = self.store.claim_next_job()
-            if job_id is None:
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
             try:
-                self.run_job(job_id)
-            except Exception as exc:  # a failed job is recorded, the node keeps serving
-                self.store.update_job(job_id, status="failed", finished=time.time(),
-                                      error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                self._next_job()
+                self.worker_fault = None
+            except Exception as exc:  # noqa: BLE001 - retried, never a dead thread
+                self.worker_fault = one_line(exc)
+                print(f"edge: job worker: {self.worker_fault}; retrying in {self.WORKER_RETRY_SECONDS:.0f} s",
+                      file=sys.stderr, flush=True)
+                self._stop.wait(self.WORKER_RETRY_SECONDS)
+
+    def _next_job(self) -> None:
+        """Record a failure the store refused last time, then run the next queued job (or wait)."""
+        if self._unrecorded_failure is not None:
+            job_id, error, finished = self._unrecorded_failure
+            self.store.update_job(job_id, status="failed", finished=finished, error=error)
+            self._unrecorded_failure = None
+        job_id = self.store.claim_next_job()
+        if job_id is None:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return
+        try:
+            self.run_job(job_id)
+        except Exception as exc:  # a failed job is recorded, the node keeps serving
+            self._unrecorded_failure = (job_id, one_line(exc), time.time())
+            try:
                 self._log(job_id, f"failed: {exc}")
+            except OSError:
+                pass  # a full disk: the job's failure still goes to the store
+            self.store.update_job(job_id, status="failed", finished=self._unrecorded_failure[2],
+                                  error=self._unrecorded_failure[1])
+            self._unrecorded_failure = None
 
     def job_dir(self, job_id: int) -> Path:
         return self.config.root / "jobs" / str(int(job_id))
@@ -541,6 +568,11 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
 
     @app.get("/health")
     def health() -> dict:
+        """'degraded' while the job worker retries after a store or disk fault (the fault itself
+        goes to the edge's stderr only: /health answers anyone, and a database error names hosts)."""
+        if node.worker_fault:
+            return {"status": "degraded", "name": cfg.name, "classes": cfg.classes,
+                    "job_worker": "retrying after a fault (see the edge's log)"}
         return {"status": "ok", "name": cfg.name, "latest_version": store.latest_version(),
                 "classes": cfg.classes}
 
