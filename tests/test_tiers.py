@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import HTTPException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emoshield.errors import EmoshieldError
 from emoshield.tiers.bundle import ONNX_FP32, ONNX_INT8, PROBES, BundleError, read_manifest, seal_bundle, verify_bundle
@@ -464,3 +467,52 @@ def test_sigkill_at_each_stage_of_an_install_leaves_a_valid_store_that_serves(bu
     if state["current"] == 1:  # died before the switch: the same update installs cleanly now
         assert store.install(v2)["version"] == 2
     assert store.current_version() == 2 and verify_bundle(store.current_dir(), keys / "public.key")
+
+
+_METADATA = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                       max_size=4), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.one_of(
+    st.binary(max_size=64),  # truncated, not UTF-8, not JSON
+    _METADATA.map(lambda v: json.dumps(v).encode()),  # JSON of any shape
+    st.fixed_dictionaries({"name": st.just("bad"), "backbone": st.text(max_size=8), "input_size": st.integers(),
+                           "sha256": st.text(max_size=70)}).map(lambda v: json.dumps(v).encode()),
+    st.just(b"[" * 100_000)))  # nested past the recursion limit
+def test_a_damaged_entry_is_skipped_with_one_line_and_the_library_and_its_service_keep_working(
+        tmp_path_factory, damage, capsys):
+    """A truncated (a kill mid-write), foreign or hand-edited metadata.json is one entry's problem:
+    the catalog lists the others, `library:bad` is a one-line error, and the cloud service answers
+    200 on /health and /backbones and 404 (naming no server path) on the damaged entry."""
+    from emoshield.models import library as lib
+    from emoshield.tiers.cloud import create_app
+
+    root = tmp_path_factory.mktemp("library")
+    good = _fake_entry(root, "good", "smallcnn")
+    _fake_entry(root, "bad", "smallcnn")
+    (root / "bad" / "metadata.json").write_bytes(damage)
+    try:
+        valid = lib._metadata(root / "bad")
+    except EmoshieldError as error:
+        valid = None
+        assert "\n" not in str(error) and "metadata.json" in str(error)
+    names = [e["name"] for e in lib.list_entries(root)]
+    assert names == (["bad", "good"] if valid else ["good"])
+    if not valid:
+        warned = capsys.readouterr().err.strip().splitlines()
+        assert len(warned) == 1 and "library entry skipped" in warned[0] and "bad" in warned[0]
+        lib.list_entries(root)  # the same damaged file warns once, not once per request
+        assert capsys.readouterr().err == ""
+        with pytest.raises(EmoshieldError):
+            lib.read_entry("bad", root)
+    routes = {r.path: r.endpoint for r in create_app(root).routes if hasattr(r, "path")}
+    assert routes["/health"]()["entries"] == len(names)
+    assert [e["name"] for e in routes["/backbones"]()] == names
+    assert routes["/backbones/{name}"]("good") == good
+    if not valid:
+        with pytest.raises(HTTPException) as refused:
+            routes["/backbones/{name}"]("bad")
+        assert refused.value.status_code == 404 and str(root) not in str(refused.value.detail)
+

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -68,19 +69,56 @@ def find_entry_dir(name: str, library: Path | None = None) -> Path | None:
 
 def list_entries(library: Path | None = None) -> list[dict]:
     """Metadata of every entry along the search path, sorted by name (entries without metadata
-    are skipped; an embedded entry is marked "embedded": true)."""
+    are skipped, and so are damaged ones, with one warning line each: one bad entry must not take
+    the catalog or the cloud service down; an embedded entry is marked "embedded": true)."""
     found: dict[str, dict] = {}
     for root in search_path(library):
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
             if folder.name not in found and _complete(folder):
-                found[folder.name] = _metadata(folder)
+                try:
+                    found[folder.name] = _metadata(folder)
+                except EmoshieldError as error:
+                    _warn_once(folder, str(error))
     return [found[name] for name in sorted(found)]
 
 
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_once(folder: Path, message: str) -> None:
+    """One line per damaged metadata file (and again once it changes), not one per request."""
+    try:
+        key = (str(folder), (folder / METADATA_FILE).stat().st_mtime_ns)
+    except OSError:
+        key = (str(folder), 0)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"emoshield: warning: library entry skipped: {message}", file=sys.stderr, flush=True)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# what the service, the edge and `--weights library:NAME` read from an entry's metadata
+_REQUIRED = {"name": str, "backbone": str, "input_size": int, "sha256": str}
+
+
 def _metadata(folder: Path) -> dict:
-    meta = json.loads((folder / METADATA_FILE).read_text())
+    """An entry's metadata, checked: a truncated, foreign or hand-edited file is a one-line
+    EmoshieldError naming it, never a traceback or a KeyError in a caller."""
+    path = folder / METADATA_FILE
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8 or not JSON
+        raise EmoshieldError(f"{path}: unreadable library metadata ({type(error).__name__})") from None
+    if not isinstance(meta, dict):
+        raise EmoshieldError(f"{path}: library metadata must be a JSON object")
+    wrong = [key for key, kind in _REQUIRED.items()
+             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+    if wrong:
+        raise EmoshieldError(f"{path}: library metadata lacks or mistypes {', '.join(wrong)}")
+    if meta["name"] != folder.name or not _SHA256.match(meta["sha256"]) or meta["input_size"] <= 0:
+        raise EmoshieldError(f"{path}: library metadata does not fit its entry (name, sha256 or input_size)")
     return {**meta, "embedded": True} if folder.parent == EMBEDDED_LIBRARY else meta
 
 
@@ -115,5 +153,8 @@ def add_entry(name: str, model, library: Path | None = None, data: str = "", epo
             "accuracy": accuracy or {}, "sha256": sha256_file(folder / WEIGHTS_FILE),
             "bytes": (folder / WEIGHTS_FILE).stat().st_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+    from ..paths import write_atomic
+
+    write_atomic(folder / METADATA_FILE, json.dumps(meta, indent=1).encode())  # a kill leaves the old or the new
+    (folder / METADATA_FILE).chmod(0o644)  # metadata is public: the cloud service serves it
     return meta

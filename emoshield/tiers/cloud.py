@@ -47,8 +47,8 @@ def create_app(library: Path | None = None, database: str | None = None):
             return found
         try:
             return read_entry(name, library, verify=False)
-        except EmoshieldError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
+        except EmoshieldError:  # missing or damaged; the reason names server paths, so it stays here
+            raise HTTPException(status_code=404, detail=f"no usable library entry {name[:64]!r}") from None
 
     @app.get("/health")
     def health() -> dict:
