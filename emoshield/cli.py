@@ -588,7 +588,9 @@ def cmd_edge_serve(args) -> int:
         token = _token(args, "admin")  # an empty or whitespace file is refused, never accepted
         print(f"admin token in {token_file}", file=sys.stderr)
     from .data import parse_classes
+    from .tiers.wire import parse_topic_level
 
+    parse_topic_level(args.name, "--name")  # it names the edge's MQTT topics; devices refuse what does not fit
     config = EdgeConfig(root=root, key=Path(args.key), classes=list(parse_classes(args.classes)),
                         cloud_url=args.cloud, backbone=args.backbone, admin_token=token, name=args.name,
                         epochs=args.epochs, input_size=args.input_size, batch_size=args.batch_size,

@@ -307,6 +307,9 @@ def test_tokens_come_from_files_or_the_environment_never_from_argv(tmp_path):
     (tmp_path / "edge" / "admin.token").write_text("")  # an empty generated token file is refused too
     proc = run(*common, check=False)
     assert proc.returncode == 2 and "is empty" in proc.stderr
+    (tmp_path / "admin.token").write_text("a-good-admin-token")  # the edge's name goes into MQTT topics
+    proc = run(*common, "--admin-token-file", tmp_path / "admin.token", "--name", "lab/#", check=False)
+    assert proc.returncode == 2 and "--name 'lab/#'" in proc.stderr and len(proc.stderr.splitlines()) == 1
     proc = run("device", "run", "--source", tmp_path, "--edge", "http://127.0.0.1:9", "--pubkey", tmp_path / "k",
                "--token", "device-secret-123", check=False)
     assert proc.returncode == 2 and "--token-file" in proc.stderr
@@ -461,3 +464,36 @@ def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_pa
         assert node._worker.is_alive() and health()["status"] == "ok"
     finally:
         node.stop()
+
+
+_NAMES = st.one_of(st.text(max_size=70), st.sampled_from(["d+", "e/x", "#", "", " ", "é" * 64, "a\x00b"]), JSON)
+
+
+@settings(max_examples=150, deadline=None)
+@given(me=st.one_of(JSON, st.fixed_dictionaries(
+    {"id": _NAMES, "edge": _NAMES},
+    optional={"mqtt": st.one_of(JSON, st.sampled_from(["127.0.0.1:1", "h:0", "h:70000", "h:99999999999999999999",
+                                                        "hôte:1883", "h:1883\n", "mqtt://h:1883/"])),
+              "mqtt_auth": st.one_of(st.just("token"), JSON)})))
+def test_any_me_answer_gives_a_link_or_polling_never_an_exception(me):
+    """The device asks the edge's GET /me for its MQTT broker, its id and the edge's name, and
+    puts the last two in topics. Whatever comes back (a proxy's empty page, another service's
+    JSON, wildcards or '/' in the names, a port out of range), `device run` must go on: a link
+    whose heartbeat publishes, or None (it polls over HTTP) with one log line; never a traceback
+    before the first frame or a paho ValueError mid-stream."""
+    from emoshield.device.run import connect_mqtt
+
+    logs = []
+    client = SimpleNamespace(me=lambda: me, token="device-token-123")
+    original = DeviceLink.start
+    DeviceLink.start = lambda self, wait=0.0: False  # no broker wait per example
+    try:
+        link = connect_mqtt(client, "auto", logs.append)
+    finally:
+        DeviceLink.start = original
+    if link is None:
+        assert len(logs) <= 1 and all("\n" not in line for line in logs)
+    else:
+        link.heartbeat({"fps": 1.0})  # its topic holds the id and edge name the answer gave
+        link.stop()
+        assert isinstance(me, dict) and me["mqtt"] and link.device_id == me["id"] and link.edge == me["edge"]

@@ -29,8 +29,9 @@ def test_parse_broker():
     assert parse_broker("mqtt://10.0.0.2:1884") == ("10.0.0.2", 1884)
     assert parse_broker("127.0.0.1:1999") == ("127.0.0.1", 1999)
     assert parse_broker("broker.local") == ("broker.local", 1883)
-    with pytest.raises(EmoshieldError, match="HOST:PORT"):
-        parse_broker("host:port")
+    for bad in ("host:port", "h:0", "h:65536", "h:99999999999999999999", "h:-1"):
+        with pytest.raises(EmoshieldError, match="HOST:PORT"):
+            parse_broker(bad)
 
 
 def test_retained_announcement_reaches_late_devices_and_heartbeats_are_recorded(broker, tmp_path):

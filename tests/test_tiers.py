@@ -405,7 +405,8 @@ def test_store_keeps_current_and_previous_only_and_falls_back_from_a_corrupt_cur
     assert store.state()["rejected"] == [3]
 
 
-def test_device_runs_on_its_bundle_when_the_edge_answers_nonsense(bundle, keys, tmp_path, data_root):
+@pytest.mark.parametrize("me", [b"<html>", b""], ids=["html", "empty"])
+def test_device_runs_on_its_bundle_when_the_edge_answers_nonsense(bundle, keys, tmp_path, data_root, me):
     from tests.test_hostile import LyingEdge
 
     store = BundleStore(tmp_path / "store", keys / "public.key")
@@ -415,7 +416,7 @@ def test_device_runs_on_its_bundle_when_the_edge_answers_nonsense(bundle, keys, 
     shutil.copyfile(sorted((data_root / "jaffe").iterdir())[0], frames / "a.tiff")
     token = tmp_path / "token"
     token.write_text("device-token-123")
-    server = LyingEdge({"/tuf/timestamp.json": (200, b"<html>maintenance</html>", 0), "/me": (200, b"<html>", 0)})
+    server = LyingEdge({"/tuf/timestamp.json": (200, b"<html>maintenance</html>", 0), "/me": (200, me, 0)})
     try:
         proc = run("device", "run", "--source", frames, "--store", store.root, "--pubkey", keys / "public.key",
                    "--edge", server.url, "--token-file", token, "--trust-root", trust_repository(tmp_path / "edge"))

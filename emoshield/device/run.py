@@ -215,18 +215,28 @@ def connect_mqtt(client, mode: str, log: Callable[[str], None]):
     advertised, the edge unreachable, or the broker down (the device then polls over HTTP)."""
     from ..tiers.client import ServiceError
     from ..tiers.mqtt import DeviceLink
+    from ..tiers.wire import parse_me
 
     if mode == "off":
         return None
     try:
-        me = client.me()
+        me = parse_me(client.me())
     except ServiceError as exc:
         log(f"device: no MQTT (edge unreachable: {exc}); polling over HTTP")
         return None
-    broker = me.get("mqtt") if mode == "auto" else mode
+    except EmoshieldError as exc:  # a proxy's empty page, another service, a lying edge
+        log(f"device: no MQTT (the edge's /me answer does not fit: {exc}); polling over HTTP")
+        return None
+    broker = me["mqtt"] if mode == "auto" else mode
     if not broker:
         return None
-    link = DeviceLink(broker, me["edge"], me["id"], client.token if me.get("mqtt_auth") == "token" else None)
+    try:
+        link = DeviceLink(broker, me["edge"], me["id"], client.token if me["mqtt_auth"] == "token" else None)
+    except EmoshieldError as exc:  # the edge's address does not parse (the user's own --mqtt is an error)
+        if mode != "auto":
+            raise
+        log(f"device: no MQTT (the edge's {exc}); polling over HTTP")
+        return None
     if link.start(wait=3.0):
         log(f"device: MQTT connected to {broker} as {me['id']}; updates are announced, not polled")
     else:

@@ -36,9 +36,12 @@ def parse_broker(address: str) -> tuple[str, int]:
     rest = address.split("://", 1)[1] if "://" in address else address
     host, _, port = rest.rstrip("/").rpartition(":") if ":" in rest else (rest, "", "1883")
     try:
-        return host or "127.0.0.1", int(port)
+        number = int(port)
     except ValueError:
-        raise EmoshieldError(f"bad MQTT broker address {address!r}; expected HOST:PORT") from None
+        number = 0
+    if not 1 <= number <= 65535:
+        raise EmoshieldError(f"bad MQTT broker address {address!r:.80}; expected HOST:PORT (port 1-65535)")
+    return host or "127.0.0.1", number
 
 
 def _client(client_id: str):

@@ -62,3 +62,29 @@ def parse_token(token: str | None, what: str = "token", min_length: int = 1) -> 
     if not (token.isascii() and token.isprintable()) or " " in token or not min_length <= len(token) <= 512:
         raise RemoteValueError(f"the {what} must be {min_length}-512 printable ASCII characters without spaces")
     return token
+
+
+def parse_topic_level(value, what: str) -> str:
+    """A name the device puts in an MQTT topic (the edge's name, its own id): 1-64 printable
+    characters without the topic separator or wildcards ('/', '+', '#'), so no peer can make a
+    device publish outside its own topic or make paho refuse the topic mid-stream."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable() \
+            or any(c in value for c in "/+#"):
+        raise RemoteValueError(f"{what} {value!r:.60} is not 1-64 printable characters without '/', '+', '#'")
+    return value
+
+
+def parse_me(value) -> dict:
+    """The edge's GET /me answer as the device uses it: {'id', 'edge'} topic-level names, 'mqtt'
+    (None, or a broker address of at most 255 printable ASCII characters) and 'mqtt_auth' (None
+    or 'token'). Anything else is a RemoteValueError: the device then polls over HTTP."""
+    if not isinstance(value, dict):
+        raise RemoteValueError(f"the edge's /me answer is {type(value).__name__}, not an object")
+    broker, auth = value.get("mqtt"), value.get("mqtt_auth")
+    if broker is not None and not (isinstance(broker, str) and 0 < len(broker) <= 255 and broker.isascii()
+                                   and broker.isprintable() and " " not in broker):
+        raise RemoteValueError(f"the edge's broker address {broker!r:.60} is not printable ASCII")
+    if auth not in (None, "token"):
+        raise RemoteValueError(f"the edge's mqtt_auth {auth!r:.40} is neither null nor 'token'")
+    return {"id": parse_topic_level(value.get("id"), "device id"), "edge": parse_topic_level(value.get("edge"), "edge name"),
+            "mqtt": broker or None, "mqtt_auth": auth}
