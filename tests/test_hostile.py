@@ -243,6 +243,38 @@ def test_downloads_stop_at_their_signed_size_and_their_deadline(lying_edge, tmp_
     assert download(lying_edge.url + "/big", tmp_path / "ok", max_bytes=3_000_000) == 3_000_000
     with pytest.raises(ServiceError, match="not JSON"):
         request("GET", lying_edge.url + "/big")
+    started = time.monotonic()  # a JSON answer trickling in is cut at its deadline too
+    with pytest.raises(ServiceError, match="GET .*too slow"):
+        request("GET", lying_edge.url + "/slow", timeout=5, deadline=time.monotonic() + 0.5)
+    assert time.monotonic() - started < 3
+
+
+_ENTRY = {"name": "tiny", "backbone": "smallcnn", "input_size": 48, "sha256": "a" * 64}
+
+
+@pytest.mark.parametrize("metadata, weights_trickle", [
+    (b"{", 0), (b"[]", 0), (json.dumps({**_ENTRY, "sha256": "../../x"}).encode(), 0),
+    (json.dumps({k: v for k, v in _ENTRY.items() if k != "backbone"}).encode(), 0),
+    (json.dumps({**_ENTRY, "backbone": "--out=/tmp/x"}).encode(), 0), (json.dumps({**_ENTRY, "name": "other"}).encode(), 0),
+    (json.dumps(_ENTRY).encode(), 0.2),  # honest metadata, weights a byte every 0.2 s
+    (b"{" + b" " * 200, 0.05)],  # metadata trickling past its deadline
+    ids=["truncated", "list", "path-digest", "no-backbone", "option-backbone", "other-entry", "slow-weights",
+         "slow-metadata"])
+def test_the_edge_refuses_a_lying_or_slow_cloud_with_one_line_and_in_bounded_time(lying_edge, tmp_path, metadata,
+                                                                                 weights_trickle):
+    """The edge's job fetches its backbone from the cloud: a cloud that lies or trickles fails the
+    job with a one-line EmoshieldError within the deadline (the node's one job worker is never held),
+    a digest or an architecture name never becomes a path or an option, and nothing half-written is left."""
+    from emoshield.errors import EmoshieldError
+    from emoshield.tiers.edge import fetch_backbone
+
+    lying_edge.routes["/backbones/tiny"] = (200, metadata, 0.05 if metadata.startswith(b"{ ") else 0)
+    lying_edge.routes["/backbones/tiny/weights"] = (200, b"w" * 100, weights_trickle)
+    started = time.monotonic()
+    with pytest.raises(EmoshieldError) as refused:
+        fetch_backbone(lying_edge.url, "tiny", tmp_path / "cache", timeout=1, deadline_s=1.0)
+    assert time.monotonic() - started < 6 and "\n" not in str(refused.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
 # ---- the device store: kill -9 leftovers and a full disk ----------------------------------------

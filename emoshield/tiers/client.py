@@ -23,9 +23,28 @@ class ServiceError(EmoshieldError):
         self.status = status
 
 
+def _read_bounded(response, url: str, sink, max_bytes: int | None, deadline: float | None) -> int:
+    """Copy a response into `sink` (a write callable) as it arrives; ServiceError past max_bytes or
+    once time.monotonic() passes `deadline`: the socket timeout bounds each read, not the whole
+    answer, so without this a peer sending a byte now and then would hold the caller forever."""
+    copied = 0
+    # read1: whatever has arrived (read() would wait for the whole 64 kB, past the deadline)
+    while block := response.read1(1 << 16 if max_bytes is None else min(1 << 16, max_bytes - copied + 1)):
+        copied += len(block)
+        if max_bytes is not None and copied > max_bytes:
+            raise ServiceError(f"GET {url}: more than the {max_bytes} bytes expected")
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServiceError(f"GET {url}: too slow (deadline passed after {copied} bytes)")
+        sink(block)
+    return copied
+
+
 def request(method: str, url: str, token: str | None = None, body: dict | None = None,
-            data: bytes | None = None, content_type: str | None = None, timeout: float = 30, raw: bool = False):
-    """JSON (or raw bytes) from one HTTP call; ServiceError with the service's detail on failure."""
+            data: bytes | None = None, content_type: str | None = None, timeout: float = 30, raw: bool = False,
+            deadline: float | None = None):
+    """JSON (or raw bytes) from one HTTP call; ServiceError with the service's detail on failure.
+    The answer must be whole by `deadline` (time.monotonic(); default 4 x timeout from now)."""
+    deadline = time.monotonic() + 4 * timeout if deadline is None else deadline
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -35,8 +54,12 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
         headers["Content-Type"] = content_type
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
+        chunks: list[bytes] = []
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            payload = response.read(MAX_JSON_BYTES + 1)
+            _read_bounded(response, url, chunks.append, MAX_JSON_BYTES, deadline)
+        payload = b"".join(chunks)
+    except ServiceError as exc:
+        raise ServiceError(str(exc).replace("GET ", f"{method} ", 1)) from None
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("detail", "")
@@ -45,8 +68,6 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
         raise ServiceError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip(), exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         raise ServiceError(f"{method} {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
-    if len(payload) > MAX_JSON_BYTES:
-        raise ServiceError(f"{method} {url}: the answer is over {MAX_JSON_BYTES} bytes")
     if raw:
         return payload
     try:
@@ -61,18 +82,10 @@ def download(url: str, dest: Path, token: str | None = None, timeout: float = 60
     is still running at `deadline` (time.monotonic()), so neither an oversized nor a trickling
     answer can hold the caller. Returns the byte count."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    copied = 0
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r, \
                 open(dest, "wb") as f:
-            # read1: whatever has arrived (read() would wait for the whole 64 kB, past the deadline)
-            while block := r.read1(1 << 16 if max_bytes is None else min(1 << 16, max_bytes - copied + 1)):
-                copied += len(block)
-                if max_bytes is not None and copied > max_bytes:
-                    raise ServiceError(f"GET {url}: more than the {max_bytes} bytes expected")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ServiceError(f"GET {url}: too slow (deadline passed after {copied} bytes)")
-                f.write(block)
+            copied = _read_bounded(r, url, f.write, max_bytes, deadline)
     except ServiceError:
         Path(dest).unlink(missing_ok=True)
         raise

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,7 +50,7 @@ from ..errors import EmoshieldError, one_line
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
 from .trust import TrustRepository, lifetimes_for
-from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, SUBJECT_PATTERN, RemoteValueError, parse_sha256, parse_token
+from .wire import MAX_VERSION, MIN_TOKEN_LENGTH, SUBJECT_PATTERN, RemoteValueError, parse_file_name, parse_sha256, parse_token
 
 IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
 SERVED_FILES = (MANIFEST, SIGNATURE, *BUNDLE_FILES)
@@ -166,16 +165,22 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> st
     return kind
 
 
-def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) -> tuple[dict, Path]:
-    """Metadata and local weights file of a cloud library entry, verified by sha256."""
-    from .client import download
+def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60,
+                   deadline_s: float = 1800.0) -> tuple[dict, Path]:
+    """Metadata and local weights file of a cloud library entry, verified by sha256. A cloud that
+    answers slowly or not at all fails the job within `deadline_s` (the weights take most of it):
+    the node's one job worker is never held by it."""
+    from .client import download, request
 
-    with urllib.request.urlopen(f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout) as r:
-        meta = json.loads(r.read(1_000_000))
-    if not isinstance(meta, dict):
-        raise EmoshieldError(f"cloud {cloud_url} answered backbone {name} with no metadata object")
+    deadline = time.monotonic() + deadline_s
+    meta = request("GET", f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout,
+                   deadline=min(deadline, time.monotonic() + 4 * timeout))
+    if not isinstance(meta, dict) or meta.get("name") != name:
+        raise EmoshieldError(f"cloud {cloud_url} answered backbone {name} with no metadata object of that entry")
     try:  # the digest names a file in our cache: it must be a digest, never a path
         digest = parse_sha256(meta.get("sha256"), f"backbone {name}'s sha256 from {cloud_url}")
+        # the architecture goes on the training child's command line: a plain name, never an option
+        parse_file_name(meta.get("backbone"), f"backbone {name}'s architecture from {cloud_url}")
     except RemoteValueError as exc:
         raise EmoshieldError(str(exc)) from None
     path = cache / f"{digest}.safetensors"
@@ -184,7 +189,7 @@ def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60) 
         tmp = path.with_suffix(".part")
         # cut off past MAX_BACKBONE_BYTES, nothing left behind on failure
         download(f"{cloud_url.rstrip('/')}/backbones/{name}/weights", tmp, timeout=timeout,
-                 max_bytes=MAX_BACKBONE_BYTES)
+                 max_bytes=MAX_BACKBONE_BYTES, deadline=deadline)
         if sha256_file(tmp) != meta["sha256"]:
             tmp.unlink()
             raise EmoshieldError(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
