@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emoshield.device.tracking import AUTO_EVERY, MAX_MISSED, FaceTracker, iou
 from tests.test_cli import run
@@ -315,3 +317,45 @@ def test_tta_on_the_device_classifies_each_face_as_the_mean_over_its_views(bundl
     assert tencrop.box == plain.box and np.allclose(got, expected, atol=1e-4)
     with pytest.raises(EmoshieldError, match="tta"):
         FrameAnalyzer(classifier, tta="ten-crop")
+
+
+_TRUTH_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["frames", "faces", "box", "label", "slot", "x"]), inner, max_size=3),
+                           max_leaves=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=40), _TRUTH_JSON.map(lambda v: json.dumps(v).encode()),
+                 st.just(b"[" * 50_000), st.just(json.dumps({"frames": []}).encode()),
+                 st.just(json.dumps({"frames": ["happy"], "faces": [[{"box": [1, 2, 3], "label": "sad", "slot": 0}]]}).encode())))
+def test_any_truth_file_is_scored_or_refused_in_one_line(tmp_path_factory, content):
+    """--truth is read before the run (a bad file found after it would lose the run's scores):
+    whatever the file holds, load_truth gives a truth that scores without an exception, or one
+    line naming the file."""
+    from emoshield.device.recognizer import FaceResult, FrameResult
+    from emoshield.device.run import load_truth, score_against_truth
+    from emoshield.errors import EmoshieldError
+
+    path = tmp_path_factory.mktemp("truth") / "v.mp4.labels.json"
+    path.write_bytes(content)
+    try:
+        truth = load_truth(path)
+    except EmoshieldError as error:
+        assert "\n" not in str(error) and str(path) in str(error)
+        return
+    results = [FrameResult(frame=i, time=0.0, bundle_version=1,
+                           faces=[FaceResult(track=1, box=[0, 0, 10, 10], label="happy", probabilities={})])
+               for i in range(3)]
+    scores = score_against_truth(results, truth)
+    assert 0 <= scores["accuracy_all_frames"] <= 1
+
+
+def test_a_bad_truth_file_stops_the_device_before_it_runs(bundle, keys, tmp_path):
+    (tmp_path / "frames").mkdir()
+    for truth in (tmp_path / "missing.json", tmp_path / "empty.json"):
+        if truth.name == "empty.json":
+            truth.write_text('{"frames": []}')
+        proc = run("device", "run", "--source", tmp_path / "frames", "--bundle", bundle, "--pubkey",
+                   keys / "public.key", "--truth", truth, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--truth" in proc.stderr, proc.stderr

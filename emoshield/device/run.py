@@ -5,6 +5,7 @@ background; the summary says what ran, how fast and in which precision."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -244,13 +245,47 @@ def connect_mqtt(client, mode: str, log: Callable[[str], None]):
     return link
 
 
-def score_against_truth(results: list[FrameResult], truth_file: Path) -> dict:
-    """Accuracy against `emoshield data video`'s ground truth: of the largest face's label per
-    frame, and, where the truth has every face's box, of every face (each true face is matched to
-    the reported face overlapping it most) with the track ids seen per true slot."""
+MAX_TRUTH_BYTES = 64_000_000
+
+
+def load_truth(truth_file: Path) -> dict:
+    """`emoshield data video`'s ground truth, checked before the run starts (not after it, when a
+    bad file would lose the run's scores): {"frames": [label or null, ...] (non-empty), and
+    optionally "faces": per frame a list of {"box": [x, y, w, h], "label", "slot"}}. Anything
+    else is a one-line EmoshieldError naming the file."""
+    path = Path(truth_file)
+    try:
+        if path.stat().st_size > MAX_TRUTH_BYTES:
+            raise EmoshieldError(f"--truth {path}: over {MAX_TRUTH_BYTES} bytes, not a labels file")
+        truth = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise EmoshieldError(f"--truth {path}: cannot read it ({error.strerror or type(error).__name__})") from None
+    except (ValueError, RecursionError) as error:
+        raise EmoshieldError(f"--truth {path}: not a JSON labels file ({type(error).__name__})") from None
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def face(f) -> bool:
+        return isinstance(f, dict) and isinstance(f.get("label"), str) and isinstance(f.get("slot"), int) \
+            and isinstance(f.get("box"), list) and len(f["box"]) == 4 and all(number(v) for v in f["box"])
+
+    frames = truth.get("frames") if isinstance(truth, dict) else None
+    if not isinstance(frames, list) or not frames or not all(f is None or isinstance(f, str) for f in frames):
+        raise EmoshieldError(f"--truth {path}: needs \"frames\", a non-empty list of labels (or null)")
+    faces = truth.get("faces")
+    if faces is not None and (not isinstance(faces, list) or not faces
+                              or not all(isinstance(fs, list) and all(face(f) for f in fs) for fs in faces)):
+        raise EmoshieldError(f"--truth {path}: \"faces\" must be per frame a list of {{box, label, slot}}")
+    return truth
+
+
+def score_against_truth(results: list[FrameResult], truth: dict) -> dict:
+    """Accuracy against `emoshield data video`'s ground truth (load_truth's): of the largest face's
+    label per frame, and, where the truth has every face's box, of every face (each true face is
+    matched to the reported face overlapping it most) with the track ids seen per true slot."""
     from .tracking import iou
 
-    truth = json.loads(Path(truth_file).read_text())
     frames = truth["frames"]
     scored = [(r.label, frames[r.frame % len(frames)]) for r in results]  # modulo: --loop replays
     scored = [(p, t) for p, t in scored if t is not None]
@@ -310,6 +345,7 @@ def run_device_command(args) -> int:
         print(message, file=sys.stderr, flush=True)
 
     FrameAnalyzer.check_options(args.smooth, args.detect_every, args.detect_width, args.max_faces)
+    truth = load_truth(Path(args.truth)) if args.truth else None
     cv2.setNumThreads(args.threads)  # OpenCV's detector threads too: --threads 1 means one core
 
     def load(folder: Path) -> EmotionClassifier:
@@ -442,7 +478,7 @@ def run_device_command(args) -> int:
             f"{args.threads} thread(s), {summary['precision']}"
             + (" after the int8 self-check failed" if analyzer.classifier.check.fell_back else "") + ")")
     if args.truth:
-        scores = score_against_truth(results, Path(args.truth))
+        scores = score_against_truth(results, truth)
         summary.update(scores)
         line += (f"; accuracy {scores['accuracy_on_detected']:.1%} on frames with a face, "
                  f"{scores['accuracy_all_frames']:.1%} on all {scores['frames_scored']} frames")
