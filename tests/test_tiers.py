@@ -517,3 +517,26 @@ def test_a_damaged_entry_is_skipped_with_one_line_and_the_library_and_its_servic
             routes["/backbones/{name}"]("bad")
         assert refused.value.status_code == 404 and str(root) not in str(refused.value.detail)
 
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(
+    st.binary(max_size=40), st.just(b"[" * 50_000),
+    _METADATA.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["name", "version", "backbone", "classes", "preprocessing", "metrics", "files",
+                                     "created"]), _METADATA, max_size=6).map(
+        lambda d: json.dumps({**d, "format": "emoshield-bundle/1"}).encode())))
+def test_bundle_inspect_shows_any_manifest_or_refuses_it_in_one_line(tmp_path_factory, content):
+    """`emoshield bundle inspect` reads manifests before any verification: whatever the file holds,
+    the description is printed ('?' for what does not fit) or read_manifest refuses it in one line."""
+    from emoshield.tiers.bundle import FORMAT, describe_bundle
+
+    folder = tmp_path_factory.mktemp("bundle")
+    (folder / "manifest.json").write_bytes(content.replace(b"emoshield-bundle/1", FORMAT.encode()))
+    try:
+        manifest = read_manifest(folder)
+    except BundleError as error:
+        assert "\n" not in str(error) and len(str(error)) < 400
+        return
+    text = describe_bundle(manifest)
+    assert len(text.splitlines()) >= 3  # name, classes, backbone: always there, "?" where unknown

@@ -112,11 +112,11 @@ def read_manifest(bundle_dir: Path) -> dict:
         raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle)")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested past the recursion limit
         raise BundleError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
-        raise BundleError(f"{path}: unknown bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                          f" (expected {' or '.join(FORMATS)})")
+        found = repr(manifest.get("format") if isinstance(manifest, dict) else None)
+        raise BundleError(f"{path}: unknown bundle format {found[:60]} (expected {' or '.join(FORMATS)})")
     return manifest
 
 
@@ -177,20 +177,36 @@ def verify_bundle(bundle_dir: Path, public_key, min_version: int | None = None,
 
 
 def describe_bundle(manifest: dict) -> str:
-    """A few human lines about a bundle (for `emoshield bundle inspect`)."""
-    metrics = manifest.get("metrics", {})
-    lines = [f"{manifest.get('name')} v{manifest.get('version')} ({manifest.get('format')}), "
-             f"created {manifest.get('created')}",
-             f"classes: {', '.join(manifest.get('classes', []))}",
-             f"backbone: {manifest.get('backbone', {}).get('name')} "
-             f"(initial weights {manifest.get('backbone', {}).get('weights')}), "
-             f"input {manifest.get('preprocessing', {}).get('input_size')} px "
-             f"{manifest.get('preprocessing', {}).get('channels')}"]
+    """A few human lines about a bundle (for `emoshield bundle inspect`, which shows unverified
+    manifests too: any field may be missing or of another type, and is then shown as '?')."""
+    def field(*path):
+        value = manifest
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def text(value) -> str:
+        return "?" if value is None or isinstance(value, (dict, list)) else str(value)[:80]
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def number(value, form: str) -> str:
+        return format(value, form) if is_number(value) else "?"
+
+    classes = field("classes")
+    lines = [f"{text(field('name'))} v{text(field('version'))} ({text(field('format'))}), created {text(field('created'))}",
+             "classes: " + (", ".join(text(c) for c in classes) if isinstance(classes, list) else "?"),
+             f"backbone: {text(field('backbone', 'name'))} (initial weights {text(field('backbone', 'weights'))}), "
+             f"input {text(field('preprocessing', 'input_size'))} px {text(field('preprocessing', 'channels'))}"]
     for key, label in (("test_accuracy", "test accuracy (torch)"), ("onnx_fp32_accuracy", "ONNX fp32 accuracy"),
                        ("onnx_int8_accuracy", "ONNX int8 accuracy"), ("onnx_max_abs_diff", "max |torch - ONNX|")):
-        if key in metrics:
-            value = metrics[key]
-            lines.append(f"{label}: {value:.2%}" if "accuracy" in key else f"{label}: {value:.2e}")
-    for name, entry in manifest.get("files", {}).items():
-        lines.append(f"{name}: {entry['bytes'] / 1e6:.2f} MB sha256 {entry['sha256'][:16]}...")
+        value = field("metrics", key)
+        if value is not None:
+            lines.append(f"{label}: {number(value, '.2%') if 'accuracy' in key else number(value, '.2e')}")
+    files = field("files")
+    for name in (files if isinstance(files, dict) else ()):
+        size = field("files", name, "bytes")
+        lines.append(f"{text(name)}: {number(size / 1e6 if is_number(size) else None, '.2f')} MB "
+                     f"sha256 {text(field('files', name, 'sha256'))[:16]}...")
     return "\n".join(lines)
