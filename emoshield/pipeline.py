@@ -364,13 +364,13 @@ def decode_split_part(model_file: Path, part: str, data_root: str | None = None,
                       seed: int = 0):
     """A saved split's part decoded at the model's input size: (TensorData, records, model config);
     `limit` keeps a seeded random subset (e.g. calibration images)."""
-    from .models.network import read_safetensors, ModelConfig
+    from .models.network import read_safetensors, saved_config
 
     model_file = Path(model_file)
     if model_file.is_dir():
         model_file = model_file / "model.safetensors"
     _tensors, meta = read_safetensors(model_file)
-    config = ModelConfig(**json.loads(meta["config"]))
+    config = saved_config(meta, model_file)
     records, root, _header = saved_split_records(model_file, part, data_root)
     records = [r for r in records if r.label in config.classes]
     if limit is not None and len(records) > limit:

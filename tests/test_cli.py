@@ -5,6 +5,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import FIVE
 
@@ -258,3 +260,31 @@ def test_every_cloud_lever_parses_as_a_pretrain_command_and_float32_turns_amp_of
         assert bool(changed) == (name != "baseline"), (name, changed)
     assert parse(["cloud", "pretrain", *levers.variant_args("float32", 30), "--name", "x"]).amp is False
     assert parse(["cloud", "pretrain", *levers.variant_args("schedule-2x", 30), "--name", "x"]).epochs == 60
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.one_of(
+    st.text(max_size=30), st.just("[" * 50_000),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                 max_leaves=8).map(json.dumps),
+    st.builds(lambda key, value: json.dumps({"backbone": "smallcnn", "classes": ["a", "b"], "input_size": 32, key: value}),
+              st.sampled_from(["backbone", "classes", "input_size", "head", "pooling", "hidden", "dropout", "mean", "std",
+                               "align", "unknown"]),
+              st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.text(max_size=6),
+                        st.lists(st.integers(-2, 2), max_size=4)))))
+def test_a_model_file_with_any_config_loads_or_is_refused_in_one_line(tmp_path_factory, config):
+    """A safetensors file whose emoshield config was edited, cut or written elsewhere: load_model
+    rebuilds the model or says in one line what is wrong, never a TypeError from deep inside."""
+    import torch
+    from safetensors.torch import save_file
+
+    from emoshield.errors import EmoshieldError
+    from emoshield.models.network import load_model
+
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"config": config})
+    try:
+        load_model(path)
+    except EmoshieldError as error:
+        assert "\n" not in str(error) and str(path) in str(error)

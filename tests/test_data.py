@@ -4,6 +4,8 @@ from collections import Counter, defaultdict
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emoshield.data import REFERENCE_CLASSES, canonical_label, load_dataset, make_split, parse_classes
 from emoshield.data.images import decode_images, to_model_input
@@ -171,3 +173,28 @@ def test_liris_layout_reads_videos_as_sequences(tmp_path, data_root):
         source = sorted(video_seq, key=lambda r: r.frame)[record.frame % 3]
         original = cv2.imread(str(ck.root / source.path), cv2.IMREAD_GRAYSCALE).astype(float)
         assert np.abs(pixels.mean(0) - original).mean() < 8  # MJPEG is lossy, but it is the same face
+
+
+_ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                     max_size=3), max_leaves=10)
+_ENTRY = {"path": "S005/a.png", "label": "happy", "subject": "S005", "sequence": "S005_001", "frame": 1, "split": "test"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40), st.just(b"[" * 50_000), _ANY_JSON.map(lambda v: json.dumps(v).encode()),
+    st.builds(lambda field, value: json.dumps({"protocol": "subject", "seed": 0, "entries": [{**_ENTRY, field: value}]}).encode(),
+              st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON)))
+def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, content):
+    """`evaluate` and `bundle export` read a model's split.json back: a file cut short, edited or
+    written by something else loads into well-typed records or is one line naming it."""
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    path.write_bytes(content)
+    try:
+        split, _header = load_split(path)
+    except EmoshieldError as error:
+        assert "\n" not in str(error) and str(path) in str(error)
+        return
+    for record in split.test:
+        assert isinstance(record.path, str) and isinstance(record.frame, int) and hash(record)

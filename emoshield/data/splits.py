@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from .datasets import FaceDataset
 from .records import ImageRecord
 
@@ -71,10 +71,22 @@ def load_split(path: Path) -> tuple[Split, dict]:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise EmoshieldError(f"cannot read split file {path}: {exc}") from None
+    except RecursionError:
+        raise EmoshieldError(f"cannot read split file {path}: nested too deeply") from None
     parts: dict[str, list[ImageRecord]] = {name: [] for name in SPLIT_NAMES}
-    for entry in data["entries"]:
-        parts[entry["split"]].append(ImageRecord.from_json(entry))
-    split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts)
+    try:  # a file edited, cut or written by something else: one line naming it, not a KeyError
+        for entry in data["entries"]:
+            record = ImageRecord.from_json(entry)
+            if not (isinstance(record.path, str) and isinstance(record.label, str) and isinstance(record.sequence, str)
+                    and (record.subject is None or isinstance(record.subject, str))
+                    and isinstance(record.frame, int) and not isinstance(record.frame, bool)
+                    and (record.crop is None or len(record.crop) == 4 and all(
+                        isinstance(v, int) and not isinstance(v, bool) for v in record.crop))):
+                raise TypeError("an entry's fields are not of their types")
+            parts[entry["split"]].append(record)
+        split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EmoshieldError(f"{path} is not a split file emoshield wrote ({one_line(exc, 120)})") from None
     header = {k: v for k, v in data.items() if k != "entries"}
     return split, header
 

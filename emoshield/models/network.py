@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from .heads import LocalizationHead
 from .backbones import backbone_spec, load_imagenet_state_dict, resize_own_head, torchvision_parts
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, Normalize
@@ -88,6 +88,7 @@ def _feature_map_size(features: nn.Module, backbone: str, input_size: int) -> tu
 
 def build_model(config: ModelConfig) -> EmotionNet:
     """Build an EmotionNet and load its initial weights from `config.weights` (see library.py)."""
+    backbone_spec(config.backbone)  # an unknown name is one line, before any torchvision lookup
     if config.head not in HEADS:
         raise EmoshieldError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
     if config.num_classes < 2:
@@ -148,16 +149,51 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise EmoshieldError(f"{path} is not a valid safetensors weights file ({exc.__class__.__name__})") from None
 
 
+_CONFIG_TYPES = {"backbone": str, "classes": list, "input_size": int, "head": str, "pooling": str, "hidden": int,
+                 "dropout": (int, float), "mean": list, "std": list, "weights": str, "align": str}
+
+
+def saved_config(meta: dict, path: Path) -> ModelConfig:
+    """The ModelConfig a safetensors file's metadata holds, checked: a file edited, cut or written
+    by something else is a one-line EmoshieldError naming it, never a TypeError deep in a build."""
+    if "config" not in meta:
+        raise EmoshieldError(f"{path} has no emoshield model config (was it saved by emoshield?)")
+    try:
+        values = json.loads(meta["config"])
+    except (ValueError, RecursionError) as exc:
+        raise EmoshieldError(f"{path}: its model config is not JSON ({type(exc).__name__})") from None
+    if not isinstance(values, dict):
+        raise EmoshieldError(f"{path}: its model config is not an object")
+    unknown = sorted(set(values) - set(_CONFIG_TYPES))
+    wrong = [k for k, kind in _CONFIG_TYPES.items() if k in values and
+             (not isinstance(values[k], kind) or isinstance(values[k], bool))]
+    missing = [k for k in ("backbone", "classes", "input_size") if k not in values]
+    if unknown or wrong or missing:
+        raise EmoshieldError(f"{path}: its model config does not fit this emoshield (unknown "
+                             f"{', '.join(unknown)[:80] or '-'}; mistyped {', '.join(wrong) or '-'}; "
+                             f"missing {', '.join(missing) or '-'})")
+    if not all(isinstance(c, str) for c in values["classes"]) or not 8 <= values["input_size"] <= 4096 \
+            or not 1 <= values.get("hidden", 256) <= 16384 or not 0 <= values.get("dropout", 0.0) < 1 \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for v in values.get("mean", []) + values.get("std", [])):
+        raise EmoshieldError(f"{path}: its model config has classes, input_size, hidden, dropout or "
+                             "normalization out of range")
+    return ModelConfig(**values)
+
+
 def load_model(path: Path) -> EmotionNet:
     """Rebuild an EmotionNet saved by save_model (a file, or a training output folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     tensors, meta = read_safetensors(path)
-    if "config" not in meta:
-        raise EmoshieldError(f"{path} has no emoshield model config (was it saved by emoshield?)")
-    config = ModelConfig(**json.loads(meta["config"]))
-    model = build_model(ModelConfig(**{**asdict(config), "weights": "scratch"}))
+    config = saved_config(meta, path)
+    try:
+        model = build_model(ModelConfig(**{**asdict(config), "weights": "scratch"}))
+    except EmoshieldError as exc:  # an unknown backbone, head or pooling
+        raise EmoshieldError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # sizes that build no network
+        raise EmoshieldError(f"{path}: its model config builds no network ({one_line(exc, 160)})") from None
     model.config = config
     try:
         model.load_state_dict(tensors)
