@@ -529,3 +529,25 @@ def test_any_me_answer_gives_a_link_or_polling_never_an_exception(me):
         link.heartbeat({"fps": 1.0})  # its topic holds the id and edge name the answer gave
         link.stop()
         assert isinstance(me, dict) and me["mqtt"] and link.device_id == me["id"] and link.edge == me["edge"]
+
+
+def test_a_job_log_of_any_bytes_and_size_is_served_as_text(tmp_path, monkeypatch):
+    """A training child may write bytes that are not UTF-8 (a file name, a library's output) and
+    logs grow: GET /jobs/ID/log answers with the text (U+FFFD for what does not decode) and at
+    most the log's tail, never a 500."""
+    from emoshield.tiers import edge as edge_module
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode, create_app
+    from tests.conftest import FIVE, trust_repository
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config)  # worker not started: the job stays queued
+    job_log = next(r.endpoint for r in create_app(node).routes if getattr(r, "path", None) == "/jobs/{job_id}/log")
+    job = node.queue_job("manual")
+    node.job_dir(job).mkdir(parents=True)
+    (node.job_dir(job) / "log.txt").write_bytes(b"epoch 1 \xff\xfe caf\xe9\n")
+    assert job_log(job) == "epoch 1 \ufffd\ufffd caf\ufffd\n"
+    monkeypatch.setattr(edge_module, "MAX_LOG_BYTES", 10)
+    (node.job_dir(job) / "log.txt").write_bytes(b"a" * 30 + b"last line\n")
+    assert job_log(job) == "[... the first 30 bytes left out ...]\nlast line\n"

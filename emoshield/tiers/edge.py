@@ -165,6 +165,9 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> st
     return kind
 
 
+MAX_LOG_BYTES = 2_000_000  # GET /jobs/ID/log serves at most this tail of a job's log
+
+
 def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60,
                    deadline_s: float = 1800.0) -> tuple[dict, Path]:
     """Metadata and local weights file of a cloud library entry, verified by sha256. A cloud that
@@ -686,7 +689,11 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         path = node.job_dir(job_id) / "log.txt"
         if store.job(job_id) is None or not path.is_file():
             raise HTTPException(404, f"no log for job {job_id}")
-        return path.read_text()
+        with open(path, "rb") as f:  # the tail of a long log; bytes a child wrote that are not UTF-8 shown as U+FFFD
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - MAX_LOG_BYTES))
+            text = f.read().decode("utf-8", errors="replace")
+        return (f"[... the first {size - MAX_LOG_BYTES} bytes left out ...]\n" if size > MAX_LOG_BYTES else "") + text
 
     @app.get("/bundles/latest", dependencies=[Depends(device_or_admin)])
     def latest() -> dict:
