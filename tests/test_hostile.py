@@ -551,3 +551,49 @@ def test_a_job_log_of_any_bytes_and_size_is_served_as_text(tmp_path, monkeypatch
     monkeypatch.setattr(edge_module, "MAX_LOG_BYTES", 10)
     (node.job_dir(job) / "log.txt").write_bytes(b"a" * 30 + b"last line\n")
     assert job_log(job) == "[... the first 30 bytes left out ...]\nlast line\n"
+
+
+def test_an_upload_on_a_full_disk_is_a_507_and_the_edge_keeps_serving(tmp_path, data_root):
+    """The edge's process runs under RLIMIT_FSIZE (as a full disk fails a write): a face too big to
+    store is refused with 507 (the device keeps it and retries), nothing half-written stays in the
+    store, and the next face that fits is stored."""
+    import resource
+    import signal
+
+    from tests.conftest import FIVE, free_port, trust_repository
+    from tests.test_cli import run
+    from tests.test_services import wait_healthy
+
+    run("keys", "generate", "--out", tmp_path / "keys")
+    (tmp_path / "admin.token").write_text("admin-secret-token")
+    root, port, log = tmp_path / "edge", free_port(), tmp_path / "edge.log"
+    trust_repository(root)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
+
+    proc = subprocess.Popen([sys.executable, "-m", "emoshield", "edge", "serve", "--root", str(root), "--key",
+                             str(tmp_path / "keys" / "private.key"), "--cloud", "http://127.0.0.1:9", "--backbone", "b",
+                             "--classes", FIVE, "--admin-token-file", str(tmp_path / "admin.token"), "--port", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=limited)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log)
+        device = EdgeClient(url, EdgeClient(url, "admin-secret-token").enrol("cam")["token"])
+        for side in (520, 700):  # ~0.8 MB: kept in memory, its store write fails; ~1.5 MB: its spool file fails
+            noise = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+            big = cv2.imencode(".png", noise)[1].tobytes()
+            assert 500_000 < len(big) < 2_000_000
+            with pytest.raises(ServiceError, match="507.*storage full") as refused:
+                device.upload(big, "happy")
+            assert refused.value.status == 507
+        face = sorted((data_root / "ckplus48" / "happy").iterdir())[0].read_bytes()
+        assert device.upload(face, "happy")["bytes"] == len(face)
+        assert [s["bytes"] for s in device.call("GET", "/samples")] == [len(face)]
+        assert not [p for p in (root / "cas").rglob("*") if ".tmp" in p.name]
+        assert request("GET", url + "/health")["status"] == "ok" and proc.poll() is None
+        assert "cannot store an upload" in log.read_text() and "cannot spool an upload" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

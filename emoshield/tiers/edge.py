@@ -165,6 +165,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> st
     return kind
 
 
+STORAGE_FULL = "the edge cannot store uploads now (storage full); keep the face and retry later"
 MAX_LOG_BYTES = 2_000_000  # GET /jobs/ID/log serves at most this tail of a job's log
 
 
@@ -648,6 +649,9 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
             raise HTTPException(422, "send the face as multipart/form-data fields file and label")
         try:
             form = await Request(request.scope, replay).form(max_files=1, max_fields=4)
+        except OSError as exc:  # a file part over 1 MB is spooled to a temporary file: the disk is full
+            print(f"edge: cannot spool an upload ({one_line(exc, 160)})", file=sys.stderr, flush=True)
+            raise HTTPException(507, STORAGE_FULL) from None
         except Exception as exc:  # starlette/python-multipart raise several types for malformed bodies
             raise HTTPException(422, f"malformed multipart body ({exc.__class__.__name__})") from None
         label, file = form.get("label"), form.get("file")
@@ -661,7 +665,15 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         data = await file.read(cfg.max_upload_bytes + 1)
         async with decodes:  # bounded: at most this many images in memory being decoded
             kind = await run_in_threadpool(check_image, data, cfg.max_upload_bytes, cfg.max_upload_pixels)
-        sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind, subject)
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind, subject)
+        except (OSError, OperationalError) as exc:  # a full disk, a file-size limit, the database down or full
+            print(f"edge: cannot store an upload ({one_line(exc, 160)})", file=sys.stderr, flush=True)
+            if isinstance(exc, OSError) or "full" in str(exc):
+                raise HTTPException(507, STORAGE_FULL) from None
+            raise HTTPException(503, "the edge's database is unavailable; keep the face and retry later") from None
         job = await run_in_threadpool(node.sample_added)
         return {**sample, "queued_job": job}
 

@@ -228,10 +228,14 @@ class EdgeStore(SqlStore):
         digest = hashlib.sha256(data).hexdigest()
         path = self.cas_path(digest)
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{threading.get_ident()}")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except OSError:  # a full disk or file-size limit: nothing half-written stays
+                tmp.unlink(missing_ok=True)
+                raise
         with self._begin() as conn:
             result = conn.execute(insert(SAMPLES).values(device_id=device_id, sha256=digest, label=label,
                                                          bytes=len(data), kind=kind, created=time.time(),
