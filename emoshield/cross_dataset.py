@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EmoshieldError
+from .paths import write_json
 
 
 @dataclass
@@ -240,7 +241,7 @@ def cross_markdown(result: dict) -> str:
 
 def write_report(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "results.json", result)
     (out / "report.md").write_text(cross_markdown(result))
 
 

@@ -48,14 +48,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` all at once (a reader sees the old or the new file, never
-    half of one), durable (fsync) and private: mode 0600 whatever the umask."""
+    half of one), durable (fsync), with `mode` whatever the umask: private (0600) unless asked."""
     import tempfile
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mkstemp: mode 0600
     try:
+        if mode != 0o600:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -64,3 +66,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data) -> None:
+    """A result file (metrics, run, results.json), written atomically: a process killed while
+    writing leaves the previous version, never a truncated file the report scripts stop on."""
+    import json
+
+    write_atomic(Path(path), json.dumps(data, indent=1, default=str).encode(), mode=0o644)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EmoshieldError
+from .paths import write_json
 
 
 @dataclass
@@ -139,8 +140,6 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
     return PreparedData(dataset, split, parts, failures)
 
 
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))
 
 
 def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int, weights: str,
@@ -172,7 +171,7 @@ def evaluate_tensors(model, test, classes: list[str], meta: dict, out_dir: Path,
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
                           describe_run(metrics))
     metrics["confusion_matrix_png"] = "confusion_matrix.png"
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     (out_dir / summary_name).write_text(metrics_markdown(metrics, title))
     return metrics
 
@@ -228,7 +227,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     meta["precision"] = (("float16" if device.type == "cuda" else "bfloat16")
                          if effective_amp(device, train_config.amp) else "float32")
     if main:
-        _write_json(out_dir / "run.json", {
+        write_json(out_dir / "run.json", {
             **meta, "data_options": asdict(data), "model_options": asdict(model_options),
             "train_config": asdict(train_config), "model_config": asdict(config), "run": run_info(),
             "counts": {k: len(v) for k, v in prepared.parts.items()},
@@ -455,7 +454,7 @@ def evaluate_model(model_dir: Path, out_dir: Path, data: DataOptions | None = No
                 model, base_model, to_model_input(test.pixels), test.labels, robustness.eps, robustness.pgd_steps,
                 robustness.seed)
             report["sanity_flags"] += transfer_flags(report)
-    _write_json(out_dir / "robustness.json", result)
+    write_json(out_dir / "robustness.json", result)
     write_robustness_outputs(out_dir, result)
     _remove_checkpoints(partial, [(model, test)] + ([(base_model, base_test)] if baseline_dir is not None else []))
     return result
@@ -622,7 +621,7 @@ def sweep_model(model_dir: Path, attack: str, eps: list[float], out_dir: Path, d
     points = [{"eps": 0.0, "accuracy": report["clean_accuracy"]}] + [
         {"eps": float(e), "accuracy": v["accuracy"]} for e, v in report["attacks"][attack].items() if float(e) > 0]
     result = {"model": meta, "attack": attack, "points": points, "sanity_flags": report["sanity_flags"]}
-    _write_json(out_dir / "sweep.json", result)
+    write_json(out_dir / "sweep.json", result)
     plot_accuracy_vs_eps({LABELS[attack]: ([p["eps"] for p in points], [p["accuracy"] for p in points])},
                          out_dir / "sweep.png", describe_run(meta), chance=1 / len(meta["classes"]))
     lines = [f"# {LABELS[attack]} accuracy vs eps", "", describe_run(meta), "", "| eps | accuracy |", "|---:|---:|"]

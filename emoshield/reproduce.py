@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EmoshieldError
+from .paths import write_json
 
 # SPEC §3: the reference's 5 classes; CK+48 has all of them
 REFERENCE_CLASSES = "happy,sad,surprise,disgust,fear"
@@ -392,7 +393,7 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         plots = study_plots(result, self.out)
         result["plots"] = plots
-        (self.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        write_json(self.out / "results.json", result)
         (self.out / "report.md").write_text(study_markdown(result, plots))
         (self.out / "command.txt").write_text(" ".join(self.command) + "\n")
 

@@ -51,6 +51,18 @@ def _pct(stat: dict | None) -> str:
 BEST_PUBLISHED_FER2013 = 73.28  # single-network PrivateTest accuracy quoted in issue 4
 
 
+class DamagedResults(Exception):
+    """A results file that does not read as JSON, or whose JSON is not of the shape its writer gives."""
+
+
+def read_json(path: Path):
+    """A results file's JSON; DamagedResults naming it when it is cut short, not UTF-8 or not JSON."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise DamagedResults(f"{path}: unreadable ({type(error).__name__})") from None
+
+
 def _tta_accuracy(path: Path, one_crop: float) -> dict | None:
     """scripts/pretrain_tta.py's figures for a run, only when they are the whole test set's and of
     the run's own model (its one-crop figure is the run's); anything else shows as '—'."""
@@ -83,9 +95,9 @@ def pretraining_table(root: Path) -> list[str]:
     """The cloud library's FER2013 runs: how each was trained and its PrivateTest accuracy."""
     rows = []
     for path in sorted(root.glob("*/metrics.json")):
-        m, run = json.loads(path.read_text()), json.loads((path.parent / "run.json").read_text())
+        m, run = read_json(path), read_json(path.parent / "run.json")
         cfg = run["train_config"]
-        history = json.loads((path.parent / "history.json").read_text())
+        history = read_json(path.parent / "history.json")
         best = max(history, key=lambda e: e["val_accuracy"])
         tta = _tta_accuracy(path.parent / "tta.json", m["test_accuracy"])
         multi = f"{tta['flip'] * 100:.1f} / {tta['tencrop'] * 100:.1f}" if tta else "—"
@@ -133,7 +145,7 @@ def load_studies(root: Path) -> tuple[list[dict], list[dict]]:
     code, issue 17) has a report, complete or partial; quick runs are code-path checks, left out."""
     studies = []
     for path in sorted(root.glob("*/results.json")):
-        result = json.loads(path.read_text())
+        result = read_json(path)
         if result["options"].get("quick"):
             continue
         result["folder"] = path.parent
@@ -231,7 +243,7 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
     re-runs' retrained ones: context, not a verdict)."""
     lines = ["## APGD-CE before and after its step-size fix", ""]
     if same_models.is_file():
-        bench = json.loads(same_models.read_text())
+        bench = read_json(same_models)
         groups: dict = {}
         for r in bench["rows"]:
             groups.setdefault((r["study"], r["backbone"], r["model"], f"{r['eps']:.4g}"), []).append(r)
@@ -247,7 +259,7 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
                          f"{_f(_mean([r['apgd_fixed'] for r in rows]))} |")
         lines.append("")
     if before_file.is_file():
-        before = json.loads(before_file.read_text())["studies"]
+        before = read_json(before_file)["studies"]
         by_name = {r["folder"].name: r for r in studies}
         rows = []
         for name, old in before.items():
@@ -274,7 +286,7 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
 def cross_table(root: Path) -> list[str]:
     """Issue 17 item 5 and issue 18 item 4: each study's models on every face of the other dataset,
     and the cloud backbone as shipped on both (results/cross/*)."""
-    tables = sorted(((json.loads(p.read_text()), p) for p in root.glob("*/results.json")),
+    tables = sorted(((read_json(p), p) for p in root.glob("*/results.json")),
                     key=lambda t: ("library_entry" in t[0], t[1]))  # the studies' models first
     library = any("library_entry" in c for c, _ in tables)
     rows = []
@@ -338,6 +350,19 @@ def write_readme(path: Path, block: list[str]) -> None:
 
 
 def main() -> int:
+    """Exit 2 with one line, RESULTS.md and README untouched, when a results file is damaged (a study
+    killed mid-write, a hand edit): the page is written whole from sound files or not at all."""
+    try:
+        return _main()
+    except DamagedResults as error:
+        print(f"results_md: {error}; RESULTS.md and README left as they were", file=sys.stderr)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+        print(f"results_md: a results file is not of the shape its writer gives ({type(error).__name__}: "
+              f"{str(error)[:120]}); RESULTS.md and README left as they were", file=sys.stderr)
+    return 2
+
+
+def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", default="results/reproduce")
     parser.add_argument("--pretrain", default="results/cloud_pretrain")
@@ -391,9 +416,10 @@ def main() -> int:
                   "above: " + ", ".join(f"[{r['folder'].name}]({_link(r['folder'])}/report.md) (backbones "
                                         f"{', '.join(r['summary'])})" for r in superseded) + ".", ""]
     lines.append(WHAT_DIFFERS)
+    block = readme_block(studies) if args.readme else None  # everything read before anything is written
     Path(args.out).write_text("\n".join(lines))
-    if args.readme:
-        write_readme(Path(args.readme), readme_block(studies))
+    if block is not None:
+        write_readme(Path(args.readme), block)
     print(f"wrote {args.out} from {len(studies)} studies ({len(superseded)} superseded)")
     return 0
 

@@ -472,9 +472,14 @@ class Workers:
                 self.stopping.wait(IDLE_SECONDS)
 
     def rewrite_results(self) -> None:
+        """RESULTS.md and README's block from the results so far; a damaged results file leaves
+        both as they were and says which file, here, rather than silently going stale."""
         with self.lock:
-            subprocess.run([sys.executable, str(RESULTS_MD)], cwd=ROOT, check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run([sys.executable, str(RESULTS_MD)], cwd=ROOT, check=False,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            print(f"{time.strftime('%H:%M:%S')} RESULTS.md not rewritten: {why}", flush=True)
 
     def stop(self, *_) -> None:
         self.stopping.set()

@@ -210,3 +210,23 @@ def test_apgd_fix_report_is_its_results_json_with_data_input_and_epochs(tmp_path
     (tmp_path / folder / "results.json").write_text('{"rows": [{"study": "x"}]')  # truncated
     proc = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("cannot render") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("file", ["reproduce/ckplus48-subject-v2/results.json", "cross/fer2013-jaffe/results.json",
+                                  "cloud_pretrain/smallcnn-fer2013-48px-amp/metrics.json",
+                                  "cloud_pretrain/smallcnn-fer2013-48px-amp/history.json", "apgd_fix/results.json"])
+@pytest.mark.parametrize("content", [b"", b'{"summary": {', b"[" * 100_000, b"\xff\xfe{}", b"[]", b'{"x": 1}'],
+                         ids=["empty", "truncated", "nested", "not-utf8", "list", "other-object"])
+def test_a_damaged_results_file_leaves_the_pages_as_they_were_and_names_it(results, file, content):
+    """A study killed mid-write or a hand edit: the script exits 2 with one line (naming the file
+    when it does not read), and RESULTS.md and README keep their last good version (the study
+    driver prints that line, instead of the page going stale without a word)."""
+    assert run(results, *_args(results)).returncode == 0
+    page, readme = (results / "RESULTS.md").read_bytes(), (results / "README.md").read_bytes()
+    (results / "results" / file).write_bytes(content)
+    proc = run(results, *_args(results))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("results_md: ") and "left as they were" in proc.stderr
+    if content in (b"", b'{"summary": {', b"[" * 100_000, b"\xff\xfe{}"):
+        assert file in proc.stderr
+    assert (results / "RESULTS.md").read_bytes() == page and (results / "README.md").read_bytes() == readme
