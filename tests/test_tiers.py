@@ -540,3 +540,20 @@ def test_bundle_inspect_shows_any_manifest_or_refuses_it_in_one_line(tmp_path_fa
         return
     text = describe_bundle(manifest)
     assert len(text.splitlines()) >= 3  # name, classes, backbone: always there, "?" where unknown
+
+
+@pytest.mark.parametrize("name, content", [
+    ("robustness.json", b'{"robustness": {"attacks": {"fgsm": {"0.01": 1}}}}'),
+    ("robustness.json", b'{"robustness": {"clean_accuracy": 7, "attacks": {}}}'),
+    ("run.json", b"\xff\xfe{"), ("metrics.json", b"[" * 100_000)])  # each case is a CLI start (~5 s)
+def test_bundle_export_checks_the_files_it_quotes_before_writing_anything(trained, keys, tmp_path, name, content):
+    """The manifest quotes the model's run.json, metrics.json and robustness headline (devices and
+    the dashboard show it): a damaged or foreign one is one line naming it, before any export, and
+    no half-made bundle folder is left."""
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    (model / name).write_bytes(content)
+    proc = run("bundle", "export", "--model", model, "--key", keys / "private.key", "--out", tmp_path / "b",
+               check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert name in proc.stderr and not (tmp_path / "b").exists()

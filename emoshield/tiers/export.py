@@ -281,8 +281,14 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
     model_dir = Path(model_dir)
     model_file = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
     model = load_model(model_file)
-    if robustness_file and "robustness" not in _read_json(Path(robustness_file)):
+    # every file the manifest quotes is read and checked before anything is exported or written
+    run = _read_json(model_file.parent / "run.json")
+    train_metrics = _read_json(model_file.parent / "metrics.json")
+    robustness_path = Path(robustness_file) if robustness_file else model_file.parent / "robustness.json"
+    if robustness_file and "robustness" not in _read_json(robustness_path):
         raise EmoshieldError(f"{robustness_file} holds no `emoshield evaluate` robustness result")
+    robustness = _read_json(robustness_path)
+    headline = _robust_headline(robustness, robustness_path) if robustness else None
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise EmoshieldError(f"{out_dir} exists and is not empty (a bundle is written once)")
@@ -313,9 +319,6 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
                "onnx_max_abs_diff": float(np.abs(torch_logits - fp32_logits).max()),
                "int8_prediction_agreement": float((int8_logits.argmax(1) == torch_logits.argmax(1)).mean())}
     metrics["int8_accuracy_change"] = metrics["onnx_int8_accuracy"] - metrics["test_accuracy"]
-    run = _read_json(model_file.parent / "run.json")
-    train_metrics = _read_json(model_file.parent / "metrics.json")
-    robustness = _read_json(Path(robustness_file) if robustness_file else model_file.parent / "robustness.json")
     gray = int(test.pixels.shape[1]) == 1
     margin, measured = face_margin(calib)
     log(f"bundle: face margin {margin:+.3f} (the device's detector box grown by this on each side frames faces "
@@ -336,7 +339,7 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
                                              "train_config", "git_commit") if k in run},
         "metrics": {**metrics, **{k: train_metrics[k] for k in ("best_epoch", "balanced_accuracy", "per_class_accuracy")
                                   if k in train_metrics},
-                    **({"robustness": _robust_headline(robustness)} if robustness else {})},
+                    **({"robustness": headline} if headline else {})},
         "quantization": {**asdict(quantization), **kept, "format": "QDQ",
                          "activations": f"{quantization.activations} asymmetric",
                          "weights": (f"{quantization.weights} " + ("symmetric" if quantization.weights == "int8"
@@ -362,13 +365,32 @@ def copy_bundle(src: Path, dst: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object beside the model ({} when the file is absent); one line naming it otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EmoshieldError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise EmoshieldError(f"{path}: not a JSON object")
+    return value
 
 
-def _robust_headline(report: dict) -> dict:
+def _robust_headline(report: dict, path: Path) -> dict:
+    """{"clean": accuracy, "ATTACK@EPS": accuracy, ...} of an `emoshield evaluate` result; a value
+    that is not an accuracy in [0, 1] is one line naming the file (devices and the dashboard show it)."""
+    def accuracy(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
     rob = report.get("robustness", report)
+    attacks = rob.get("attacks", {}) if isinstance(rob, dict) else None
+    if not isinstance(attacks, dict) or not all(isinstance(by_eps, dict) and all(
+            isinstance(v, dict) and accuracy(v.get("accuracy")) for v in by_eps.values()) for by_eps in attacks.values()) \
+            or not (rob.get("clean_accuracy") is None or accuracy(rob["clean_accuracy"])):
+        raise EmoshieldError(f"{path}: not an `emoshield evaluate` robustness result (attacks -> eps -> accuracy)")
     out = {"clean": rob.get("clean_accuracy")}
-    for attack, by_eps in rob.get("attacks", {}).items():
+    for attack, by_eps in attacks.items():
         for eps, value in by_eps.items():
             out[f"{attack}@{eps}"] = value["accuracy"]
     return out
