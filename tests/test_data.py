@@ -149,7 +149,7 @@ def test_bad_dataset_folders(tmp_path):
         load_dataset("folder", tmp_path)
 
 
-def test_liris_layout_reads_videos_as_sequences(tmp_path, data_root):
+def test_liris_layout_reads_videos_as_sequences(tmp_path, data_root, monkeypatch):
     """A LIRIS-style folder of videos built from real CK+ frames."""
     ck = load_dataset("ckplus48", data_root, FIVE)
     for label, folder in (("happy", "happiness"), ("sad", "sadness")):
@@ -173,6 +173,13 @@ def test_liris_layout_reads_videos_as_sequences(tmp_path, data_root):
         source = sorted(video_seq, key=lambda r: r.frame)[record.frame % 3]
         original = cv2.imread(str(ck.root / source.path), cv2.IMREAD_GRAYSCALE).astype(float)
         assert np.abs(pixels.mean(0) - original).mean() < 8  # MJPEG is lossy, but it is the same face
+    # a header may declare any frame count, and each frame would become a record: past the cap the
+    # video is skipped with its reason
+    from emoshield.data import datasets
+
+    monkeypatch.setattr(datasets, "MAX_VIDEO_FRAMES", 11)
+    records, skipped = datasets.scan_liris(tmp_path)
+    assert records == [] and len(skipped) == 4 and all("declares 12 frames" in why for _, why in skipped)
 
 
 _ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),

@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emoshield.tiers.client import EdgeClient, ServiceError, download, request
-from emoshield.tiers.edge import UploadError, UploadTooLarge, check_image, image_size
+from emoshield.data.images import image_size
+from emoshield.tiers.edge import UploadError, UploadTooLarge, check_image
 from emoshield.tiers.mqtt import DeviceLink, EdgeAnnouncer
 from emoshield.tiers.store import EdgeStore
 from emoshield.tiers.wire import MAX_VERSION, RemoteValueError, parse_file_name, parse_sha256, parse_token, parse_version
@@ -97,6 +98,23 @@ def test_image_size_reads_png_and_jpeg_headers():
     assert image_size(cv2.imencode(".jpg", face)[1].tobytes()) == (30, 40)
     assert image_size(_jpeg_declaring(32768, 32768)) == (32768, 32768)
     assert image_size(b"\x89PNG\r\n\x1a\n") is None and image_size(b"\xff\xd8\xff") is None
+
+
+def test_the_device_skips_frame_files_that_declare_too_many_pixels(tmp_path, capsys):
+    """An image folder as the device's source: a 600-byte JPEG declaring 32768 x 32768 pixels (3 GB
+    to decode) is skipped with one line before any decoding, as an unreadable file is; the faces
+    around it are frames with their own indices."""
+    from emoshield.device.run import open_frames
+
+    face = cv2.imencode(".png", np.full((60, 50, 3), 90, np.uint8))[1].tobytes()
+    (tmp_path / "a.png").write_bytes(face)
+    (tmp_path / "b.jpg").write_bytes(_jpeg_declaring(32768, 32768))
+    (tmp_path / "c.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "d.png").write_bytes(face)
+    frames, _fps = open_frames(str(tmp_path))
+    assert [(index, frame.shape) for index, _t, frame in frames] == [(0, (60, 50, 3)), (3, (60, 50, 3))]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "device: frame b.jpg skipped (it declares 32768 x 32768 pixels; the limit is 40000000)"]
 
 
 def test_decompression_bombs_are_refused_from_the_header_without_decoding():

@@ -10,6 +10,8 @@ Supported layouts (see README "Data"):
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -137,6 +139,9 @@ def _subject_of(stem: str, pattern: str) -> str | None:
     return (match.group(1) if match.groups() else match.group(0)) if match else None
 
 
+MAX_VIDEO_FRAMES = 500_000  # 4.6 hours at 30 fps: a LIRIS-CSE clip is seconds long
+
+
 def scan_liris(root: Path, subject_pattern: str = DEFAULT_SUBJECT_PATTERN, frame_stride: int = 1,
                **_: object) -> tuple[list[ImageRecord], list]:
     """LIRIS-CSE layout: class folders of videos. Each video is one sequence; every
@@ -148,10 +153,14 @@ def scan_liris(root: Path, subject_pattern: str = DEFAULT_SUBJECT_PATTERN, frame
         for path in _files(sub, VIDEO_SUFFIXES):
             rel = path.relative_to(root).as_posix()
             capture = cv2.VideoCapture(str(path))
-            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+            declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if capture.isOpened() else 0.0
             capture.release()
+            count = int(declared) if math.isfinite(declared) else 0
             if count <= 0:
                 skipped.append((rel, "unreadable video or no frames"))
+                continue
+            if count > MAX_VIDEO_FRAMES:  # a header can declare any count: one record per frame would follow
+                skipped.append((rel, f"declares {count} frames (more than {MAX_VIDEO_FRAMES})"))
                 continue
             subject = _subject_of(path.stem, subject_pattern)
             for frame in range(0, count, max(1, frame_stride)):

@@ -138,3 +138,28 @@ def to_model_input(pixels):
     """uint8 N x C x H x W tensor -> float32 in [0, 1] with 3 channels (grayscale expanded)."""
     x = pixels.float().div_(255.0)
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by a PNG's IHDR or a JPEG's frame header, read without decoding
+    (so a 600-byte file that would decode to 32768 x 32768 pixels is refused before any memory
+    is spent); None when the header is missing or truncated."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    i = 2
+    while i + 9 < len(data):  # JPEG: walk the marker segments up to the first SOFn
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None

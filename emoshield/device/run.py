@@ -45,6 +45,11 @@ def open_frames(source: str) -> tuple[Iterator[tuple[int, float, np.ndarray]], f
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise EmoshieldError(f"{path} is not a readable video")
+    width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+    if width * height > MAX_FRAME_PIXELS:
+        capture.release()
+        raise EmoshieldError(f"{path}: frames of {width:.0f} x {height:.0f} pixels; the device decodes at most "
+                             f"{MAX_FRAME_PIXELS}")
     return _capture_frames(capture), float(capture.get(cv2.CAP_PROP_FPS) or 25.0)
 
 
@@ -61,9 +66,31 @@ def _capture_frames(capture) -> Iterator[tuple[int, float, np.ndarray]]:
         capture.release()
 
 
+# the largest frame the device decodes (8K video is 33 Mpixels): a small PNG or JPEG can declare
+# 1 Gpixel, which OpenCV would allocate 3 GB for
+MAX_FRAME_PIXELS = 40_000_000
+MAX_FRAME_FILE_BYTES = 256_000_000
+
+
 def _folder_frames(files: list[Path]) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Each image file as a frame; one that is unreadable, too big a file or declares more than
+    MAX_FRAME_PIXELS in its PNG/JPEG header is skipped (one line), the frame index still advances."""
+    from ..data.images import image_size
+
     for index, path in enumerate(files):
-        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        try:
+            if path.stat().st_size > MAX_FRAME_FILE_BYTES:
+                raise ValueError(f"over {MAX_FRAME_FILE_BYTES} bytes")
+            data = path.read_bytes()
+        except (OSError, ValueError) as error:
+            print(f"device: frame {path.name} skipped ({error})", file=sys.stderr, flush=True)
+            continue
+        size = image_size(data)
+        if size is not None and size[0] * size[1] > MAX_FRAME_PIXELS:
+            print(f"device: frame {path.name} skipped (it declares {size[0]} x {size[1]} pixels; the limit is "
+                  f"{MAX_FRAME_PIXELS})", file=sys.stderr, flush=True)
+            continue
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if frame is None:
             continue  # unreadable file: skipped, the frame index still advances
         yield index, float(index), frame

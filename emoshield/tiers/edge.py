@@ -46,6 +46,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..data.images import image_size  # noqa: F401 - re-exported: the edge's upload check
 from ..errors import EmoshieldError, one_line
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
@@ -116,31 +117,6 @@ class EdgeConfig:
     # headline, shown on the dashboard); "" skips the evaluation
     eval_attacks: str = "fgsm,rfgsm,pgd"
     dashboard_session_seconds: float = 8 * 3600.0  # a dashboard login lasts this long
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) declared by a PNG's IHDR or a JPEG's frame header, read without decoding
-    (so a 600-byte file that would decode to 32768 x 32768 pixels is refused before any memory
-    is spent); None when the header is missing or truncated."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            return None
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    i = 2
-    while i + 9 < len(data):  # JPEG: walk the marker segments up to the first SOFn
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
 
 
 def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> str:
