@@ -467,7 +467,12 @@ def _serve(app, host: str, port: int, what: str, docs: str = "OpenAPI docs at /d
     # open event streams (the dashboard's) would hold a graceful shutdown forever: a few seconds, then
     # closed. No proxy headers: X-Forwarded-For from a local client must not choose the address the
     # login limiter counts, nor X-Forwarded-Proto the cookie's Secure flag.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, proxy_headers=False)
+    from .tiers.http import DeadlineH11Protocol
+
+    # h11 with a deadline on receiving each request: a client sending a byte now and then (slowloris)
+    # is closed after $EMOSHIELD_REQUEST_DEADLINE seconds instead of holding its connection forever
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, proxy_headers=False,
+                http=DeadlineH11Protocol)
 
 
 def cmd_cloud_add(args) -> int:

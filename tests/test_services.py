@@ -416,3 +416,60 @@ def test_device_keeps_serving_offline_when_the_edge_is_gone(services):
     proc = run(*args)
     assert "unreachable" in proc.stderr and "v2 verified" in proc.stderr
 
+
+
+def test_slow_clients_are_closed_at_the_request_deadline_and_the_service_keeps_answering(tmp_path):
+    """Slowloris: 80 clients each send a request's head (or a POST body) a byte at a time, against a
+    service allowed 64 file descriptors. uvicorn alone bounds only the idle time between requests,
+    so they would hold every descriptor and nobody else would get an answer; with the request
+    deadline ($EMOSHIELD_REQUEST_DEADLINE, 1.5 s here) each is closed and /health answers."""
+    import resource
+    import socket
+
+    (tmp_path / "library").mkdir()
+    port = free_port()
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library", str(tmp_path / "library"),
+                             "--port", str(port)], stdout=open(tmp_path / "cloud.log", "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "EMOSHIELD_REQUEST_DEADLINE": "1.5"}, preexec_fn=few_descriptors)
+    url = f"http://127.0.0.1:{port}"
+    slow = []
+    try:
+        wait_healthy(url, proc, tmp_path / "cloud.log")
+        for i in range(80):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 3 == 0:
+                sock.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")  # a body to trickle
+            elif i % 3 == 1:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # an unfinished head
+            slow.append(sock)  # (i % 3 == 2: connected, sends nothing)
+        started, closed = time.monotonic(), set()
+        while time.monotonic() - started < 4.0 and len(closed) < len(slow):
+            for k, sock in enumerate(slow):
+                if k in closed:
+                    continue
+                try:
+                    sock.sendall(b"x")
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(1024) == b"":
+                            closed.add(k)
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        sock.setblocking(True)
+                except OSError:  # reset or broken pipe: the server closed it
+                    closed.add(k)
+            time.sleep(0.2)
+        assert len(closed) == len(slow), f"{len(slow) - len(closed)} slow clients still connected after 4 s"
+        assert request("GET", url + "/health", timeout=5)["status"] == "ok" and proc.poll() is None
+        fast = request("GET", url + "/backbones", timeout=5)  # a normal client is not cut: it sends at once
+        assert fast == []
+    finally:
+        for sock in slow:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=30)
