@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +28,8 @@ class ServiceError(EmoshieldError):
 
 def _read_bounded(response, url: str, sink, max_bytes: int | None, deadline: float | None) -> int:
     """Copy a response into `sink` (a write callable) as it arrives; ServiceError past max_bytes or
-    once time.monotonic() passes `deadline`: the socket timeout bounds each read, not the whole
-    answer, so without this a peer sending a byte now and then would hold the caller forever."""
+    once time.monotonic() passes `deadline` (checked between reads; the watchdog below cuts a read
+    that itself outlasts the deadline)."""
     copied = 0
     # read1: whatever has arrived (read() would wait for the whole 64 kB, past the deadline)
     while block := response.read1(1 << 16 if max_bytes is None else min(1 << 16, max_bytes - copied + 1)):
@@ -37,6 +40,84 @@ def _read_bounded(response, url: str, sink, max_bytes: int | None, deadline: flo
             raise ServiceError(f"GET {url}: too slow (deadline passed after {copied} bytes)")
         sink(block)
     return copied
+
+
+class _Watchdog:
+    """Shuts the call's sockets down at its deadline. The socket timeout bounds each recv only, and
+    http.client loops inside one call over status and header lines, chunk sizes and trailers: a
+    peer sending a byte now and then could hold the caller there forever."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.fired, self._timers = deadline, False, []
+
+    def watch(self, sock) -> None:
+        def cut() -> None:
+            self.fired = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once
+            except OSError:
+                pass
+
+        timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), cut)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+
+    def opener(self):
+        """A urllib opener whose HTTP(S) connections are watched from the moment they connect."""
+        watchdog = self
+
+        class Watched(http.client.HTTPConnection):
+            def connect(self):
+                super().connect()
+                watchdog.watch(self.sock)
+
+        class WatchedTLS(http.client.HTTPSConnection):
+            def connect(self):
+                super().connect()
+                watchdog.watch(self.sock)
+
+        class Handler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(Watched, req)
+
+        class TLSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(WatchedTLS, req, context=self._context)
+
+        return urllib.request.build_opener(Handler, TLSHandler)
+
+
+def _call(req: urllib.request.Request, timeout: float, deadline: float, sink, max_bytes: int | None) -> int:
+    """One HTTP call copied into `sink`, whole by `deadline` or a ServiceError; an error status is
+    a ServiceError with the service's 'detail' (read bounded too) and its status."""
+    method, url = req.get_method(), req.full_url
+    watchdog = _Watchdog(deadline)
+    try:
+        with watchdog.opener().open(req, timeout=timeout) as response:
+            copied = _read_bounded(response, url, sink, max_bytes, deadline)
+        if watchdog.fired:  # cut mid-answer: http.client may take the shut socket for a short, whole answer
+            raise ServiceError(f"{method} {url}: too slow (deadline passed)")
+        return copied
+    except ServiceError as exc:
+        raise ServiceError(str(exc).replace("GET ", f"{method} ", 1)) from None
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read(65536)).get("detail", "")
+        except (ValueError, AttributeError, RecursionError, OSError, http.client.HTTPException):
+            detail = ""
+        raise ServiceError(f"{method} {url}: HTTP {exc.code} {str(detail)[:300]}".rstrip(), exc.code) from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        if watchdog.fired:
+            raise ServiceError(f"{method} {url}: too slow (deadline passed)") from None
+        raise ServiceError(f"{method} {url}: unreachable or broken answer "
+                           f"({getattr(exc, 'reason', None) or type(exc).__name__})") from None
+    finally:
+        watchdog.cancel()
 
 
 def request(method: str, url: str, token: str | None = None, body: dict | None = None,
@@ -52,22 +133,10 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
         data, content_type = json.dumps(body).encode(), "application/json"
     if content_type:
         headers["Content-Type"] = content_type
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        chunks: list[bytes] = []
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            _read_bounded(response, url, chunks.append, MAX_JSON_BYTES, deadline)
-        payload = b"".join(chunks)
-    except ServiceError as exc:
-        raise ServiceError(str(exc).replace("GET ", f"{method} ", 1)) from None
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("detail", "")
-        except (ValueError, AttributeError):
-            detail = ""
-        raise ServiceError(f"{method} {url}: HTTP {exc.code} {detail}".rstrip(), exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ServiceError(f"{method} {url}: unreachable ({getattr(exc, 'reason', exc)})") from None
+    chunks: list[bytes] = []
+    _call(urllib.request.Request(url, data=data, method=method, headers=headers), timeout, deadline,
+          chunks.append, MAX_JSON_BYTES)
+    payload = b"".join(chunks)
     if raw:
         return payload
     try:
@@ -79,23 +148,18 @@ def request(method: str, url: str, token: str | None = None, body: dict | None =
 def download(url: str, dest: Path, token: str | None = None, timeout: float = 60, max_bytes: int | None = None,
              deadline: float | None = None) -> int:
     """Stream url into dest; ServiceError (and no file) when it fails, sends more than max_bytes or
-    is still running at `deadline` (time.monotonic()), so neither an oversized nor a trickling
-    answer can hold the caller. Returns the byte count."""
+    is still running at `deadline` (time.monotonic(); default 4 x timeout per 1 MB of max_bytes,
+    at least 4 x timeout), so neither an oversized nor a trickling answer can hold the caller.
+    Returns the byte count."""
+    if deadline is None:
+        deadline = time.monotonic() + 4 * timeout * max(1.0, (max_bytes or 0) / 1e6)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r, \
-                open(dest, "wb") as f:
-            copied = _read_bounded(r, url, f.write, max_bytes, deadline)
-    except ServiceError:
+        with open(dest, "wb") as f:
+            return _call(urllib.request.Request(url, headers=headers), timeout, deadline, f.write, max_bytes)
+    except BaseException:
         Path(dest).unlink(missing_ok=True)
         raise
-    except urllib.error.HTTPError as exc:
-        Path(dest).unlink(missing_ok=True)
-        raise ServiceError(f"GET {url}: HTTP {exc.code}", exc.code) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        Path(dest).unlink(missing_ok=True)
-        raise ServiceError(f"GET {url}: failed ({getattr(exc, 'reason', exc)})") from None
-    return copied
 
 
 def multipart(fields: dict[str, str], file_field: str, file_name: str, file_bytes: bytes) -> tuple[bytes, str]:

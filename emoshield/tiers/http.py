@@ -52,7 +52,15 @@ class DeadlineH11Protocol(H11Protocol):
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY):  # a request is (still) arriving
             self._arm()
         super().data_received(data)
-        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # it has arrived (or the connection ended)
+
+    def handle_events(self) -> None:
+        """After every parse (new bytes, or a pipelined request taken from the buffer once the
+        previous response is complete, which cancels uvicorn's keep-alive timer): a request still
+        arriving keeps (or gets) a deadline, one that has arrived has none."""
+        super().handle_events()
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self._arm()  # (between requests it may start a few seconds early: keep-alive closes sooner anyway)
+        else:
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
