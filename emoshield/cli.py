@@ -661,7 +661,12 @@ def cmd_edge_upload(args) -> int:
         if r.crop is not None or path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
             import cv2
 
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            from .data.images import read_image
+
+            image = read_image(path, cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                print(f"skipped {r.path}: it does not decode", file=sys.stderr)
+                continue
             if r.crop is not None:
                 x, y, w, h = r.crop
                 image = image[y:y + h, x:x + w]

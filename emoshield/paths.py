@@ -68,9 +68,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_json(path: Path, data) -> None:
     """A result file (metrics, run, results.json), written atomically: a process killed while
-    writing leaves the previous version, never a truncated file the report scripts stop on."""
+    writing leaves the previous version, never a truncated file the report scripts stop on. Its
+    mode is what open() would give it (0666 less the umask), not write_atomic's private 0600."""
     import json
 
-    write_atomic(Path(path), json.dumps(data, indent=1, default=str).encode(), mode=0o644)
+    write_atomic(Path(path), json.dumps(data, indent=1, default=str).encode(), mode=0o666 & ~_UMASK)

@@ -288,3 +288,14 @@ def test_a_model_file_with_any_config_loads_or_is_refused_in_one_line(tmp_path_f
         load_model(path)
     except EmoshieldError as error:
         assert "\n" not in str(error) and str(path) in str(error)
+
+
+@pytest.mark.parametrize("field, value", [("dropout", 1.0), ("dropout", -0.1), ("hidden", 0)])
+def test_a_model_that_load_model_would_refuse_is_not_built(field, value):
+    """Training refuses at once the head settings load_model refuses, instead of saving a model
+    that no later command could load."""
+    from emoshield.errors import EmoshieldError
+    from emoshield.models import ModelConfig, build_model
+
+    with pytest.raises(EmoshieldError, match="dropout .* hidden width"):
+        build_model(ModelConfig(backbone="smallcnn", classes=["a", "b"], input_size=32, **{field: value}))

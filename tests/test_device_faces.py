@@ -328,6 +328,7 @@ _TRUTH_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.binary(max_size=40), _TRUTH_JSON.map(lambda v: json.dumps(v).encode()),
                  st.just(b"[" * 50_000), st.just(json.dumps({"frames": []}).encode()),
+                 st.just(json.dumps({"frames": ["happy"], "faces": None}).encode()),
                  st.just(json.dumps({"frames": ["happy"], "faces": [[{"box": [1, 2, 3], "label": "sad", "slot": 0}]]}).encode())))
 def test_any_truth_file_is_scored_or_refused_in_one_line(tmp_path_factory, content):
     """--truth is read before the run (a bad file found after it would lose the run's scores):

@@ -100,6 +100,40 @@ def test_image_size_reads_png_and_jpeg_headers():
     assert image_size(b"\x89PNG\r\n\x1a\n") is None and image_size(b"\xff\xd8\xff") is None
 
 
+def _tiff_declaring(width: int, height: int) -> bytes:
+    """A 1 kB TIFF whose header declares width x height pixels (its strips hold 8 x 8)."""
+    data = bytearray(cv2.imencode(".tiff", np.full((8, 8, 3), 100, np.uint8))[1].tobytes())
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    for k in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * k
+        tag, kind = struct.unpack(order + "HH", data[at:at + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            value = width if tag == 256 else height
+            data[at + 8:at + 12] = struct.pack(order + "HH", value, 0) if kind == 3 else struct.pack(order + "I", value)
+    return bytes(data)
+
+
+def test_a_tiff_frame_over_the_pixel_limit_is_skipped_not_decoded(tmp_path):
+    """TIFF has no header check of ours: OpenCV's own pixel limit, which emoshield lowers from
+    2**30 to 64 Mi before any module imports cv2, refuses it (OpenCV raises there; the reader takes
+    that as an unreadable frame). A fresh process, as `device run` is: the limit is read at import."""
+    (tmp_path / "a.tiff").write_bytes(_tiff_declaring(20000, 20000))
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((40, 40, 3), 9, np.uint8))
+    script = ("import emoshield, resource\nfrom emoshield.device.run import open_frames\n"
+              f"frames, _ = open_frames({str(tmp_path)!r})\n"
+              "print([(i, f.shape) for i, _, f in frames], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    for limit, decoded in ((None, False), (str(2**30), True)):  # ours, then OpenCV's default
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**env, **({"OPENCV_IO_MAX_IMAGE_PIXELS": limit} if limit else {})})
+        assert proc.returncode == 0, proc.stderr
+        frames, peak_mb = proc.stdout.rsplit("] ", 1)
+        assert frames == "[(1, (40, 40, 3))" and int(peak_mb) < 600, proc.stdout
+        # under our limit OpenCV refuses the header; under its own it allocates and tries the strips
+        assert ("TIFFReadRGBAStrip" in proc.stderr) is decoded, proc.stderr
+
+
 def test_the_device_skips_frame_files_that_declare_too_many_pixels(tmp_path, capsys):
     """An image folder as the device's source: a 600-byte JPEG declaring 32768 x 32768 pixels (3 GB
     to decode) is skipped with one line before any decoding, as an unreadable file is; the faces
@@ -491,7 +525,7 @@ def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def failing_job(job_id):
-        raise EmoshieldError("not enough samples\nsecond line")
+        raise EmoshieldError("not enough samples\x00\x1b[2J\nsecond line")  # a NUL PostgreSQL refuses
 
     monkeypatch.setattr(node.store, "claim_next_job", flaky_claim)
     monkeypatch.setattr(node.store, "update_job", flaky_update)
@@ -507,7 +541,7 @@ def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_pa
         assert node._worker.is_alive() and node.store.job(first)["status"] == "queued"
         database_down.clear()
         assert wait_for(lambda: node.store.job(first)["status"] == "failed", timeout=10)
-        assert node.store.job(first)["error"] == "EmoshieldError: not enough samples"
+        assert node.store.job(first)["error"] == "EmoshieldError: not enough samples??[2J"
         assert log_writes and not refusals  # the log write failed, the refused record was retried
         second = node.queue_job("manual")  # the worker still takes jobs
         assert wait_for(lambda: node.store.job(second)["status"] == "failed", timeout=10)
@@ -516,7 +550,7 @@ def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_pa
         node.stop()
 
 
-_NAMES = st.one_of(st.text(max_size=70), st.sampled_from(["d+", "e/x", "#", "", " ", "é" * 64, "a\x00b"]), JSON)
+_NAMES = st.one_of(st.text(max_size=70), st.sampled_from(["d+", "e/x", "#", "", " ", "é" * 64, "a\x00b", "-x"]), JSON)
 
 
 @settings(max_examples=150, deadline=None)
@@ -615,3 +649,47 @@ def test_an_upload_on_a_full_disk_is_a_507_and_the_edge_keeps_serving(tmp_path, 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _asgi(app, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One request through an ASGI app in this process (no server, no client library)."""
+    import asyncio
+
+    messages = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+
+
+def test_a_database_that_is_down_is_a_503_naming_no_host(tmp_path, monkeypatch):
+    """Every route that reads the metadata store (a device's token check first of all) answers 503
+    'retry later' while the database is down, never a 500, and the driver's message (host, SQL)
+    stays in the edge's log."""
+    from sqlalchemy.exc import OperationalError
+
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode, create_app
+    from tests.conftest import FIVE, trust_repository
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config)
+    app = create_app(node)
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT devices", {}, Exception("could not connect to db.internal:5432"))
+
+    monkeypatch.setattr(node.store, "device_for", down)
+    status, body = _asgi(app, "GET", "/samples", {"Authorization": "Bearer device-token-123456"})
+    assert status == 503 and b"retry later" in body and b"db.internal" not in body

@@ -508,6 +508,12 @@ def test_a_damaged_entry_is_skipped_with_one_line_and_the_library_and_its_servic
         assert capsys.readouterr().err == ""
         with pytest.raises(EmoshieldError):
             lib.read_entry("bad", root)
+    if not valid:  # a damaged user entry does not hide an embedded (or later) one of that name
+        shipped = tmp_path_factory.mktemp("embedded")
+        _fake_entry(shipped, "bad", "resnet18")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lib, "search_path", lambda library=None: [root, shipped])
+            assert lib.find_entry_dir("bad") == shipped / "bad" and lib.read_entry("bad")[0]["backbone"] == "resnet18"
     routes = {r.path: r.endpoint for r in create_app(root).routes if hasattr(r, "path")}
     assert routes["/health"]()["entries"] == len(names)
     assert [e["name"] for e in routes["/backbones"]()] == names
@@ -540,6 +546,16 @@ def test_bundle_inspect_shows_any_manifest_or_refuses_it_in_one_line(tmp_path_fa
         return
     text = describe_bundle(manifest)
     assert len(text.splitlines()) >= 3  # name, classes, backbone: always there, "?" where unknown
+    assert all(line.isprintable() for line in text.splitlines())  # no escapes reach the terminal
+
+
+def test_bundle_inspect_prints_no_escapes_and_survives_huge_numbers():
+    from emoshield.tiers.bundle import describe_bundle
+
+    text = describe_bundle({"name": "\x1b[2J\nfake line", "files": {"a": {"bytes": 10**400}},
+                            "metrics": {"test_accuracy": 10**400}})
+    assert text.splitlines()[0].startswith("?[2J?fake line v?") and "a: ? MB" in text
+    assert all(line.isprintable() for line in text.splitlines())
 
 
 @pytest.mark.parametrize("name, content", [

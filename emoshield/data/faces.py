@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import EmoshieldError
 from ..paths import cache_dir
+from .images import read_image
 
 DEFAULT_MARGIN = 0.1
 _CACHE_VERSION = 1
@@ -245,7 +246,7 @@ class FaceBoxCache:
         """The cached or freshly detected face box of an image file; None if no face (or unreadable)."""
         key = self._key(path)
         if key not in self.boxes:
-            gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            gray = read_image(path, cv2.IMREAD_GRAYSCALE)
             found = largest_face_box(gray, self.margin) if gray is not None else None
             self.boxes[key] = list(found) if found else None
             self._dirty = True

@@ -61,11 +61,28 @@ def resize_face(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
+def read_image(path: Path | str, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:
+    """cv2.imread, None for a file that does not decode, including one over OpenCV's pixel limit
+    (emoshield/__init__ lowers it; OpenCV raises rather than returning None there)."""
+    try:
+        return cv2.imread(str(path), flags)
+    except cv2.error:
+        return None
+
+
+def decode_image(data: bytes, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:
+    """cv2.imdecode of bytes, None when they do not decode (read_image's rules)."""
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+
+
 def _read_still(root: Path, record: ImageRecord, size: int, align: str = "none") -> np.ndarray | str:
     path = root / record.path
     if not path.is_file():
         return "file not found"
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    image = read_image(path)
     if image is None or image.size == 0:
         return "unreadable or corrupt image"
     return _finish(image, record, size, align)
@@ -141,9 +158,13 @@ def to_model_input(pixels):
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) declared by a PNG's IHDR or a JPEG's frame header, read without decoding
+    """(width, height) declared by a PNG's IHDR, a BMP's or a JPEG's frame header, read without decoding
     (so a 600-byte file that would decode to 32768 x 32768 pixels is refused before any memory
     is spent); None when the header is missing or truncated."""
+    if data.startswith(b"BM"):  # BMP: width and height (negative: stored top-down) in its info header
+        if len(data) < 26:
+            return None
+        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True))
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         if len(data) < 24 or data[12:16] != b"IHDR":
             return None

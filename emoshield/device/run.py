@@ -75,7 +75,7 @@ MAX_FRAME_FILE_BYTES = 256_000_000
 def _folder_frames(files: list[Path]) -> Iterator[tuple[int, float, np.ndarray]]:
     """Each image file as a frame; one that is unreadable, too big a file or declares more than
     MAX_FRAME_PIXELS in its PNG/JPEG header is skipped (one line), the frame index still advances."""
-    from ..data.images import image_size
+    from ..data.images import decode_image, image_size
 
     for index, path in enumerate(files):
         try:
@@ -90,7 +90,7 @@ def _folder_frames(files: list[Path]) -> Iterator[tuple[int, float, np.ndarray]]
             print(f"device: frame {path.name} skipped (it declares {size[0]} x {size[1]} pixels; the limit is "
                   f"{MAX_FRAME_PIXELS})", file=sys.stderr, flush=True)
             continue
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        frame = decode_image(data, cv2.IMREAD_COLOR)
         if frame is None:
             continue  # unreadable file: skipped, the frame index still advances
         yield index, float(index), frame
@@ -304,6 +304,8 @@ def load_truth(truth_file: Path) -> dict:
     if faces is not None and (not isinstance(faces, list) or not faces
                               or not all(isinstance(fs, list) and all(face(f) for f in fs) for fs in faces)):
         raise EmoshieldError(f"--truth {path}: \"faces\" must be per frame a list of {{box, label, slot}}")
+    if faces is None:
+        truth.pop("faces", None)  # null: as if absent, labels per frame only
     return truth
 
 

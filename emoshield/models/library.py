@@ -62,9 +62,24 @@ def _complete(folder: Path) -> bool:
 
 
 def find_entry_dir(name: str, library: Path | None = None) -> Path | None:
-    """The folder holding entry `name` along the search path, or None."""
+    """The folder holding entry `name` along the search path, or None. A damaged entry (metadata
+    that does not read) is passed over, as list_entries passes over it, so an embedded entry of
+    the same name is the one found and served."""
     check_name(name)
-    return next((root / name for root in search_path(library) if _complete(root / name)), None)
+    return _find(name, library)[0]
+
+
+def _find(name: str, library: Path | None) -> tuple[Path | None, EmoshieldError | None]:
+    """(the first sound entry folder named `name`, the first damaged one's error)."""
+    damaged = None
+    for root in search_path(library):
+        if _complete(root / name):
+            try:
+                _metadata(root / name)
+                return root / name, damaged
+            except EmoshieldError as error:
+                damaged = damaged or error
+    return None, damaged
 
 
 def list_entries(library: Path | None = None) -> list[dict]:
@@ -124,7 +139,9 @@ def _metadata(folder: Path) -> dict:
 
 def read_entry(name: str, library: Path | None = None, verify: bool = True) -> tuple[dict, Path]:
     """(metadata, weights path) of one entry; with verify, the file's sha256 must match."""
-    folder = find_entry_dir(name, library)
+    folder, damaged = _find(check_name(name), library)
+    if folder is None and damaged is not None:
+        raise damaged
     if folder is None:
         names = ", ".join(e["name"] for e in list_entries(library)) or "none"
         searched = ", ".join(str(p) for p in search_path(library))

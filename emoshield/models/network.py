@@ -89,6 +89,9 @@ def _feature_map_size(features: nn.Module, backbone: str, input_size: int) -> tu
 def build_model(config: ModelConfig) -> EmotionNet:
     """Build an EmotionNet and load its initial weights from `config.weights` (see library.py)."""
     backbone_spec(config.backbone)  # an unknown name is one line, before any torchvision lookup
+    if not 0 <= config.dropout < 1 or not 1 <= config.hidden <= 16384:  # what load_model accepts back
+        raise EmoshieldError(f"dropout {config.dropout} must be in [0, 1) and the head's hidden width "
+                             f"{config.hidden} in [1, 16384]")
     if config.head not in HEADS:
         raise EmoshieldError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
     if config.num_classes < 2:
@@ -170,7 +173,7 @@ def saved_config(meta: dict, path: Path) -> ModelConfig:
     missing = [k for k in ("backbone", "classes", "input_size") if k not in values]
     if unknown or wrong or missing:
         raise EmoshieldError(f"{path}: its model config does not fit this emoshield (unknown "
-                             f"{', '.join(unknown)[:80] or '-'}; mistyped {', '.join(wrong) or '-'}; "
+                             f"{', '.join(repr(k)[:24] for k in unknown)[:80] or '-'}; mistyped {', '.join(wrong) or '-'}; "
                              f"missing {', '.join(missing) or '-'})")
     if not all(isinstance(c, str) for c in values["classes"]) or not 8 <= values["input_size"] <= 4096 \
             or not 1 <= values.get("hidden", 256) <= 16384 or not 0 <= values.get("dropout", 0.0) < 1 \

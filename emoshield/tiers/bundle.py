@@ -185,14 +185,18 @@ def describe_bundle(manifest: dict) -> str:
             value = value.get(key) if isinstance(value, dict) else None
         return value
 
-    def text(value) -> str:
-        return "?" if value is None or isinstance(value, (dict, list)) else str(value)[:80]
+    def text(value) -> str:  # printable only: an unverified manifest may carry escapes and newlines
+        shown = "?" if value is None or isinstance(value, (dict, list)) else str(value)[:80]
+        return "".join(c if c.isprintable() else "?" for c in shown)
 
     def is_number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     def number(value, form: str) -> str:
-        return format(value, form) if is_number(value) else "?"
+        try:
+            return format(value, form) if is_number(value) else "?"
+        except (OverflowError, ValueError):  # an integer too large for a float
+            return "?"
 
     classes = field("classes")
     lines = [f"{text(field('name'))} v{text(field('version'))} ({text(field('format'))}), created {text(field('created'))}",
@@ -207,6 +211,10 @@ def describe_bundle(manifest: dict) -> str:
     files = field("files")
     for name in (files if isinstance(files, dict) else ()):
         size = field("files", name, "bytes")
-        lines.append(f"{text(name)}: {number(size / 1e6 if is_number(size) else None, '.2f')} MB "
+        try:
+            megabytes = size / 1e6 if is_number(size) else None
+        except OverflowError:
+            megabytes = None
+        lines.append(f"{text(name)}: {number(megabytes, '.2f')} MB "
                      f"sha256 {text(field('files', name, 'sha256'))[:16]}...")
     return "\n".join(lines)

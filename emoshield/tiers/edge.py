@@ -46,7 +46,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from ..data.images import image_size  # noqa: F401 - re-exported: the edge's upload check
+from ..data.images import decode_image, image_size  # noqa: F401 - image_size re-exported
 from ..errors import EmoshieldError, one_line
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
 from .store import EdgeStore, hash_token
@@ -132,10 +132,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int = 16_777_216) -> st
         raise UploadError(f"upload is a {kind.upper()} without a readable size header (truncated or malformed)")
     if size[0] * size[1] > max_pixels:
         raise UploadTooLarge(f"upload declares {size[0]}x{size[1]} pixels; the limit is {max_pixels} pixels")
-    try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        image = None
+    image = decode_image(data)
     if image is None or min(image.shape[:2]) < 16:
         raise UploadError("upload does not decode to an image of at least 16x16 pixels")
     return kind
@@ -195,6 +192,7 @@ class EdgeNode:
         self._worker = threading.Thread(target=self._work, name="edge-jobs", daemon=True)
         self.worker_fault: str | None = None  # the job worker's last fault while it retries (/health)
         self._unrecorded_failure: tuple[int, str, float] | None = None  # a job failure the store refused
+        self._record_attempts = 0
         self._child: subprocess.Popen | None = None
         self._child_lock = threading.Lock()
         self.announcer = None
@@ -335,9 +333,20 @@ class EdgeNode:
     def _next_job(self) -> None:
         """Record a failure the store refused last time, then run the next queued job (or wait)."""
         if self._unrecorded_failure is not None:
+            from sqlalchemy.exc import OperationalError
+
             job_id, error, finished = self._unrecorded_failure
-            self.store.update_job(job_id, status="failed", finished=finished, error=error)
-            self._unrecorded_failure = None
+            try:
+                self.store.update_job(job_id, status="failed", finished=finished, error=error)
+            except OperationalError:
+                raise  # the database is down or locked: retried until it is back
+            except Exception:  # refused for what it holds: a few tries, then no later job waits on it
+                self._record_attempts += 1
+                if self._record_attempts < 3:
+                    raise
+                print(f"edge: job {job_id}'s failure could not be recorded; a restart marks it failed",
+                      file=sys.stderr, flush=True)
+            self._unrecorded_failure, self._record_attempts = None, 0
         job_id = self.store.claim_next_job()
         if job_id is None:
             self._wake.wait(timeout=1.0)
@@ -346,7 +355,7 @@ class EdgeNode:
         try:
             self.run_job(job_id)
         except Exception as exc:  # a failed job is recorded, the node keeps serving
-            self._unrecorded_failure = (job_id, one_line(exc), time.time())
+            self._unrecorded_failure = (job_id, one_line(exc, 300), time.time())
             try:
                 self._log(job_id, f"failed: {exc}")
             except OSError:
@@ -433,11 +442,15 @@ class EdgeNode:
                        test_subjects=protocol.get("test_subjects"))
         store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
                          metrics=metrics)
-        self._log(job_id, f"published bundle v{version}: {metrics}")
-        if self.announcer is not None:
-            self.announcer.announce(version, manifest)
-        if self.on_publish:
-            self.on_publish(version, manifest)
+        # published: what follows only tells others, and a fault there must not record the job as failed
+        for step, tell in (("log", lambda: self._log(job_id, f"published bundle v{version}: {metrics}")),
+                           ("announce", lambda: self.announcer and self.announcer.announce(version, manifest)),
+                           ("on_publish", lambda: self.on_publish and self.on_publish(version, manifest))):
+            try:
+                tell()
+            except Exception as exc:  # noqa: BLE001 - devices still learn of v{version} from TUF metadata
+                print(f"edge: job {job_id} published v{version}; its {step} failed ({one_line(exc, 160)})",
+                      file=sys.stderr, flush=True)
         return manifest
 
 
@@ -522,6 +535,15 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     @app.exception_handler(UploadError)
     async def upload_refused(request: Request, exc: UploadError):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    from sqlalchemy.exc import OperationalError
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError):
+        """The metadata store down or locked (a token check, a listing): 503, retry later; the
+        driver's message (hosts, SQL) goes to the edge's log only."""
+        print(f"edge: database unavailable ({one_line(exc.orig or exc, 160)})", file=sys.stderr, flush=True)
+        return JSONResponse({"detail": "the edge's database is unavailable; retry later"}, status_code=503)
 
     def bearer(authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
@@ -647,10 +669,15 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
             sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind, subject)
         except (OSError, OperationalError) as exc:  # a full disk, a file-size limit, the database down or full
             print(f"edge: cannot store an upload ({one_line(exc, 160)})", file=sys.stderr, flush=True)
-            if isinstance(exc, OSError) or "full" in str(exc):
+            if isinstance(exc, OSError) or "full" in str(getattr(exc, "orig", "")):  # the driver's message
                 raise HTTPException(507, STORAGE_FULL) from None
             raise HTTPException(503, "the edge's database is unavailable; keep the face and retry later") from None
-        job = await run_in_threadpool(node.sample_added)
+        try:  # the sample is stored: a fault here must not make the device send it again
+            job = await run_in_threadpool(node.sample_added)
+        except Exception as exc:  # noqa: BLE001
+            print(f"edge: sample {sample['id']} stored; queueing a job failed ({one_line(exc, 160)})",
+                  file=sys.stderr, flush=True)
+            job = None
         return {**sample, "queued_job": job}
 
     @app.get("/samples")

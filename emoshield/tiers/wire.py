@@ -67,10 +67,12 @@ def parse_token(token: str | None, what: str = "token", min_length: int = 1) -> 
 def parse_topic_level(value, what: str) -> str:
     """A name the device puts in an MQTT topic (the edge's name, its own id): 1-64 printable
     characters without the topic separator or wildcards ('/', '+', '#'), so no peer can make a
-    device publish outside its own topic or make paho refuse the topic mid-stream."""
+    device publish outside its own topic or make paho refuse the topic mid-stream; not starting
+    with '-', since the edge's name is also an argument of its jobs' commands."""
     if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable() \
-            or any(c in value for c in "/+#"):
-        raise RemoteValueError(f"{what} {value!r:.60} is not 1-64 printable characters without '/', '+', '#'")
+            or any(c in value for c in "/+#") or value.startswith("-"):
+        raise RemoteValueError(f"{what} {value!r:.60} is not 1-64 printable characters without '/', '+', '#' "
+                               "(nor a leading '-': it is passed on command lines)")
     return value
 
 
