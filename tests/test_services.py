@@ -473,6 +473,21 @@ def test_slow_clients_are_closed_at_the_request_deadline_and_the_service_keeps_a
         assert request("GET", url + "/health", timeout=5)["status"] == "ok" and proc.poll() is None
         fast = request("GET", url + "/backbones", timeout=5)  # a normal client is not cut: it sends at once
         assert fast == []
+        # a keep-alive client whose second request starts 1 s after the first answer and takes 0.8 s
+        # to send: its deadline counts from its own first byte, not from the previous answer
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            answers = b""
+            for pause, part in ((0, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"), (1.0, b"GET /health HTTP/1.1\r\n"),
+                                (0.8, b"Host: x\r\n\r\n")):
+                time.sleep(pause)
+                sock.sendall(part)
+                if part.endswith(b"\r\n\r\n"):
+                    while answers.count(b"HTTP/1.1 200") < (2 if pause else 1) or not answers.endswith(b"}"):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break  # closed by the server
+                        answers += chunk
+            assert answers.count(b"HTTP/1.1 200") == 2
     finally:
         for sock in slow:
             sock.close()

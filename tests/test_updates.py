@@ -328,29 +328,37 @@ def test_garbled_slow_and_redirecting_answers_never_escape_the_sync(keys, tmp_pa
         edge.close()
 
 
-@pytest.mark.parametrize("answer, delay", [
-    (b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 400 + b"\r\n\r\n{}", 0.01),  # one header line, a byte at a time
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"X-T: 1\r\n" * 500 + b"\r\n", 0.002),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", 0),  # honest: answered at once
-    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 9999999\r\n\r\n{\"detail\": \"" + b"x" * 1000, 0.002),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{", 0),  # cut short
-    (b"\x00\xff garbage, not HTTP at all\r\n\r\n", 0)],
-    ids=["trickled-header-line", "endless-trailers", "honest", "slow-error-detail", "cut-short", "not-http"])
-def test_a_json_call_is_whole_or_a_service_error_by_its_deadline(answer, delay):
+@pytest.mark.parametrize("answer, delay, expected", [
+    (b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 400 + b"\r\n\r\n{}", 0.01, "too slow"),  # a header line, byte by byte
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"X-T: 1\r\n" * 500 + b"\r\n", 0.002,
+     "too slow"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", 0, None),  # honest: answered at once
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 9999999\r\n\r\n{\"detail\": \"" + b"x" * 1000, 0.002, "HTTP 404$"),  # detail cut
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{", 0, "cut short"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 90\r\n\r\n{}", 0, "cut short"),  # parses, but is not all of it
+    (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:9/steal\r\nContent-Length: 0\r\n\r\n", 0, "not followed"),
+    (b"HTTP/1.1 302 Found\r\nLocation: ftp://127.0.0.1:9/x\r\nContent-Length: 0\r\n\r\n", 0, "not followed"),
+    (b"\x00\xff garbage, not HTTP at all\r\n\r\n", 0, "broken answer")],
+    ids=["trickled-header-line", "endless-trailers", "honest", "slow-error-detail", "cut-short", "cut-short-parses",
+         "redirect", "redirect-ftp", "not-http"])
+def test_a_json_call_is_whole_or_a_service_error_by_its_deadline(answer, delay, expected):
     """client.request (the edge's calls to the cloud, the device's /me and job calls): http.client
     loops inside one call over a header line, trailers or an error's body, so a check between reads
     is not enough; the watchdog shuts the socket at the deadline. Whatever the peer sends, the
-    answer is JSON or a one-line ServiceError within the deadline (+ a margin)."""
+    answer is whole JSON or a one-line ServiceError within the deadline (+ a margin); a redirect
+    is never followed (it would carry the bearer token elsewhere)."""
     from emoshield.tiers.client import ServiceError, request
 
     raw = RawEdge(answer, delay)
     started = time.monotonic()
     try:
-        try:
-            assert request("GET", raw.url + "/me", timeout=5, deadline=time.monotonic() + 1.0) == {}
-            assert answer.endswith(b"{}") and delay == 0
-        except ServiceError as error:
-            assert "\n" not in str(error)
+        if expected is None:
+            assert request("GET", raw.url + "/me", token="device-token-123", timeout=5,
+                           deadline=time.monotonic() + 1.0) == {}
+        else:
+            with pytest.raises(ServiceError, match=expected) as refused:
+                request("GET", raw.url + "/me", token="device-token-123", timeout=5, deadline=time.monotonic() + 1.0)
+            assert "\n" not in str(refused.value)
     finally:
         raw.close()
     assert time.monotonic() - started < 2.5

@@ -78,6 +78,7 @@ def _find(name: str, library: Path | None) -> tuple[Path | None, EmoshieldError 
                 _metadata(root / name)
                 return root / name, damaged
             except EmoshieldError as error:
+                _warn_once(root / name, str(error))  # passed over, but not silently
                 damaged = damaged or error
     return None, damaged
 

@@ -38,7 +38,12 @@ def _read_bounded(response, url: str, sink, max_bytes: int | None, deadline: flo
             raise ServiceError(f"GET {url}: more than the {max_bytes} bytes expected")
         if deadline is not None and time.monotonic() > deadline:
             raise ServiceError(f"GET {url}: too slow (deadline passed after {copied} bytes)")
-        sink(block)
+        try:
+            sink(block)
+        except OSError as exc:  # a full disk under a download: not the peer's fault
+            raise ServiceError(f"GET {url}: cannot store the answer ({exc.strerror or type(exc).__name__})") from None
+    if getattr(response, "length", None):  # read1 ends quietly when the peer closes before Content-Length
+        raise ServiceError(f"GET {url}: the answer was cut short ({copied} bytes, {response.length} missing)")
     return copied
 
 
@@ -49,35 +54,54 @@ class _Watchdog:
 
     def __init__(self, deadline: float):
         self.deadline, self.fired, self._timers = deadline, False, []
+        self._lock, self._done = threading.Lock(), False  # no shutdown once the call is over (fd reuse)
 
     def watch(self, sock) -> None:
         def cut() -> None:
-            self.fired = True
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once
-            except OSError:
-                pass
+            with self._lock:
+                if self._done:
+                    return
+                self.fired = True
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once
+                except OSError:
+                    pass
 
         timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), cut)
         timer.daemon = True
         timer.start()
         self._timers.append(timer)
 
-    def cancel(self) -> None:
+    def connect_timeout(self, timeout: float | None) -> float:
+        """The socket timeout for a connection made now: its own, cut to the time left, so DNS,
+        the TCP connect and the TLS handshake end by the deadline too."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed before connecting")
+        return min(timeout, left) if timeout else left
+
+    def finish(self) -> None:
+        """The call is over (its answer read or failed): its sockets may be closed and reused."""
+        with self._lock:
+            self._done = True
         for timer in self._timers:
             timer.cancel()
 
-    def opener(self):
-        """A urllib opener whose HTTP(S) connections are watched from the moment they connect."""
+    def opener(self) -> urllib.request.OpenerDirector:
+        """An opener for http(s) only, whose connections are watched from the moment they connect;
+        no redirects (a 3xx is an error: following one would carry the bearer token to another
+        host and turn a POST into a GET) and no ftp:// or file:// URLs."""
         watchdog = self
 
         class Watched(http.client.HTTPConnection):
             def connect(self):
+                self.timeout = watchdog.connect_timeout(self.timeout)
                 super().connect()
                 watchdog.watch(self.sock)
 
         class WatchedTLS(http.client.HTTPSConnection):
             def connect(self):
+                self.timeout = watchdog.connect_timeout(self.timeout)
                 super().connect()
                 watchdog.watch(self.sock)
 
@@ -89,7 +113,11 @@ class _Watchdog:
             def https_open(self, req):
                 return self.do_open(WatchedTLS, req, context=self._context)
 
-        return urllib.request.build_opener(Handler, TLSHandler)
+        opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), Handler(), TLSHandler(),
+                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+            opener.add_handler(handler)
+        return opener
 
 
 def _call(req: urllib.request.Request, timeout: float, deadline: float, sink, max_bytes: int | None) -> int:
@@ -99,17 +127,27 @@ def _call(req: urllib.request.Request, timeout: float, deadline: float, sink, ma
     watchdog = _Watchdog(deadline)
     try:
         with watchdog.opener().open(req, timeout=timeout) as response:
-            copied = _read_bounded(response, url, sink, max_bytes, deadline)
+            try:
+                copied = _read_bounded(response, url, sink, max_bytes, deadline)
+            finally:
+                watchdog.finish()  # before the socket closes (and its descriptor may be reused)
         if watchdog.fired:  # cut mid-answer: http.client may take the shut socket for a short, whole answer
             raise ServiceError(f"{method} {url}: too slow (deadline passed)")
         return copied
     except ServiceError as exc:
+        if watchdog.fired:  # the cut made the answer look short: say why it was cut
+            raise ServiceError(f"{method} {url}: too slow (deadline passed)") from None
         raise ServiceError(str(exc).replace("GET ", f"{method} ", 1)) from None
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read(65536)).get("detail", "")
         except (ValueError, AttributeError, RecursionError, OSError, http.client.HTTPException):
             detail = ""
+        finally:
+            watchdog.finish()
+            exc.close()
+        if 300 <= exc.code < 400:  # never followed (see _Watchdog.opener)
+            raise ServiceError(f"{method} {url}: redirected (HTTP {exc.code}); not followed", exc.code) from None
         raise ServiceError(f"{method} {url}: HTTP {exc.code} {str(detail)[:300]}".rstrip(), exc.code) from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         if watchdog.fired:
@@ -117,7 +155,7 @@ def _call(req: urllib.request.Request, timeout: float, deadline: float, sink, ma
         raise ServiceError(f"{method} {url}: unreachable or broken answer "
                            f"({getattr(exc, 'reason', None) or type(exc).__name__})") from None
     finally:
-        watchdog.cancel()
+        watchdog.finish()
 
 
 def request(method: str, url: str, token: str | None = None, body: dict | None = None,
@@ -155,10 +193,14 @@ def download(url: str, dest: Path, token: str | None = None, timeout: float = 60
         deadline = time.monotonic() + 4 * timeout * max(1.0, (max_bytes or 0) / 1e6)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with open(dest, "wb") as f:
+        f = open(dest, "wb")
+    except OSError as exc:
+        raise ServiceError(f"GET {url}: cannot write {dest} ({exc.strerror or type(exc).__name__})") from None
+    try:
+        with f:
             return _call(urllib.request.Request(url, headers=headers), timeout, deadline, f.write, max_bytes)
     except BaseException:
-        Path(dest).unlink(missing_ok=True)
+        Path(dest).unlink(missing_ok=True)  # ours: opened (and so created or emptied) above
         raise
 
 

@@ -340,12 +340,14 @@ class EdgeNode:
                 self.store.update_job(job_id, status="failed", finished=finished, error=error)
             except OperationalError:
                 raise  # the database is down or locked: retried until it is back
-            except Exception:  # refused for what it holds: a few tries, then no later job waits on it
+            except Exception:  # refused for what it holds: a few tries, then a plain text in its place
                 self._record_attempts += 1
                 if self._record_attempts < 3:
                     raise
-                print(f"edge: job {job_id}'s failure could not be recorded; a restart marks it failed",
+                print(f"edge: job {job_id}'s error text could not be recorded; recording a plain one",
                       file=sys.stderr, flush=True)
+                self.store.update_job(job_id, status="failed", finished=finished,
+                                      error="failed (its error text was refused by the database; see the edge's log)")
             self._unrecorded_failure, self._record_attempts = None, 0
         job_id = self.store.claim_next_job()
         if job_id is None:

@@ -56,11 +56,13 @@ class DeadlineH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         """After every parse (new bytes, or a pipelined request taken from the buffer once the
         previous response is complete, which cancels uvicorn's keep-alive timer): a request still
-        arriving keeps (or gets) a deadline, one that has arrived has none."""
+        arriving keeps (or gets) a deadline counted from its first byte, one that has arrived has none."""
         super().handle_events()
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
-            self._arm()  # (between requests it may start a few seconds early: keep-alive closes sooner anyway)
-        else:
+        arriving = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0]))  # part of a next request
+        if arriving and not self.transport.is_closing():
+            self._arm()
+        else:  # arrived, or idle between requests (uvicorn's keep-alive timeout; the next byte arms it)
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -308,6 +308,8 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
         if last > node.feed.last_id:  # an id from before an edge restart: start from what is kept
             last = 0
 
+        from sqlalchemy.exc import OperationalError
+
         async def stream():
             nonlocal last
             shown: dict[str, str] = {}
@@ -325,9 +327,14 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
                         last = event_id
                         yield f"id: {event_id}\nevent: heartbeat\ndata: {json.dumps(event)}\n\n"
                     now = time.monotonic()
+                    snap = None
                     if now >= next_state:
                         next_state = now + STATE_EVERY
-                        snap = await run_in_threadpool(data.snapshot)
+                        try:
+                            snap = await run_in_threadpool(data.snapshot)
+                        except OperationalError:  # the database is down: the page keeps what it shows
+                            pass
+                    if snap is not None:
                         refresh = now >= next_refresh
                         changed = [n for n in SECTIONS if refresh or signature(snap[n]) != shown.get(n)]
                         if changed:
