@@ -47,7 +47,8 @@ from cloud_levers import BASELINE, LEVERS, lever_flags, pretrain_command, run_lo
 EXCLUSIVE = [("mixup", "cutmix")]
 # taken together, these two become one backbone that has both changes
 BOTH_BACKBONES = {frozenset({"wider", "deeper"}): "widedeepcnn"}
-NOT_A_FLAG = {"baseline", "schedule-2x"}  # the baseline is the start; the length is --epochs
+# the baseline is the start; the length is --epochs; a second seed of the baseline measures noise
+NOT_A_FLAG = {"baseline", "schedule-2x", "baseline-seed1"}
 EMBED_LIMIT_BYTES = 15_000_000  # issue 18: the embedded default's weights stay within 15 MB
 
 
@@ -114,6 +115,11 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
     if "schedule-2x" in gains:
         reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.2f} points: a longer schedule "
                                   f"{'paid' if gains['schedule-2x'] > margin else 'did not pay'} (the length is --epochs)")
+    if "baseline-seed1" in gains:
+        noise = abs(gains["baseline-seed1"])
+        reasons["baseline-seed1"] = (f"{gains['baseline-seed1']:+.2f} points: the baseline's own seed-to-seed "
+                                     f"difference, {'inside' if noise <= margin else 'OVER'} the {margin:g}-point margin"
+                                     + ("" if noise <= margin else ": gains of that size may be noise"))
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
             "taken": [n for n in LEVERS if n in winners], "reasons": reasons, "flags": flags,
             "seconds_per_epoch": _pace(rows, winners)}

@@ -58,6 +58,9 @@ LEVERS: dict[str, tuple[str, list[str]]] = {  # trained in this order: the likel
     # bfloat16's price in accuracy (the baseline's --amp; on a CPU without native bfloat16 both run
     # float32 and the precision column says so)
     "float32": ("float32 training (`--no-amp`)", ["--no-amp"]),
+    # not a lever: the baseline again with another seed, the run-to-run spread every difference in
+    # this table carries (one seed each); bench/cloud_final.py reports it beside the margin, takes nothing
+    "baseline-seed1": ("the baseline again, seed 1 (run-to-run noise)", ["--seed", "1"]),
 }
 
 
