@@ -100,7 +100,13 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
         cloud.terminate()
         cloud.wait(timeout=30)
     # the catalog is the database's: another replica reads the same entries without the folder scan
-    assert [e["sha256"] for e in LibraryCatalog(database).entries()] == [meta["sha256"]]
+    catalog = LibraryCatalog(database)
+    assert [e["sha256"] for e in catalog.entries()] == [meta["sha256"]]
+    # a replica's start makes it what the shared folder holds: an entry gone from it is dropped,
+    # one that vanished during the scan is skipped (not a crash at start)
+    other = add_entry("other", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
+    assert catalog.sync([other, meta], lambda name: None if name == "tiny" else library / name / "w") == 1
+    assert [e["name"] for e in catalog.entries()] == ["other"] and catalog.entry("tiny") is None
 
 
 def test_an_edge_database_from_before_subject_tags_is_upgraded_in_place(tmp_path, database):

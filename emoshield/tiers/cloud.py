@@ -34,7 +34,11 @@ def create_app(library: Path | None = None, database: str | None = None):
         from .store import LibraryCatalog
 
         catalog = LibraryCatalog(database)
-        catalog.sync(list_entries(library), lambda name: find_entry_dir(name, library) / WEIGHTS_FILE)
+        def weights_of(name: str) -> Path | None:
+            folder = find_entry_dir(name, library)
+            return folder / WEIGHTS_FILE if folder is not None else None
+
+        catalog.sync(list_entries(library), weights_of)
 
     def entries() -> list[dict]:
         return catalog.entries() if catalog else list_entries(library)

@@ -146,14 +146,21 @@ class LibraryCatalog(SqlStore):
         super().__init__(database, CATALOG_METADATA)
 
     def sync(self, entries: list[dict], folder_of) -> int:
-        """Upsert the entries found on disk (`folder_of(name)` -> weights path); returns how many."""
+        """Make the catalog the entries found on disk (`folder_of(name)` -> weights path, None when
+        the entry went away meanwhile): upsert them, and drop rows of entries no longer there (the
+        replicas share one file store, so what this scan does not see is gone). Returns how many."""
+        kept = []
         with self._begin() as conn:
             for e in entries:
+                path = folder_of(e["name"])
+                if path is None:
+                    continue
                 conn.execute(self._upsert(BACKBONES, "name", {
                     "name": e["name"], "backbone": e["backbone"], "input_size": e["input_size"], "sha256": e["sha256"],
-                    "path": str(folder_of(e["name"])), "metadata": json.dumps(e, sort_keys=True),
-                    "indexed": time.time()}))
-        return len(entries)
+                    "path": str(path), "metadata": json.dumps(e, sort_keys=True), "indexed": time.time()}))
+                kept.append(e["name"])
+            conn.execute(delete(BACKBONES).where(BACKBONES.c.name.not_in(kept)))
+        return len(kept)
 
     def entries(self) -> list[dict]:
         return [json.loads(r["metadata"]) for r in self._rows(select(BACKBONES.c.metadata).order_by(BACKBONES.c.name))]
