@@ -129,7 +129,8 @@ def test_a_tiff_frame_over_the_pixel_limit_is_skipped_not_decoded(tmp_path):
                               env={**env, **({"OPENCV_IO_MAX_IMAGE_PIXELS": limit} if limit else {})})
         assert proc.returncode == 0, proc.stderr
         frames, peak_mb = proc.stdout.rsplit("] ", 1)
-        assert frames == "[(1, (40, 40, 3))" and int(peak_mb) < 600, proc.stdout
+        assert frames == "[(1, (40, 40, 3))", proc.stdout
+        assert decoded or int(peak_mb) < 600, proc.stdout  # (under OpenCV's own limit it may take 1.2 GB)
         # under our limit OpenCV refuses the header; under its own it allocates and tries the strips
         assert ("TIFFReadRGBAStrip" in proc.stderr) is decoded, proc.stderr
 
