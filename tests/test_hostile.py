@@ -120,9 +120,11 @@ def test_a_tiff_frame_over_the_pixel_limit_is_skipped_not_decoded(tmp_path):
     that as an unreadable frame). A fresh process, as `device run` is: the limit is read at import."""
     (tmp_path / "a.tiff").write_bytes(_tiff_declaring(20000, 20000))
     cv2.imwrite(str(tmp_path / "b.png"), np.full((40, 40, 3), 9, np.uint8))
-    script = ("import emoshield, resource\nfrom emoshield.device.run import open_frames\n"
+    # peak RSS from /proc (VmHWM starts afresh at exec; ru_maxrss would carry the forking test worker's)
+    script = ("import emoshield\nfrom emoshield.device.run import open_frames\n"
               f"frames, _ = open_frames({str(tmp_path)!r})\n"
-              "print([(i, f.shape) for i, _, f in frames], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+              "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+              "print([(i, f.shape) for i, _, f in frames], peak // 1024)")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
     for limit, decoded in ((None, False), (str(2**30), True)):  # ours, then OpenCV's default
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
