@@ -84,3 +84,20 @@ def write_json(path: Path, data) -> None:
     import json
 
     write_atomic(Path(path), json.dumps(data, indent=1, default=str).encode(), mode=0o666 & ~_UMASK)
+
+
+def read_json(path: Path, max_bytes: int | None = None):
+    """A JSON file's value; a one-line EmoshieldError naming the file when it cannot be read, is
+    over `max_bytes`, is not UTF-8 or not JSON, or nests past the recursion limit. Callers check
+    the value's shape themselves."""
+    import json
+
+    path = Path(path)
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise EmoshieldError(f"{path}: over {max_bytes} bytes")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise EmoshieldError(f"{path}: cannot read it ({error.strerror or type(error).__name__})") from None
+    except (ValueError, RecursionError) as error:  # ValueError: not UTF-8, or not JSON
+        raise EmoshieldError(f"{path}: not JSON ({type(error).__name__})") from None

@@ -57,10 +57,13 @@ class DamagedResults(Exception):
 
 def read_json(path: Path):
     """A results file's JSON; DamagedResults naming it when it is cut short, not UTF-8 or not JSON."""
+    from emoshield.errors import EmoshieldError
+    from emoshield.paths import read_json as read_file
+
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise DamagedResults(f"{path}: unreadable ({type(error).__name__})") from None
+        return read_file(path)
+    except EmoshieldError as error:
+        raise DamagedResults(str(error)) from None
 
 
 def _tta_accuracy(path: Path, one_crop: float) -> dict | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmoshieldError, one_line
+from ..paths import read_json
 from .datasets import FaceDataset
 from .records import ImageRecord
 
@@ -68,11 +69,9 @@ class Split:
 def load_split(path: Path) -> tuple[Split, dict]:
     """Read a split.json back: the Split and its header (dataset, dataset_dir, classes)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise EmoshieldError(f"cannot read split file {path}: {exc}") from None
-    except RecursionError:
-        raise EmoshieldError(f"cannot read split file {path}: nested too deeply") from None
+        data = read_json(path)
+    except EmoshieldError as error:
+        raise EmoshieldError(f"cannot read split file {error}") from None
     parts: dict[str, list[ImageRecord]] = {name: [] for name in SPLIT_NAMES}
     try:  # a file edited, cut or written by something else: one line naming it, not a KeyError
         for entry in data["entries"]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import EmoshieldError
 from ..tiers.bundle import BundleError, verify_bundle
+from ..tiers.wire import finite
 from .recognizer import EmotionClassifier, FrameAnalyzer, FrameResult, annotate, health_check
 from .store import BundleStore
 from .sync import BackgroundUpdate, EdgeSync
@@ -280,22 +281,18 @@ def load_truth(truth_file: Path) -> dict:
     bad file would lose the run's scores): {"frames": [label or null, ...] (non-empty), and
     optionally "faces": per frame a list of {"box": [x, y, w, h], "label", "slot"}}. Anything
     else is a one-line EmoshieldError naming the file."""
+    from ..paths import read_json
+
     path = Path(truth_file)
     try:
-        if path.stat().st_size > MAX_TRUTH_BYTES:
-            raise EmoshieldError(f"--truth {path}: over {MAX_TRUTH_BYTES} bytes, not a labels file")
-        truth = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as error:
-        raise EmoshieldError(f"--truth {path}: cannot read it ({error.strerror or type(error).__name__})") from None
-    except (ValueError, RecursionError) as error:
-        raise EmoshieldError(f"--truth {path}: not a JSON labels file ({type(error).__name__})") from None
-
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        truth = read_json(path, MAX_TRUTH_BYTES)
+    except EmoshieldError as error:
+        raise EmoshieldError(f"--truth {error}") from None
 
     def face(f) -> bool:
         return isinstance(f, dict) and isinstance(f.get("label"), str) and isinstance(f.get("slot"), int) \
-            and isinstance(f.get("box"), list) and len(f["box"]) == 4 and all(number(v) for v in f["box"])
+            and isinstance(f.get("box"), list) and len(f["box"]) == 4 \
+            and all(finite(v, -math.inf, math.inf) is not None for v in f["box"])
 
     frames = truth.get("frames") if isinstance(truth, dict) else None
     if not isinstance(frames, list) or not frames or not all(f is None or isinstance(f, str) for f in frames):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import EmoshieldError
-from ..paths import cache_dir, sha256_file
+from ..paths import cache_dir, read_json, sha256_file
 
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
@@ -123,10 +123,7 @@ def _metadata(folder: Path) -> dict:
     """An entry's metadata, checked: a truncated, foreign or hand-edited file is a one-line
     EmoshieldError naming it, never a traceback or a KeyError in a caller."""
     path = folder / METADATA_FILE
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8 or not JSON
-        raise EmoshieldError(f"{path}: unreadable library metadata ({type(error).__name__})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise EmoshieldError(f"{path}: library metadata must be a JSON object")
     wrong = [key for key, kind in _REQUIRED.items()

@@ -17,12 +17,13 @@ signature check plus the hash checks verify the whole bundle. Torch-free: device
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from ..errors import EmoshieldError
-from ..paths import sha256_file
+from ..errors import EmoshieldError, printable
+from ..paths import read_json, sha256_file
 from .signing import load_public_key, sign, signature_valid
-from .wire import RemoteValueError, parse_file_name, parse_version
+from .wire import RemoteValueError, finite, parse_file_name, parse_version
 
 FORMAT = "emoshield.bundle/1"
 # /1 plus preprocessing.align: a bundle whose faces must be aligned says so in its format, so a
@@ -111,9 +112,9 @@ def read_manifest(bundle_dir: Path) -> dict:
     if not path.is_file():
         raise BundleError(f"{bundle_dir}: no {MANIFEST} (not a bundle)")
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested past the recursion limit
-        raise BundleError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+        manifest = read_json(path)
+    except EmoshieldError as error:  # not UTF-8, not JSON, nested past the recursion limit
+        raise BundleError(str(error)) from None
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         found = repr(manifest.get("format") if isinstance(manifest, dict) else None)
         raise BundleError(f"{path}: unknown bundle format {found[:60]} (expected {' or '.join(FORMATS)})")
@@ -186,17 +187,11 @@ def describe_bundle(manifest: dict) -> str:
         return value
 
     def text(value) -> str:  # printable only: an unverified manifest may carry escapes and newlines
-        shown = "?" if value is None or isinstance(value, (dict, list)) else str(value)[:80]
-        return "".join(c if c.isprintable() else "?" for c in shown)
+        return printable("?" if value is None or isinstance(value, (dict, list)) else str(value)[:80])
 
-    def is_number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def number(value, form: str) -> str:
-        try:
-            return format(value, form) if is_number(value) else "?"
-        except (OverflowError, ValueError):  # an integer too large for a float
-            return "?"
+    def number(value, form: str, scale: float = 1.0) -> str:
+        value = finite(value, -math.inf, math.inf)  # None for anything else, an integer past float's range too
+        return "?" if value is None else format(value / scale, form)
 
     classes = field("classes")
     lines = [f"{text(field('name'))} v{text(field('version'))} ({text(field('format'))}), created {text(field('created'))}",
@@ -210,11 +205,6 @@ def describe_bundle(manifest: dict) -> str:
             lines.append(f"{label}: {number(value, '.2%') if 'accuracy' in key else number(value, '.2e')}")
     files = field("files")
     for name in (files if isinstance(files, dict) else ()):
-        size = field("files", name, "bytes")
-        try:
-            megabytes = size / 1e6 if is_number(size) else None
-        except OverflowError:
-            megabytes = None
-        lines.append(f"{text(name)}: {number(megabytes, '.2f')} MB "
+        lines.append(f"{text(name)}: {number(field('files', name, 'bytes'), '.2f', 1e6)} MB "
                      f"sha256 {text(field('files', name, 'sha256'))[:16]}...")
     return "\n".join(lines)

@@ -333,22 +333,7 @@ class EdgeNode:
     def _next_job(self) -> None:
         """Record a failure the store refused last time, then run the next queued job (or wait)."""
         if self._unrecorded_failure is not None:
-            from sqlalchemy.exc import OperationalError
-
-            job_id, error, finished = self._unrecorded_failure
-            try:
-                self.store.update_job(job_id, status="failed", finished=finished, error=error)
-            except OperationalError:
-                raise  # the database is down or locked: retried until it is back
-            except Exception:  # refused for what it holds: a few tries, then a plain text in its place
-                self._record_attempts += 1
-                if self._record_attempts < 3:
-                    raise
-                print(f"edge: job {job_id}'s error text could not be recorded; recording a plain one",
-                      file=sys.stderr, flush=True)
-                self.store.update_job(job_id, status="failed", finished=finished,
-                                      error="failed (its error text was refused by the database; see the edge's log)")
-            self._unrecorded_failure, self._record_attempts = None, 0
+            self._record_failure()
         job_id = self.store.claim_next_job()
         if job_id is None:
             self._wake.wait(timeout=1.0)
@@ -362,9 +347,28 @@ class EdgeNode:
                 self._log(job_id, f"failed: {exc}")
             except OSError:
                 pass  # a full disk: the job's failure still goes to the store
-            self.store.update_job(job_id, status="failed", finished=self._unrecorded_failure[2],
-                                  error=self._unrecorded_failure[1])
-            self._unrecorded_failure = None
+            self._record_failure()
+
+    def _record_failure(self) -> None:
+        """Store the pending job failure. A database that is down raises (the worker retries until
+        it is back); one that refuses what the record holds gets a plain text after 3 tries, so the
+        job is not left 'running' (which would hold back every automatic job)."""
+        from sqlalchemy.exc import OperationalError
+
+        job_id, error, finished = self._unrecorded_failure
+        try:
+            self.store.update_job(job_id, status="failed", finished=finished, error=error)
+        except OperationalError:
+            raise
+        except Exception:
+            self._record_attempts += 1
+            if self._record_attempts < 3:
+                raise
+            print(f"edge: job {job_id}'s error text could not be recorded; recording a plain one",
+                  file=sys.stderr, flush=True)
+            self.store.update_job(job_id, status="failed", finished=finished,
+                                  error="failed (its error text was refused by the database; see the edge's log)")
+        self._unrecorded_failure, self._record_attempts = None, 0
 
     def job_dir(self, job_id: int) -> Path:
         return self.config.root / "jobs" / str(int(job_id))
@@ -665,15 +669,13 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
         data = await file.read(cfg.max_upload_bytes + 1)
         async with decodes:  # bounded: at most this many images in memory being decoded
             kind = await run_in_threadpool(check_image, data, cfg.max_upload_bytes, cfg.max_upload_pixels)
-        from sqlalchemy.exc import OperationalError
-
         try:
             sample = await run_in_threadpool(store.add_sample, device_id, data, label, kind, subject)
-        except (OSError, OperationalError) as exc:  # a full disk, a file-size limit, the database down or full
+        except (OSError, OperationalError) as exc:  # a full disk or file-size limit; a database down or full
+            if isinstance(exc, OperationalError) and "full" not in str(exc.orig):  # the driver's own message
+                raise  # down: the app's OperationalError handler answers 503
             print(f"edge: cannot store an upload ({one_line(exc, 160)})", file=sys.stderr, flush=True)
-            if isinstance(exc, OSError) or "full" in str(getattr(exc, "orig", "")):  # the driver's message
-                raise HTTPException(507, STORAGE_FULL) from None
-            raise HTTPException(503, "the edge's database is unavailable; keep the face and retry later") from None
+            raise HTTPException(507, STORAGE_FULL) from None
         try:  # the sample is stored: a fault here must not make the device send it again
             job = await run_in_threadpool(node.sample_added)
         except Exception as exc:  # noqa: BLE001

@@ -31,8 +31,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import EmoshieldError
+from ..paths import read_json
 from .bundle import BUNDLE_FILES, ONNX_FP32, ONNX_INT8, PROBES, WEIGHTS, seal_bundle, write_probes
 from .signing import load_private_key
+from .wire import finite
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -285,9 +287,9 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
     run = _read_json(model_file.parent / "run.json")
     train_metrics = _read_json(model_file.parent / "metrics.json")
     robustness_path = Path(robustness_file) if robustness_file else model_file.parent / "robustness.json"
-    if robustness_file and "robustness" not in _read_json(robustness_path):
-        raise EmoshieldError(f"{robustness_file} holds no `emoshield evaluate` robustness result")
     robustness = _read_json(robustness_path)
+    if robustness_file and "robustness" not in robustness:
+        raise EmoshieldError(f"{robustness_file} holds no `emoshield evaluate` robustness result")
     headline = _robust_headline(robustness, robustness_path) if robustness else None
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -368,10 +370,7 @@ def _read_json(path: Path) -> dict:
     """A JSON object beside the model ({} when the file is absent); one line naming it otherwise."""
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise EmoshieldError(f"{path}: unreadable ({type(exc).__name__})") from None
+    value = read_json(path)
     if not isinstance(value, dict):
         raise EmoshieldError(f"{path}: not a JSON object")
     return value
@@ -380,14 +379,11 @@ def _read_json(path: Path) -> dict:
 def _robust_headline(report: dict, path: Path) -> dict:
     """{"clean": accuracy, "ATTACK@EPS": accuracy, ...} of an `emoshield evaluate` result; a value
     that is not an accuracy in [0, 1] is one line naming the file (devices and the dashboard show it)."""
-    def accuracy(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-
     rob = report.get("robustness", report)
     attacks = rob.get("attacks", {}) if isinstance(rob, dict) else None
     if not isinstance(attacks, dict) or not all(isinstance(by_eps, dict) and all(
-            isinstance(v, dict) and accuracy(v.get("accuracy")) for v in by_eps.values()) for by_eps in attacks.values()) \
-            or not (rob.get("clean_accuracy") is None or accuracy(rob["clean_accuracy"])):
+            isinstance(v, dict) and finite(v.get("accuracy"), 0, 1) is not None for v in by_eps.values()) for by_eps in attacks.values()) \
+            or not (rob.get("clean_accuracy") is None or finite(rob["clean_accuracy"], 0, 1) is not None):
         raise EmoshieldError(f"{path}: not an `emoshield evaluate` robustness result (attacks -> eps -> accuracy)")
     out = {"clean": rob.get("clean_accuracy")}
     for attack, by_eps in attacks.items():

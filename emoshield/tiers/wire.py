@@ -7,6 +7,7 @@ Torch-free: devices use it.
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import EmoshieldError
@@ -90,3 +91,15 @@ def parse_me(value) -> dict:
         raise RemoteValueError(f"the edge's mqtt_auth {auth!r:.40} is neither null nor 'token'")
     return {"id": parse_topic_level(value.get("id"), "device id"), "edge": parse_topic_level(value.get("edge"), "edge name"),
             "mqtt": broker or None, "mqtt_auth": auth}
+
+
+def finite(value: object, low: float = 0.0, high: float = 1e9) -> float | None:
+    """A JSON number (not a bool) as a float when it is finite and in [low, high], else None (an
+    integer too large for a float included): one test for every number a peer or a file gives."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and low <= value <= high else None

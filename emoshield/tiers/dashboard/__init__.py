@@ -30,7 +30,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from .state import (LiveFeed, LoginLimiter, Sessions, Session, StreamSlots, _digest, _finite, _total, bundle_summary,
+from ..wire import finite
+from .state import (LiveFeed, LoginLimiter, Sessions, Session, StreamSlots, _digest, _total, bundle_summary,
                     emotion_counts, job_progress, read_tail)
 
 __all__ = ["LiveFeed", "Sessions", "add_dashboard"]
@@ -119,9 +120,9 @@ class DashboardData:
             precision = t.get("precision") if t.get("precision") in ("int8", "fp32") else None
             rows.append({"id": d["id"], "name": d["name"], "age": age,
                          "status": "never seen" if age is None else "online" if age < self.online_within else "offline",
-                         "version": d.get("running_version"), "fps": _finite(t.get("fps")),
+                         "version": d.get("running_version"), "fps": finite(t.get("fps")),
                          "faces": _total(t.get("faces")), "frames": _total(t.get("frames")), "precision": precision,
-                         "agreement": _finite(check.get("agreement"), 0.0, 1.0),
+                         "agreement": finite(check.get("agreement"), 0.0, 1.0),
                          "requested": check.get("requested") if check.get("requested") in ("int8", "fp32") else None,
                          "emotions": emotion_counts(t.get("emotions")), "finished": t.get("finished") is True})
         return rows
@@ -136,7 +137,7 @@ class DashboardData:
             ended = job.get("finished") or (time.time() if job["status"] == "running" else None)
             rows.append({**job, "progress": job_progress(job, log),
                          "duration": ended - job["started"] if ended and job.get("started") else None,
-                         "test_accuracy": _finite(metrics.get("test_accuracy"), 0, 1),
+                         "test_accuracy": finite(metrics.get("test_accuracy"), 0, 1),
                          "protocol": metrics.get("protocol")})
         return rows
 

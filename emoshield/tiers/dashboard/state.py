@@ -16,6 +16,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..wire import finite
+
 SESSION_SECONDS = 8 * 3600.0
 MAX_SESSIONS = 64  # the oldest is ended when a 65th logs in
 LOGIN_FAILURES = 10  # failed logins per client IP within LOGIN_WINDOW before it is answered 429
@@ -124,13 +126,6 @@ class LoginLimiter:
                 self._seen.popitem(last=False)
 
 
-def _finite(value: object, low: float = 0.0, high: float = 1e9) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) and low <= value <= high else None
-
-
 def _count(value: object, high: int = MAX_COUNT) -> int | None:
     return value if type(value) is int and 0 <= value <= high else None
 
@@ -198,8 +193,8 @@ def heartbeat_event(device_id: str, telemetry: dict, now: float) -> dict:
     """The timeline's view of one heartbeat the store accepted: only fields of known shape."""
     version = telemetry.get("version")
     return {"device": device_id, "time": now, "version": version if _count(version) is not None else None,
-            "fps": _finite(telemetry.get("fps")), "faces_now": _count(telemetry.get("faces_now")),
-            "interval": _finite(telemetry.get("interval"), 0.0, 86400.0),
+            "fps": finite(telemetry.get("fps")), "faces_now": _count(telemetry.get("faces_now")),
+            "interval": finite(telemetry.get("interval"), 0.0, 86400.0),
             "emotions": emotion_counts(telemetry.get("emotions"))}
 
 
@@ -291,11 +286,11 @@ def robustness_headline(metrics: dict) -> list[dict]:
     figures = (metrics or {}).get("robustness") or {}
     rows = []
     for key, value in figures.items():
-        accuracy = _finite(value, 0.0, 1.0)
+        accuracy = finite(value, 0.0, 1.0)
         if accuracy is None:
             continue
         attack, _, eps = str(key).partition("@")
-        if _finite(_number(eps), 0.0, 1.0) is None and eps:
+        if finite(_number(eps), 0.0, 1.0) is None and eps:
             continue  # not an eps: left out, never a broken page
         rows.append({"attack": attack, "label": ATTACK_LABELS.get(attack, attack), "eps": eps or None,
                      "accuracy": accuracy})
@@ -317,7 +312,7 @@ def _mapping(value: object) -> dict:
 def bundle_summary(version: int, created: float | None, manifest: dict) -> dict:
     """One bundle's row on the dashboard, from its signed manifest."""
     metrics, training = _mapping(manifest.get("metrics")), _mapping(manifest.get("training"))
-    return {"version": version, "created": _finite(created, 0, 1e12), "name": _text(manifest.get("name")),
+    return {"version": version, "created": finite(created, 0, 1e12), "name": _text(manifest.get("name")),
             "backbone": _text(_mapping(manifest.get("backbone")).get("name")),
             "protocol": _text(training.get("protocol")), "dataset": _text(training.get("dataset")),
             # every figure says what made it: faces' size, training length, seed, defense
@@ -325,10 +320,10 @@ def bundle_summary(version: int, created: float | None, manifest: dict) -> dict:
             "epochs": _count(training.get("epochs"), 100_000), "seed": _count(training.get("seed"), 2**63),
             "defended": bool(training.get("defense")) if "defense" in training else None,
             "test_images": _total(metrics.get("test_images")),
-            "test_accuracy": _finite(metrics.get("test_accuracy"), 0, 1),
-            "int8_accuracy": _finite(metrics.get("onnx_int8_accuracy"), 0, 1),
+            "test_accuracy": finite(metrics.get("test_accuracy"), 0, 1),
+            "int8_accuracy": finite(metrics.get("onnx_int8_accuracy"), 0, 1),
             "robustness": robustness_headline({"robustness": _mapping(metrics.get("robustness"))}),
-            "per_class": [{"label": str(k)[:MAX_LABEL], "accuracy": _finite(v, 0, 1)}
+            "per_class": [{"label": str(k)[:MAX_LABEL], "accuracy": finite(v, 0, 1)}
                           for k, v in list(_mapping(metrics.get("per_class_accuracy")).items())[:MAX_EMOTIONS]]}
 
 
