@@ -566,7 +566,9 @@ def cmd_cloud_serve(args) -> int:
     library = Path(args.library) if args.library else None
 
     database = args.database or os.environ.get("EMOSHIELD_CLOUD_DATABASE_URL")
-    _serve(create_app(library, database), args.host, args.port,
+    if not 0 <= args.refresh <= 86400:
+        raise EmoshieldError(f"--refresh must be between 0 and 86400 seconds, not {args.refresh:g}")
+    _serve(create_app(library, database, args.refresh), args.host, args.port,
            f"cloud model library {' + '.join(str(p) for p in search_path(library))}"
            + (" (catalog in a database)" if database else ""))
     return 0
@@ -879,6 +881,9 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--database", help="SQLAlchemy URL of a catalog the library is indexed into at start and "
                                       "served from (default: $EMOSHIELD_CLOUD_DATABASE_URL, else the folder itself)")
+    p.add_argument("--refresh", type=float, default=10.0, metavar="SECONDS",
+                   help="with --database: scan the folder again at most this often, so entries added or "
+                        "replaced while the service runs are served (default: %(default)s)")
     p.set_defaults(func=cmd_cloud_serve)
 
 

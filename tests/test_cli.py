@@ -182,6 +182,15 @@ def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, caps
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("refresh", ["nan", "-1", "inf", "1e9"])
+def test_cloud_serve_refuses_a_refresh_it_cannot_keep(refresh, capsys):
+    from emoshield.cli import main
+
+    assert main(["cloud", "serve", "--database", "sqlite://", "--refresh", refresh]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"emoshield: error: --refresh must be between 0 and 86400 seconds, not {float(refresh):g}"
+
+
 def test_wrong_weights_file_is_named(tmp_path, data_root):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)

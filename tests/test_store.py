@@ -1,7 +1,10 @@
 """The edge's metadata store, on SQLite (embedded default) and PostgreSQL (a real server on
 127.0.0.1): the same behaviour, including concurrent job claims."""
 
+import hashlib
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -86,8 +89,8 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
     meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
     port = free_port()
     cloud = subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library", str(library),
-                              "--port", str(port), "--database", database], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                              "--port", str(port), "--database", database, "--refresh", "0.5"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_healthy(url, cloud)["catalog"] == "database"
@@ -96,6 +99,16 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
         assert (tmp_path / "w.safetensors").stat().st_size == meta["bytes"]
         with pytest.raises(Exception, match="404"):
             request("GET", url + "/backbones/nope")
+        # an entry replaced (cloud add --force) while the replica runs is served with its new sha256
+        # after the refresh interval, and the file matches it
+        meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b", "c"], 16)), library, data="test",
+                         overwrite=True)
+        deadline = time.monotonic() + 20
+        while request("GET", url + "/backbones/tiny")["sha256"] != meta["sha256"]:
+            assert time.monotonic() < deadline, "the replaced entry was never re-indexed"
+            time.sleep(0.2)
+        download(url + "/backbones/tiny/weights", tmp_path / "w.safetensors")
+        assert hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest() == meta["sha256"]
     finally:
         cloud.terminate()
         cloud.wait(timeout=30)
@@ -107,6 +120,47 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
     other = add_entry("other", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
     assert catalog.sync([other, meta], lambda name: None if name == "tiny" else library / name / "w") == 1
     assert [e["name"] for e in catalog.entries()] == ["other"] and catalog.entry("tiny") is None
+
+
+def test_a_cloud_catalog_whose_database_goes_down_answers_503_and_recovers(tmp_path):
+    """A real fault: the catalog's PostgreSQL server stops while a replica serves. Requests answer
+    503 'retry later' (never a 500, no host or SQL in the body, the reason in the service's log)
+    and the same process serves again once the server is back."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.models.library import add_entry
+    from emoshield.tiers.client import request, wait_healthy
+    from emoshield.tiers.postgres import start_postgres, stop_postgres
+    from tests.conftest import free_port
+
+    library = tmp_path / "library"
+    add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
+    folder, db_port = Path(tempfile.mkdtemp(prefix="emoshield-pg-")), free_port()  # kept across the restart
+    server, database = start_postgres(db_port, folder)
+    port = free_port()
+    cloud = subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library", str(library),
+                              "--port", str(port), "--database", database, "--refresh", "0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, cloud)
+        stop_postgres(server)
+        for path in ("/backbones", "/backbones/tiny", "/backbones/tiny/weights", "/health"):
+            with pytest.raises(Exception, match="503") as refused:
+                request("GET", url + path, raw=True)
+            assert "retry later" in str(refused.value) and "127.0.0.1" not in str(refused.value).split(": ", 1)[1]
+        server, _ = start_postgres(db_port, folder)  # the same cluster, its catalog kept
+        assert [e["name"] for e in request("GET", url + "/backbones")] == ["tiny"]
+    finally:
+        cloud.terminate()
+        _, log = cloud.communicate(timeout=30)
+        stop_postgres(server)
+        shutil.rmtree(folder, ignore_errors=True)
+    assert "cloud: database unavailable (" in log
 
 
 def test_an_edge_database_from_before_subject_tags_is_upgraded_in_place(tmp_path, database):

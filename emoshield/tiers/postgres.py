@@ -2,7 +2,8 @@
 
 `start_postgres(port)` runs initdb into a fresh folder (trust authentication, loopback only),
 starts `postgres` on `port` and creates database "emoshield"; it returns the process and the
-SQLAlchemy URL. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+SQLAlchemy URL. Given the folder of a cluster it made before, it starts that one again (its data
+kept), as a database server that went down and came back. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
 Production deployments point `--database` at their own managed PostgreSQL instead.
 """
 
@@ -48,16 +49,19 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         os.chmod(folder, 0o700)
+    restart = (data / "PG_VERSION").is_file()
     log = folder / "init.log"
-    with open(log, "w") as out:
-        done = subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                                               "-E", "UTF8", "--no-instructions"]), stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise EmoshieldError(f"initdb failed: {log.read_text()[-500:]}")
+    if not restart:
+        with open(log, "w") as out:
+            done = subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust",
+                                                   "-U", "postgres", "-E", "UTF8", "--no-instructions"]),
+                                  stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise EmoshieldError(f"initdb failed: {log.read_text()[-500:]}")
     server = subprocess.Popen(_as_server_user([str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1",
                                                "-p", str(port), "-k", str(folder), "-c", "fsync=off",
                                                "-c", "max_connections=200"]),
-                              stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+                              stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "a"))
     deadline = time.time() + timeout
     while True:
         ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
@@ -68,11 +72,12 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
             raise EmoshieldError(f"postgres did not start on port {port}: "
                                  f"{(folder / 'server.log').read_text()[-500:]}")
         time.sleep(0.2)
-    created = subprocess.run(_as_server_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                                              "-U", "postgres", "emoshield"]), capture_output=True, text=True)
-    if created.returncode != 0:
-        server.kill()
-        raise EmoshieldError(f"createdb failed: {created.stderr.strip()}")
+    if not restart:
+        created = subprocess.run(_as_server_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                                                  "-U", "postgres", "emoshield"]), capture_output=True, text=True)
+        if created.returncode != 0:
+            server.kill()
+            raise EmoshieldError(f"createdb failed: {created.stderr.strip()}")
     server.folder, server.owned_folder = folder, owned  # for stop_postgres
     return server, f"postgresql+psycopg://postgres@127.0.0.1:{port}/emoshield"
 
