@@ -326,6 +326,61 @@ def test_the_event_stream_ends_when_its_session_does_and_hostile_event_ids_are_i
     requests.get(edge + "/health", timeout=10).raise_for_status()
 
 
+def test_the_dashboard_rides_out_a_database_outage(tmp_path):
+    """A real fault: the edge's PostgreSQL stops while an operator watches. Pages answer 503 'retry
+    later'; the open event stream stays open (the page keeps what it shows) and, once the server is
+    back, sends what changed meanwhile on the same connection; the edge keeps serving."""
+    import tempfile
+
+    from emoshield.tiers.postgres import start_postgres, stop_postgres
+
+    folder, db_port = Path(tempfile.mkdtemp(prefix="emoshield-pg-")), free_port()  # kept across the restart
+    server, database = start_postgres(db_port, folder)
+    admin, edge_port = service_files(tmp_path, ADMIN), free_port()
+    proc = start("edge", "serve", "--root", tmp_path / "edge", "--key", tmp_path / "keys" / "private.key",
+                 "--cloud", f"http://127.0.0.1:{free_port()}", "--backbone", "smallcnn-test", "--classes", FIVE,
+                 "--admin-token-file", admin, "--port", edge_port, "--database", database, log=tmp_path / "edge.log")
+    edge = f"http://127.0.0.1:{edge_port}"
+    lines, failed = [], []
+
+    def read(answer):
+        try:
+            for line in answer.iter_lines():
+                lines.append(line.decode())
+        except Exception as exc:  # the stream broke: the test below says so
+            failed.append(exc)
+
+    try:
+        wait_healthy(edge, proc, tmp_path / "edge.log")
+        client = login(edge)
+        answer = client.get(edge + "/dashboard/events", stream=True, timeout=60)
+        threading.Thread(target=read, args=(answer,), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while "event: state" not in lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "event: state" in lines
+        stop_postgres(server)
+        for path in ("/", "/dashboard/state"):
+            down = client.get(edge + path, timeout=30)
+            assert down.status_code == 503 and "retry later" in down.text and "127.0.0.1" not in down.text
+        time.sleep(3)  # several of the stream's state polls meet the outage
+        server, _ = start_postgres(db_port, folder)
+        EdgeClient(edge, ADMIN).enrol("came-back")
+        deadline = time.monotonic() + 20
+        while not any("came-back" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not failed and any("came-back" in line for line in lines), "the stream did not outlive the outage"
+        assert client.get(edge + "/dashboard/state", timeout=30).status_code == 200
+        answer.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        stop_postgres(server)
+        shutil.rmtree(folder, ignore_errors=True)
+    log = (tmp_path / "edge.log").read_text()
+    assert "database unavailable" in log and "Traceback" not in log
+
+
 def test_event_streams_are_bounded_per_session_even_when_requested_in_one_burst(site):
     edge = site["edge"]
     cookies = login(edge).cookies.get_dict()
