@@ -324,8 +324,6 @@ def test_step_lock_lets_one_process_run_a_step_and_dies_with_its_holder(tmp_path
 
 def test_step_lock_gives_a_step_to_one_of_many_processes_starting_together(tmp_path):
     """Many processes racing for one step (a stale lock file left by a killed holder): exactly one wins."""
-    import os
-
     step = tmp_path / "levers" / "baseline"
     step.parent.mkdir()
     (tmp_path / "levers" / "baseline.lock").write_text("12345")

@@ -3,7 +3,7 @@
 
 import hashlib
 import threading
-import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,14 +82,15 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
     from emoshield.models import ModelConfig, build_model
     from emoshield.tiers.client import download, request, wait_healthy
     from emoshield.models.library import add_entry
-    from emoshield.tiers.store import LibraryCatalog
+    from emoshield.tiers.store import BACKBONES, LibraryCatalog
+    from sqlalchemy import select
     from tests.conftest import free_port
 
     library = tmp_path / "library"
     meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
     port = free_port()
     cloud = subprocess.Popen([sys.executable, "-m", "emoshield", "cloud", "serve", "--library", str(library),
-                              "--port", str(port), "--database", database, "--refresh", "0.5"],
+                              "--port", str(port), "--database", database, "--refresh", "3600"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -99,16 +100,14 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
         assert (tmp_path / "w.safetensors").stat().st_size == meta["bytes"]
         with pytest.raises(Exception, match="404"):
             request("GET", url + "/backbones/nope")
-        # an entry replaced (cloud add --force) while the replica runs is served with its new sha256
-        # after the refresh interval, and the file matches it
+        # an entry replaced (cloud add --force) while the replica runs, long before its next scan:
+        # its weights go out at once under the sha256 of the bytes sent, and the catalog follows
         meta = add_entry("tiny", build_model(ModelConfig("smallcnn", ["a", "b", "c"], 16)), library, data="test",
                          overwrite=True)
-        deadline = time.monotonic() + 20
-        while request("GET", url + "/backbones/tiny")["sha256"] != meta["sha256"]:
-            assert time.monotonic() < deadline, "the replaced entry was never re-indexed"
-            time.sleep(0.2)
-        download(url + "/backbones/tiny/weights", tmp_path / "w.safetensors")
-        assert hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest() == meta["sha256"]
+        with urllib.request.urlopen(url + "/backbones/tiny/weights", timeout=30) as answer:
+            sent, header = answer.read(), answer.headers["X-Content-SHA256"]
+        assert header == hashlib.sha256(sent).hexdigest() == meta["sha256"]
+        assert request("GET", url + "/backbones/tiny")["sha256"] == meta["sha256"]
     finally:
         cloud.terminate()
         cloud.wait(timeout=30)
@@ -118,8 +117,24 @@ def test_cloud_catalog_indexes_the_library_and_serves_from_the_database(tmp_path
     # a replica's start makes it what the shared folder holds: an entry gone from it is dropped,
     # one that vanished during the scan is skipped (not a crash at start)
     other = add_entry("other", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
-    assert catalog.sync([other, meta], lambda name: None if name == "tiny" else library / name / "w") == 1
+    assert catalog.sync(lambda: [other, meta], lambda name: None if name == "tiny" else library / name / "w") == 1
     assert [e["name"] for e in catalog.entries()] == ["other"] and catalog.entry("tiny") is None
+    # two replicas: the catalog follows the folder whichever scanned last, and a scan that finds
+    # the catalog as the folder is writes nothing
+    old, new = LibraryCatalog(database), LibraryCatalog(database)
+    views = {"old": [meta], "new": [meta, other]}
+    where = lambda name: library / name / "w"  # noqa: E731
+    new.sync(lambda: views["new"], where)
+    written = {e["name"]: e for e in new.entries()}
+    indexed = {r["name"]: r["indexed"] for r in new._rows(select(BACKBONES.c.name, BACKBONES.c.indexed))}
+    assert new.sync(lambda: views["new"], where) == 2  # unchanged: no row rewritten
+    assert {r["name"]: r["indexed"] for r in new._rows(select(BACKBONES.c.name, BACKBONES.c.indexed))} == indexed
+    old.sync(lambda: views["old"], where)  # a slow replica's older view lands last...
+    assert [e["name"] for e in catalog.entries()] == ["tiny"]
+    new.sync(lambda: views["new"], where)  # ...and the next replica to look repairs it
+    assert {e["name"]: e for e in catalog.entries()} == written
+    for c in (catalog, old, new):
+        c.close()
 
 
 def test_a_cloud_catalog_whose_database_goes_down_answers_503_and_recovers(tmp_path):
@@ -149,18 +164,19 @@ def test_a_cloud_catalog_whose_database_goes_down_answers_503_and_recovers(tmp_p
     try:
         wait_healthy(url, cloud)
         stop_postgres(server)
+        add_entry("late", build_model(ModelConfig("smallcnn", ["a", "b"], 16)), library, data="test")
         for path in ("/backbones", "/backbones/tiny", "/backbones/tiny/weights", "/health"):
             with pytest.raises(Exception, match="503") as refused:
                 request("GET", url + path, raw=True)
             assert "retry later" in str(refused.value) and "127.0.0.1" not in str(refused.value).split(": ", 1)[1]
         server, _ = start_postgres(db_port, folder)  # the same cluster, its catalog kept
-        assert [e["name"] for e in request("GET", url + "/backbones")] == ["tiny"]
+        assert [e["name"] for e in request("GET", url + "/backbones")] == ["late", "tiny"]  # the scan it missed
     finally:
         cloud.terminate()
         _, log = cloud.communicate(timeout=30)
         stop_postgres(server)
         shutil.rmtree(folder, ignore_errors=True)
-    assert "cloud: database unavailable (" in log
+    assert "cloud: database unavailable (" in log and "cloud: catalog not re-indexed (" in log
 
 
 def test_an_edge_database_from_before_subject_tags_is_upgraded_in_place(tmp_path, database):

@@ -10,11 +10,15 @@ By default it serves the user's library and then the embedded one (emoshield.mod
 OpenAPI docs at /docs. Read-only: entries are added with `emoshield cloud add` or
 `emoshield cloud pretrain`. With a database (`--database URL`, any SQLAlchemy URL), the entries
 found in the library folder are indexed there at start and the service answers from that
-catalog, so several replicas over one shared library folder serve one consistent list. Each
-replica scans the folder again at most every `refresh` seconds (on the next request), so an entry
-added or replaced while it runs is served with its new sha256 within that time; an edge checks
-every download against the sha256 it was given, so a stale answer is refused, never trained on.
-A database that is down or locked answers 503 (retry later); the driver's message stays in the log.
+catalog, so several replicas over one shared library folder serve one list. A replica scans the
+folder again on a request once `refresh` seconds have passed since its last scan, and writes the
+catalog only when it differs from the folder, under a lock all replicas take (so an older scan
+never overwrites a newer one). An entry added or replaced while replicas run is listed within
+that time; its weights are served under the sha256 of the metadata beside them at once (a
+replica re-indexes when they differ). An edge checks every download against the sha256 it was
+given, so whatever slips through (a weights file renamed in before its metadata) is refused,
+never trained on. A database that is down, locked or out of connections answers 503 (retry
+later); the driver's message stays in the log.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from ..errors import EmoshieldError, one_line
@@ -35,9 +40,9 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
     """The service over one library folder, or (None) the default search path: the user's
     library, then the embedded one. With a database, the folder is re-indexed at most every
     `refresh` seconds (0: on every request)."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, JSONResponse
-    from sqlalchemy.exc import OperationalError
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import FileResponse
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
     library = Path(library) if library is not None else None
     app = FastAPI(title="emoshield cloud", description="Model library of pretrained backbones.", version="1")
@@ -51,30 +56,34 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
             folder = find_entry_dir(name, library)
             return folder / WEIGHTS_FILE if folder is not None else None
 
-        indexed: dict = {"at": time.monotonic(), "entries": list_entries(library)}
-        catalog.sync(indexed["entries"], weights_of)
+        scan = partial(list_entries, library)
+        try:
+            catalog.sync(scan, weights_of)
+        except SQLAlchemyError as exc:
+            raise EmoshieldError(f"cannot index the library into {database!r}: {one_line(exc.orig or exc, 160)}") from None
+        last_scan = {"at": time.monotonic()}
         scanning = threading.Lock()
 
-        def reindex() -> None:
-            """Scan the folder again when `refresh` seconds have passed since the last scan, and
-            write the catalog only when what the folder holds changed (one writer at a time)."""
-            if time.monotonic() - indexed["at"] < refresh or not scanning.acquire(blocking=False):
-                return  # fresh enough, or another request of this replica is scanning now
+        def reindex(now: bool = False) -> None:
+            """Scan the folder again when `refresh` seconds have passed since the last scan (or
+            `now`) and bring the catalog up to it. A scan that cannot write (another replica
+            holds the lock past the timeout, the database went away) is logged and retried by a
+            later request; this one answers from the catalog as it is."""
+            if not now and time.monotonic() - last_scan["at"] < refresh:
+                return
+            if not scanning.acquire(blocking=now):
+                return  # another request of this replica is scanning now
             try:
-                found = list_entries(library)
-                if found != indexed["entries"]:
-                    catalog.sync(found, weights_of)
-                    indexed["entries"] = found
-                indexed["at"] = time.monotonic()
+                catalog.sync(scan, weights_of)
+                last_scan["at"] = time.monotonic()
+            except OperationalError as exc:
+                print(f"cloud: catalog not re-indexed ({one_line(exc.orig or exc, 160)})", file=sys.stderr, flush=True)
             finally:
                 scanning.release()
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, exc: OperationalError):
-        """The catalog's database down or locked: 503, retry later; the driver's message (hosts,
-        SQL) goes to the service's log only."""
-        print(f"cloud: database unavailable ({one_line(exc.orig or exc, 160)})", file=sys.stderr, flush=True)
-        return JSONResponse({"detail": "the cloud's catalog database is unavailable; retry later"}, status_code=503)
+    from .http import answer_503_while_the_database_is_down
+
+    answer_503_while_the_database_is_down(app, "cloud")
 
     def entries() -> list[dict]:
         if catalog:
@@ -94,6 +103,12 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
         except EmoshieldError:  # missing or damaged; the reason names server paths, so it stays here
             raise HTTPException(status_code=404, detail=f"no usable library entry {name[:64]!r}") from None
 
+    def sha256_on_disk(name: str) -> str | None:
+        try:
+            return read_entry(name, library, verify=False)[0]["sha256"]
+        except EmoshieldError:
+            return None
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "entries": len(entries()), "catalog": "database" if catalog else "folder"}
@@ -109,6 +124,9 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
     @app.get("/backbones/{name}/weights")
     def weights(name: str):
         meta, path = entry(name)
+        if catalog and meta["sha256"] != sha256_on_disk(name):
+            reindex(now=True)  # replaced since the last scan: the header must name the bytes sent
+            meta, path = entry(name)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{meta['name']}.safetensors",
                             headers={"X-Content-SHA256": meta["sha256"]})
 

@@ -43,9 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
-import numpy as np
-
 from ..data.images import decode_image, image_size  # noqa: F401 - image_size re-exported
 from ..errors import EmoshieldError, one_line
 from .bundle import BUNDLE_FILES, MANIFEST, SIGNATURE, read_manifest, sha256_file
@@ -544,12 +541,9 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
 
     from sqlalchemy.exc import OperationalError
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, exc: OperationalError):
-        """The metadata store down or locked (a token check, a listing): 503, retry later; the
-        driver's message (hosts, SQL) goes to the edge's log only."""
-        print(f"edge: database unavailable ({one_line(exc.orig or exc, 160)})", file=sys.stderr, flush=True)
-        return JSONResponse({"detail": "the edge's database is unavailable; retry later"}, status_code=503)
+    from .http import answer_503_while_the_database_is_down
+
+    answer_503_while_the_database_is_down(app, "edge")  # a token check, a listing
 
     def bearer(authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):

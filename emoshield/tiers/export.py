@@ -19,7 +19,6 @@ default: they are tiny in compute and the most sensitive to rounding.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time

@@ -1,4 +1,5 @@
-"""The services' HTTP server: uvicorn's h11 protocol with a deadline on receiving each request.
+"""The services' HTTP server: uvicorn's h11 protocol with a deadline on receiving each request,
+and the 503 a service answers while its database is unavailable.
 
 uvicorn bounds the idle time between requests (keep-alive) but not the time a client takes to
 send one: a client that sends a header line, then a byte every few seconds (slowloris), or a
@@ -12,6 +13,7 @@ dashboard's event stream is long by design).
 from __future__ import annotations
 
 import os
+import sys
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -73,3 +75,22 @@ class DeadlineH11Protocol(H11Protocol):
         self._deadline = None
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self.transport.close()
+
+
+def answer_503_while_the_database_is_down(app, service: str) -> None:
+    """A metadata database that is down, locked or out of pooled connections: every route answers
+    503 'retry later' (never a 500), and the driver's message, which may name hosts and SQL, goes
+    to the service's log only."""
+    from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from ..errors import one_line
+
+    async def database_unavailable(request, exc: Exception):
+        print(f"{service}: database unavailable ({one_line(getattr(exc, 'orig', None) or exc, 160)})",
+              file=sys.stderr, flush=True)
+        return JSONResponse({"detail": f"the {service}'s database is unavailable; retry later"}, status_code=503)
+
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(PoolTimeout, database_unavailable)

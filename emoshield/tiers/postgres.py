@@ -39,7 +39,8 @@ def _as_server_user(command: list[str]) -> list[str]:
 
 
 def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    """(server process, URL) of a fresh cluster on 127.0.0.1:port; stop it with stop_postgres."""
+    """(server process, URL) of a fresh cluster on 127.0.0.1:port, or of the one `folder` holds from
+    an earlier start; stop it with stop_postgres."""
     bindir = postgres_bindir()
     # a folder the server user can reach (pytest's tmp folders are private to root)
     owned = folder is None
@@ -49,7 +50,10 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         os.chmod(folder, 0o700)
-    restart = (data / "PG_VERSION").is_file()
+    created = folder / "emoshield-created"  # written once the database exists
+    restart = created.is_file()
+    if not restart and data.exists():
+        raise EmoshieldError(f"{data} holds a cluster whose first start did not finish; remove it and start again")
     log = folder / "init.log"
     if not restart:
         with open(log, "w") as out:
@@ -73,11 +77,12 @@ def start_postgres(port: int, folder: Path | None = None, timeout: float = 60) -
                                  f"{(folder / 'server.log').read_text()[-500:]}")
         time.sleep(0.2)
     if not restart:
-        created = subprocess.run(_as_server_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
-                                                  "-U", "postgres", "emoshield"]), capture_output=True, text=True)
-        if created.returncode != 0:
+        done = subprocess.run(_as_server_user([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                                               "-U", "postgres", "emoshield"]), capture_output=True, text=True)
+        if done.returncode != 0:
             server.kill()
-            raise EmoshieldError(f"createdb failed: {created.stderr.strip()}")
+            raise EmoshieldError(f"createdb failed: {done.stderr.strip()}")
+        created.write_text("")
     server.folder, server.owned_folder = folder, owned  # for stop_postgres
     return server, f"postgresql+psycopg://postgres@127.0.0.1:{port}/emoshield"
 

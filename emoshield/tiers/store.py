@@ -15,11 +15,12 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, func,
-                        insert, select, update)
+                        insert, select, text, update)
 from sqlalchemy.engine import make_url
 
 from ..errors import EmoshieldError
@@ -55,6 +56,7 @@ HEARTBEATS = Table("heartbeats", METADATA,
                    Column("device_id", String(32), primary_key=True), Column("seen", Float, nullable=False),
                    Column("version", Integer), Column("telemetry", Text, nullable=False))
 JOB_FIELDS = {c.name for c in JOBS.columns} - {"id"}
+CATALOG_LOCK = 0x656D6F73  # "emos": the advisory lock cloud replicas take to write the catalog
 
 
 def hash_token(token: str) -> str:
@@ -76,7 +78,10 @@ def make_engine(url: str):
             connection.execute("PRAGMA busy_timeout=30000")
 
         return engine
-    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # a server that stops answering (a fail-over) costs a request seconds, not the OS's TCP timeout
+    connect = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
+                         connect_args=connect)
 
 
 class SqlStore:
@@ -98,7 +103,7 @@ class SqlStore:
     def _add_missing_columns(self, metadata: MetaData) -> None:
         """Columns added to a table since its database was created (nullable ones only), so an
         edge upgraded in place keeps its data: ALTER TABLE ... ADD COLUMN."""
-        from sqlalchemy import inspect, text
+        from sqlalchemy import inspect
 
         inspector = inspect(self.engine)
         for table in metadata.sorted_tables:
@@ -145,22 +150,53 @@ class LibraryCatalog(SqlStore):
     def __init__(self, database: str):
         super().__init__(database, CATALOG_METADATA)
 
-    def sync(self, entries: list[dict], folder_of) -> int:
-        """Make the catalog the entries found on disk (`folder_of(name)` -> weights path, None when
-        the entry went away meanwhile): upsert them, and drop rows of entries no longer there (the
-        replicas share one file store, so what this scan does not see is gone). Returns how many."""
-        kept = []
+    def sync(self, scan: Callable[[], list[dict]], folder_of: Callable[[str], Path | None]) -> int:
+        """Make the catalog what the folder holds now (`scan()` -> its entries, `folder_of(name)`
+        -> an entry's weights path, None when it went away meanwhile): upsert them and drop rows of
+        entries no longer there (the replicas share one file store, so what the scan does not see
+        is gone). The catalog is compared first and written only when it differs, and then under
+        a lock every replica takes (PostgreSQL: an advisory lock; SQLite: its one writer) with the
+        folder scanned again inside it, so a slow replica's older scan can never overwrite a newer
+        one, and a catalog some replica left stale is repaired by the next one to look. Returns
+        how many entries it holds."""
+        current = self._current()
+        if self._rows_of(current, scan, folder_of) is None:
+            return len(current)
         with self._begin() as conn:
-            for e in entries:
-                path = folder_of(e["name"])
-                if path is None:
-                    continue
-                conn.execute(self._upsert(BACKBONES, "name", {
-                    "name": e["name"], "backbone": e["backbone"], "input_size": e["input_size"], "sha256": e["sha256"],
-                    "path": str(path), "metadata": json.dumps(e, sort_keys=True), "indexed": time.time()}))
-                kept.append(e["name"])
-            conn.execute(delete(BACKBONES).where(BACKBONES.c.name.not_in(kept)))
-        return len(kept)
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CATALOG_LOCK})
+            else:  # a write first: SQLite's write lock now (waiting its busy timeout), not at the first upsert
+                conn.execute(delete(BACKBONES).where(BACKBONES.c.name == ""))
+            current = self._current(conn)
+            rows = self._rows_of(current, scan, folder_of)
+            if rows is None:
+                return len(current)
+            for name, row in rows.items():
+                if current.get(name) != (row["metadata"], row["path"]):
+                    conn.execute(self._upsert(BACKBONES, "name", {**row, "indexed": time.time()}))
+            gone = set(current) - set(rows)
+            if gone:
+                conn.execute(delete(BACKBONES).where(BACKBONES.c.name.in_(sorted(gone))))
+        return len(rows)
+
+    @staticmethod
+    def _rows_of(current: dict, scan, folder_of) -> dict[str, dict] | None:
+        """The catalog rows a fresh scan asks for, or None when the catalog holds them already."""
+        rows = {}
+        for e in scan():
+            path = folder_of(e["name"])
+            if path is not None:
+                rows[e["name"]] = {"name": e["name"], "backbone": e["backbone"], "input_size": e["input_size"],
+                                   "sha256": e["sha256"], "path": str(path),
+                                   "metadata": json.dumps(e, sort_keys=True)}
+        return None if {n: (r["metadata"], r["path"]) for n, r in rows.items()} == current else rows
+
+    def _current(self, conn=None) -> dict[str, tuple[str, str]]:
+        """name -> (metadata text, weights path) of every row."""
+        query = select(BACKBONES.c.name, BACKBONES.c.metadata, BACKBONES.c.path)
+        if conn is not None:
+            return {r.name: (r.metadata, r.path) for r in conn.execute(query)}
+        return {r["name"]: (r["metadata"], r["path"]) for r in self._rows(query)}
 
     def entries(self) -> list[dict]:
         return [json.loads(r["metadata"]) for r in self._rows(select(BACKBONES.c.metadata).order_by(BACKBONES.c.name))]
