@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 
-LEVERS = ["baseline", "wider", "schedule-2x", "augment-strong", "spatial-head", "deeper", "mixup", "cutmix",
-          "label-smoothing", "adamw", "float32", "baseline-seed1"]
+LEVERS = ["baseline", "wider", "schedule-2x", "augment-strong", "spatial-head", "deeper", "mixup",
+          "baseline-seed1", "cutmix", "label-smoothing", "adamw", "float32"]
 
 
 @pytest.fixture(scope="module")
