@@ -115,6 +115,8 @@ def _warn_once(folder: Path, message: str) -> None:
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_BACKBONE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")  # what the cloud's catalog column holds
+MAX_INPUT_SIZE = 4096
 # what the service, the edge and `--weights library:NAME` read from an entry's metadata
 _REQUIRED = {"name": str, "backbone": str, "input_size": int, "sha256": str}
 
@@ -130,8 +132,11 @@ def _metadata(folder: Path) -> dict:
              if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
     if wrong:
         raise EmoshieldError(f"{path}: library metadata lacks or mistypes {', '.join(wrong)}")
-    if meta["name"] != folder.name or not _SHA256.match(meta["sha256"]) or meta["input_size"] <= 0:
-        raise EmoshieldError(f"{path}: library metadata does not fit its entry (name, sha256 or input_size)")
+    if (meta["name"] != folder.name or not _NAME.match(meta["name"]) or ".." in meta["name"]
+            or not _SHA256.match(meta["sha256"]) or not _BACKBONE.match(meta["backbone"])
+            or not 1 <= meta["input_size"] <= MAX_INPUT_SIZE):
+        raise EmoshieldError(f"{path}: library metadata does not fit its entry (name, sha256, backbone or "
+                             f"input_size)")
     return {**meta, "embedded": True} if folder.parent == EMBEDDED_LIBRARY else meta
 
 

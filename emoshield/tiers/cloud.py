@@ -14,15 +14,18 @@ catalog, so several replicas over one shared library folder serve one list. A re
 folder again on a request once `refresh` seconds have passed since its last scan, and writes the
 catalog only when it differs from the folder, under a lock all replicas take (so an older scan
 never overwrites a newer one). An entry added or replaced while replicas run is listed within
-that time; its weights are served under the sha256 of the metadata beside them at once (a
-replica re-indexes when they differ). An edge checks every download against the sha256 it was
-given, so whatever slips through (a weights file renamed in before its metadata) is refused,
-never trained on. A database that is down, locked or out of connections answers 503 (retry
-later); the driver's message stays in the log.
+that time. Weights always go out under the sha256 of the bytes sent, read from one open file (a
+replica re-indexes when they and the catalog differ, and answers 503 while an entry's weights and
+metadata still disagree), so a download is never cut short or mislabelled by a replacement.
+Entry folders the catalog cannot hold are skipped with one warning (emoshield.models.library). A
+database that is down, locked or out of connections answers 503 (retry later); the driver's
+message stays in the log.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import threading
 import time
@@ -30,10 +33,39 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import EmoshieldError, one_line
-from ..models.library import WEIGHTS_FILE, find_entry_dir, list_entries, read_entry
+from ..models.library import WEIGHTS_FILE, check_name, find_entry_dir, list_entries, read_entry
 
 
 REFRESH_SECONDS = 10.0
+_HASHES: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime) -> sha256 of those bytes
+
+
+def _log(line: str) -> None:
+    sys.stderr.write(f"cloud: {line}\n")  # one write: lines from several threads stay whole
+    sys.stderr.flush()
+
+
+def _sha256_of(f) -> str:
+    """sha256 of an open file's bytes, computed once per file version; the file is left at its start."""
+    st = os.fstat(f.fileno())
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        while block := f.read(1 << 20):
+            digest.update(block)
+        f.seek(0)
+        if len(_HASHES) >= 256:
+            _HASHES.clear()
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def _chunks(f):
+    try:
+        while block := f.read(1 << 20):
+            yield block
+    finally:
+        f.close()
 
 
 def create_app(library: Path | None = None, database: str | None = None, refresh: float = REFRESH_SECONDS):
@@ -41,44 +73,48 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
     library, then the embedded one. With a database, the folder is re-indexed at most every
     `refresh` seconds (0: on every request)."""
     from fastapi import FastAPI, HTTPException
-    from fastapi.responses import FileResponse
-    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+    from fastapi.responses import StreamingResponse
+    from starlette.background import BackgroundTask
 
     library = Path(library) if library is not None else None
     app = FastAPI(title="emoshield cloud", description="Model library of pretrained backbones.", version="1")
     catalog = None
     if database:
-        from .store import LibraryCatalog
+        from .store import LOCK_WAIT_SECONDS, LibraryCatalog
 
         catalog = LibraryCatalog(database)
 
         def weights_of(name: str) -> Path | None:
-            folder = find_entry_dir(name, library)
+            try:
+                folder = find_entry_dir(name, library)
+            except EmoshieldError:  # a name no entry may have: not indexed
+                return None
             return folder / WEIGHTS_FILE if folder is not None else None
 
         scan = partial(list_entries, library)
         try:
             catalog.sync(scan, weights_of)
-        except SQLAlchemyError as exc:
-            raise EmoshieldError(f"cannot index the library into {database!r}: {one_line(exc.orig or exc, 160)}") from None
+        except Exception as exc:  # noqa: BLE001 - any driver's error: one line, not a traceback at start
+            raise EmoshieldError(f"cannot index the library into the catalog database: "
+                                 f"{one_line(getattr(exc, 'orig', None) or exc, 160)}") from None
         last_scan = {"at": time.monotonic()}
         scanning = threading.Lock()
 
         def reindex(now: bool = False) -> None:
-            """Scan the folder again when `refresh` seconds have passed since the last scan (or
-            `now`) and bring the catalog up to it. A scan that cannot write (another replica
-            holds the lock past the timeout, the database went away) is logged and retried by a
-            later request; this one answers from the catalog as it is."""
+            """Scan the folder again when `refresh` seconds have passed since the last try (or
+            `now`) and bring the catalog up to it. A scan that cannot write (another replica holds
+            the lock past its wait, the database went away) is logged and tried again after
+            `refresh` seconds; the request answers from the catalog as it is."""
             if not now and time.monotonic() - last_scan["at"] < refresh:
                 return
-            if not scanning.acquire(blocking=now):
+            if not scanning.acquire(timeout=LOCK_WAIT_SECONDS + 1 if now else 0):
                 return  # another request of this replica is scanning now
             try:
                 catalog.sync(scan, weights_of)
-                last_scan["at"] = time.monotonic()
-            except OperationalError as exc:
-                print(f"cloud: catalog not re-indexed ({one_line(exc.orig or exc, 160)})", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - upkeep: a request is never failed by it
+                _log(f"catalog not re-indexed ({one_line(getattr(exc, 'orig', None) or exc, 160)})")
             finally:
+                last_scan["at"] = time.monotonic()
                 scanning.release()
 
     from .http import answer_503_while_the_database_is_down
@@ -92,22 +128,17 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
         return list_entries(library)
 
     def entry(name: str):
-        if catalog:
-            reindex()
-            found = catalog.entry(name)
-            if found is None or not found[1].is_file():
-                raise HTTPException(status_code=404, detail=f"no library entry {name!r}")
-            return found
         try:
-            return read_entry(name, library, verify=False)
+            check_name(name)
+            if not catalog:
+                return read_entry(name, library, verify=False)
         except EmoshieldError:  # missing or damaged; the reason names server paths, so it stays here
             raise HTTPException(status_code=404, detail=f"no usable library entry {name[:64]!r}") from None
-
-    def sha256_on_disk(name: str) -> str | None:
-        try:
-            return read_entry(name, library, verify=False)[0]["sha256"]
-        except EmoshieldError:
-            return None
+        reindex()
+        found = catalog.entry(name)
+        if found is None or not found[1].is_file():
+            raise HTTPException(status_code=404, detail=f"no library entry {name!r}")
+        return found
 
     @app.get("/health")
     def health() -> dict:
@@ -123,11 +154,27 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
 
     @app.get("/backbones/{name}/weights")
     def weights(name: str):
-        meta, path = entry(name)
-        if catalog and meta["sha256"] != sha256_on_disk(name):
-            reindex(now=True)  # replaced since the last scan: the header must name the bytes sent
+        """The bytes of one open file, under the sha256 of those bytes: an entry replaced meanwhile
+        (new weights renamed in, then new metadata) is re-read once, and while its metadata and
+        weights still disagree the answer is 503, never bytes under another file's hash."""
+        for attempt in range(2):
             meta, path = entry(name)
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{meta['name']}.safetensors",
-                            headers={"X-Content-SHA256": meta["sha256"]})
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:  # removed since it was indexed
+                f = None
+            if f is not None:
+                size = os.fstat(f.fileno()).st_size
+                if _sha256_of(f) == meta["sha256"]:
+                    return StreamingResponse(
+                        _chunks(f), media_type="application/octet-stream", background=BackgroundTask(f.close),
+                        headers={"Content-Length": str(size), "X-Content-SHA256": meta["sha256"],
+                                 "Content-Disposition": f'attachment; filename="{meta["name"]}.safetensors"'})
+                f.close()
+            if attempt == 0 and catalog:
+                reindex(now=True)
+        _log(f"entry {name!r}: its weights do not match the sha256 of its metadata (being replaced, or damaged)")
+        raise HTTPException(status_code=503, detail=f"library entry {name!r} is being replaced; retry later",
+                            headers={"Retry-After": "5"})
 
     return app

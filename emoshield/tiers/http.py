@@ -88,8 +88,9 @@ def answer_503_while_the_database_is_down(app, service: str) -> None:
     from ..errors import one_line
 
     async def database_unavailable(request, exc: Exception):
-        print(f"{service}: database unavailable ({one_line(getattr(exc, 'orig', None) or exc, 160)})",
-              file=sys.stderr, flush=True)
+        # one write: lines from several threads stay whole
+        sys.stderr.write(f"{service}: database unavailable ({one_line(getattr(exc, 'orig', None) or exc, 160)})\n")
+        sys.stderr.flush()
         return JSONResponse({"detail": f"the {service}'s database is unavailable; retry later"}, status_code=503)
 
     app.add_exception_handler(OperationalError, database_unavailable)

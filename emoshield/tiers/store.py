@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, func,
                         insert, select, text, update)
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from ..errors import EmoshieldError
 from .wire import parse_version
@@ -57,6 +58,8 @@ HEARTBEATS = Table("heartbeats", METADATA,
                    Column("version", Integer), Column("telemetry", Text, nullable=False))
 JOB_FIELDS = {c.name for c in JOBS.columns} - {"id"}
 CATALOG_LOCK = 0x656D6F73  # "emos": the advisory lock cloud replicas take to write the catalog
+LOCK_WAIT_SECONDS = 2  # a catalog write waits this long for another replica (or a stuck one), then gives up
+SQLITE_BUSY_SECONDS = 30  # a store's write waits this long for another process's SQLite transaction
 
 
 def hash_token(token: str) -> str:
@@ -70,16 +73,18 @@ def make_engine(url: str):
     except Exception as exc:
         raise EmoshieldError(f"not a database URL: {url!r} ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record):
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA busy_timeout=30000")
+            connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
 
         return engine
-    # a server that stops answering (a fail-over) costs a request seconds, not the OS's TCP timeout
-    connect = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+    # a server that stops answering (a fail-over) costs a request seconds, not the OS's TCP timeout,
+    # and a lock held elsewhere (a stuck transaction, a table lock) ends in an error, not a hang
+    connect = ({"connect_timeout": 10, "options": "-c lock_timeout=10s"}
+               if parsed.get_backend_name() == "postgresql" else {})
     return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
                          connect_args=connect)
 
@@ -93,12 +98,16 @@ class SqlStore:
         self.dialect = self.engine.dialect.name
         # SQLite has one writer at a time: serialise here instead of retrying "database is locked"
         self._lock = threading.Lock() if self.dialect == "sqlite" else None
-        try:
-            metadata.create_all(self.engine)
-            self._add_missing_columns(metadata)
-        except Exception as exc:
-            raise EmoshieldError(f"cannot open the metadata database {self.engine.url!r}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+        for attempt in range(3):  # several processes starting on a fresh database race to create it
+            try:
+                metadata.create_all(self.engine)
+                self._add_missing_columns(metadata)
+                break
+            except Exception as exc:
+                if attempt == 2 or not isinstance(exc, DBAPIError):
+                    raise EmoshieldError(f"cannot open the metadata database {self.engine.url!r}: "
+                                         f"{str(exc).splitlines()[0]}") from None
+                time.sleep(0.2 * (attempt + 1))  # another process's CREATE won: the next look finds its tables
 
     def _add_missing_columns(self, metadata: MetaData) -> None:
         """Columns added to a table since its database was created (nullable ones only), so an
@@ -134,12 +143,14 @@ class SqlStore:
             with self.engine.begin() as conn:
                 yield conn
 
+    # reads take no lock: SQLite in WAL mode reads beside a writer, so a writer waiting out its busy
+    # timeout (another process holds the database) never holds up this process's readers
     def _rows(self, query) -> list[dict]:
-        with self._begin() as conn:
+        with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings().all()]
 
     def _scalar(self, query):
-        with self._begin() as conn:
+        with self.engine.connect() as conn:
             return conn.execute(query).scalar()
 
 
@@ -162,11 +173,16 @@ class LibraryCatalog(SqlStore):
         current = self._current()
         if self._rows_of(current, scan, folder_of) is None:
             return len(current)
-        with self._begin() as conn:
+        with self._begin() as conn:  # the lock waited for at most LOCK_WAIT_SECONDS: else OperationalError
             if self.dialect == "postgresql":
+                conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CATALOG_LOCK})
-            else:  # a write first: SQLite's write lock now (waiting its busy timeout), not at the first upsert
-                conn.execute(delete(BACKBONES).where(BACKBONES.c.name == ""))
+            elif self.dialect == "sqlite":  # a write first: SQLite's write lock now, not at the first upsert
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={LOCK_WAIT_SECONDS * 1000}")
+                try:
+                    conn.execute(delete(BACKBONES).where(BACKBONES.c.name == ""))
+                finally:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
             current = self._current(conn)
             rows = self._rows_of(current, scan, folder_of)
             if rows is None:
