@@ -216,3 +216,32 @@ def test_a_held_catalog_lock_is_a_bounded_wait_on_postgresql(tmp_path, postgres)
         proc.terminate()
         log = proc.communicate(timeout=30)[1]
     assert "catalog not re-indexed" in log and "being replaced, or damaged" in log
+
+
+def test_an_entry_mid_replacement_is_a_503_the_edge_waits_out(tmp_path, monkeypatch):
+    """New weights renamed in before their metadata (add_entry's order), or weights damaged in place:
+    the cloud answers 503 'retry later' (one log line per file version, however often asked), and
+    the edge's backbone fetch asks again and gets the new entry once its metadata lands."""
+    from emoshield.models.network import save_model
+    from emoshield.tiers import edge
+
+    library, db = tmp_path / "library", tmp_path / "catalog.sqlite3"
+    add_entry("tiny", TINY, library, data="test")
+    new = build_model(ModelConfig("smallcnn", ["a", "b", "c"], 16))
+    with cloud(library, f"sqlite:///{db}", refresh=3600) as (url, proc):
+        save_model(new, library / "tiny" / "weights.safetensors")  # the weights, not yet the metadata
+        for _ in range(5):
+            status, body, headers = fetch(url + "/backbones/tiny/weights")
+            assert status == 503 and b"retry later" in body and headers["Retry-After"] == "5"
+        # the metadata lands during the first wait; the second try finds the catalog behind it (the
+        # weights route re-indexes), the third gets metadata and weights that agree
+        landed = threading.Timer(0.2, lambda: add_entry("tiny", new, library, data="test", overwrite=True))
+        monkeypatch.setattr(edge, "BACKBONE_RETRY_SECONDS", 1.0)
+        landed.start()
+        meta, path = edge.fetch_backbone(url, "tiny", tmp_path / "cache", timeout=10, deadline_s=60)
+        landed.join()
+        assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert meta["sha256"] == json.loads((library / "tiny" / "metadata.json").read_text())["sha256"]
+        proc.terminate()
+        log = proc.communicate(timeout=30)[1]
+    assert log.count("its weights do not match the sha256 of its metadata") == 1 and "Traceback" not in log

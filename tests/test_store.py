@@ -217,3 +217,17 @@ def test_jobs_hold_out_whole_people_when_uploads_name_enough_of_them():
     assert args[:2] == ["--protocol", "subject"] and args[args.index("--folds") + 1] == "5"
     protocol, args = evaluation_protocol(samples(["a", "b", "c"] * 3))
     assert protocol["test_subjects"] == 1 and args[args.index("--folds") + 1] == "3"
+
+
+def test_postgresql_sessions_wait_for_a_lock_at_most_ten_seconds_and_keep_the_url_options(postgres):
+    """lock_timeout is set per session (a startup option would replace the URL's own `options`, and
+    PgBouncer refuses startup options): a stuck lock ends in an error the services answer with 503."""
+    from sqlalchemy import text
+
+    from emoshield.tiers.store import make_engine
+
+    engine = make_engine(postgres + "?options=-c%20statement_timeout%3D123456")  # what every store gets
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW lock_timeout")).scalar() == "10s"
+        assert conn.execute(text("SHOW statement_timeout")).scalar() == "123456ms"
+    engine.dispose()

@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +38,9 @@ from ..models.library import WEIGHTS_FILE, check_name, find_entry_dir, list_entr
 
 
 REFRESH_SECONDS = 10.0
-_HASHES: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime) -> sha256 of those bytes
+_HASHES: OrderedDict[tuple[int, ...], str] = OrderedDict()  # file version -> sha256 of its bytes (LRU)
+_HASHING = threading.Lock()  # one hash at a time: requests racing for a new version hash it once
+_WARNED: set[tuple[int, ...]] = set()
 
 
 def _log(line: str) -> None:
@@ -45,19 +48,23 @@ def _log(line: str) -> None:
     sys.stderr.flush()
 
 
-def _sha256_of(f) -> str:
-    """sha256 of an open file's bytes, computed once per file version; the file is left at its start."""
+def _sha256_of(f) -> tuple[str, tuple[int, ...]]:
+    """(sha256 of an open file's bytes, the file version it was computed for), computed once per
+    version (device, inode, size, mtime, ctime); the file is left at its start."""
     st = os.fstat(f.fileno())
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        while block := f.read(1 << 20):
-            digest.update(block)
-        f.seek(0)
-        if len(_HASHES) >= 256:
-            _HASHES.clear()
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHING:
+        digest = _HASHES.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            while block := f.read(1 << 20):
+                h.update(block)
+            f.seek(0)
+            digest = _HASHES[key] = h.hexdigest()
+            if len(_HASHES) > 1024:
+                _HASHES.popitem(last=False)
+        _HASHES.move_to_end(key)
+    return digest, key
 
 
 def _chunks(f):
@@ -140,6 +147,12 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
             raise HTTPException(status_code=404, detail=f"no library entry {name!r}")
         return found
 
+    def sha256_on_disk(name: str) -> str | None:
+        try:
+            return read_entry(name, library, verify=False)[0]["sha256"]
+        except EmoshieldError:
+            return None
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "entries": len(entries()), "catalog": "database" if catalog else "folder"}
@@ -162,18 +175,29 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
             try:
                 f = open(path, "rb")
             except FileNotFoundError:  # removed since it was indexed
-                f = None
+                f, version = None, None
             if f is not None:
                 size = os.fstat(f.fileno()).st_size
-                if _sha256_of(f) == meta["sha256"]:
+                digest, version = _sha256_of(f)
+                if digest == meta["sha256"]:
                     return StreamingResponse(
                         _chunks(f), media_type="application/octet-stream", background=BackgroundTask(f.close),
-                        headers={"Content-Length": str(size), "X-Content-SHA256": meta["sha256"],
+                        headers={"Content-Length": str(size), "X-Content-SHA256": digest,
                                  "Content-Disposition": f'attachment; filename="{meta["name"]}.safetensors"'})
                 f.close()
-            if attempt == 0 and catalog:
+            # re-indexed only when the catalog is behind the metadata on disk (a replacement), not
+            # for weights that disagree with metadata the catalog already holds (damaged, or new
+            # weights renamed in before their metadata): those cost one small read, not a scan
+            if attempt == 0 and catalog and meta["sha256"] != sha256_on_disk(name):
                 reindex(now=True)
-        _log(f"entry {name!r}: its weights do not match the sha256 of its metadata (being replaced, or damaged)")
+                continue
+            break
+        if version not in _WARNED:  # one line per file version, however often it is asked for
+            if len(_WARNED) > 1024:
+                _WARNED.clear()
+            _WARNED.add(version)
+            _log(f"entry {name!r}: its weights do not match the sha256 of its metadata "
+                 f"(being replaced, or damaged)")
         raise HTTPException(status_code=503, detail=f"library entry {name!r} is being replaced; retry later",
                             headers={"Retry-After": "5"})
 

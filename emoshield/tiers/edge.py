@@ -139,14 +139,37 @@ STORAGE_FULL = "the edge cannot store uploads now (storage full); keep the face 
 MAX_LOG_BYTES = 2_000_000  # GET /jobs/ID/log serves at most this tail of a job's log
 
 
+BACKBONE_RETRY_SECONDS = 5.0  # the cloud's Retry-After while an entry is being replaced
+
+
+class _BackboneChanged(EmoshieldError):
+    """The weights fetched are not the ones the metadata named: the entry was replaced meanwhile."""
+
+
 def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60,
                    deadline_s: float = 1800.0) -> tuple[dict, Path]:
     """Metadata and local weights file of a cloud library entry, verified by sha256. A cloud that
     answers slowly or not at all fails the job within `deadline_s` (the weights take most of it):
-    the node's one job worker is never held by it."""
+    the node's one job worker is never held by it. An entry being replaced (the cloud's 503, or
+    weights that no longer match the metadata fetched a moment before) is asked for again, twice
+    at most, while the deadline allows."""
+    from .client import ServiceError
+
+    deadline, tries = time.monotonic() + deadline_s, 1
+    while True:
+        try:
+            return _fetch_backbone_once(cloud_url, name, cache, timeout, deadline)
+        except (ServiceError, _BackboneChanged) as exc:
+            replaced = isinstance(exc, _BackboneChanged) or exc.status == 503
+            if not replaced or tries == 3 or time.monotonic() + BACKBONE_RETRY_SECONDS >= deadline:
+                raise
+            tries += 1
+            time.sleep(BACKBONE_RETRY_SECONDS)
+
+
+def _fetch_backbone_once(cloud_url: str, name: str, cache: Path, timeout: float, deadline: float) -> tuple[dict, Path]:
     from .client import download, request
 
-    deadline = time.monotonic() + deadline_s
     meta = request("GET", f"{cloud_url.rstrip('/')}/backbones/{name}", timeout=timeout,
                    deadline=min(deadline, time.monotonic() + 4 * timeout))
     if not isinstance(meta, dict) or meta.get("name") != name:
@@ -166,7 +189,7 @@ def fetch_backbone(cloud_url: str, name: str, cache: Path, timeout: float = 60,
                  max_bytes=MAX_BACKBONE_BYTES, deadline=deadline)
         if sha256_file(tmp) != meta["sha256"]:
             tmp.unlink()
-            raise EmoshieldError(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
+            raise _BackboneChanged(f"backbone {name} from {cloud_url} does not match its sha256 {meta['sha256'][:12]}")
         tmp.replace(path)
     return meta, path
 

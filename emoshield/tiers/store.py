@@ -60,6 +60,7 @@ JOB_FIELDS = {c.name for c in JOBS.columns} - {"id"}
 CATALOG_LOCK = 0x656D6F73  # "emos": the advisory lock cloud replicas take to write the catalog
 LOCK_WAIT_SECONDS = 2  # a catalog write waits this long for another replica (or a stuck one), then gives up
 SQLITE_BUSY_SECONDS = 30  # a store's write waits this long for another process's SQLite transaction
+PG_LOCK_TIMEOUT_SECONDS = 10  # any PostgreSQL statement waits this long for a lock, then fails (503, retry)
 
 
 def hash_token(token: str) -> str:
@@ -81,12 +82,21 @@ def make_engine(url: str):
             connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
 
         return engine
-    # a server that stops answering (a fail-over) costs a request seconds, not the OS's TCP timeout,
-    # and a lock held elsewhere (a stuck transaction, a table lock) ends in an error, not a hang
-    connect = ({"connect_timeout": 10, "options": "-c lock_timeout=10s"}
-               if parsed.get_backend_name() == "postgresql" else {})
-    return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
-                         connect_args=connect)
+    # a server that stops answering (a fail-over) costs a request seconds, not the OS's TCP timeout
+    postgresql = parsed.get_backend_name() == "postgresql"
+    engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10,
+                           connect_args={"connect_timeout": 10} if postgresql else {})
+    if postgresql:
+        @event.listens_for(engine, "connect")
+        def _lock_timeout(connection, _record):
+            """A lock held elsewhere (a stuck transaction, a table lock) ends in an error after
+            PG_LOCK_TIMEOUT_SECONDS, not a hang. Set per session, not as a startup option: the URL's
+            own `options` stay, and poolers that refuse startup options (PgBouncer) still connect."""
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET lock_timeout = '{PG_LOCK_TIMEOUT_SECONDS}s'")
+            connection.commit()
+
+    return engine
 
 
 class SqlStore:
