@@ -231,3 +231,27 @@ def test_postgresql_sessions_wait_for_a_lock_at_most_ten_seconds_and_keep_the_ur
         assert conn.execute(text("SHOW lock_timeout")).scalar() == "10s"
         assert conn.execute(text("SHOW statement_timeout")).scalar() == "123456ms"
     engine.dispose()
+
+
+def test_uploads_arriving_together_queue_one_automatic_job(tmp_path, database):
+    """Eight uploads finish at once on an edge that trains every 5 samples: one job, not eight
+    (each store is its own connection pool, as edge processes sharing a database are)."""
+    stores = [EdgeStore(tmp_path / "edge", database) for _ in range(4)]
+    device_id, _ = stores[0].enrol("camera")
+    for i in range(8):
+        stores[0].add_sample(device_id, f"face {i}".encode(), "happy", "png")
+    barrier, queued = threading.Barrier(8), []
+
+    def upload_done(store):
+        barrier.wait()
+        queued.append(store.queue_job_if_due("auto", 5))
+
+    threads = [threading.Thread(target=upload_done, args=(stores[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([j for j in queued if j is not None]) == 1 and stores[0].active_jobs() == 1
+    assert stores[1].queue_job_if_due("auto", 5) is None  # one pending: none more
+    for s in stores:
+        s.close()

@@ -330,9 +330,10 @@ class EdgeNode:
     def sample_added(self) -> int | None:
         """Queue a job when enough new samples arrived (train_every) and none is pending."""
         every = self.config.train_every
-        if every and self.store.new_sample_count() >= every and self.store.active_jobs() == 0:
-            return self.queue_job("auto")
-        return None
+        job_id = self.store.queue_job_if_due("auto", every) if every else None
+        if job_id is not None:
+            self._wake.set()
+        return job_id
 
     WORKER_RETRY_SECONDS = 5.0
 

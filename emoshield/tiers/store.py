@@ -58,6 +58,7 @@ HEARTBEATS = Table("heartbeats", METADATA,
                    Column("version", Integer), Column("telemetry", Text, nullable=False))
 JOB_FIELDS = {c.name for c in JOBS.columns} - {"id"}
 CATALOG_LOCK = 0x656D6F73  # "emos": the advisory lock cloud replicas take to write the catalog
+JOB_QUEUE_LOCK = 0x656D6F6A  # "emoj": edges sharing a database queue an automatic job one at a time
 LOCK_WAIT_SECONDS = 2  # a catalog write waits this long for another replica (or a stuck one), then gives up
 SQLITE_BUSY_SECONDS = 30  # a store's write waits this long for another process's SQLite transaction
 PG_LOCK_TIMEOUT_SECONDS = 10  # any PostgreSQL statement waits this long for a lock, then fails (503, retry)
@@ -320,8 +321,25 @@ class EdgeStore(SqlStore):
                                  s.c.subject)
                           .where(s.c.device_id == device_id).order_by(s.c.id))
 
+    _NEW_SAMPLES = select(func.count()).select_from(SAMPLES).where(SAMPLES.c.job_id.is_(None))
+    _ACTIVE_JOBS = select(func.count()).select_from(JOBS).where(JOBS.c.status.in_(("queued", "running")))
+
     def new_sample_count(self) -> int:
-        return self._scalar(select(func.count()).select_from(SAMPLES).where(SAMPLES.c.job_id.is_(None)))
+        return self._scalar(self._NEW_SAMPLES)
+
+    def queue_job_if_due(self, trigger: str, every: int) -> int | None:
+        """Queue a job when at least `every` samples are new and no job is queued or running, as one
+        step: uploads arriving together (threads, or edge processes sharing a database) queue one
+        job, not one each. The id, or None when none was due."""
+        with self._begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOB_QUEUE_LOCK})
+            else:  # a write first: SQLite's write lock before the counts are read
+                conn.execute(delete(JOBS).where(JOBS.c.id == -1))
+            if conn.execute(self._NEW_SAMPLES).scalar() < every or conn.execute(self._ACTIVE_JOBS).scalar():
+                return None
+            result = conn.execute(insert(JOBS).values(status="queued", trigger=trigger, created=time.time()))
+            return result.inserted_primary_key[0]
 
     # jobs and bundles
     def create_job(self, trigger: str) -> int:
@@ -342,7 +360,7 @@ class EdgeStore(SqlStore):
                 for j in self._rows(select(JOBS).order_by(JOBS.c.id))]
 
     def active_jobs(self) -> int:
-        return self._scalar(select(func.count()).select_from(JOBS).where(JOBS.c.status.in_(("queued", "running"))))
+        return self._scalar(self._ACTIVE_JOBS)
 
     def claim_next_job(self) -> int | None:
         """Mark the oldest queued job running and return its id; one claimer wins per job."""
