@@ -71,6 +71,9 @@ def test_concurrent_claims_take_each_job_once(tmp_path, database):
 def test_a_bad_database_url_is_a_one_line_error(tmp_path):
     with pytest.raises(EmoshieldError, match="not a database URL"):
         EdgeStore(tmp_path, "not a url")
+    for memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"):
+        with pytest.raises(EmoshieldError, match="in-memory SQLite database, private to each connection"):
+            EdgeStore(tmp_path, memory)
     with pytest.raises(EmoshieldError, match="cannot open the metadata database"):
         EdgeStore(tmp_path, "postgresql+psycopg://nobody@127.0.0.1:1/none")
 

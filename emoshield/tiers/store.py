@@ -75,6 +75,9 @@ def make_engine(url: str):
     except Exception as exc:
         raise EmoshieldError(f"not a database URL: {url!r} ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
+            raise EmoshieldError(f"{url!r} is an in-memory SQLite database, private to each connection (each "
+                                 f"request would see an empty one): give a file, sqlite:///PATH")
         engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS})
 
         @event.listens_for(engine, "connect")
