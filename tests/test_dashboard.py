@@ -326,6 +326,44 @@ def test_the_event_stream_ends_when_its_session_does_and_hostile_event_ids_are_i
     requests.get(edge + "/health", timeout=10).raise_for_status()
 
 
+def test_devices_enrolled_at_once_in_one_session_each_show_their_token_once(site):
+    """A double click or two tabs: both enrolments land and the enrolled page shows both tokens,
+    once; past MAX_PENDING_TOKENS waiting tokens a further enrolment is refused (429), not lost."""
+    from emoshield.tiers.dashboard.state import MAX_PENDING_TOKENS
+
+    edge = site["edge"]
+    client = login(edge)
+    csrf = csrf_of(client, edge)
+    barrier, answers = threading.Barrier(2), []
+
+    def enrol(name):
+        barrier.wait()
+        answers.append(client.post(edge + "/dashboard/devices", data={"name": name, "csrf": csrf},
+                                   allow_redirects=False, timeout=10).status_code)
+
+    threads = [threading.Thread(target=enrol, args=(f"tab-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [303, 303]
+    page = client.get(edge + "/dashboard/enrolled", allow_redirects=False, timeout=10)
+    tokens = re.findall(r'<pre class="token" id="device-token[-0-9]*">([^<]+)</pre>', page.text)
+    assert page.status_code == 200 and len(tokens) == 2 and "tab-0" in page.text and "tab-1" in page.text
+    for token in tokens:  # each works as a device token
+        assert EdgeClient(edge, token.strip()).me()["name"] in ("tab-0", "tab-1")
+    assert client.get(edge + "/dashboard/enrolled", allow_redirects=False, timeout=10).status_code == 303  # once
+    statuses = [client.post(edge + "/dashboard/devices", data={"name": f"many-{i}", "csrf": csrf},
+                            allow_redirects=False, timeout=10).status_code for i in range(MAX_PENDING_TOKENS + 1)]
+    assert statuses == [303] * MAX_PENDING_TOKENS + [429]
+    page = client.get(edge + "/dashboard/enrolled", timeout=10)
+    assert len(re.findall(r'class="token"', page.text)) == MAX_PENDING_TOKENS
+    admin = EdgeClient(edge, ADMIN)
+    for d in admin.call("GET", "/devices"):  # leave the module's edge as the other tests expect it
+        if d["name"].startswith(("tab-", "many-")):
+            admin.call("DELETE", f"/devices/{d['id']}")
+
+
 def test_the_dashboard_rides_out_a_database_outage(tmp_path):
     """A real fault: the edge's PostgreSQL stops while an operator watches. Pages answer 503 'retry
     later'; the open event stream stays open (the page keeps what it shows) and, once the server is

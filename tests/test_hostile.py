@@ -696,3 +696,22 @@ def test_a_database_that_is_down_is_a_503_naming_no_host(tmp_path, monkeypatch):
     monkeypatch.setattr(node.store, "device_for", down)
     status, body = _asgi(app, "GET", "/samples", {"Authorization": "Bearer device-token-123456"})
     assert status == 503 and b"retry later" in body and b"db.internal" not in body
+
+
+def test_a_device_revoked_between_its_token_check_and_its_answer_is_a_403(tmp_path, monkeypatch):
+    """GET /me looks the device up after the token check; a revoke landing between the two (seen
+    under load) must be the token's 403, not a 500 from a row that is gone."""
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode, create_app
+    from tests.conftest import FIVE, trust_repository
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config)
+    device_id, token = node.enrol("camera")
+    app = create_app(node)
+    status, body = _asgi(app, "GET", "/me", {"Authorization": f"Bearer {token}"})
+    assert status == 200 and json.loads(body)["id"] == device_id
+    monkeypatch.setattr(node.store, "device", lambda _: None)  # the row went after the token check
+    status, body = _asgi(app, "GET", "/me", {"Authorization": f"Bearer {token}"})
+    assert status == 403 and b"unknown device token" in body

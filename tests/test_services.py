@@ -247,7 +247,24 @@ def test_revoked_devices_are_refused_at_once_and_the_edge_keeps_its_files_privat
     assert device.me()["id"] == enrolled["device_id"]
     with pytest.raises(ServiceError, match="HTTP 403"):  # a device cannot revoke
         device.call("DELETE", f"/devices/{enrolled['device_id']}")
+    # an upload whose body is still arriving when the revoke returns is refused, not stored
+    import socket
+
+    from emoshield.tiers.client import multipart
+
+    body, content_type = multipart({"label": "happy"}, "file", "face.png", cv2_png(services["data_root"]))
+    host, port = edge.removeprefix("http://").split(":")
+    late = socket.create_connection((host, int(port)), timeout=30)
+    late.sendall(f"POST /samples HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {enrolled['token']}\r\n"
+                 f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+    time.sleep(0.5)  # the token was checked when the head arrived
     assert admin.call("DELETE", f"/devices/{enrolled['device_id']}") == {"revoked": enrolled["device_id"]}
+    late.sendall(body[100:])
+    answer = b""
+    while b"\r\n\r\n" not in answer and (chunk := late.recv(65536)):
+        answer += chunk
+    late.close()
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
     with pytest.raises(ServiceError, match="HTTP 403"):
         device.me()
     with pytest.raises(ServiceError, match="HTTP 404"):

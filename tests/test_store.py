@@ -3,6 +3,7 @@
 
 import hashlib
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -198,8 +199,10 @@ def test_an_edge_database_from_before_subject_tags_is_upgraded_in_place(tmp_path
     store = EdgeStore(tmp_path / "edge", database)
     old, = store.samples()
     assert old["label"] == "happy" and old["subject"] is None  # kept, untagged
-    new = store.add_sample("d000000000001", b"\x89PNG new", "sad", "png", subject="S010")
-    assert new["subject"] == "S010" and [s["subject"] for s in store.samples("d000000000001")] == [None, "S010"]
+    assert store.add_sample("d000000000001", b"\x89PNG new", "sad", "png") is None  # its device is not enrolled
+    device_id, _ = store.enrol("camera")
+    new = store.add_sample(device_id, b"\x89PNG new", "sad", "png", subject="S010")
+    assert new["subject"] == "S010" and [s["subject"] for s in store.samples(device_id)] == ["S010"]
     store.close()
     EdgeStore(tmp_path / "edge", database).close()  # opening again: nothing left to add, no error
 
@@ -258,3 +261,28 @@ def test_uploads_arriving_together_queue_one_automatic_job(tmp_path, database):
     assert stores[1].queue_job_if_due("auto", 5) is None  # one pending: none more
     for s in stores:
         s.close()
+
+
+def test_the_image_folder_sweep_removes_what_killed_uploads_left_and_nothing_else(tmp_path):
+    """A kill mid-upload leaves a partial file; a kill between the file and its row, or a revoke
+    racing the upload, leaves a file no sample names. The start-up sweep removes both once they
+    are older than an upload can take, and never a file a sample names or a young one."""
+    import os
+
+    store = EdgeStore(tmp_path / "edge")
+    device_id, _ = store.enrol("camera")
+    kept = store.add_sample(device_id, b"\x89PNG kept", "happy", "png")
+    named = store.cas_path(kept["sha256"])
+    orphan = store.cas_path("ab" * 32)
+    partial = named.with_name(named.name + ".partial-1234abcd")
+    young = store.cas_path("cd" * 32)
+    for path in (orphan, partial, young):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left over")
+    old = time.time() - 3600
+    for path in (named, orphan, partial):
+        os.utime(path, (old, old))
+    assert store.sweep() == 2
+    assert named.is_file() and young.is_file() and not orphan.exists() and not partial.exists()
+    assert store.add_sample("d000000000000", b"\x89PNG x", "happy", "png") is None  # no such device: nothing
+    store.close()

@@ -223,6 +223,10 @@ class EdgeNode:
         self._stop_orphans()
 
     def start(self) -> None:
+        swept = self.store.sweep()  # what uploads cut short by a kill left in the image folder
+        if swept:
+            print(f"edge: removed {swept} partial or unreferenced image file(s) left by an earlier run",
+                  file=sys.stderr, flush=True)
         if self.config.mqtt:
             from .mqtt import EdgeAnnouncer
 
@@ -635,7 +639,10 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
     @app.get("/me")
     def me(device_id: str = Depends(device)) -> dict:
         """What a device needs to join the edge's MQTT fan-out: its id, the edge's name, the broker."""
-        return {**store.device(device_id), "edge": cfg.name, "mqtt": cfg.mqtt,
+        known = store.device(device_id)
+        if known is None:  # revoked between the token check and now
+            raise HTTPException(403, "unknown device token")
+        return {**known, "edge": cfg.name, "mqtt": cfg.mqtt,
                 # "token": the broker knows this device as user <id> with its edge token as password
                 "mqtt_auth": "token" if cfg.mqtt and cfg.mqtt_admin else None}
 
@@ -694,6 +701,8 @@ def create_app(node: EdgeNode, max_concurrent_decodes: int = 2):
                 raise  # down: the app's OperationalError handler answers 503
             print(f"edge: cannot store an upload ({one_line(exc, 160)})", file=sys.stderr, flush=True)
             raise HTTPException(507, STORAGE_FULL) from None
+        if sample is None:  # revoked while its body arrived: refused, nothing stored
+            raise HTTPException(403, "unknown device token")
         try:  # the sample is stored: a fault here must not make the device send it again
             job = await run_in_threadpool(node.sample_added)
         except Exception as exc:  # noqa: BLE001

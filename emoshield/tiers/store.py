@@ -297,11 +297,17 @@ class EdgeStore(SqlStore):
     def cas_path(self, digest: str) -> Path:
         return self.root / "cas" / digest[:2] / digest[2:]
 
-    def add_sample(self, device_id: str, data: bytes, label: str, kind: str, subject: str | None = None) -> dict:
+    def add_sample(self, device_id: str, data: bytes, label: str, kind: str,
+                   subject: str | None = None) -> dict | None:
+        """Store a face and its row; None (nothing stored) when the device is not, or no longer,
+        enrolled: an upload whose body was still arriving when its device was revoked is refused,
+        not kept under a device that no longer exists."""
+        if self.device(device_id) is None:
+            return None
         digest = hashlib.sha256(data).hexdigest()
         path = self.cas_path(digest)
         if not path.is_file():
-            tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+            tmp = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_bytes(data)
@@ -310,11 +316,38 @@ class EdgeStore(SqlStore):
                 tmp.unlink(missing_ok=True)
                 raise
         with self._begin() as conn:
+            # the device row is held (PostgreSQL: FOR KEY SHARE) until the sample is in: a revoke
+            # either comes first and the upload is refused, or waits for it
+            known = select(DEVICES.c.id).where(DEVICES.c.id == device_id)
+            if self.dialect == "postgresql":
+                known = known.with_for_update(read=True, key_share=True)
+            if conn.execute(known).scalar() is None:
+                return None  # revoked meanwhile; the file stays only if it was new, swept at the next start
             result = conn.execute(insert(SAMPLES).values(device_id=device_id, sha256=digest, label=label,
                                                          bytes=len(data), kind=kind, created=time.time(),
                                                          subject=subject))
             sample_id = result.inserted_primary_key[0]
         return {"id": sample_id, "sha256": digest, "label": label, "bytes": len(data), "subject": subject}
+
+    def sweep(self, older_than_s: float = 600.0) -> int:
+        """Remove what a killed upload leaves in the content-addressed folder: partial files, and
+        files no sample names (killed between the file and its row, or refused after a revoke),
+        when older than `older_than_s` (an upload in flight in another process is never touched).
+        Returns how many files went."""
+        cas = self.root / "cas"
+        if not cas.is_dir():
+            return 0
+        named = {r["sha256"] for r in self._rows(select(SAMPLES.c.sha256).distinct())}
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in cas.glob("*/*"):
+            try:
+                stale = path.is_file() and path.stat().st_mtime < cutoff
+            except OSError:
+                continue
+            if stale and path.parent.name + path.name not in named:  # a partial file's name is no digest
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def samples(self, device_id: str | None = None) -> list[dict]:
         s = SAMPLES

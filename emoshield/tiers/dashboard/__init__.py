@@ -281,8 +281,8 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
         if session is None:
             return secured(RedirectResponse("/login", status_code=303))
         parts = await run_in_threadpool(sections, session)
-        return page("page.html", csrf=session.csrf, sections=parts, classes=cfg.classes,
-                    latest=node.store.latest_version())
+        latest = await run_in_threadpool(node.store.latest_version)  # a database call: never on the event loop
+        return page("page.html", csrf=session.csrf, sections=parts, classes=cfg.classes, latest=latest)
 
     @app.get("/dashboard/state", include_in_schema=False)
     async def state(request: Request):
@@ -372,20 +372,23 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
         name = form.get("name", "").strip()
         if not valid_device_name(name):
             return refused(422, "a device name is 1-64 printable characters")
+        if not session.has_room():
+            return refused(429, "tokens of devices enrolled in this session are waiting: open /dashboard/enrolled")
         device_id, token = await run_in_threadpool(node.enrol, name)
-        session.flash = {"name": name, "device_id": device_id, "token": token}
+        session.add_pending({"name": name, "device_id": device_id, "token": token})
         return secured(RedirectResponse("/dashboard/enrolled", status_code=303))
 
     @app.get("/dashboard/enrolled", include_in_schema=False)
     def enrolled(request: Request):
-        """The device enrolled last in this session, with its token: shown once, then gone."""
+        """The devices enrolled in this session since this page was last shown, with their tokens:
+        each shown once, then gone."""
         session = session_of(request)
         if session is None:
             return refused(401, "log in at /login first")
-        flash, session.flash = session.flash, None
-        if flash is None:
+        devices = session.take_pending()
+        if not devices:
             return secured(RedirectResponse("/#devices", status_code=303))
-        return page("enrolled.html", csrf=session.csrf, **flash)
+        return page("enrolled.html", csrf=session.csrf, devices=devices)
 
     @app.post("/dashboard/devices/{device_id}/revoke", include_in_schema=False)
     async def revoke(request: Request, device_id: str = PathParam(max_length=32, pattern=r"^d[0-9a-f]{12}$")):

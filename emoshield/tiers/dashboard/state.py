@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..wire import finite
@@ -48,14 +48,33 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+MAX_PENDING_TOKENS = 8  # devices enrolled in one session whose tokens were not shown yet
+
+
 @dataclass
 class Session:
     csrf: str
     created: float
     expires: float
-    # what the next GET /dashboard/enrolled shows once (a new device's token): post, redirect, get,
-    # so reloading that page never enrols another device
-    flash: dict | None = None
+    # what the next GET /dashboard/enrolled shows once (new devices' tokens): post, redirect, get, so
+    # reloading that page never enrols another device; a list, so two enrolments at once (a double
+    # click, two tabs) each show their token
+    pending: list[dict] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def has_room(self) -> bool:
+        with self._lock:
+            return len(self.pending) < MAX_PENDING_TOKENS
+
+    def add_pending(self, enrolled: dict) -> None:
+        with self._lock:
+            self.pending.append(enrolled)
+
+    def take_pending(self) -> list[dict]:
+        """The tokens not shown yet, each handed out once."""
+        with self._lock:
+            taken, self.pending = self.pending, []
+        return taken
 
 
 class Sessions:
