@@ -715,3 +715,34 @@ def test_a_device_revoked_between_its_token_check_and_its_answer_is_a_403(tmp_pa
     monkeypatch.setattr(node.store, "device", lambda _: None)  # the row went after the token check
     status, body = _asgi(app, "GET", "/me", {"Authorization": f"Bearer {token}"})
     assert status == 403 and b"unknown device token" in body
+
+
+def test_a_revoke_racing_an_enrolment_leaves_no_broker_account(tmp_path):
+    """The dashboard lists a device as soon as its row exists, before its MQTT account is granted:
+    a revoke clicked then must come after the grant (and remove the account), never before it."""
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode
+    from tests.conftest import FIVE, trust_repository
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config)
+    calls, granting, release = [], threading.Event(), threading.Event()
+
+    def grant_device(device_id, token):
+        granting.set()
+        release.wait(10)  # a slow broker
+        calls.append(("grant", device_id))
+
+    node.announcer = SimpleNamespace(grant_device=grant_device, revoke_device=lambda d: calls.append(("revoke", d)))
+    enrolment = threading.Thread(target=node.enrol, args=("camera",))
+    enrolment.start()
+    assert granting.wait(10)
+    (listed,) = node.store.devices()  # on the dashboard already
+    revoking = threading.Thread(target=node.revoke, args=(listed["id"],))
+    revoking.start()
+    time.sleep(0.3)
+    release.set()
+    enrolment.join(10)
+    revoking.join(10)
+    assert calls == [("grant", listed["id"]), ("revoke", listed["id"])] and node.store.devices() == []

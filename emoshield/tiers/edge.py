@@ -205,6 +205,9 @@ class EdgeNode:
 
         self.feed = LiveFeed()  # accepted heartbeats, for the dashboard's live timeline
         self._heartbeats_lock = threading.Lock()  # a heartbeat and a revoke never interleave
+        # enrolment (its row, then its MQTT account) and revocation never interleave: a revoke landing
+        # between the two would leave a revoked device an account on the broker
+        self._accounts_lock = threading.Lock()
         self._last_heartbeat: dict[str, float] = {}
         self.on_publish = on_publish
         self._wake = threading.Event()
@@ -311,19 +314,21 @@ class EdgeNode:
 
     def enrol(self, name: str) -> tuple[str, str]:
         """A new device id and token; with broker accounts, its MQTT account too."""
-        device_id, token = self.store.enrol(name)
-        if self.announcer is not None:
-            self.announcer.grant_device(device_id, token)
+        with self._accounts_lock:  # a revoke of this id (listed on the dashboard already) waits for the grant
+            device_id, token = self.store.enrol(name)
+            if self.announcer is not None:
+                self.announcer.grant_device(device_id, token)
         return device_id, token
 
     def revoke(self, device_id: str) -> bool:
         """Refuse the device from now on, over HTTP and (with broker accounts) MQTT."""
-        with self._heartbeats_lock:
-            if not self.store.revoke(device_id):
-                return False
-            self.feed.forget(device_id)
-        if self.announcer is not None:
-            self.announcer.revoke_device(device_id)
+        with self._accounts_lock:
+            with self._heartbeats_lock:
+                if not self.store.revoke(device_id):
+                    return False
+                self.feed.forget(device_id)
+            if self.announcer is not None:
+                self.announcer.revoke_device(device_id)
         return True
 
     def queue_job(self, trigger: str) -> int:
