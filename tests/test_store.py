@@ -285,4 +285,7 @@ def test_the_image_folder_sweep_removes_what_killed_uploads_left_and_nothing_els
     assert store.sweep() == 2
     assert named.is_file() and young.is_file() and not orphan.exists() and not partial.exists()
     assert store.add_sample("d000000000000", b"\x89PNG x", "happy", "png") is None  # no such device: nothing
+    named.write_bytes(b"")  # what a power loss before a sync can leave: the next upload of it repairs it
+    again = store.add_sample(device_id, b"\x89PNG kept", "happy", "png")
+    assert again["sha256"] == kept["sha256"] and named.read_bytes() == b"\x89PNG kept"
     store.close()

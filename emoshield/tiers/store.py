@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import threading
 import time
@@ -306,11 +307,16 @@ class EdgeStore(SqlStore):
             return None
         digest = hashlib.sha256(data).hexdigest()
         path = self.cas_path(digest)
-        if not path.is_file():
+        # written and synced before its row commits, so a power loss never leaves a row naming an
+        # empty file; a file of the wrong size (such a loss before this rule) is written again
+        if not path.is_file() or path.stat().st_size != len(data):
             tmp = path.with_name(f"{path.name}.partial-{secrets.token_hex(4)}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(data)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 tmp.replace(path)
             except OSError:  # a full disk or file-size limit: nothing half-written stays
                 tmp.unlink(missing_ok=True)
