@@ -45,9 +45,13 @@ def search_path(library: Path | None = None) -> list[Path]:
     return [default_library()] + ([EMBEDDED_LIBRARY] if EMBEDDED_LIBRARY.is_dir() else [])
 
 
+def _is_entry_name(name: str) -> bool:
+    return bool(_NAME.match(name or "")) and ".." not in name
+
+
 def check_name(name: str) -> str:
     """Entry names are used as folder names: letters, digits, '_', '.', '-' only."""
-    if not _NAME.match(name or "") or ".." in name:
+    if not _is_entry_name(name):
         raise EmoshieldError(f"library entry name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
     return name
 
@@ -132,8 +136,7 @@ def _metadata(folder: Path) -> dict:
              if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
     if wrong:
         raise EmoshieldError(f"{path}: library metadata lacks or mistypes {', '.join(wrong)}")
-    if (meta["name"] != folder.name or not _NAME.match(meta["name"]) or ".." in meta["name"]
-            or not _SHA256.match(meta["sha256"]) or not _BACKBONE.match(meta["backbone"])
+    if (meta["name"] != folder.name or not _is_entry_name(meta["name"]) or not _SHA256.match(meta["sha256"]) or not _BACKBONE.match(meta["backbone"])
             or not 1 <= meta["input_size"] <= MAX_INPUT_SIZE):
         raise EmoshieldError(f"{path}: library metadata does not fit its entry (name, sha256, backbone or "
                              f"input_size)")

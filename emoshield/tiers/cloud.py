@@ -33,7 +33,7 @@ from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
-from ..errors import EmoshieldError, one_line
+from ..errors import EmoshieldError
 from ..models.library import WEIGHTS_FILE, check_name, find_entry_dir, list_entries, read_entry
 
 
@@ -87,7 +87,7 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
     app = FastAPI(title="emoshield cloud", description="Model library of pretrained backbones.", version="1")
     catalog = None
     if database:
-        from .store import LOCK_WAIT_SECONDS, LibraryCatalog
+        from .store import LOCK_WAIT_SECONDS, LibraryCatalog, driver_message
 
         catalog = LibraryCatalog(database)
 
@@ -102,8 +102,7 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
         try:
             catalog.sync(scan, weights_of)
         except Exception as exc:  # noqa: BLE001 - any driver's error: one line, not a traceback at start
-            raise EmoshieldError(f"cannot index the library into the catalog database: "
-                                 f"{one_line(getattr(exc, 'orig', None) or exc, 160)}") from None
+            raise EmoshieldError(f"cannot index the library into the catalog database: {driver_message(exc)}") from None
         last_scan = {"at": time.monotonic()}
         scanning = threading.Lock()
 
@@ -119,7 +118,7 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
             try:
                 catalog.sync(scan, weights_of)
             except Exception as exc:  # noqa: BLE001 - upkeep: a request is never failed by it
-                _log(f"catalog not re-indexed ({one_line(getattr(exc, 'orig', None) or exc, 160)})")
+                _log(f"catalog not re-indexed ({driver_message(exc)})")
             finally:
                 last_scan["at"] = time.monotonic()
                 scanning.release()
@@ -177,12 +176,11 @@ def create_app(library: Path | None = None, database: str | None = None, refresh
             except FileNotFoundError:  # removed since it was indexed
                 f, version = None, None
             if f is not None:
-                size = os.fstat(f.fileno()).st_size
-                digest, version = _sha256_of(f)
+                digest, version = _sha256_of(f)  # version: (device, inode, size, mtime, ctime)
                 if digest == meta["sha256"]:
                     return StreamingResponse(
                         _chunks(f), media_type="application/octet-stream", background=BackgroundTask(f.close),
-                        headers={"Content-Length": str(size), "X-Content-SHA256": digest,
+                        headers={"Content-Length": str(version[2]), "X-Content-SHA256": digest,
                                  "Content-Disposition": f'attachment; filename="{meta["name"]}.safetensors"'})
                 f.close()
             # re-indexed only when the catalog is behind the metadata on disk (a replacement), not

@@ -82,16 +82,13 @@ def answer_503_while_the_database_is_down(app, service: str) -> None:
     503 'retry later' (never a 500), and the driver's message, which may name hosts and SQL, goes
     to the service's log only."""
     from fastapi.responses import JSONResponse
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    from ..errors import one_line
+    from .store import UNAVAILABLE, driver_message
 
     async def database_unavailable(request, exc: Exception):
-        # one write: lines from several threads stay whole
-        sys.stderr.write(f"{service}: database unavailable ({one_line(getattr(exc, 'orig', None) or exc, 160)})\n")
+        sys.stderr.write(f"{service}: database unavailable ({driver_message(exc)})\n")  # one write: lines stay whole
         sys.stderr.flush()
         return JSONResponse({"detail": f"the {service}'s database is unavailable; retry later"}, status_code=503)
 
-    app.add_exception_handler(OperationalError, database_unavailable)
-    app.add_exception_handler(PoolTimeout, database_unavailable)
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, database_unavailable)

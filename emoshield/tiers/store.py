@@ -23,9 +23,10 @@ from pathlib import Path
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, func,
                         insert, select, text, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..errors import EmoshieldError
+from ..errors import EmoshieldError, one_line
 from .wire import parse_version
 
 METADATA = MetaData()  # the edge's tables
@@ -63,6 +64,15 @@ JOB_QUEUE_LOCK = 0x656D6F6A  # "emoj": edges sharing a database queue an automat
 LOCK_WAIT_SECONDS = 2  # a catalog write waits this long for another replica (or a stuck one), then gives up
 SQLITE_BUSY_SECONDS = 30  # a store's write waits this long for another process's SQLite transaction
 PG_LOCK_TIMEOUT_SECONDS = 10  # any PostgreSQL statement waits this long for a lock, then fails (503, retry)
+
+
+# a database that is down, locked or out of pooled connections: retry later (the services' 503)
+UNAVAILABLE = (OperationalError, PoolTimeout)
+
+
+def driver_message(exc: BaseException) -> str:
+    """The database driver's own message in one line (it may name hosts and SQL: logs only)."""
+    return one_line(getattr(exc, "orig", None) or exc, 160)
 
 
 def hash_token(token: str) -> str:
@@ -223,11 +233,12 @@ class LibraryCatalog(SqlStore):
         return None if {n: (r["metadata"], r["path"]) for n, r in rows.items()} == current else rows
 
     def _current(self, conn=None) -> dict[str, tuple[str, str]]:
-        """name -> (metadata text, weights path) of every row."""
+        """name -> (metadata text, weights path) of every row (in `conn`'s transaction if given)."""
+        if conn is None:
+            with self.engine.connect() as conn:
+                return self._current(conn)
         query = select(BACKBONES.c.name, BACKBONES.c.metadata, BACKBONES.c.path)
-        if conn is not None:
-            return {r.name: (r.metadata, r.path) for r in conn.execute(query)}
-        return {r["name"]: (r["metadata"], r["path"]) for r in self._rows(query)}
+        return {r.name: (r.metadata, r.path) for r in conn.execute(query)}
 
     def entries(self) -> list[dict]:
         return [json.loads(r["metadata"]) for r in self._rows(select(BACKBONES.c.metadata).order_by(BACKBONES.c.name))]

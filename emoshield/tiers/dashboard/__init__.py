@@ -309,7 +309,7 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
         if last > node.feed.last_id:  # an id from before an edge restart: start from what is kept
             last = 0
 
-        from sqlalchemy.exc import OperationalError
+        from ..store import UNAVAILABLE
 
         async def stream():
             nonlocal last
@@ -333,7 +333,7 @@ def add_dashboard(app, node, is_admin, session_seconds: float | None = None, onl
                         next_state = now + STATE_EVERY
                         try:
                             snap = await run_in_threadpool(data.snapshot)
-                        except OperationalError:  # the database is down: the page keeps what it shows
+                        except UNAVAILABLE:  # the database is down: the page keeps what it shows
                             pass
                     if snap is not None:
                         refresh = now >= next_refresh
