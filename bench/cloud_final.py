@@ -4,7 +4,7 @@ PrivateTest with one crop, flip and ten-crop.
 
     python bench/cloud_final.py [--levers results/cloud_levers/levers.json] [--epochs 100]
         [--margin 0.8] [--name fer2013-48px-final] [--library DIR] [--work runs/cloud_final]
-        [--out results/cloud_pretrain] [--device auto] [--data-root DIR] [--dry-run]
+        [--out results/cloud_pretrain] [--device auto] [--data-root DIR] [--also LEVER,...] [--dry-run]
 
 The rule that picks the recipe was written before the ablation's results were in:
 - a lever is taken when its PublicTest accuracy (best epoch) beats the baseline's by more than
@@ -14,6 +14,11 @@ The rule that picks the recipe was written before the ablation's results were in
 - wider and deeper both taken: WideDeepCNN (both changes; 4.4M parameters).
 - schedule-2x is no flag: the run's length is --epochs, and recipe.md says whether the ablation
   found a longer schedule paid. float32 is taken like any lever (it costs ~1.8x the time).
+
+`--also LEVER,...` trains a variant registered beside the rule's recipe: the rule's recipe plus
+those levers' flags, whatever the ablation said of them (a lever the rule took already is refused:
+that variant would be the rule's recipe). It answers what a 30-epoch ablation cannot: a
+regulariser that under-fits in 30 epochs may pay in a long run. Give it its own --name.
 
 Writes OUT/NAME/recipe.json and recipe.md (every lever's PublicTest gain and whether it was
 taken) before training (and removes the result files of a run of another recipe from there), then
@@ -84,8 +89,9 @@ def read_levers(path: Path, partial: bool = False, quick: bool = False) -> tuple
     return table, rows
 
 
-def choose(rows: dict[str, dict], margin: float) -> dict:
-    """The recipe: which levers are taken and why, and the pretrain flags they make."""
+def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> dict:
+    """The recipe: which levers are taken and why, and the pretrain flags they make; `also`:
+    levers added whatever the rule says (a registered variant, RecipeError for one it took)."""
     base = rows["baseline"]["public_test"]
     gains = {n: 100 * (rows[n]["public_test"] - base) for n in LEVERS if n in rows and n != "baseline"}
     winners = {n for n, g in gains.items() if g > margin and n not in NOT_A_FLAG}
@@ -100,6 +106,14 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
     flags = list(BASELINE)
     for name in (n for n in LEVERS if n in winners):  # the ablation's order: later flags override
         flags += lever_flags(name)[0]
+    for name in also:
+        if name in winners:
+            raise RecipeError(f"--also {name}: the rule took it already (that variant is the rule's recipe)")
+        if name not in LEVERS or name in NOT_A_FLAG:
+            raise RecipeError(f"--also {name}: not a lever with flags (choose from "
+                              f"{', '.join(n for n in LEVERS if n not in NOT_A_FLAG)})")
+        flags += lever_flags(name)[0]
+        reasons[name] = reasons.get(name, "not measured") + " (added: --also, a registered variant)"
     for pair, backbone in BOTH_BACKBONES.items():
         if pair <= winners:
             flags += ["--backbone", backbone]
@@ -121,8 +135,8 @@ def choose(rows: dict[str, dict], margin: float) -> dict:
                                      f"difference, {'inside' if noise <= margin else 'OVER'} the {margin:g}-point margin"
                                      + ("" if noise <= margin else ": gains of that size may be noise"))
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
-            "taken": [n for n in LEVERS if n in winners], "reasons": reasons, "flags": flags,
-            "seconds_per_epoch": _pace(rows, winners)}
+            "taken": [n for n in LEVERS if n in winners], "also": list(also), "reasons": reasons, "flags": flags,
+            "seconds_per_epoch": _pace(rows, winners | {n for n in also if n in rows})}
 
 
 def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
@@ -142,10 +156,11 @@ def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
 
 
 def recipe_for(levers: Path, epochs: int, margin: float, limit_per_class: int | None = None,
-               partial: bool = False) -> dict:
-    """The long run's recipe from the ablation table LEVERS (RecipeError when it cannot give one)."""
+               partial: bool = False, also: tuple[str, ...] = ()) -> dict:
+    """The long run's recipe from the ablation table LEVERS (RecipeError when it cannot give one);
+    `also`: a registered variant's added levers."""
     table, rows = read_levers(levers, partial=partial, quick=limit_per_class is not None)
-    return {**choose(rows, margin), "epochs": epochs, "levers": str(levers), "ablation_epochs": table.get("epochs"),
+    return {**choose(rows, margin, tuple(also)), "epochs": epochs, "levers": str(levers), "ablation_epochs": table.get("epochs"),
             "limit_per_class": limit_per_class}
 
 
@@ -196,14 +211,21 @@ def recipe_markdown(recipe: dict, name: str) -> str:
         if n == "baseline":
             continue
         gain = recipe["gains_points"].get(n)
-        lines.append(f"| {n} | {'' if gain is None else f'{gain:+.2f}'} | {'yes' if n in recipe['taken'] else 'no'} "
+        taken = "yes" if n in recipe["taken"] else "added" if n in recipe.get("also", ()) else "no"
+        lines.append(f"| {n} | {'' if gain is None else f'{gain:+.2f}'} | {taken} "
                      f"| {recipe['reasons'].get(n, '')} |")
+    if recipe.get("also"):
+        lines += ["", f"A variant registered beside the rule's recipe, before either long run's result: the rule's "
+                  f"recipe plus {', '.join(recipe['also'])} (`--also`), whatever the ablation said of "
+                  f"{'it' if len(recipe['also']) == 1 else 'them'}. A 30-epoch ablation reads a regulariser while "
+                  "it still under-fits; this run asks whether it pays over a long schedule."]
     lines += ["", f"Training: `emoshield cloud pretrain {' '.join(recipe['flags'])} --epochs {recipe['epochs']}` "
               f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'})."]
     if recipe.get("seconds_per_epoch"):
         lines += ["", f"Expected time: ~{recipe['seconds_per_epoch'] * recipe['epochs'] / 3600:.1f} h at the ablation's "
                   f"pace ({recipe['seconds_per_epoch']:.0f} s/epoch: the baseline's, times each taken lever's slowdown; "
-                  "the levers ran one thread each beside another run, so the long run on every core goes faster)."]
+                  "the levers ran one thread each beside another run; the long run has every core, and on this "
+                  "2-core machine two threads made a SmallCNN training step 1.8x faster than one)."]
     lines.append("")
     return "\n".join(lines)
 
@@ -244,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-per-class", type=int, help="a quick run on a slice (tests; not a result)")
     parser.add_argument("--work", default="runs/cloud_final")
     parser.add_argument("--out", default="results/cloud_pretrain")
+    parser.add_argument("--also", default="", help="LEVER,...: a registered variant, the rule's recipe plus these "
+                        "levers' flags (give it its own --name)")
     parser.add_argument("--dry-run", action="store_true", help="print the recipe and stop")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.margin < 0:
@@ -254,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work) / args.name, Path(args.out) / args.name
     try:
         check_name(args.name)
-        recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run)
+        recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run,
+                            also=tuple(n for n in args.also.split(",") if n))
         if args.dry_run:
             print(recipe_markdown(recipe, args.name))
             return 0
@@ -267,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = pretrain_command([*recipe["flags"], "--epochs", str(args.epochs)], args.name, work / "run", args,
                                library=Path(args.library) if args.library else None)
-    print(f"{time.strftime('%H:%M:%S')} {args.name}: taken {', '.join(recipe['taken']) or 'nothing (the baseline)'}; "
+    print(f"{time.strftime('%H:%M:%S')} {args.name}: taken {', '.join(recipe['taken']) or 'nothing (the baseline)'}"
+          f"{''.join(f', added {n}' for n in recipe['also'])}; "
           f"training {args.epochs} epochs (log: {work / 'train.log'})", flush=True)
     rc = run_logged(command, work / "train.log")
     if rc != 0:

@@ -92,6 +92,31 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_registered_variant_adds_its_levers_to_the_rule_recipe(final, tmp_path, capsys):
+    """--also LEVER: the rule's recipe plus that lever's flags whatever the ablation said (here
+    augment-strong lost on PublicTest); its recipe.md says it was added and registered. A lever the
+    rule took (the variant would be the rule's recipe), a non-lever and an unknown name are one line."""
+    path = tmp_path / "levers.json"
+    path.write_text(json.dumps(table(dict.fromkeys(LEVERS, 0.6) | {"wider": 0.62, "augment-strong": 0.58})))
+    rows = {r["name"]: r for r in table(dict.fromkeys(LEVERS, 0.6) | {"wider": 0.62, "augment-strong": 0.58})["runs"]}
+    rule, variant = final.choose(rows, 0.8), final.choose(rows, 0.8, ("augment-strong",))
+    assert rule["taken"] == variant["taken"] == ["wider"] and variant["also"] == ["augment-strong"]
+    args = parsed(variant["flags"])
+    assert args.augment == "strong" and args.backbone == "widecnn"
+    assert vars(args) == vars(parsed(rule["flags"] + ["--augment", "strong"]))
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "augment-strong"]) == 0
+    page = capsys.readouterr().out
+    assert "| augment-strong | -2.00 | added |" in page and "registered beside the rule's recipe" in page
+    for also, said in (("wider", "the rule took it already"), ("baseline-seed1", "not a lever with flags"),
+                       ("schedule-2x", "not a lever with flags"), ("sharpen", "not a lever with flags"),
+                       ("augment-strong,\u00e9", "not a lever with flags")):
+        assert final.main(["--levers", str(path), "--also", also, "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cloud_final: --also ") and said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("content", [
     b"", b"{", b"[" * 100_000, b"\xff\xfe", b"[]", b'{"runs": 3}', b'{"runs": [{"name": 1}]}',
     json.dumps(table({"wider": 0.7})).encode(),  # no baseline

@@ -124,9 +124,12 @@ time.sleep(0.5)  # anything started beside it meanwhile leaves its trace
 marker.unlink()
 sys.path.insert(0, os.environ["REAL_BENCH"])
 from cloud_final import recipe_for  # the real rule: what it writes must pass the driver's `done`
-recipe = recipe_for(Path(arg("--levers")), int(arg("--epochs")), float(arg("--margin")))
+recipe = recipe_for(Path(arg("--levers")), int(arg("--epochs")), float(arg("--margin")),
+                    also=tuple(arg("--also").split(",")) if "--also" in args else ())
 out.mkdir(parents=True, exist_ok=True)
 (out / "recipe.json").write_text(json.dumps(recipe))
+public = json.loads(os.environ.get("FAKE_PUBLIC", "{}")).get(arg("--name"), 0.6)  # its best epoch's PublicTest
+(out / "metrics.json").write_text(json.dumps({"best_val_score": public, "test_accuracy": 0.5}))
 (out / "tta.json").write_text(json.dumps({"limit_per_class": None, "accuracy": {"none": 0.7, "flip": 0.71,
                                                                             "tencrop": 0.72}}))
 (out / "entry.json").write_text(json.dumps({"name": arg("--name"), "sha256": "a" * 64}))
@@ -410,6 +413,46 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
             stage.command()
     workers = module.Workers([stage], {s.name: s for s in module.STAGES}, 1, 1)  # the driver: one line, exit 2
     assert workers._run(0, stage) == 2
+
+
+def test_the_edge_studies_take_the_long_run_with_the_higher_public_test(studies, monkeypatch):
+    """The registered variant (cloud_final_strong: the rule's recipe plus strong augmentation) runs
+    after the rule's long run, alone; the v3 stages take the entry whose best epoch has the higher
+    PublicTest accuracy. PrivateTest (the test) plays no part, a tie keeps the rule's, and a run
+    not yet scored is no candidate."""
+    module, tmp = studies
+    monkeypatch.setenv("FAKE_PUBLIC", json.dumps({"fer2013-48px-final": 0.70, "fer2013-48px-final-strong": 0.71}))
+    by_name = {s.name: s for s in module.STAGES}
+    assert by_name["cloud_final_strong"].after == "cloud_final"
+    assert module.main(["--workers", "2", "--threads", "1"]) == 0
+    finals = [c for c in calls(tmp) if c["stage"] == "cloud_pretrain"]
+    assert len(finals) == 2 and all(c["beside"] == 0 and c["ablation_complete"] for c in finals)
+    strong = json.loads((tmp / "results/cloud_pretrain/fer2013-48px-final-strong/recipe.json").read_text())
+    assert strong["also"] == ["augment-strong"] and strong["flags"][-2:] == ["--augment", "strong"]
+    assert strong["taken"] == [] and "augment-strong" not in strong["taken"]
+    seen = 0
+    for c in calls(tmp):
+        if c["stage"].endswith("-v3") and c["args"][0] == "reproduce":
+            assert c["args"][c["args"].index("--weights") + 1] == "library:fer2013-48px-final-strong"
+            seen += 1
+        if c["stage"].startswith("fer2013-final-"):
+            assert c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final-strong"
+            seen += 1
+    assert seen >= 4
+    assert all(module.done(s, by_name) for s in module.STAGES)
+    rule = tmp / "results/cloud_pretrain/fer2013-48px-final"
+    (rule / "metrics.json").write_text(json.dumps({"best_val_score": 0.70, "test_accuracy": 0.99}))
+    assert module.picked_entry() == "fer2013-48px-final-strong"  # PrivateTest is not read
+    (rule / "metrics.json").write_text(json.dumps({"best_val_score": 0.71, "test_accuracy": 0.5}))
+    assert module.picked_entry() == "fer2013-48px-final"  # a tie: the rule's recipe
+    (rule / "metrics.json").write_text(json.dumps({"best_val_score": 0.60}))
+    (tmp / "results/cloud_pretrain/fer2013-48px-final-strong/entry.json").unlink()  # not scored yet
+    assert module.picked_entry() == "fer2013-48px-final"
+    for damaged in ("[", json.dumps({"best_val_score": True}), json.dumps({"best_val_score": "0.9"})):
+        (rule / "metrics.json").write_text(damaged)
+        assert module.picked_entry() == "fer2013-48px-final"  # nothing to pick from: the rule's entry
+    stage = by_name["fer2013-final-jaffe"]
+    assert stage.command()[stage.command().index("--model") + 1] == "library:fer2013-48px-final"
 
 
 def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
