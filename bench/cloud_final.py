@@ -46,14 +46,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from cloud_levers import BASELINE, LEVERS, lever_flags, pretrain_command, run_logged  # noqa: E402
+from cloud_levers import BASELINE, LEVERS, SEED_ROWS, lever_flags, pretrain_command, run_logged, seed_spread  # noqa: E402
 
 # levers that change the same setting: at most one of a group is taken (the higher PublicTest)
 EXCLUSIVE = [("mixup", "cutmix")]
 # taken together, these two become one backbone that has both changes
 BOTH_BACKBONES = {frozenset({"wider", "deeper"}): "widedeepcnn"}
 # the baseline is the start; the length is --epochs; a second seed of the baseline measures noise
-NOT_A_FLAG = {"baseline", "schedule-2x", "baseline-seed1"}
+NOT_A_FLAG = {"baseline", "schedule-2x", *SEED_ROWS}
 EMBED_LIMIT_BYTES = 15_000_000  # issue 18: the embedded default's weights stay within 15 MB
 
 
@@ -129,14 +129,15 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> 
     if "schedule-2x" in gains:
         reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.2f} points: a longer schedule "
                                   f"{'paid' if gains['schedule-2x'] > margin else 'did not pay'} (the length is --epochs)")
-    if "baseline-seed1" in gains:
-        noise = abs(gains["baseline-seed1"])
-        reasons["baseline-seed1"] = (f"{gains['baseline-seed1']:+.2f} points: the baseline's own seed-to-seed "
-                                     f"difference, {'inside' if noise <= margin else 'OVER'} the {margin:g}-point margin"
-                                     + ("" if noise <= margin else ": gains of that size may be noise"))
+    for seed in (n for n in SEED_ROWS if n in gains):
+        noise = abs(gains[seed])
+        reasons[seed] = (f"{gains[seed]:+.2f} points: the baseline's own seed-to-seed "
+                         f"difference, {'inside' if noise <= margin else 'OVER'} the {margin:g}-point margin"
+                         + ("" if noise <= margin else ": gains of that size may be noise"))
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
             "taken": [n for n in LEVERS if n in winners], "also": list(also), "reasons": reasons, "flags": flags,
-            "seconds_per_epoch": _pace(rows, winners | {n for n in also if n in rows})}
+            "seconds_per_epoch": _pace(rows, winners | {n for n in also if n in rows}),
+            "seed_spread_points": seed_spread(rows)}
 
 
 def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
@@ -214,6 +215,10 @@ def recipe_markdown(recipe: dict, name: str) -> str:
         taken = "yes" if n in recipe["taken"] else "added" if n in recipe.get("also", ()) else "no"
         lines.append(f"| {n} | {'' if gain is None else f'{gain:+.2f}'} | {taken} "
                      f"| {recipe['reasons'].get(n, '')} |")
+    if recipe.get("seed_spread_points") is not None:
+        seeds = 1 + sum(n in recipe["gains_points"] for n in SEED_ROWS)
+        lines += ["", f"The baseline's PublicTest over {seeds} seeds has a sample standard deviation of "
+                  f"{recipe['seed_spread_points']:.2f} points (the margin is {recipe['margin_points']:g})."]
     if recipe.get("also"):
         lines += ["", f"A variant registered beside the rule's recipe, before either long run's result: the rule's "
                   f"recipe plus {', '.join(recipe['also'])} (`--also`), whatever the ablation said of "

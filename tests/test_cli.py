@@ -271,6 +271,33 @@ def test_every_cloud_lever_parses_as_a_pretrain_command_and_float32_turns_amp_of
     assert parse(["cloud", "pretrain", *levers.variant_args("schedule-2x", 30), "--name", "x"]).epochs == 60
 
 
+def test_the_lever_table_states_the_spread_over_the_baseline_seeds():
+    """The other-seed rows of the baseline (baseline-seed1, -seed2) are the noise the one-seed
+    differences carry: levers.md gives their sample standard deviation once two seeds are in,
+    from the committed table's own rows."""
+    import argparse
+    import importlib.util
+    import statistics
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cloud_levers", ROOT / "bench" / "cloud_levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    assert levers.SEED_ROWS == ("baseline-seed1", "baseline-seed2")
+    runs = json.loads((ROOT / "results" / "cloud_levers" / "levers.json").read_text())["runs"]
+    args = argparse.Namespace(epochs=30, limit_per_class=None, work="w", out="o")
+    rows = {r["name"]: r for r in runs}
+    seeds = [rows[n] for n in ("baseline", *levers.SEED_ROWS) if n in rows]
+    assert len(seeds) >= 2  # the committed table has seed 1 at least
+    expected = 100 * statistics.stdev(r["public_test"] for r in seeds)
+    assert levers.seed_spread(rows) == pytest.approx(expected)
+    assert f"sample standard deviation of {expected:.2f} points on PublicTest" in levers.markdown(runs, args)
+    alone = [r for r in runs if r["name"] not in levers.SEED_ROWS]
+    assert levers.seed_spread({r["name"]: r for r in alone}) is None
+    assert "Run-to-run spread measured" not in levers.markdown(alone, args)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=st.one_of(
     st.text(max_size=30), st.just("[" * 50_000),

@@ -269,7 +269,7 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     assert "cutmix: training in another process" in proc.stdout and "left to other processes: cutmix" in proc.stdout
     partial = json.loads((tmp_path / "out" / "levers.json").read_text())
     levers = ["baseline", "wider", "schedule-2x", "augment-strong", "spatial-head", "deeper", "mixup",
-              "baseline-seed1", "cutmix", "label-smoothing", "adamw", "float32"]  # the order they train in
+              "baseline-seed1", "cutmix", "label-smoothing", "adamw", "float32", "baseline-seed2"]  # the order they train in
     others = [n for n in levers if n not in ("baseline", "cutmix")]
     # the table is the whole ablation's (whatever --only this process had): what is missing is pending
     assert partial["complete"] is False and partial["pending"] == levers[1:] and partial["levers"] == levers
