@@ -16,9 +16,10 @@ The rule that picks the recipe was written before the ablation's results were in
   found a longer schedule paid. float32 is taken like any lever (it costs ~1.8x the time).
 
 `--also LEVER,...` trains a variant registered beside the rule's recipe: the rule's recipe plus
-those levers' flags, whatever the ablation said of them (a lever the rule took already is refused:
-that variant would be the rule's recipe). It answers what a 30-epoch ablation cannot: a
-regulariser that under-fits in 30 epochs may pay in a long run. Give it its own --name.
+those levers' flags, whatever the ablation said of them. It answers what a 30-epoch ablation
+cannot: a regulariser that under-fits in 30 epochs may pay in a long run. It needs its own
+--name; a lever that would undo one the rule took is refused, and so is a variant whose levers
+the rule took (SameAsRule: it would be the rule's recipe).
 
 Writes OUT/NAME/recipe.json and recipe.md (every lever's PublicTest gain and whether it was
 taken) before training (and removes the result files of a run of another recipe from there), then
@@ -52,7 +53,7 @@ from cloud_levers import BASELINE, LEVERS, SEED_ROWS, lever_flags, pretrain_comm
 EXCLUSIVE = [("mixup", "cutmix")]
 # taken together, these two become one backbone that has both changes
 BOTH_BACKBONES = {frozenset({"wider", "deeper"}): "widedeepcnn"}
-# the baseline is the start; the length is --epochs; a second seed of the baseline measures noise
+# the baseline is the start; the length is --epochs; the baseline's other seeds measure noise
 NOT_A_FLAG = {"baseline", "schedule-2x", *SEED_ROWS}
 EMBED_LIMIT_BYTES = 15_000_000  # issue 18: the embedded default's weights stay within 15 MB
 
@@ -60,6 +61,20 @@ EMBED_LIMIT_BYTES = 15_000_000  # issue 18: the embedded default's weights stay 
 class RecipeError(Exception):
     """The ablation table cannot give a recipe (missing, damaged, or incomplete), or a folder holds
     another recipe's run."""
+
+
+class SameAsRule(RecipeError):
+    """An --also variant the rule's recipe already is (the rule took its levers): nothing of its own
+    to train (scripts/studies.py counts such a variant stage done)."""
+
+
+def parse_also(text: str) -> tuple[str, ...]:
+    """--also's LEVER,... as a tuple (empty names dropped); the driver reads its stages' with it too."""
+    return tuple(n for n in text.split(",") if n)
+
+
+def _options(flags: list[str]) -> set[str]:
+    return {f for f in flags if f.startswith("--")}
 
 
 def read_levers(path: Path, partial: bool = False, quick: bool = False) -> tuple[dict, dict[str, dict]]:
@@ -97,6 +112,7 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> 
     winners = {n for n, g in gains.items() if g > margin and n not in NOT_A_FLAG}
     reasons = {n: (f"{g:+.2f} > {margin:g} points" if n in winners else f"{g:+.2f} <= {margin:g} points")
                for n, g in gains.items()}
+    reasons.update({n: "not measured" for n in LEVERS if n not in rows and n != "baseline"})
     for group in EXCLUSIVE:
         taken = sorted((n for n in group if n in winners), key=lambda n: -gains[n])
         for loser in taken[1:]:
@@ -107,15 +123,27 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> 
     for name in (n for n in LEVERS if n in winners):  # the ablation's order: later flags override
         flags += lever_flags(name)[0]
     for name in also:
-        if name in winners:
-            raise RecipeError(f"--also {name}: the rule took it already (that variant is the rule's recipe)")
         if name not in LEVERS or name in NOT_A_FLAG:
             raise RecipeError(f"--also {name}: not a lever with flags (choose from "
                               f"{', '.join(n for n in LEVERS if n not in NOT_A_FLAG)})")
+    if also and set(also) <= winners:
+        raise SameAsRule(f"--also {','.join(also)}: the rule took {'it' if len(also) == 1 else 'them'} already "
+                         "(that variant is the rule's recipe)")
+    merged = {n for pair in BOTH_BACKBONES for n in pair}  # their --backbone flags combine, not clash
+    for name in also:
+        if name in winners:
+            continue
+        partners = {m for group in EXCLUSIVE if name in group for m in group} - {name}
+        clash = sorted(n for n in winners | (set(also) - {name})
+                       if n in partners or ((_options(lever_flags(n)[0]) & _options(lever_flags(name)[0]))
+                                            and not {n, name} <= merged))
+        if clash:
+            raise RecipeError(f"--also {name}: it changes what {', '.join(clash)} changes "
+                              "(one would undo the other)")
         flags += lever_flags(name)[0]
-        reasons[name] = reasons.get(name, "not measured") + " (added: --also, a registered variant)"
+    used = winners | set(also)
     for pair, backbone in BOTH_BACKBONES.items():
-        if pair <= winners:
+        if pair <= used:
             flags += ["--backbone", backbone]
             for n in pair:
                 reasons[n] += f" (with {', '.join(sorted(pair - {n}))}: {backbone})"
@@ -123,9 +151,9 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> 
     for n in gains:  # another machine (no native bfloat16) trained it: its gain includes the precision's
         if n != "float32" and rows[n].get("precision") != base_precision:
             reasons[n] += f" (trained in {rows[n].get('precision')}, the baseline in {base_precision})"
-    for n in LEVERS:
-        if n not in rows and n != "baseline":
-            reasons[n] = "not measured"
+    for n in also:
+        if n not in winners:
+            reasons[n] += " (added: --also, a registered variant)"
     if "schedule-2x" in gains:
         reasons["schedule-2x"] = (f"{gains['schedule-2x']:+.2f} points: a longer schedule "
                                   f"{'paid' if gains['schedule-2x'] > margin else 'did not pay'} (the length is --epochs)")
@@ -272,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/cloud_final")
     parser.add_argument("--out", default="results/cloud_pretrain")
     parser.add_argument("--also", default="", help="LEVER,...: a registered variant, the rule's recipe plus these "
-                        "levers' flags (give it its own --name)")
+                        "levers' flags (needs its own --name)")
     parser.add_argument("--dry-run", action="store_true", help="print the recipe and stop")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.margin < 0:
         parser.error("--epochs must be >= 1 and --margin >= 0")
+    also = parse_also(args.also)
+    if also and args.name == parser.get_default("name"):
+        parser.error("--also trains a variant: give it its own --name (the default is the rule's run)")
     from emoshield.errors import EmoshieldError
     from emoshield.models.library import check_name
 
@@ -284,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_name(args.name)
         recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run,
-                            also=tuple(n for n in args.also.split(",") if n))
+                            also=also)
         if args.dry_run:
             print(recipe_markdown(recipe, args.name))
             return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -96,29 +97,32 @@ class Stage:
 
     def command(self) -> list[str]:
         program = [sys.executable, str(ROOT / self.script)] if self.script else [str(EMOSHIELD)]
-        args = [final_backbone() if a == FINAL_BACKBONE else a.replace(PICKED, picked_entry()) for a in self.args]
+        entry = picked_entry() if any(PICKED in a or a == FINAL_BACKBONE for a in self.args) else FINAL_ENTRY
+        args = [final_backbone(entry) if a == FINAL_BACKBONE else a.replace(PICKED, entry) for a in self.args]
         return [*program, *args, *(["--work", str(self.work_dir)] if self.pass_work else []), "--out", self.out]
 
 
 def picked_entry() -> str:
-    """Of the long runs (LONG_RUNS) trained and scored, the one whose best epoch has the higher
-    PublicTest accuracy (metrics.json's best_val_score; a tie keeps the earlier, the rule's
-    recipe); FINAL_ENTRY while none is. PrivateTest, the test, plays no part in the pick."""
+    """Of the long runs (LONG_RUNS) done (their current recipe trained and scored: the stage's own
+    `done`), the one whose best epoch has the higher PublicTest accuracy (metrics.json's
+    best_val_score; a tie keeps the earlier, the rule's recipe); FINAL_ENTRY while none is.
+    PrivateTest, the test, plays no part in the pick. The stages that use it run after both."""
     best, best_score = FINAL_ENTRY, None
-    for entry in LONG_RUNS:
-        out = ROOT / "results" / "cloud_pretrain" / entry
-        metrics, made = _json(out / "metrics.json"), _json(out / "entry.json")
+    for stage in (s for s in STAGES if s.script == "bench/cloud_final.py"):
+        entry = _arg(stage, "--name")
+        if entry not in LONG_RUNS or _final_scored(stage) is not True:
+            continue
+        metrics = _json(ROOT / stage.out / entry / "metrics.json")
         score = metrics.get("best_val_score") if isinstance(metrics, dict) else None
-        if (isinstance(made, dict) and isinstance(score, (int, float)) and not isinstance(score, bool)
+        if (isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
                 and (best_score is None or score > best_score)):
             best, best_score = entry, score
     return best
 
 
-def final_backbone() -> str:
-    """The backbone of the picked long run's recipe (results/cloud_pretrain/ENTRY/recipe.json: its
+def final_backbone(entry: str) -> str:
+    """The backbone of the long run ENTRY's recipe (results/cloud_pretrain/ENTRY/recipe.json: its
     last --backbone flag); a stage that uses it runs after the long runs, so the recipe is there."""
-    entry = picked_entry()
     recipe = _json(ROOT / "results" / "cloud_pretrain" / entry / "recipe.json")
     flags = recipe.get("flags") if isinstance(recipe, dict) else None
     at = len(flags) - 1 - flags[::-1].index("--backbone") if isinstance(flags, list) and "--backbone" in flags else -1
@@ -282,7 +286,8 @@ def _library_cross_done(stage: Stage) -> bool:
 
 
 def _arg(stage: Stage, flag: str) -> str:
-    return stage.args[stage.args.index(flag) + 1].replace(PICKED, picked_entry())
+    value = stage.args[stage.args.index(flag) + 1]
+    return value.replace(PICKED, picked_entry()) if PICKED in value else value
 
 
 _BENCH_MODULES: dict = {}
@@ -303,12 +308,26 @@ def _bench(name: str):
 
 def _final_done(stage: Stage) -> bool:
     """The recipe the ablation table gives, trained on the full data and scored with every
-    test-time augmentation (bench/cloud_final.py's `scored`: the same test the script makes)."""
+    test-time augmentation (bench/cloud_final.py's `scored`: the same test the script makes); a
+    variant the rule's recipe already is has nothing of its own to train: done once the run it
+    comes after (the rule's) is."""
+    scored = _final_scored(stage)
+    if scored is None:
+        rule = next((s for s in STAGES if s.name == stage.after and s.script == stage.script), None)
+        return rule is not None and _final_done(rule)
+    return scored
+
+
+def _final_scored(stage: Stage) -> bool | None:
+    """True: the long run's current recipe is trained and scored; False: not yet; None: a variant
+    (--also) the rule's recipe already is (its run is the rule's)."""
     final = _bench("cloud_final")
     try:
         recipe = final.recipe_for(ROOT / _arg(stage, "--levers"), int(_arg(stage, "--epochs")),
                                   float(_arg(stage, "--margin")),
-                                  also=tuple(_arg(stage, "--also").split(",")) if "--also" in stage.args else ())
+                                  also=final.parse_also(_arg(stage, "--also")) if "--also" in stage.args else ())
+    except final.SameAsRule:
+        return None
     except final.RecipeError:
         return False
     return final.scored(ROOT / stage.out / _arg(stage, "--name"), recipe)
@@ -370,6 +389,8 @@ def evaluation_progress(stage: Stage) -> str:
 
 def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
     lines = []
+    long_runs = [s for s in STAGES if s.script == "bench/cloud_final.py"]
+    picked = picked_entry() if long_runs and all(_final_done(s) for s in long_runs) else None  # else "@picked"
     for s in stages:
         if done(s, by_name):
             state = "done"
@@ -393,7 +414,8 @@ def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
         if not done(s, by_name) and s.source is None and (progress := evaluation_progress(s)):
             state += f"; {progress}"
         work = f" --work {s.work_dir}" if s.pass_work else ""
-        lines.append(f"{s.name:24} {state:34} {' '.join(s.args)}{work} --out {s.out}")
+        args = [a.replace(PICKED, picked) if picked else a for a in s.args]
+        lines.append(f"{s.name:24} {state:34} {' '.join(args)}{work} --out {s.out}")
     return lines
 
 

@@ -108,17 +108,42 @@ def test_a_registered_variant_adds_its_levers_to_the_rule_recipe(final, tmp_path
     args = parsed(variant["flags"])
     assert args.augment == "strong" and args.backbone == "widecnn"
     assert vars(args) == vars(parsed(rule["flags"] + ["--augment", "strong"]))
-    assert final.main(["--levers", str(path), "--dry-run", "--also", "augment-strong"]) == 0
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "augment-strong", "--name", "v"]) == 0
     page = capsys.readouterr().out
     assert "| augment-strong | -2.00 | added |" in page and "registered beside the rule's recipe" in page
     for also, said in (("wider", "the rule took it already"), ("baseline-seed1", "not a lever with flags"),
                        ("schedule-2x", "not a lever with flags"), ("sharpen", "not a lever with flags"),
-                       ("augment-strong,\u00e9", "not a lever with flags")):
-        assert final.main(["--levers", str(path), "--also", also, "--work", str(tmp_path / "w"),
+                       ("augment-strong,\u00e9", "not a lever with flags"), ("mixup,cutmix", "changes what cutmix")):
+        assert final.main(["--levers", str(path), "--also", also, "--name", "variant", "--work", str(tmp_path / "w"),
                            "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("cloud_final: --also ") and said in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as stop:  # the default name is the rule's run: a variant must not replace it
+        final.main(["--levers", str(path), "--also", "augment-strong", "--work", str(tmp_path / "w")])
+    assert stop.value.code == 2 and "its own --name" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(final.SameAsRule):
+        final.choose(rows, 0.8, ("wider",))
+    assert final.parse_also("a,,b,") == ("a", "b") and final.parse_also("") == ()
+
+
+def test_a_variant_never_undoes_a_lever_the_rule_took(final):
+    """An --also lever that changes what a taken lever changes would silently undo it (argparse keeps
+    the last flag): refused, save wider and deeper, whose backbones combine into WideDeepCNN."""
+    def rows(public):
+        return {r["name"]: r for r in table(dict.fromkeys(LEVERS, 0.6) | public)["runs"]}
+
+    with_deeper = final.choose(rows({"deeper": 0.62}), 0.8, ("wider",))
+    assert with_deeper["taken"] == ["deeper"] and parsed(with_deeper["flags"]).backbone == "widedeepcnn"
+    assert "(with deeper: widedeepcnn)" in with_deeper["reasons"]["wider"]
+    for public, also, clash in (({"cutmix": 0.62}, "mixup", "cutmix"), ({"mixup": 0.62}, "cutmix", "mixup"),
+                                ({"adamw": 0.62}, "augment-strong,mixup,cutmix", "cutmix")):
+        with pytest.raises(final.RecipeError, match=f"changes what {clash} changes"):
+            final.choose(rows(public), 0.8, final.parse_also(also))
+    both = final.choose(rows({"adamw": 0.62}), 0.8, ("augment-strong", "float32"))
+    args = parsed(both["flags"])
+    assert args.optimizer == "adamw" and args.augment == "strong" and args.amp is False
 
 
 @pytest.mark.parametrize("content", [

@@ -124,15 +124,20 @@ time.sleep(0.5)  # anything started beside it meanwhile leaves its trace
 marker.unlink()
 sys.path.insert(0, os.environ["REAL_BENCH"])
 from cloud_final import recipe_for  # the real rule: what it writes must pass the driver's `done`
-recipe = recipe_for(Path(arg("--levers")), int(arg("--epochs")), float(arg("--margin")),
-                    also=tuple(arg("--also").split(",")) if "--also" in args else ())
+from cloud_final import parse_also, RecipeError
+try:
+    recipe = recipe_for(Path(arg("--levers")), int(arg("--epochs")), float(arg("--margin")),
+                        also=parse_also(arg("--also")) if "--also" in args else ())
+except RecipeError as error:
+    sys.exit(f"cloud_final: {error}")
 out.mkdir(parents=True, exist_ok=True)
 (out / "recipe.json").write_text(json.dumps(recipe))
 public = json.loads(os.environ.get("FAKE_PUBLIC", "{}")).get(arg("--name"), 0.6)  # its best epoch's PublicTest
 (out / "metrics.json").write_text(json.dumps({"best_val_score": public, "test_accuracy": 0.5}))
 (out / "tta.json").write_text(json.dumps({"limit_per_class": None, "accuracy": {"none": 0.7, "flip": 0.71,
                                                                             "tencrop": 0.72}}))
-(out / "entry.json").write_text(json.dumps({"name": arg("--name"), "sha256": "a" * 64}))
+import hashlib  # each entry its own hash, as real weights would have
+(out / "entry.json").write_text(json.dumps({"name": arg("--name"), "sha256": hashlib.sha256(arg("--name").encode()).hexdigest()}))
 """
 
 
@@ -372,7 +377,7 @@ def test_a_solo_stage_waits_for_the_running_ones_and_nothing_starts_beside_it(st
     assert [c["stage"] for c in runs] == ["cloud_pretrain", "defense_ckplus48"] and runs[1]["beside_solo"] is False
 
 
-def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_faces(studies):
+def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_faces(studies, monkeypatch):
     """Issue 18 item 4's stages: the v3 studies take the long run's backbone from its recipe
     (@final), align faces, and start only after it; the library entry's cross-dataset tests take
     --model and no --work; a study's cross stage follows its study."""
@@ -400,7 +405,9 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
     assert not module.done(library_cross, by_name)  # its report is of the earlier entry: to run again
     status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
     assert "--work" not in status["fer2013-final-jaffe"] and "--work" in status["jaffe-subject-v3"]
-    # a recipe naming another backbone: the next v3 run takes it
+    # a recipe naming another backbone: the next v3 run takes it (the edited recipe is no longer the
+    # scored run's, so the pick is held on the rule's entry to read it)
+    monkeypatch.setattr(module, "picked_entry", lambda: "fer2013-48px-final")
     (tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").write_text(
         json.dumps({**recipe, "flags": recipe["flags"] + ["--backbone", "widedeepcnn"]}))
     stage = {s.name: s for s in module.STAGES}["jaffe-subject-v3"]
@@ -453,6 +460,53 @@ def test_the_edge_studies_take_the_long_run_with_the_higher_public_test(studies,
         assert module.picked_entry() == "fer2013-48px-final"  # nothing to pick from: the rule's entry
     stage = by_name["fer2013-final-jaffe"]
     assert stage.command()[stage.command().index("--model") + 1] == "library:fer2013-48px-final"
+
+
+def test_the_v3_stages_read_the_backbone_of_the_picked_run_and_status_names_it(studies, monkeypatch):
+    module, tmp = studies
+    monkeypatch.setenv("FAKE_PUBLIC", json.dumps({"fer2013-48px-final-strong": 0.71}))
+    assert module.main(["--workers", "2", "--threads", "1"]) == 0
+    by_name = {s.name: s for s in module.STAGES}
+    status = {line.split()[0]: line for line in module.status_lines(module.STAGES, by_name)}
+    assert "--model library:fer2013-48px-final-strong " in status["fer2013-final-jaffe"]
+    assert "@picked" not in status["jaffe-subject-v3"] and "library:fer2013-48px-final-strong" in status["jaffe-subject-v3"]
+    # the cross table of the entry as shipped is checked against the picked entry's hash, not the other's
+    assert module.done(by_name["fer2013-final-jaffe"], by_name)
+    monkeypatch.setattr(module, "picked_entry", lambda: "fer2013-48px-final")
+    assert not module.done(by_name["fer2013-final-jaffe"], by_name)
+    monkeypatch.setattr(module, "picked_entry", lambda: "fer2013-48px-final-strong")
+    strong = tmp / "results/cloud_pretrain/fer2013-48px-final-strong/recipe.json"
+    strong.write_text(json.dumps({**json.loads(strong.read_text()), "flags": ["--backbone", "widedeepcnn"]}))
+    stage = by_name["ckplus48-subject-v3"]
+    assert stage.command()[stage.command().index("--backbones") + 1] == "widedeepcnn"
+    assert stage.command()[stage.command().index("--weights") + 1] == "library:fer2013-48px-final-strong"
+
+
+def test_a_variant_the_rule_already_is_trains_nothing_and_the_edge_studies_use_the_rule_run(studies):
+    """Should the rule take augment-strong itself, cloud_final_strong would be the rule's recipe:
+    it counts done without a run, and the v3 stages take the rule's entry (never a stale variant)."""
+    module, tmp = studies
+    assert module.main(["--only", "cloud_levers", "--workers", "2", "--threads", "1"]) == 0
+    levers = tmp / "results/cloud_levers/levers.json"
+    table = json.loads(levers.read_text())
+    for row in table["runs"]:
+        row["public_test"] = 0.7 if row["name"] == "augment-strong" else 0.6
+    levers.write_text(json.dumps(table))
+    by_name = {s.name: s for s in module.STAGES}
+    variant = by_name["cloud_final_strong"]
+    assert not module.done(variant, by_name)  # nothing of its own to train, but the rule's run is not done
+    assert not module.ready(by_name["jaffe-subject-v3"], by_name)
+    assert module.main(["--workers", "2", "--threads", "1"]) == 0
+    names = [c["stage"] for c in calls(tmp)]
+    assert names.count("cloud_pretrain") == 1  # the rule's run only
+    assert names.index("cloud_pretrain") < min(names.index(n) for n in names if n.endswith("-v3"))
+    assert module.done(by_name["cloud_final_strong"], by_name)
+    assert not (tmp / "results/cloud_pretrain/fer2013-48px-final-strong").exists()
+    rule = json.loads((tmp / "results/cloud_pretrain/fer2013-48px-final/recipe.json").read_text())
+    assert rule["taken"] == ["augment-strong"] and module.picked_entry() == "fer2013-48px-final"
+    for c in calls(tmp):
+        if c["stage"].endswith("-v3") and c["args"][0] == "reproduce":
+            assert c["args"][c["args"].index("--weights") + 1] == "library:fer2013-48px-final"
 
 
 def test_status_says_how_far_an_evaluation_in_progress_has_got(studies):
