@@ -315,3 +315,32 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     other = subprocess.run([*bench[:5], "2", *bench[6:13], str(tmp_path / "out2"), *bench[14:]], capture_output=True,
                            text=True, timeout=300)  # its own table, but WORK's runs are of 1 epoch: refused too
     assert other.returncode != 0 and "was trained with" in other.stderr and other.stderr.strip().count("\n") == 0
+
+
+def test_the_backbone_cost_bench_times_every_backbone_and_thread_count(capsys):
+    """bench/backbone_cost.py (what a FER2013 run costs per backbone): one line per backbone and
+    thread count, its epoch figure 449 steps of the timed one; a bad thread count is a usage error."""
+    import importlib.util
+    import re
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("backbone_cost", ROOT / "bench" / "backbone_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--backbones", "smallcnn,deepcnn", "--threads", "1,all", "--repeats", "1", "--steps", "1",
+                           "--batch-size", "4", "--input-size", "32", "--no-record"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    counts = sorted({1, os.cpu_count() or 1})
+    assert [(line.split()[0], int(line.split()[2])) for line in lines] == [(b, n) for b in ("smallcnn", "deepcnn")
+                                                                          for n in counts]
+    for line in lines:
+        ms, epoch = (float(v) for v in re.search(r"([\d.]+) ms/step.*?([\d.]+) s of steps", line).groups())
+        assert ms > 0 and epoch == pytest.approx(ms / 1000 * 7178, rel=0.01, abs=1)  # 28,709 faces / batch 4
+    for bad in ("0", "x", "-1"):
+        with pytest.raises(SystemExit):
+            bench.main(["--threads", bad, "--no-record"])
