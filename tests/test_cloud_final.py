@@ -89,6 +89,22 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     path.write_text(json.dumps(partial))
     assert final.main(["--levers", str(path), "--dry-run", "--epochs", "90"]) == 0
     assert "Expected time: ~5.5 h at the ablation's pace (220 s/epoch" in capsys.readouterr().out
+    # on every core: bench/backbone_cost.py's measured SmallCNN step, times the same slowdown (2.2x), +5%
+    cost = tmp_path / "backbone_cost.json"
+    cost.write_text(json.dumps({"rows": [{"backbone": "smallcnn", "threads": 1, "epoch_step_seconds": 120.0},
+                                         {"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": 60.0},
+                                         {"backbone": "widecnn", "threads": 2, "epoch_step_seconds": 130.0}]}))
+    assert final.measured_pace(cost) == (2, 60.0)
+    recipe = final.recipe_for(path, 90, 0.8, partial=True)
+    assert "On 2 threads at the step cost `bench/backbone_cost.py` measured (bench/results/backbone_cost.json): " \
+           "~3.5 h (139 s/epoch" in final.recipe_markdown(recipe, "x", final.measured_pace(cost))
+    for damaged in ("", "[", "[]", '{"rows": 3}', '{"rows": [{"backbone": "smallcnn", "threads": 2}]}',
+                    '{"rows": [{"backbone": "smallcnn", "threads": "2", "epoch_step_seconds": 60}]}',
+                    '{"rows": [{"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": -1}]}'):
+        cost.write_text(damaged)
+        assert final.measured_pace(cost) is None, damaged
+        assert "threads at the step cost" not in final.recipe_markdown(recipe, "x", final.measured_pace(cost))
+    assert final.measured_pace(tmp_path / "none.json") is None
     assert "--backbone widecnn" in page and "PrivateTest was not looked at" in page
     assert final.main(["--levers", str(path), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
