@@ -69,8 +69,9 @@ class SameAsRule(RecipeError):
 
 
 def parse_also(text: str) -> tuple[str, ...]:
-    """--also's LEVER,... as a tuple (empty names dropped); the driver reads its stages' with it too."""
-    return tuple(n for n in text.split(",") if n)
+    """--also's LEVER,... as a tuple (empty and repeated names dropped); the driver reads its
+    stages' with it too."""
+    return tuple(dict.fromkeys(n for n in text.split(",") if n))
 
 
 def _options(flags: list[str]) -> set[str]:
