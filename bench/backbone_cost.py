@@ -46,7 +46,8 @@ def step_runner(backbone: str, batch: int, size: int, amp: bool, threads: int, s
     model = build_model(ModelConfig(backbone, CLASSES, size)).train().to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, TrainConfig(lr=0.02, batch_size=batch))
     generator = torch.Generator().manual_seed(0)
-    x, y = torch.rand(batch, 3, size, size, generator=generator), torch.randint(0, len(CLASSES), (batch,))
+    x = torch.rand(batch, 3, size, size, generator=generator)
+    y = torch.randint(0, len(CLASSES), (batch,), generator=generator)
     cpu = torch.device("cpu")
 
     def run() -> None:
@@ -65,10 +66,12 @@ def step_runner(backbone: str, batch: int, size: int, amp: bool, threads: int, s
 def thread_counts(text: str) -> list[int]:
     counts = []
     for part in (p for p in text.split(",") if p):
-        n = (os.cpu_count() or 1) if part == "all" else int(part)
+        n = len(os.sched_getaffinity(0)) if part == "all" else int(part)
         if n < 1:
             raise ValueError(f"--threads: {part!r} is not a thread count")
         counts.append(n)
+    if not counts:
+        raise ValueError("--threads: no thread count")
     return sorted(set(counts))
 
 
@@ -92,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
     amp = native_bfloat16()
     backbones = [b for b in args.backbones.split(",") if b]
+    if not backbones:
+        parser.error("--backbones: no backbone")
+    threads_before = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's thread count and random state are left as they were
+            return measure(args, backbones, threads, amp)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def measure(args: argparse.Namespace, backbones: list[str], threads: list[int], amp: bool) -> int:
     runners, parameters = {}, {}
     for backbone in backbones:
         for n in threads:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     most = threads[-1]
     keys = {f"backbone_cost_{r['backbone']}_epoch_seconds_{most}_threads": round(r["epoch_step_seconds"], 1)
             for r in rows if r["threads"] == most}
-    md = [f"## What a FER2013 cloud training costs per backbone (`python bench/backbone_cost.py`)", "",
+    md = ["## What a FER2013 cloud training costs per backbone (`python bench/backbone_cost.py`)", "",
           f"The cloud recipe's training step: batch {args.batch_size}, {args.input_size} px, `--augment standard`, SGD, "
           f"channels_last, {precision} training passes; median of {args.repeats} interleaved rounds of "
           f"{args.steps} steps ({info['cpus']} cores, {info['cpu_isa']}, native bfloat16: {info['cpu_bfloat16']}; "

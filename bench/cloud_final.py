@@ -233,14 +233,17 @@ def scored(out: Path, recipe: dict) -> bool:
 
 def measured_pace(path: Path = ROOT / "bench" / "results" / "backbone_cost.json") -> tuple[int, float] | None:
     """(threads, seconds of training steps per FER2013 epoch) of SmallCNN, the baseline's backbone,
-    on the most threads bench/backbone_cost.py timed on this machine; None without a readable one."""
+    at the recipe's batch 64 and 48 px, on the most threads bench/backbone_cost.py timed (on the
+    machine that ran it: the committed file is this project's 2-core one); None without a readable one."""
     try:
-        rows = json.loads(path.read_text()).get("rows")
-        timed = [(r["threads"], float(r["epoch_step_seconds"])) for r in rows
-                 if r.get("backbone") == "smallcnn" and isinstance(r.get("threads"), int)]
-    except (OSError, ValueError, RecursionError, AttributeError, TypeError, KeyError):
+        result = json.loads(path.read_text())
+        if result.get("batch_size") != 64 or result.get("input_size") != 48:
+            return None
+        timed = [(r["threads"], float(r["epoch_step_seconds"])) for r in result["rows"]
+                 if r.get("backbone") == "smallcnn" and type(r.get("threads")) is int and r["threads"] > 0]
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError, KeyError, OverflowError):
         return None
-    timed = [t for t in timed if t[1] > 0 and t[1] < float("inf")]
+    timed = [t for t in timed if 0 < t[1] < float("inf")]
     return max(timed) if timed else None
 
 

@@ -91,16 +91,24 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     assert "Expected time: ~5.5 h at the ablation's pace (220 s/epoch" in capsys.readouterr().out
     # on every core: bench/backbone_cost.py's measured SmallCNN step, times the same slowdown (2.2x), +5%
     cost = tmp_path / "backbone_cost.json"
-    cost.write_text(json.dumps({"rows": [{"backbone": "smallcnn", "threads": 1, "epoch_step_seconds": 120.0},
-                                         {"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": 60.0},
-                                         {"backbone": "widecnn", "threads": 2, "epoch_step_seconds": 130.0}]}))
+    measured = {"batch_size": 64, "input_size": 48,
+                "rows": [{"backbone": "smallcnn", "threads": 1, "epoch_step_seconds": 120.0},
+                         {"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": 60.0},
+                         {"backbone": "smallcnn", "threads": True, "epoch_step_seconds": 1.0},
+                         {"backbone": "widecnn", "threads": 2, "epoch_step_seconds": 130.0}]}
+    cost.write_text(json.dumps(measured))
     assert final.measured_pace(cost) == (2, 60.0)
     recipe = final.recipe_for(path, 90, 0.8, partial=True)
     assert "On 2 threads at the step cost `bench/backbone_cost.py` measured (bench/results/backbone_cost.json): " \
            "~3.5 h (139 s/epoch" in final.recipe_markdown(recipe, "x", final.measured_pace(cost))
-    for damaged in ("", "[", "[]", '{"rows": 3}', '{"rows": [{"backbone": "smallcnn", "threads": 2}]}',
-                    '{"rows": [{"backbone": "smallcnn", "threads": "2", "epoch_step_seconds": 60}]}',
-                    '{"rows": [{"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": -1}]}'):
+    row = {"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": 60}
+    for damaged in ("", "[", "[]", '{"rows": 3}', json.dumps({**measured, "rows": [{"backbone": "smallcnn", "threads": 2}]}),
+                    json.dumps({**measured, "rows": [{**row, "threads": "2"}]}),
+                    json.dumps({**measured, "rows": [{**row, "threads": 0}]}),
+                    json.dumps({**measured, "rows": [{**row, "epoch_step_seconds": -1}]}),
+                    json.dumps({**measured, "rows": [{**row, "epoch_step_seconds": 10 ** 400}]}),
+                    json.dumps({**measured, "batch_size": 128}), json.dumps({**measured, "input_size": 64}),
+                    json.dumps({"rows": measured["rows"]})):  # another recipe's step, or of no stated one
         cost.write_text(damaged)
         assert final.measured_pace(cost) is None, damaged
         assert "threads at the step cost" not in final.recipe_markdown(recipe, "x", final.measured_pace(cost))

@@ -317,7 +317,7 @@ def test_cloud_levers_bench_trains_one_change_at_a_time_and_resumes_without_retr
     assert other.returncode != 0 and "was trained with" in other.stderr and other.stderr.strip().count("\n") == 0
 
 
-def test_the_backbone_cost_bench_times_every_backbone_and_thread_count(capsys):
+def test_the_backbone_cost_bench_times_every_backbone_and_thread_count(capsys, tmp_path):
     """bench/backbone_cost.py (what a FER2013 run costs per backbone): one line per backbone and
     thread count, its epoch figure 449 steps of the timed one; a bad thread count is a usage error."""
     import importlib.util
@@ -335,12 +335,31 @@ def test_the_backbone_cost_bench_times_every_backbone_and_thread_count(capsys):
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
-    counts = sorted({1, os.cpu_count() or 1})
+    counts = sorted({1, len(os.sched_getaffinity(0))})
     assert [(line.split()[0], int(line.split()[2])) for line in lines] == [(b, n) for b in ("smallcnn", "deepcnn")
                                                                           for n in counts]
     for line in lines:
         ms, epoch = (float(v) for v in re.search(r"([\d.]+) ms/step.*?([\d.]+) s of steps", line).groups())
         assert ms > 0 and epoch == pytest.approx(ms / 1000 * 7178, rel=0.01, abs=1)  # 28,709 faces / batch 4
-    for bad in ("0", "x", "-1"):
+    for bad in (["--threads", "0"], ["--threads", "x"], ["--threads", "-1"], ["--threads", ","], ["--backbones", ","]):
         with pytest.raises(SystemExit):
-            bench.main(["--threads", bad, "--no-record"])
+            bench.main([*bad, "--no-record"])
+    assert torch.get_num_threads() == threads  # main() leaves the caller's thread count as it was
+    # recorded: the JSON rows (speedup over the fewest threads, ratio to the first backbone) and one
+    # BENCHMARKS.md section with a row per backbone and thread count
+    recorded = {}
+    bench.ROOT = tmp_path
+    bench.record = lambda section, keys, markdown: recorded.update(section=section, keys=keys, markdown=markdown)
+    state = torch.random.get_rng_state()
+    assert bench.main(["--backbones", "smallcnn,deepcnn", "--threads", "1,2", "--repeats", "1", "--steps", "1",
+                       "--batch-size", "4", "--input-size", "32"]) == 0
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.get_num_threads() == threads
+    rows = json.loads((tmp_path / "bench" / "results" / "backbone_cost.json").read_text())["rows"]
+    assert [(r["backbone"], r["threads"]) for r in rows] == [(b, n) for b in ("smallcnn", "deepcnn") for n in (1, 2)]
+    by = {(r["backbone"], r["threads"]): r for r in rows}
+    for (b, n), r in by.items():
+        assert r["thread_speedup"] == pytest.approx(by[(b, 1)]["seconds_per_step"] / r["seconds_per_step"])
+        assert r["vs_first_backbone"] == pytest.approx(r["seconds_per_step"] / by[("smallcnn", n)]["seconds_per_step"])
+    assert recorded["section"] == "backbone_cost" and set(recorded["keys"]) == {
+        "backbone_cost_smallcnn_epoch_seconds_2_threads", "backbone_cost_deepcnn_epoch_seconds_2_threads"}
+    assert recorded["markdown"].count("\n| smallcnn |") == recorded["markdown"].count("\n| deepcnn |") == 2
