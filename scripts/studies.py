@@ -54,7 +54,6 @@ FINAL_ENTRY = "fer2013-48px-final"  # the long run's library entry (issue 18): t
 # the variant registered beside it (2026-12-06, before either long run's result): the same recipe
 # plus strong augmentation, the regulariser a 30-epoch ablation reads while it still under-fits
 STRONG_ENTRY = "fer2013-48px-final-strong"
-LONG_RUNS = (FINAL_ENTRY, STRONG_ENTRY)
 PICKED = "@picked"  # in a stage's argument: the long run picked_entry() names, read when the stage starts
 FINAL_BACKBONE = "@final"  # as a study's backbone: the picked long run's, read from its recipe when the stage starts
 IDLE_SECONDS = 60  # a pass that found every free step taken waits this long before looking again
@@ -102,15 +101,20 @@ class Stage:
         return [*program, *args, *(["--work", str(self.work_dir)] if self.pass_work else []), "--out", self.out]
 
 
+def long_runs() -> list[Stage]:
+    """The long-run stages (bench/cloud_final.py): the entries picked_entry chooses from."""
+    return [s for s in STAGES if s.script == "bench/cloud_final.py"]
+
+
 def picked_entry() -> str:
-    """Of the long runs (LONG_RUNS) done (their current recipe trained and scored: the stage's own
+    """Of the long runs done (their current recipe trained and scored: the stage's own
     `done`), the one whose best epoch has the higher PublicTest accuracy (metrics.json's
     best_val_score; a tie keeps the earlier, the rule's recipe); FINAL_ENTRY while none is.
     PrivateTest, the test, plays no part in the pick. The stages that use it run after both."""
     best, best_score = FINAL_ENTRY, None
-    for stage in (s for s in STAGES if s.script == "bench/cloud_final.py"):
+    for stage in long_runs():
         entry = _arg(stage, "--name")
-        if entry not in LONG_RUNS or _final_scored(stage) is not True:
+        if _final_scored(stage) is not True:
             continue
         metrics = _json(ROOT / stage.out / entry / "metrics.json")
         score = metrics.get("best_val_score") if isinstance(metrics, dict) else None
@@ -389,8 +393,8 @@ def evaluation_progress(stage: Stage) -> str:
 
 def status_lines(stages: list[Stage], by_name: dict[str, Stage]) -> list[str]:
     lines = []
-    long_runs = [s for s in STAGES if s.script == "bench/cloud_final.py"]
-    picked = picked_entry() if long_runs and all(_final_done(s) for s in long_runs) else None  # else "@picked"
+    runs = long_runs()
+    picked = picked_entry() if runs and all(_final_done(s) for s in runs) else None  # else "@picked"
     for s in stages:
         if done(s, by_name):
             state = "done"
