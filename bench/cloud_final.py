@@ -78,10 +78,12 @@ def _options(flags: list[str]) -> set[str]:
     return {f for f in flags if f.startswith("--")}
 
 
-def read_levers(path: Path, partial: bool = False, quick: bool = False) -> tuple[dict, dict[str, dict]]:
+def read_levers(path: Path, partial: bool = False, quick: bool = False,
+                pending: tuple[str, ...] = ()) -> tuple[dict, dict[str, dict]]:
     """The ablation's table and its rows by lever name, each with a PublicTest accuracy in [0, 1];
     refuses a table that is damaged, lacks the baseline, is not complete (unless `partial`: a dry
-    run) or is of a slice of the data (unless `quick`: a quick run on a slice itself)."""
+    run; or only the `pending` levers are missing) or is of a slice of the data (unless `quick`: a
+    quick run on a slice itself)."""
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as error:
@@ -99,21 +101,27 @@ def read_levers(path: Path, partial: bool = False, quick: bool = False) -> tuple
         raise RecipeError(f"{path}: no baseline row")
     if table.get("limit_per_class") is not None and not (partial or quick):
         raise RecipeError(f"{path}: an ablation on a slice (limit_per_class {table['limit_per_class']}), not a result")
-    if not partial and (table.get("complete") is not True or not set(LEVERS) <= set(rows)):
-        missing = [n for n in LEVERS if n not in rows]
+    unknown = [n for n in pending if n not in LEVERS or n == "baseline"]
+    if unknown:
+        raise RecipeError(f"--pending {','.join(unknown)}: not a lever of the ablation")
+    missing = [n for n in LEVERS if n not in rows and n not in pending]
+    if not partial and (missing or (table.get("complete") is not True and not pending)):
         raise RecipeError(f"{path}: the ablation is not complete (still to train: {', '.join(missing) or '?'})")
     return table, rows
 
 
-def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> dict:
+def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = (), pending: tuple[str, ...] = ()) -> dict:
     """The recipe: which levers are taken and why, and the pretrain flags they make; `also`:
-    levers added whatever the rule says (a registered variant, RecipeError for one it took)."""
+    levers added whatever the rule says (a registered variant, RecipeError for one it took);
+    `pending`: levers whose rows are not in yet, named as such."""
     base = rows["baseline"]["public_test"]
     gains = {n: 100 * (rows[n]["public_test"] - base) for n in LEVERS if n in rows and n != "baseline"}
     winners = {n for n, g in gains.items() if g > margin and n not in NOT_A_FLAG}
     reasons = {n: (f"{g:+.2f} > {margin:g} points" if n in winners else f"{g:+.2f} <= {margin:g} points")
                for n, g in gains.items()}
     reasons.update({n: "not measured" for n in LEVERS if n not in rows and n != "baseline"})
+    waiting = [n for n in LEVERS if n in pending and n not in rows]
+    reasons.update({n: "not measured yet: the run was trained before its row (--pending)" for n in waiting})
     for group in EXCLUSIVE:
         taken = sorted((n for n in group if n in winners), key=lambda n: -gains[n])
         for loser in taken[1:]:
@@ -164,7 +172,8 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = ()) -> 
                          f"difference, {'inside' if noise <= margin else 'OVER'} the {margin:g}-point margin"
                          + ("" if noise <= margin else ": gains of that size may be noise"))
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
-            "taken": [n for n in LEVERS if n in winners], "also": list(also), "reasons": reasons, "flags": flags,
+            "taken": [n for n in LEVERS if n in winners], "also": list(also), "pending": waiting,
+            "reasons": reasons, "flags": flags,
             "seconds_per_epoch": _pace(rows, winners | {n for n in also if n in rows}),
             "baseline_seconds_per_epoch": _pace(rows, set()),
             "seed_spread_points": seed_spread(rows)}
@@ -187,11 +196,11 @@ def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
 
 
 def recipe_for(levers: Path, epochs: int, margin: float, limit_per_class: int | None = None,
-               partial: bool = False, also: tuple[str, ...] = ()) -> dict:
+               partial: bool = False, also: tuple[str, ...] = (), pending: tuple[str, ...] = ()) -> dict:
     """The long run's recipe from the ablation table LEVERS (RecipeError when it cannot give one);
-    `also`: a registered variant's added levers."""
-    table, rows = read_levers(levers, partial=partial, quick=limit_per_class is not None)
-    return {**choose(rows, margin, tuple(also)), "epochs": epochs, "levers": str(levers), "ablation_epochs": table.get("epochs"),
+    `also`: a registered variant's added levers; `pending`: levers it may be trained without."""
+    table, rows = read_levers(levers, partial=partial, quick=limit_per_class is not None, pending=tuple(pending))
+    return {**choose(rows, margin, tuple(also), tuple(pending)), "epochs": epochs, "levers": str(levers), "ablation_epochs": table.get("epochs"),
             "limit_per_class": limit_per_class}
 
 
@@ -271,6 +280,11 @@ def recipe_markdown(recipe: dict, name: str, measured: tuple[int, float] | None 
                   f"recipe plus {', '.join(recipe['also'])} (`--also`), whatever the ablation said of "
                   f"{'it' if len(recipe['also']) == 1 else 'them'}. A 30-epoch ablation reads a regulariser while "
                   "it still under-fits; this run asks whether it pays over a long schedule."]
+    if recipe.get("pending"):
+        lines += ["", f"Trained before the ablation's {', '.join(recipe['pending'])} "
+                  f"row{'' if len(recipe['pending']) == 1 else 's'} (`--pending`): the run fits one session only when "
+                  "it starts at the session's start. When the rows are in, re-running the command re-reads the rule: "
+                  "the same flags keep this run (this page is rewritten), other flags make it train anew."]
     lines += ["", f"Training: `emoshield cloud pretrain {' '.join(recipe['flags'])} --epochs {recipe['epochs']}` "
               f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'})."]
     if recipe.get("seconds_per_epoch"):
@@ -293,7 +307,6 @@ def prepare(work: Path, out: Path, recipe: dict, name: str) -> None:
     """Refuses a WORK begun with another run; records the recipe in WORK and OUT, first removing
     from OUT the result files of another recipe's run (they must not be read as this one's)."""
     from collect_pretrain import FILES
-    from emoshield.paths import write_atomic
 
     had = _recorded(work / "recipe.json")
     if had is not None and not same_run(had, recipe):
@@ -304,11 +317,18 @@ def prepare(work: Path, out: Path, recipe: dict, name: str) -> None:
     if not same_run(_recorded(out / "recipe.json"), recipe):
         for stale in (*FILES, "tta.json", "entry.json"):
             (out / stale).unlink(missing_ok=True)
+    record(work, out, recipe, name)
+
+
+def record(work: Path, out: Path, recipe: dict, name: str) -> None:
+    """Writes the recipe to WORK and OUT (recipe.json) and its page to OUT (recipe.md)."""
+    from emoshield.paths import write_atomic
+
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    record = json.dumps(recipe, indent=1).encode()
-    write_atomic(work / "recipe.json", record)
-    write_atomic(out / "recipe.json", record)
+    text = json.dumps(recipe, indent=1).encode()
+    write_atomic(work / "recipe.json", text)
+    write_atomic(out / "recipe.json", text)
     write_atomic(out / "recipe.md", recipe_markdown(recipe, name, measured_pace()).encode())
 
 
@@ -327,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/cloud_pretrain")
     parser.add_argument("--also", default="", help="LEVER,...: a registered variant, the rule's recipe plus these "
                         "levers' flags (needs its own --name)")
+    parser.add_argument("--pending", default="", help="LEVER,...: train before these levers' ablation rows are "
+                        "in (recipe.md says so; re-run once they are to re-read the rule)")
     parser.add_argument("--dry-run", action="store_true", help="print the recipe and stop")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.margin < 0:
@@ -341,12 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_name(args.name)
         recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run,
-                            also=also)
+                            also=also, pending=parse_also(args.pending))
         if args.dry_run:
             print(recipe_markdown(recipe, args.name, measured_pace()))
             return 0
         if scored(out, recipe):
-            print(f"{out}: trained and scored already (tta.json); nothing to do")
+            if _recorded(out / "recipe.json") != recipe:  # the same run; the ablation's rows changed (--pending)
+                record(work, out, recipe, args.name)
+                print(f"{out}: trained and scored already; recipe.md rewritten from the ablation as it is now")
+            else:
+                print(f"{out}: trained and scored already (tta.json); nothing to do")
             return 0
         prepare(work, out, recipe, args.name)
     except (RecipeError, EmoshieldError, OSError) as error:

@@ -120,6 +120,38 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
     assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_run_trained_before_named_levers_says_so_and_is_kept_when_their_rows_agree(final, tmp_path, capsys):
+    """--pending LEVER,...: the long run may start before those rows are in (only those); its
+    recipe.md names them. Once they are in and the rule gives the same flags, re-running keeps the
+    scored run and rewrites its recipe from the whole table; other flags would start anew."""
+    path, work, out = tmp_path / "levers.json", tmp_path / "w", tmp_path / "o"
+    scores = dict.fromkeys(LEVERS, 0.6)
+    path.write_text(json.dumps(table({n: v for n, v in scores.items() if n not in ("float32", "baseline-seed2")},
+                                     complete=False)))
+    for pending in ("float32", "float32,nonsense", "baseline", ""):  # a row still missing, or not a lever
+        assert final.main(["--levers", str(path), "--pending", pending, "--work", str(work), "--out", str(out)]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
+    early = final.recipe_for(path, 100, 0.8, pending=("float32", "baseline-seed2"))
+    assert early["pending"] == ["float32", "baseline-seed2"] and early["flags"] == final.BASELINE
+    page = final.recipe_markdown(early, "x")
+    assert "| float32 |  | no | not measured yet: the run was trained before its row (--pending) |" in page
+    assert "Trained before the ablation's float32, baseline-seed2 rows (`--pending`)" in page
+    final.record(work / "x", out / "x", early, "x")  # what a run leaves once trained and scored:
+    (out / "x" / "tta.json").write_text(json.dumps({"accuracy": {"one_crop": 0.6, "tencrop": 0.61},
+                                                    "limit_per_class": None}))
+    (out / "x" / "entry.json").write_text(json.dumps({"sha256": "0" * 64}))
+    path.write_text(json.dumps(table(scores)))  # the rows came in and took nothing: the same run
+    args = ["--levers", str(path), "--name", "x", "--work", str(work), "--out", str(out)]
+    assert final.main([*args, "--pending", "float32,baseline-seed2"]) == 0  # measured rows win over --pending
+    assert "recipe.md rewritten" in capsys.readouterr().out
+    whole = json.loads((out / "x" / "recipe.json").read_text())
+    assert whole["pending"] == [] and whole == json.loads((work / "x" / "recipe.json").read_text())
+    assert "--pending" not in (out / "x" / "recipe.md").read_text()
+    assert final.main(args) == 0 and "nothing to do" in capsys.readouterr().out
+    path.write_text(json.dumps(table(scores | {"float32": 0.62})))  # float32 won: another recipe
+    assert not final.scored(out / "x", final.recipe_for(path, 100, 0.8))
+
+
 def test_a_registered_variant_adds_its_levers_to_the_rule_recipe(final, tmp_path, capsys):
     """--also LEVER: the rule's recipe plus that lever's flags whatever the ablation said (here
     augment-strong lost on PublicTest); its recipe.md says it was added and registered. A lever the
