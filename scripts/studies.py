@@ -214,7 +214,10 @@ def _study_units(stage: Stage) -> int | None:
     result = _json(ROOT / stage.out / "results.json")
     if not isinstance(result, dict) or result.get("complete") is False or result.get("pending"):
         return None  # (a cross-dataset report names the units it could not test yet under 'pending')
-    return sum(len(units) for units in result.get("units", {}).values())
+    units = result.get("units", {})
+    if not isinstance(units, dict) or not all(isinstance(u, (dict, list)) for u in units.values()):
+        return None  # a damaged report: not done
+    return sum(len(u) for u in units.values())
 
 
 def _evaluated(stage: Stage) -> set[str]:
@@ -289,6 +292,36 @@ def _library_cross_done(stage: Stage) -> bool:
             and isinstance(entry.get("sha256"), str) and made.get("sha256") == entry["sha256"])
 
 
+def _of_current_entry(stage: Stage) -> bool:
+    """A study that fine-tunes the picked long run's entry (`--weights library:@picked`): its units
+    were trained from the entry the run made (each run's weights, library:NAME@SHA12, against
+    results/cloud_pretrain/NAME/entry.json), not from an earlier entry of the same name (a long run
+    retrained with another recipe). True for any other study."""
+    if f"library:{PICKED}" not in stage.args:
+        return True
+    name = picked_entry()
+    entry = _json(ROOT / "results" / "cloud_pretrain" / name / "entry.json")
+    result = _json(ROOT / stage.out / "results.json")
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(result, dict):
+        return False
+    used: set[str] = set()
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "weights" and isinstance(value, str):
+                    used.add(value)
+                else:
+                    collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(result.get("units"))
+    of_library = {w for w in used if w.startswith("library:")}
+    return of_library == {f"library:{name}@{entry['sha256'][:12]}"}
+
+
 def _arg(stage: Stage, flag: str) -> str:
     value = stage.args[stage.args.index(flag) + 1]
     return value.replace(PICKED, picked_entry()) if PICKED in value else value
@@ -353,7 +386,7 @@ def done(stage: Stage, by_name: dict[str, Stage]) -> bool:
     if not stage.pass_work:
         return _library_cross_done(stage)
     if stage.source is None:
-        return _study_units(stage) is not None
+        return _study_units(stage) is not None and _of_current_entry(stage)
     # with nothing left to test here: done once the report is written, or at once when no unit
     # could be tested at all (their models are gone: --status names them)
     return (done(by_name[stage.source], by_name) and not _untested_units(stage)

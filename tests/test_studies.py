@@ -25,6 +25,11 @@ if out.name in os.environ.get("FAKE_FAIL", "").split(","):
 time.sleep(0.2)
 (out / "units").mkdir(parents=True, exist_ok=True)
 if args[0] == "reproduce":  # two units, each leaving its models under WORK and its numbers under OUT
+    weights = args[args.index("--weights") + 1] if "--weights" in args else "scratch"
+    if weights.startswith("library:"):  # as emoshield records it: the entry's name and sha256 prefix
+        sha = json.loads(Path("results/cloud_pretrain", weights[8:], "entry.json").read_text())["sha256"]
+        weights = weights + "@" + sha[:12]
+    record = {{"runs": {{"localization": {{"weights": weights}}, "scratch": {{"weights": "scratch"}}}}}}
     (work / "study.json").parent.mkdir(parents=True, exist_ok=True)
     (work / "study.json").write_text("{{}}")
     for unit in ("fold0-seed0", "fold1-seed0"):
@@ -35,9 +40,10 @@ if args[0] == "reproduce":  # two units, each leaving its models under WORK and 
             (work / "smallcnn" / unit / name).write_text("{{}}")
         (out / "units" / f"smallcnn-{{unit}}.json").write_text("{{}}")
         if "--until-unit" in args:  # like emoshield reproduce: a partial report of the units so far
-            (out / "results.json").write_text(json.dumps({{"complete": False, "units": {{"smallcnn": {{unit: {{}}}}}}}}))
+            (out / "results.json").write_text(json.dumps({{"complete": False, "units": {{"smallcnn": {{unit: record}}}}}}))
             sys.exit(0)
-    (out / "results.json").write_text(json.dumps({{"complete": True, "units": {{"smallcnn": {{"fold0-seed0": {{}}, "fold1-seed0": {{}}}}}}}}))
+    (out / "results.json").write_text(json.dumps({{"complete": True, "units": {{"smallcnn": {{"fold0-seed0": record,
+                                                                                        "fold1-seed0": record}}}}}}))
 elif "--model" in args:  # a library entry as shipped on another dataset: no units, nothing pending
     assert work is None, "--model and --work together"
     busy = Path(os.environ["FAKE_LOG"] + "." + out.name + ".running")
@@ -399,10 +405,21 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
             assert "--work" not in c["args"] and c["args"][c["args"].index("--model") + 1] == "library:fer2013-48px-final"
     by_name = {s.name: s for s in module.STAGES}
     library_cross = by_name["fer2013-final-jaffe"]
-    assert module.done(library_cross, by_name)
+    v3, v2 = by_name["jaffe-subject-v3"], by_name["jaffe-subject-v2"]
+    assert module.done(library_cross, by_name) and module.done(v3, by_name) and module.done(v2, by_name)
     meta = tmp / "results/cloud_pretrain/fer2013-48px-final/entry.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "sha256": "b" * 64}))  # the entry retrained
     assert not module.done(library_cross, by_name)  # its report is of the earlier entry: to run again
+    assert not module.done(v3, by_name) and module.done(v2, by_name)  # so is the v3 study's fine-tuning
+    report = tmp / v3.out / "results.json"
+    for units in ({"smallcnn": {"fold0-seed0": {"runs": {"scratch": {"weights": "scratch"}}}}}, {}, [],
+                  {"smallcnn": {"fold0-seed0": {"runs": {"a": {"weights": "library:fer2013-48px-final@" + "b" * 12},
+                                                         "b": {"weights": "library:other@" + "b" * 12}}}}}):
+        report.write_text(json.dumps({"complete": True, "units": units}))  # no run, or a run of another entry
+        assert not module.done(v3, by_name), units
+    report.write_text(json.dumps({"complete": True, "units": {"smallcnn": {"fold0-seed0": {
+        "runs": {"a": {"weights": "library:fer2013-48px-final@" + "b" * 12}, "s": {"weights": "scratch"}}}}}}))
+    assert module.done(v3, by_name)
     status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
     assert "--work" not in status["fer2013-final-jaffe"] and "--work" in status["jaffe-subject-v3"]
     # a recipe naming another backbone: the next v3 run takes it (the edited recipe is no longer the
