@@ -19,7 +19,7 @@ from emoshield.tiers.bundle import ONNX_FP32, ONNX_INT8, PROBES, BundleError, re
 from emoshield.device.recognizer import cpu_isa, load_classifier
 from emoshield.device.store import BundleStore
 from emoshield.tiers.signing import generate_keys, load_private_key
-from tests.conftest import FIVE, resigned_bundle, trust_repository
+from tests.conftest import FIVE, ROOT, resigned_bundle, trust_repository
 from tests.test_cli import run
 
 
@@ -356,8 +356,16 @@ def test_library_search_path_user_entries_first_then_the_embedded_library(tmp_pa
         lib.read_entry("shipped")
 
 
-def test_the_embedded_smallcnn_has_the_fer2013_accuracy_its_metadata_states(tmp_path, data_root, monkeypatch):
-    """The shipped entry verifies, loads by name with no user library, and really scores its stated
+EMBEDDED = sorted(p.name for p in (ROOT / "emoshield" / "library").iterdir() if (p / "metadata.json").is_file())
+
+
+def test_the_embedded_library_ships_the_fer2013_backbone():
+    assert "smallcnn-fer2013-48px" in EMBEDDED
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_each_embedded_entry_has_the_fer2013_accuracy_its_metadata_states(name, tmp_path, data_root, monkeypatch):
+    """Each shipped entry verifies, loads by name with no user library, and really scores its stated
     PrivateTest accuracy on all 3,589 FER2013 test images (one forward pass, ~10 s on 2 cores)."""
     import torch
 
@@ -369,8 +377,8 @@ def test_the_embedded_smallcnn_has_the_fer2013_accuracy_its_metadata_states(tmp_
     from emoshield.training.trainer import predict_logits
 
     monkeypatch.setenv("EMOSHIELD_LIBRARY", str(tmp_path / "empty"))
-    meta, weights = read_entry("smallcnn-fer2013-48px")  # sha256 checked
-    assert meta["embedded"] and meta["backbone"] == "smallcnn" and meta["input_size"] == 48
+    meta, weights = read_entry(name)  # sha256 checked
+    assert meta["embedded"] and meta["name"] == name and meta["input_size"] == 48
     assert weights.stat().st_size < 15e6  # small enough to ship
 
     dataset = load_data(DataOptions("fer2013", str(data_root), protocol="official"))
