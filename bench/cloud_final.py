@@ -4,7 +4,8 @@ PrivateTest with one crop, flip and ten-crop.
 
     python bench/cloud_final.py [--levers results/cloud_levers/levers.json] [--epochs 100]
         [--margin 0.8] [--name fer2013-48px-final] [--library DIR] [--work runs/cloud_final]
-        [--out results/cloud_pretrain] [--device auto] [--data-root DIR] [--also LEVER,...] [--dry-run]
+        [--out results/cloud_pretrain] [--device auto] [--data-root DIR] [--also LEVER,...]
+        [--pending LEVER,...] [--dry-run]
 
 The rule that picks the recipe was written before the ablation's results were in:
 - a lever is taken when its PublicTest accuracy (best epoch) beats the baseline's by more than
@@ -29,7 +30,10 @@ to the library (the user's, where `--weights library:NAME` and the studies find 
 run's report, metrics, history and plots to OUT/NAME (as scripts/collect_pretrain.py does) and its
 one-crop / flip / ten-crop figures to OUT/NAME/tta.json (scripts/pretrain_tta.py), which
 RESULTS.md's cloud-tier table reads, and the entry's sha256 and size (whether it fits the 15 MB of
-an embedded default) to OUT/NAME/entry.json. `--dry-run` prints the
+an embedded default) to OUT/NAME/entry.json. `--pending LEVER,...` starts the run before those ablation rows
+are in (only those; recipe.md names them): once they are in, re-running keeps a scored run whose
+flags the rule still gives (rewriting its recipe) and trains anew, the old run moved aside, when the
+flags changed. One process per run: a second is refused (an flock on WORK/NAME.lock). `--dry-run` prints the
 recipe and stops (it also reads an ablation still in progress: levers not yet trained are 'not
 measured')."""
 
@@ -121,7 +125,7 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = (), pen
                for n, g in gains.items()}
     reasons.update({n: "not measured" for n in LEVERS if n not in rows and n != "baseline"})
     waiting = [n for n in LEVERS if n in pending and n not in rows]
-    reasons.update({n: "not measured yet: the run was trained before its row (--pending)" for n in waiting})
+    reasons.update({n: "not measured yet: the run starts without its row (--pending)" for n in waiting})
     for group in EXCLUSIVE:
         taken = sorted((n for n in group if n in winners), key=lambda n: -gains[n])
         for loser in taken[1:]:
@@ -283,8 +287,9 @@ def recipe_markdown(recipe: dict, name: str, measured: tuple[int, float] | None 
     if recipe.get("pending"):
         lines += ["", f"Trained before the ablation's {', '.join(recipe['pending'])} "
                   f"row{'' if len(recipe['pending']) == 1 else 's'} (`--pending`): the run fits one session only when "
-                  "it starts at the session's start. When the rows are in, re-running the command re-reads the rule: "
-                  "the same flags keep this run (this page is rewritten), other flags make it train anew."]
+                  "it starts at the session's start. Once the rows are in and this run is scored, re-running the command "
+                  "re-reads the rule: the same flags keep this run (this page is rewritten), other flags train anew "
+                  "(the old run is moved aside)."]
     lines += ["", f"Training: `emoshield cloud pretrain {' '.join(recipe['flags'])} --epochs {recipe['epochs']}` "
               f"({recipe['epochs']} epochs{'' if recipe['limit_per_class'] is None else ', on a slice of the data: not a result'})."]
     if recipe.get("seconds_per_epoch"):
@@ -309,7 +314,12 @@ def prepare(work: Path, out: Path, recipe: dict, name: str) -> None:
     from collect_pretrain import FILES
 
     had = _recorded(work / "recipe.json")
-    if had is not None and not same_run(had, recipe):
+    if had is not None and not same_run(had, recipe) and had.get("pending") and (work / "run").exists():
+        # trained before some rows were in (--pending), which changed the rule's flags: train anew
+        aside = work / f"run.superseded-{time.strftime('%Y%m%dT%H%M%S')}"
+        (work / "run").rename(aside)
+        print(f"{work / 'run'}: its recipe changed once the pending rows came in; moved to {aside.name}", flush=True)
+    elif had is not None and not same_run(had, recipe):
         raise RecipeError(f"{work} was begun with another recipe, length or slice of the data "
                           f"({work / 'recipe.json'}); pass another --work")
     if (work / "run").exists() and had is None:
@@ -367,10 +377,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(recipe_markdown(recipe, args.name, measured_pace()))
             return 0
+        for recorded in (work / "recipe.json", out / "recipe.json"):  # damaged: one line before any folder is made
+            _recorded(recorded)
+    except (RecipeError, EmoshieldError, OSError) as error:
+        print(f"cloud_final: {error}", file=sys.stderr)
+        return 2
+    from emoshield.reproduce import step_lock
+
+    with step_lock(work) as mine:  # one process per run: a second would train in the same folder
+        if not mine:
+            print(f"cloud_final: another process is training {work} (it holds {work}.lock); nothing started",
+                  file=sys.stderr)
+            return 2
+        return _train_and_score(args, recipe, work, out)
+
+
+def _train_and_score(args: argparse.Namespace, recipe: dict, work: Path, out: Path) -> int:
+    from emoshield.errors import EmoshieldError
+
+    try:
         if scored(out, recipe):
-            if _recorded(out / "recipe.json") != recipe:  # the same run; the ablation's rows changed (--pending)
+            had = _recorded(out / "recipe.json")
+            if had.get("pending") and had != recipe:  # the same run; the rows it was trained without are in
                 record(work, out, recipe, args.name)
-                print(f"{out}: trained and scored already; recipe.md rewritten from the ablation as it is now")
+                print(f"{out}: trained and scored already; recipe.md rewritten from the whole ablation")
             else:
                 print(f"{out}: trained and scored already (tta.json); nothing to do")
             return 0

@@ -214,10 +214,16 @@ def _study_units(stage: Stage) -> int | None:
     result = _json(ROOT / stage.out / "results.json")
     if not isinstance(result, dict) or result.get("complete") is False or result.get("pending"):
         return None  # (a cross-dataset report names the units it could not test yet under 'pending')
-    units = result.get("units", {})
+    units = _units(result)
+    return None if units is None else sum(len(u) for u in units.values())
+
+
+def _units(result) -> dict | None:
+    """A report's units by backbone (None when the report or its units are damaged)."""
+    units = result.get("units", {}) if isinstance(result, dict) else None
     if not isinstance(units, dict) or not all(isinstance(u, (dict, list)) for u in units.values()):
-        return None  # a damaged report: not done
-    return sum(len(u) for u in units.values())
+        return None
+    return units
 
 
 def _evaluated(stage: Stage) -> set[str]:
@@ -239,9 +245,8 @@ def _untested_units(stage: Stage) -> set[str]:
 
 def _lost_units(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     """Units the source study finished whose models are gone (an earlier session's work folder)."""
-    result = _json(ROOT / by_name[stage.source].out / "results.json")
-    result = result if isinstance(result, dict) else {}
-    finished = {f"{b}-{u}" for b, units in result.get("units", {}).items() for u in units}
+    units = _units(_json(ROOT / by_name[stage.source].out / "results.json")) or {}
+    finished = {f"{b}-{u}" for b, names in units.items() for u in names if isinstance(u, str)}
     finished |= {p.stem for p in (ROOT / by_name[stage.source].out / "units").glob("*.json")}
     work = stage.work_dir
     here = {f"{p.parent.name}-{p.name}" for p in work.glob("*/fold*-seed*")}
@@ -286,24 +291,26 @@ def _library_cross_done(stage: Stage) -> bool:
     made (results/cloud_pretrain/ENTRY/entry.json's sha256); a report of an earlier entry of the
     same name (a long run retrained with another recipe) is not done. Torch-free: no library import."""
     result = _json(ROOT / stage.out / "results.json")
-    entry = _json(ROOT / "results" / "cloud_pretrain" / _arg(stage, "--model").removeprefix("library:") / "entry.json")
+    sha = _entry_sha(_arg(stage, "--model").removeprefix("library:"))
     made = result.get("library_entry") if isinstance(result, dict) else None
-    return (_study_units(stage) is not None and isinstance(entry, dict) and isinstance(made, dict)
-            and isinstance(entry.get("sha256"), str) and made.get("sha256") == entry["sha256"])
+    return _study_units(stage) is not None and sha is not None and isinstance(made, dict) and made.get("sha256") == sha
 
 
-def _of_current_entry(stage: Stage) -> bool:
-    """A study that fine-tunes the picked long run's entry (`--weights library:@picked`): its units
-    were trained from the entry the run made (each run's weights, library:NAME@SHA12, against
-    results/cloud_pretrain/NAME/entry.json), not from an earlier entry of the same name (a long run
-    retrained with another recipe). True for any other study."""
-    if f"library:{PICKED}" not in stage.args:
-        return True
-    name = picked_entry()
+def _entry_sha(name: str) -> str | None:
+    """The sha256 of the library entry a long run made (results/cloud_pretrain/NAME/entry.json)."""
     entry = _json(ROOT / "results" / "cloud_pretrain" / name / "entry.json")
-    result = _json(ROOT / stage.out / "results.json")
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(result, dict):
-        return False
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+def _library_weights(stage: Stage) -> tuple[str | None, set[str]]:
+    """For a study that fine-tunes the picked long run's entry (`--weights library:@picked`): the
+    weights its runs should record (library:NAME@SHA12, None before the entry is made) and the
+    library weights its report's runs do record. (None, set()) for any other study."""
+    if f"library:{PICKED}" not in stage.args:
+        return None, set()
+    name = picked_entry()
+    sha = _entry_sha(name)
     used: set[str] = set()
 
     def collect(node) -> None:
@@ -317,9 +324,26 @@ def _of_current_entry(stage: Stage) -> bool:
             for value in node:
                 collect(value)
 
-    collect(result.get("units"))
-    of_library = {w for w in used if w.startswith("library:")}
-    return of_library == {f"library:{name}@{entry['sha256'][:12]}"}
+    result = _json(ROOT / stage.out / "results.json")
+    collect(result.get("units") if isinstance(result, dict) else None)
+    return (f"library:{name}@{sha[:12]}" if sha else None), {w for w in used if w.startswith("library:")}
+
+
+def _of_current_entry(stage: Stage) -> bool:
+    """A study on the picked entry: its runs were all trained from the entry the run made, not from
+    an earlier entry of the same name (a long run retrained with another recipe). Any other: True."""
+    if f"library:{PICKED}" not in stage.args:
+        return True
+    expected, used = _library_weights(stage)
+    return expected is not None and used == {expected}
+
+
+def _stale_weights(stage: Stage) -> set[str]:
+    """A study on the picked entry whose report holds runs of another entry (or an earlier one of
+    the same name): `emoshield reproduce` would keep those units (they name the entry, not its
+    sha256), so the driver refuses to run it rather than loop; empty for any other study."""
+    expected, used = _library_weights(stage)
+    return used - {expected} if expected is not None else set()
 
 
 def _arg(stage: Stage, flag: str) -> str:
@@ -481,6 +505,10 @@ class Workers:
             command = stage.command()
         except RuntimeError as error:  # a stage on the long run's backbone, and its recipe damaged
             self.say(f"worker {worker}: {stage.name}: {error}")
+            return 2
+        if stale := _stale_weights(stage):
+            self.say(f"worker {worker}: {stage.name}: {stage.out} holds runs fine-tuned from "
+                     f"{', '.join(sorted(stale))}, not the current entry; move it and {stage.work_dir} away to redo it")
             return 2
         with open(LOGS / f"{stage.name}.worker{worker}.log", "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")

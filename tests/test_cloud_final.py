@@ -134,7 +134,7 @@ def test_a_run_trained_before_named_levers_says_so_and_is_kept_when_their_rows_a
     early = final.recipe_for(path, 100, 0.8, pending=("float32", "baseline-seed2"))
     assert early["pending"] == ["float32", "baseline-seed2"] and early["flags"] == final.BASELINE
     page = final.recipe_markdown(early, "x")
-    assert "| float32 |  | no | not measured yet: the run was trained before its row (--pending) |" in page
+    assert "| float32 |  | no | not measured yet: the run starts without its row (--pending) |" in page
     assert "Trained before the ablation's float32, baseline-seed2 rows (`--pending`)" in page
     final.record(work / "x", out / "x", early, "x")  # what a run leaves once trained and scored:
     (out / "x" / "tta.json").write_text(json.dumps({"accuracy": {"one_crop": 0.6, "tencrop": 0.61},
@@ -149,7 +149,23 @@ def test_a_run_trained_before_named_levers_says_so_and_is_kept_when_their_rows_a
     assert "--pending" not in (out / "x" / "recipe.md").read_text()
     assert final.main(args) == 0 and "nothing to do" in capsys.readouterr().out
     path.write_text(json.dumps(table(scores | {"float32": 0.62})))  # float32 won: another recipe
-    assert not final.scored(out / "x", final.recipe_for(path, 100, 0.8))
+    later = final.recipe_for(path, 100, 0.8)
+    assert not final.scored(out / "x", later)
+    (work / "x" / "run").mkdir()
+    final.record(work / "x", out / "x", early, "x")  # (as it was before the rows came in)
+    final.prepare(work / "x", out / "x", later, "x")  # trains anew: the early run moved aside
+    assert not (work / "x" / "run").exists() and len(list((work / "x").glob("run.superseded-*"))) == 1
+    assert json.loads((work / "x" / "recipe.json").read_text())["flags"] == later["flags"] != early["flags"]
+    assert not (out / "x" / "tta.json").exists()  # the early run's figures are not the new one's
+    (work / "x" / "run").mkdir()
+    with pytest.raises(final.RecipeError, match="begun with another recipe"):  # without --pending: refused
+        final.prepare(work / "x", out / "x", early, "x")
+    from emoshield.reproduce import step_lock
+
+    with step_lock(work / "x") as mine:  # a run in progress: a second process starts nothing
+        assert mine and final.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another process is training" in err and len(err.splitlines()) == 1
 
 
 def test_a_registered_variant_adds_its_levers_to_the_rule_recipe(final, tmp_path, capsys):

@@ -383,7 +383,7 @@ def test_a_solo_stage_waits_for_the_running_ones_and_nothing_starts_beside_it(st
     assert [c["stage"] for c in runs] == ["cloud_pretrain", "defense_ckplus48"] and runs[1]["beside_solo"] is False
 
 
-def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_faces(studies, monkeypatch):
+def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_faces(studies, monkeypatch, capsys):
     """Issue 18 item 4's stages: the v3 studies take the long run's backbone from its recipe
     (@final), align faces, and start only after it; the library entry's cross-dataset tests take
     --model and no --work; a study's cross stage follows its study."""
@@ -411,6 +411,13 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "sha256": "b" * 64}))  # the entry retrained
     assert not module.done(library_cross, by_name)  # its report is of the earlier entry: to run again
     assert not module.done(v3, by_name) and module.done(v2, by_name)  # so is the v3 study's fine-tuning
+    # emoshield reproduce would keep those units (they name the entry, not its sha256): one line, no loop
+    capsys.readouterr()
+    started = len(calls(tmp))
+    assert module.Workers([v3], by_name, 1, 1)._run(0, v3) == 2
+    said = capsys.readouterr().out.strip()
+    assert len(said.splitlines()) == 1 and "holds runs fine-tuned from library:fer2013-48px-final@" in said
+    assert len(calls(tmp)) == started  # nothing was started
     report = tmp / v3.out / "results.json"
     for units in ({"smallcnn": {"fold0-seed0": {"runs": {"scratch": {"weights": "scratch"}}}}}, {}, [],
                   {"smallcnn": {"fold0-seed0": {"runs": {"a": {"weights": "library:fer2013-48px-final@" + "b" * 12},
@@ -419,7 +426,11 @@ def test_after_the_long_run_the_edge_studies_run_on_its_backbone_with_aligned_fa
         assert not module.done(v3, by_name), units
     report.write_text(json.dumps({"complete": True, "units": {"smallcnn": {"fold0-seed0": {
         "runs": {"a": {"weights": "library:fer2013-48px-final@" + "b" * 12}, "s": {"weights": "scratch"}}}}}}))
-    assert module.done(v3, by_name)
+    assert module.done(v3, by_name) and not module._stale_weights(v3)
+    v2_report = tmp / v2.out / "results.json"
+    for units in ([], {"smallcnn": 5}, "x"):  # a damaged report of a plain study: not done, no exception
+        v2_report.write_text(json.dumps({"complete": True, "units": units}))
+        assert not module.done(v2, by_name), units
     status = {line.split()[0]: line for line in module.status_lines(module.STAGES, {s.name: s for s in module.STAGES})}
     assert "--work" not in status["fer2013-final-jaffe"] and "--work" in status["jaffe-subject-v3"]
     # a recipe naming another backbone: the next v3 run takes it (the edited recipe is no longer the
