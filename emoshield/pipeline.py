@@ -68,9 +68,9 @@ def validate_model_options(options: ModelOptions) -> None:
         if not Path(weights).is_file():
             raise EmoshieldError(f"weights file {weights} does not exist")
     elif weights.startswith("library:"):
-        from .models.library import read_entry
+        from .models.library import read_weights_spec
 
-        meta, _ = read_entry(weights.partition(":")[2].split("@")[0])
+        meta, _ = read_weights_spec(weights)
         if meta["backbone"] != options.backbone:
             raise EmoshieldError(f"library entry {meta['name']!r} is a {meta['backbone']}, not a {options.backbone}")
     elif weights != "scratch" and weights.partition(":")[0] != "imagenet":

@@ -138,6 +138,14 @@ def chosen_weights(backbone: str, input_size: int, asked: str | None) -> str:
                          f"not {asked!r} for {backbone}")
 
 
+def _pinned(weights: str) -> str:
+    """library:NAME -> library:NAME@SHA12, the exact weights its runs record."""
+    from .models.library import read_weights_spec
+
+    meta, _ = read_weights_spec(weights, verify=False)
+    return f"library:{meta['name']}@{str(meta.get('sha256'))[:12]}"
+
+
 def _run_plan(backbone: str, weights: str) -> dict[str, tuple[str, str, bool]]:
     """run name -> (weights, head, defended)."""
     from .models.backbones import imagenet_available
@@ -161,6 +169,7 @@ class Study:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.weights = {b: chosen_weights(b, self.options.input_size, self.options.start_weights)
                         for b in self.options.backbones}
+        self.pins = {b: _pinned(w) for b, w in self.weights.items() if w.startswith("library:")}
 
     def _check_work(self) -> None:
         """A work folder belongs to one set of options: resuming with others would mix results.
@@ -174,7 +183,14 @@ class Study:
         if with_later_options(saved)["options"] != options or clash:
             raise EmoshieldError(f"{self.work} holds a study with other options or weights ({marker}); "
                                  "pass another --work or delete it")
+        # the exact library weights (a work folder from before this record has none: taken as is)
+        replaced = {b: pin for b, pin in saved.get("pins", {}).items() if self.pins.get(b, pin) != pin}
+        if replaced:
+            raise EmoshieldError(f"{self.work} holds runs trained from {', '.join(sorted(replaced.values()))}; "
+                                 f"that entry was replaced since ({', '.join(self.pins[b] for b in sorted(replaced))}): "
+                                 "pass another --work or delete it")
         saved["weights"].update(self.weights)
+        saved["pins"] = {**saved.get("pins", {}), **self.pins}
         marker.write_text(json.dumps(saved, indent=1))
 
     def units(self) -> list[tuple[str, int, int]]:
@@ -280,6 +296,14 @@ class Study:
         if {k: with_later_options(saved).get(k) for k in ("options", "weights")} != self._study_identity(backbone):
             raise EmoshieldError(f"{path} was made with other options or weights than this study's; "
                                  "pass another --out or delete it")
+        # a unit names its library entry, its runs the exact weights (library:NAME@SHA12): one trained
+        # from an entry since replaced under the same name is not this study's
+        runs = saved.get("record", {}).get("runs", {}) if isinstance(saved.get("record"), dict) else {}
+        used = {r.get("weights") for r in runs.values() if isinstance(r, dict)} if isinstance(runs, dict) else set()
+        stale = sorted(w for w in used if isinstance(w, str) and w.startswith("library:") and w != self.pins.get(backbone))
+        if stale:
+            raise EmoshieldError(f"{path} was trained from {', '.join(stale)}, not {self.pins.get(backbone)} "
+                                 "(the entry was replaced since); pass another --out or delete it")
         return saved
 
     def _save_unit(self, backbone: str, fold: int, seed: int, timings_dir: Path) -> None:

@@ -340,8 +340,8 @@ def _of_current_entry(stage: Stage) -> bool:
 
 def _stale_weights(stage: Stage) -> set[str]:
     """A study on the picked entry whose report holds runs of another entry (or an earlier one of
-    the same name): `emoshield reproduce` would keep those units (they name the entry, not its
-    sha256), so the driver refuses to run it rather than loop; empty for any other study."""
+    the same name): `emoshield reproduce` refuses those units too, so the driver says which and
+    starts nothing; empty for any other study."""
     expected, used = _library_weights(stage)
     return used - {expected} if expected is not None else set()
 

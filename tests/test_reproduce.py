@@ -255,6 +255,55 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
         aligned._saved_unit("smallcnn", 0, 0)
 
 
+def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_the_studys(tmp_path, monkeypatch):
+    """A study names its start as library:NAME, its runs the exact weights (NAME@SHA12): after the
+    entry is retrained under the same name, its saved units and work folder are refused (one line),
+    not resumed; and library:NAME@SHA loads only those weights."""
+    import torch
+
+    from emoshield.errors import EmoshieldError
+    from emoshield.models.library import add_entry
+    from emoshield.models.network import ModelConfig, build_model
+    from emoshield.reproduce import Study, StudyOptions
+
+    library = tmp_path / "library"
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
+    classes = ["angry", "happy"]
+
+    def entry(seed: int) -> str:
+        torch.manual_seed(seed)
+        meta = add_entry("mine", build_model(ModelConfig("smallcnn", classes, 16)), library, overwrite=True)
+        return f"library:mine@{meta['sha256'][:12]}"
+
+    first = entry(0)
+    options = StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], input_size=16,
+                           start_weights="library:mine")
+    study = Study(options, tmp_path / "out", tmp_path / "work")
+    assert study.pins == {"smallcnn": first}
+    study._check_work()
+    unit = {**study._study_identity("smallcnn"),
+            "record": {"runs": {"localization": {"weights": first}, "scratch": {"weights": "scratch"}}}}
+    study.unit_file("smallcnn", 0, 0).parent.mkdir(parents=True)
+    study.unit_file("smallcnn", 0, 0).write_text(json.dumps(unit))
+    assert study._saved_unit("smallcnn", 0, 0) == unit
+    assert build_model(ModelConfig("smallcnn", classes, 16, weights=first)).config.weights == first
+
+    second = entry(1)
+    assert second != first
+    again = Study(options, tmp_path / "out", tmp_path / "work")
+    with pytest.raises(EmoshieldError, match=f"trained from {first}, not {second}"):
+        again._saved_unit("smallcnn", 0, 0)
+    with pytest.raises(EmoshieldError, match=f"holds runs trained from {first}.*replaced since"):
+        again._check_work()
+    with pytest.raises(EmoshieldError, match="replaced since"):
+        build_model(ModelConfig("smallcnn", classes, 16, weights=first))
+    # a work folder written before the record (no pins) is taken as is, and pinned from then on
+    marker = tmp_path / "work" / "study.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "pins"}))
+    again._check_work()
+    assert json.loads(marker.read_text())["pins"] == {"smallcnn": second}
+
+
 def test_a_cross_dataset_unit_of_a_study_saved_before_an_option_existed_is_still_its_unit(tmp_path):
     """results/cross/*/units/*.json of older studies lack `align`: the same study re-run (whose
     study.json now names align none) must find them, not refuse them; an aligned study must not."""

@@ -158,6 +158,18 @@ def read_entry(name: str, library: Path | None = None, verify: bool = True) -> t
     return meta, folder / WEIGHTS_FILE
 
 
+def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
+    """(metadata, weights path) of `library:NAME` or `library:NAME@SHA` (a sha256 prefix, as runs
+    record it): with a sha, the entry must still be those weights, not one retrained under the
+    same name since."""
+    name, _, pinned = spec.removeprefix("library:").partition("@")
+    meta, path = read_entry(name, verify=verify)
+    if pinned and not (len(pinned) >= 8 and str(meta.get("sha256", "")).startswith(pinned.lower())):
+        raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {str(meta.get('sha256'))[:12]} "
+                             f"(replaced since); pass library:{name} for the current weights")
+    return meta, path
+
+
 def add_entry(name: str, model, library: Path | None = None, data: str = "", epochs: int | None = None,
               accuracy: dict | None = None, overwrite: bool = False, seed: int | None = None) -> dict:
     """Save an EmotionNet's weights as a library entry and return its metadata."""

@@ -101,9 +101,9 @@ def build_model(config: ModelConfig) -> EmotionNet:
     if source == "imagenet" or source.startswith("imagenet:"):
         state_dict, config.weights = load_imagenet_state_dict(config.backbone, source.partition(":")[2] or None)
     elif source.startswith("library:"):
-        from .library import read_entry
+        from .library import read_weights_spec
 
-        meta, library_file = read_entry(source.partition(":")[2].split("@")[0])
+        meta, library_file = read_weights_spec(source)
         config.weights = f"library:{meta['name']}@{meta['sha256'][:12]}"  # which exact weights, for provenance
     elif source != "scratch" and not source.endswith(".safetensors"):
         raise EmoshieldError(f"unknown weights {source!r}; use scratch, imagenet[:ENTRY], library:NAME "
