@@ -553,6 +553,49 @@ def test_the_job_worker_survives_store_and_disk_faults_and_health_says_so(tmp_pa
         node.stop()
 
 
+def test_faults_after_a_bundle_is_published_are_one_line_each_and_every_listener_is_still_told(
+        tmp_path, monkeypatch, capsys):
+    """Once a job's bundle is signed and the job recorded finished, the job log (full disk), the MQTT
+    announcement (broker gone) and the on_publish hook (a bug) only tell others: each fault is one
+    stderr line, the steps after it still run, and nothing is raised into the worker (which would
+    record the published job as failed)."""
+    import errno
+
+    from emoshield.tiers.edge import EdgeConfig, EdgeNode
+    from tests.conftest import FIVE, trust_repository
+
+    told = []
+
+    def hook(version, manifest):
+        told.append(("on_publish", version, manifest["version"]))
+        raise KeyError("bug\nin the hook")
+
+    config = EdgeConfig(root=tmp_path / "edge", key=tmp_path / "k", classes=FIVE.split(","),
+                        cloud_url="http://127.0.0.1:9", backbone="b", admin_token="t" * 16)
+    trust_repository(config.root)
+    node = EdgeNode(config, on_publish=hook)
+
+    def full_disk(job_id, text):
+        told.append(("log", job_id))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def broker_gone(version, manifest):
+        told.append(("announce", version))
+        raise ConnectionRefusedError("broker at 127.0.0.1:1883 went away")
+
+    monkeypatch.setattr(node, "_log", full_disk)
+    node.announcer = SimpleNamespace(announce=broker_gone)
+    node._tell_published(7, 3, {"version": 3}, {"test_accuracy": 0.9})
+    assert told == [("log", 7), ("announce", 3), ("on_publish", 3, 3)]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("; its ")[1].split(" failed")[0] for line in lines] == ["log", "announce", "on_publish"]
+    assert all(line.startswith("edge: job 7 published v3; its ") for line in lines)
+    node.announcer, node.on_publish = None, None  # nothing to tell: no line at all
+    monkeypatch.setattr(node, "_log", lambda job_id, text: told.append(("log", job_id)))
+    node._tell_published(8, 4, {"version": 4}, {})
+    assert told[-1] == ("log", 8) and capsys.readouterr().err == ""
+
+
 _NAMES = st.one_of(st.text(max_size=70), st.sampled_from(["d+", "e/x", "#", "", " ", "é" * 64, "a\x00b", "-x"]), JSON)
 
 

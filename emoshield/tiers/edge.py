@@ -478,7 +478,13 @@ class EdgeNode:
                        test_subjects=protocol.get("test_subjects"))
         store.update_job(job_id, status="finished", finished=time.time(), samples=len(samples), version=version,
                          metrics=metrics)
-        # published: what follows only tells others, and a fault there must not record the job as failed
+        self._tell_published(job_id, version, manifest, metrics)
+        return manifest
+
+    def _tell_published(self, job_id: int, version: int, manifest: dict, metrics: dict) -> None:
+        """After a job is recorded finished: the job log, MQTT and the on_publish hook. Each only tells
+        others, so a fault in one (a full disk, a broker gone, a hook's bug) is one line on stderr and
+        neither stops the next nor turns the finished job into a failed one."""
         for step, tell in (("log", lambda: self._log(job_id, f"published bundle v{version}: {metrics}")),
                            ("announce", lambda: self.announcer and self.announcer.announce(version, manifest)),
                            ("on_publish", lambda: self.on_publish and self.on_publish(version, manifest))):
@@ -487,7 +493,6 @@ class EdgeNode:
             except Exception as exc:  # noqa: BLE001 - devices still learn of v{version} from TUF metadata
                 print(f"edge: job {job_id} published v{version}; its {step} failed ({one_line(exc, 160)})",
                       file=sys.stderr, flush=True)
-        return manifest
 
 
 def _subject_key(sample: dict) -> str:
