@@ -255,14 +255,15 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
     the full robustness report; OUT/results.json has the shape `collect` gives a study, so
     RESULTS.md's cross-dataset table shows it as one more row. Re-running returns the saved result
     when entry (sha256) and options match, and refuses an OUT made otherwise."""
-    from .models.library import read_entry
+    from .models.library import read_weights_spec
     from .paths import write_atomic
     from .pipeline import evaluate_model
     from .provenance import git_commit
     from .reproduce import headline, mean_std, step_lock
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    meta, _ = read_entry(entry)
+    meta, _ = read_weights_spec(f"library:{entry}")  # NAME, or NAME@SHA: those exact weights
+    entry = meta["name"]
     source = str(meta.get("data", "")).split(" ")[0] or "?"
     if source == options.target:
         raise EmoshieldError(f"library:{entry} was pretrained on {source}: test it on its own test split with "

@@ -304,14 +304,13 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
 
 def _model_file_and_run(model: Path | str) -> tuple[Path, dict]:
     """(weights file, its training's run.json) of a training folder, a model.safetensors, or
-    `library:NAME` (a cloud library entry, sha256-checked: epochs, seed and the dataset it was
+    `library:NAME[@SHA]` (a cloud library entry, sha256-checked: epochs, seed and the dataset it was
     pretrained on come from its metadata)."""
-    from .models.library import read_entry
+    from .models.library import read_weights_spec
 
     if str(model).startswith("library:"):
-        name = str(model)[len("library:"):]
-        entry, weights = read_entry(name)
-        run = {"epochs": entry.get("epochs"), "library_entry": name,
+        entry, weights = read_weights_spec(str(model))
+        run = {"epochs": entry.get("epochs"), "library_entry": entry["name"],
                "pretrained_on": str(entry.get("data", "")).split(" ")[0] or None}
         return weights, run | ({"seed": entry["seed"]} if entry.get("seed") is not None else {})
     model = Path(model)

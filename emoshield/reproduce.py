@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EmoshieldError
+from .errors import EmoshieldError, one_line
 from .paths import write_json
 
 # SPEC §3: the reference's 5 classes; CK+48 has all of them
@@ -36,6 +36,7 @@ DEFAULT_CLASSES = {"ckplus48": REFERENCE_CLASSES}
 ATTACKS = ["fgsm", "rfgsm", "pgd", "apgd", "autoattack"]
 ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI): RobustBench's L-inf budget
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
+PINS_FILE = "pins.json"  # in WORK: backbone -> library:NAME@SHA12 its runs were trained from
 # options added after studies were saved: a saved study without one ran with its default
 LATER_OPTIONS = {"align": "none", "start_weights": None}
 
@@ -122,18 +123,18 @@ def chosen_weights(backbone: str, input_size: int, asked: str | None) -> str:
     """The starting weights of a backbone: ASKED (`--weights`: library:NAME of this backbone and
     input size, imagenet where cached, or scratch), else the best available (pretrained_weights)."""
     from .models.backbones import imagenet_available
-    from .models.library import read_entry
+    from .models.library import read_weights_spec
 
     if asked is None:
         return pretrained_weights(backbone, input_size)
     if asked == "scratch" or (asked == "imagenet" and imagenet_available(backbone)):
         return asked
     if asked.startswith("library:"):
-        meta, _ = read_entry(asked.removeprefix("library:"), verify=False)
+        meta, _ = read_weights_spec(asked, verify=False)  # NAME@SHA: only while the entry is those weights
         if (meta.get("backbone"), meta.get("input_size")) != (backbone, input_size):
             raise EmoshieldError(f"--weights {asked} is a {meta.get('backbone')} at {meta.get('input_size')} px, "
                                  f"not {backbone} at {input_size} px")
-        return asked
+        return f"library:{meta['name']}"  # the study names the entry; its runs and WORK/pins.json the sha
     raise EmoshieldError(f"--weights is library:NAME, imagenet (where its weights are cached) or scratch, "
                          f"not {asked!r} for {backbone}")
 
@@ -183,15 +184,42 @@ class Study:
         if with_later_options(saved)["options"] != options or clash:
             raise EmoshieldError(f"{self.work} holds a study with other options or weights ({marker}); "
                                  "pass another --work or delete it")
-        # the exact library weights (a work folder from before this record has none: taken as is)
-        replaced = {b: pin for b, pin in saved.get("pins", {}).items() if self.pins.get(b, pin) != pin}
+        pins = self._work_pins()
+        replaced = sorted({pin for b, pin in pins.items() if self.pins.get(b, pin) != pin})
         if replaced:
-            raise EmoshieldError(f"{self.work} holds runs trained from {', '.join(sorted(replaced.values()))}; "
-                                 f"that entry was replaced since ({', '.join(self.pins[b] for b in sorted(replaced))}): "
+            raise EmoshieldError(f"{self.work} holds runs trained from {', '.join(replaced)}; that entry was "
+                                 f"replaced since ({', '.join(sorted(set(self.pins.values())))}): "
                                  "pass another --work or delete it")
         saved["weights"].update(self.weights)
-        saved["pins"] = {**saved.get("pins", {}), **self.pins}
         marker.write_text(json.dumps(saved, indent=1))
+        if self.pins:
+            (self.work / PINS_FILE).write_text(json.dumps({**pins, **self.pins}, indent=1))
+
+    def _work_pins(self) -> dict[str, str]:
+        """backbone -> the exact library weights (library:NAME@SHA12) WORK's runs were trained from:
+        WORK/pins.json, or for a work folder from before it, what its runs' run.json files record.
+        (Kept out of study.json: cross-dataset units are keyed on that file's content.)"""
+        path = self.work / PINS_FILE
+        if path.is_file():
+            try:
+                pins = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise EmoshieldError(f"{path}: unreadable ({one_line(exc, 80)}); delete it or pass another --work") from None
+            if not isinstance(pins, dict) or not all(isinstance(v, str) for v in pins.values()):
+                raise EmoshieldError(f"{path}: not a backbone -> library:NAME@SHA map; delete it or pass another --work")
+            return pins
+        pins = {}
+        for backbone in self.pins:
+            for run in sorted((self.work / backbone).glob("fold*-seed*/*/run.json")):
+                try:
+                    weights = json.loads(run.read_text()).get("weights")
+                except (OSError, ValueError, AttributeError):
+                    continue  # a damaged run is retrained or refused by its own step
+                if isinstance(weights, str) and weights.startswith("library:"):
+                    pins[backbone] = weights
+                    if weights != self.pins[backbone]:
+                        break
+        return pins
 
     def units(self) -> list[tuple[str, int, int]]:
         return [(b, f, s) for b in self.options.backbones for f in self.options.fold_list for s in self.options.seeds]
@@ -292,15 +320,21 @@ class Study:
         path = self.unit_file(backbone, fold, seed)
         if not path.is_file():
             return None
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EmoshieldError(f"{path}: unreadable ({one_line(exc, 80)}); delete it to redo the unit") from None
+        if not isinstance(saved, dict):
+            raise EmoshieldError(f"{path}: not a unit record; delete it to redo the unit")
         if {k: with_later_options(saved).get(k) for k in ("options", "weights")} != self._study_identity(backbone):
             raise EmoshieldError(f"{path} was made with other options or weights than this study's; "
                                  "pass another --out or delete it")
         # a unit names its library entry, its runs the exact weights (library:NAME@SHA12): one trained
         # from an entry since replaced under the same name is not this study's
         runs = saved.get("record", {}).get("runs", {}) if isinstance(saved.get("record"), dict) else {}
-        used = {r.get("weights") for r in runs.values() if isinstance(r, dict)} if isinstance(runs, dict) else set()
-        stale = sorted(w for w in used if isinstance(w, str) and w.startswith("library:") and w != self.pins.get(backbone))
+        used = {r["weights"] for r in runs.values() if isinstance(r, dict) and isinstance(r.get("weights"), str)
+                } if isinstance(runs, dict) else set()
+        stale = sorted(w for w in used if w.startswith("library:") and w != self.pins.get(backbone))
         if stale:
             raise EmoshieldError(f"{path} was trained from {', '.join(stale)}, not {self.pins.get(backbone)} "
                                  "(the entry was replaced since); pass another --out or delete it")

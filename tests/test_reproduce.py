@@ -264,7 +264,7 @@ def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_
     from emoshield.errors import EmoshieldError
     from emoshield.models.library import add_entry
     from emoshield.models.network import ModelConfig, build_model
-    from emoshield.reproduce import Study, StudyOptions
+    from emoshield.reproduce import Study, StudyOptions, chosen_weights
 
     library = tmp_path / "library"
     monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
@@ -297,11 +297,46 @@ def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_
         again._check_work()
     with pytest.raises(EmoshieldError, match="replaced since"):
         build_model(ModelConfig("smallcnn", classes, 16, weights=first))
-    # a work folder written before the record (no pins) is taken as is, and pinned from then on
-    marker = tmp_path / "work" / "study.json"
-    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "pins"}))
+    # evaluate --model library:NAME@SHA: those weights, or one line
+    from emoshield.pipeline import _model_file_and_run
+
+    assert _model_file_and_run(second)[1]["library_entry"] == "mine"
+    with pytest.raises(EmoshieldError, match="replaced since"):
+        _model_file_and_run(first)
+    # --weights library:NAME@SHA: the study names the entry, and only while it is those weights
+    assert chosen_weights("smallcnn", 16, second) == "library:mine"
+    for bad, message in ((first, "replaced since"), ("library:mine@", "sha256 prefix"),
+                         ("library:mine@zz" + second[-10:], "sha256 prefix"), ("library:mine@abc", "sha256 prefix")):
+        with pytest.raises(EmoshieldError, match=message):
+            chosen_weights("smallcnn", 16, bad)
+    # WORK/pins.json, not study.json (a cross-dataset unit's identity is study.json's content)
+    pins = tmp_path / "work" / "pins.json"
+    assert json.loads(pins.read_text()) == {"smallcnn": first}
+    assert "pins" not in json.loads((tmp_path / "work" / "study.json").read_text())
+    for damaged in ("{", "[1]", '{"smallcnn": [1]}', "null"):
+        pins.write_text(damaged)
+        with pytest.raises(EmoshieldError, match="pins.json"):
+            again._check_work()
+    # a work folder from before pins.json: its runs' run.json files say what they were trained from
+    pins.unlink()
+    run_file = tmp_path / "work" / "smallcnn" / "fold0-seed0" / "localization" / "run.json"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_text(json.dumps({"weights": first}))
+    with pytest.raises(EmoshieldError, match=f"holds runs trained from {first}"):
+        again._check_work()
+    run_file.write_text(json.dumps({"weights": second}))
     again._check_work()
-    assert json.loads(marker.read_text())["pins"] == {"smallcnn": second}
+    assert json.loads(pins.read_text()) == {"smallcnn": second}
+    # hostile unit files are one-line errors, not tracebacks
+    unit_file = study.unit_file("smallcnn", 0, 0)
+    for damaged, message in (("{", "unreadable"), ("[]", "not a unit record"),
+                             (json.dumps({**unit, "record": {"runs": {"x": {"weights": [1]}}}}), None)):
+        unit_file.write_text(damaged)
+        if message is None:
+            assert again._saved_unit("smallcnn", 0, 0)["record"]["runs"]["x"]["weights"] == [1]
+        else:
+            with pytest.raises(EmoshieldError, match=message):
+                again._saved_unit("smallcnn", 0, 0)
 
 
 def test_a_cross_dataset_unit_of_a_study_saved_before_an_option_existed_is_still_its_unit(tmp_path):
@@ -570,6 +605,9 @@ def test_a_library_entry_as_shipped_is_tested_on_another_dataset_beside_its_own_
 
     assert main(command) == 0 and "already done" in capsys.readouterr().err  # resumed: the same file
     assert json.loads((out / "results.json").read_text()) == result
+    pinned = f"library:tiny-fer2013@{result['library_entry']['sha256'][:12]}"  # the exact weights: the same study
+    assert main([pinned if a == "library:tiny-fer2013" else a for a in command]) == 0
+    assert "already done" in capsys.readouterr().err and json.loads((out / "results.json").read_text()) == result
     for other, message in (([*command[:-2], "--pgd-steps", "4", "--out", str(out)], "other options"),
                            ([a if a != "jaffe" else "fer2013" for a in command], "pretrained on fer2013"),
                            ([a if a != "library:tiny-fer2013" else "runs/x" for a in command], "library:NAME")):
@@ -579,6 +617,9 @@ def test_a_library_entry_as_shipped_is_tested_on_another_dataset_beside_its_own_
     add_entry("tiny-fer2013", build_model(ModelConfig("smallcnn", classes, 32)), library, data="fer2013 x",
               overwrite=True)  # other weights under the same name: not the entry OUT was made from
     assert main(command) == 2 and "another library entry" in capsys.readouterr().err
+    assert main([pinned if a == "library:tiny-fer2013" else a for a in command]) == 2  # those weights are gone
+    err = capsys.readouterr().err
+    assert "replaced since" in err and err.count("\n") == 1
     for damaged in ("{", "[]", "\u00e9\u00e9"):  # truncated, not an object, non-ASCII: one line, nothing run
         (out / "results.json").write_text(damaged)
         assert main(command) == 2

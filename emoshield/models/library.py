@@ -162,9 +162,11 @@ def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
     """(metadata, weights path) of `library:NAME` or `library:NAME@SHA` (a sha256 prefix, as runs
     record it): with a sha, the entry must still be those weights, not one retrained under the
     same name since."""
-    name, _, pinned = spec.removeprefix("library:").partition("@")
+    name, at, pinned = spec.removeprefix("library:").partition("@")
+    if at and not (8 <= len(pinned) <= 64 and all(c in "0123456789abcdef" for c in pinned.lower())):
+        raise EmoshieldError(f"{spec[:120]!r}: after '@' comes a sha256 prefix of 8-64 hex digits")
     meta, path = read_entry(name, verify=verify)
-    if pinned and not (len(pinned) >= 8 and str(meta.get("sha256", "")).startswith(pinned.lower())):
+    if pinned and not str(meta.get("sha256", "")).startswith(pinned.lower()):
         raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {str(meta.get('sha256'))[:12]} "
                              f"(replaced since); pass library:{name} for the current weights")
     return meta, path
