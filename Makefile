@@ -73,6 +73,10 @@ embedded-library: setup
 	$(BIN)/emoshield cloud pretrain --backbone smallcnn --weights scratch --input-size 48 --epochs 100 \
 		--batch-size 64 --lr 0.02 --schedule cosine --augment standard --optimizer sgd --amp --seed 0 \
 		--name fer2013-48px-final --library emoshield/library --force --work runs/pretrain/fer2013-48px-final
+	$(BIN)/emoshield cloud pretrain --backbone smallcnn --weights scratch --input-size 48 --epochs 100 \
+		--batch-size 64 --lr 0.02 --schedule cosine --augment strong --optimizer sgd --amp --seed 0 \
+		--name fer2013-48px-final-strong --library emoshield/library --force \
+		--work runs/pretrain/fer2013-48px-final-strong
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
