@@ -298,6 +298,8 @@ def cross_table(root: Path) -> list[str]:
         for backbone, variants in c["summary"].items():
             for variant, s in variants.items():
                 src, dst = s["source"], s["target"]
+                if isinstance(c.get("library_entry"), dict):  # which entry: several long runs are tested
+                    variant = f"{variant}, `{c['library_entry'].get('name')}`"
                 rows.append(f"| [{c['source']} → {c['target']}]({_link(path.parent)}/report.md) | {backbone} | "
                             f"{variant} | {src['clean']['n']} | {_pct(src['clean'])} | {_pct(src.get(f'autoattack@{eps}'))} "
                             f"| {_pct(dst['clean'])} | {_pct(dst.get(f'pgd@{eps}'))} | {_pct(dst.get(f'autoattack@{eps}'))} |")
