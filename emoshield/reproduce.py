@@ -141,10 +141,9 @@ def chosen_weights(backbone: str, input_size: int, asked: str | None) -> str:
 
 def _pinned(weights: str) -> str:
     """library:NAME -> library:NAME@SHA12, the exact weights its runs record."""
-    from .models.library import read_weights_spec
+    from .models.library import exact_weights, read_weights_spec
 
-    meta, _ = read_weights_spec(weights, verify=False)
-    return f"library:{meta['name']}@{str(meta.get('sha256'))[:12]}"
+    return exact_weights(read_weights_spec(weights, verify=False)[0])
 
 
 def _run_plan(backbone: str, weights: str) -> dict[str, tuple[str, str, bool]]:

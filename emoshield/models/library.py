@@ -158,6 +158,12 @@ def read_entry(name: str, library: Path | None = None, verify: bool = True) -> t
     return meta, folder / WEIGHTS_FILE
 
 
+def exact_weights(meta: dict) -> str:
+    """library:NAME@SHA12, how a run records the exact entry it started from (read_weights_spec
+    takes it back)."""
+    return f"library:{meta['name']}@{str(meta.get('sha256'))[:12]}"
+
+
 def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
     """(metadata, weights path) of `library:NAME` or `library:NAME@SHA` (a sha256 prefix, as runs
     record it): with a sha, the entry must still be those weights, not one retrained under the

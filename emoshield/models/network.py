@@ -101,10 +101,10 @@ def build_model(config: ModelConfig) -> EmotionNet:
     if source == "imagenet" or source.startswith("imagenet:"):
         state_dict, config.weights = load_imagenet_state_dict(config.backbone, source.partition(":")[2] or None)
     elif source.startswith("library:"):
-        from .library import read_weights_spec
+        from .library import exact_weights, read_weights_spec
 
         meta, library_file = read_weights_spec(source)
-        config.weights = f"library:{meta['name']}@{meta['sha256'][:12]}"  # which exact weights, for provenance
+        config.weights = exact_weights(meta)  # which exact weights, for provenance
     elif source != "scratch" and not source.endswith(".safetensors"):
         raise EmoshieldError(f"unknown weights {source!r}; use scratch, imagenet[:ENTRY], library:NAME "
                              "or a .safetensors file")
