@@ -1203,8 +1203,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for reports
     _hint_if_cpu_busy(argv)
+    finished = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        finished = True
+        return code
     except EmoshieldError as exc:
         print(f"emoshield: error: {exc}", file=sys.stderr)
         return 2
@@ -1215,7 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed = sys.modules.get("emoshield.training.distributed")  # only if training ran
         if distributed is not None:
-            distributed.shutdown_distributed()
+            distributed.shutdown_distributed(together=finished)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,36 @@ def test_two_gloo_processes_match_one_process_in_defended_training(tmp_path, dat
     for key in ("train_loss", "val_loss", "val_rfgsm_accuracy"):
         assert abs(h1[0][key] - h2[0][key]) < 1e-4, (key, h1[0][key], h2[0][key])
     assert relative_distance(weights(one), weights(two)) < 1e-4
+
+
+LEAVE = """
+import json, sys, time
+from emoshield.training import distributed
+context = distributed.init_distributed("cpu")
+if context.rank == 0:
+    time.sleep(float(sys.argv[1]))  # rank 0 evaluates and writes after training; the others wait
+arrived = time.time()
+distributed.shutdown_distributed(together=sys.argv[2] == "1")
+print(json.dumps({"rank": context.rank, "arrived": arrived, "left": time.time()}))
+"""
+
+
+def test_ranks_leave_the_process_group_together_unless_a_rank_failed(tmp_path):
+    """A rank that tore down its gloo connections while rank 0 still evaluated was seen to abort
+    (SIGABRT) under load: after a finished command every rank waits for the others before leaving;
+    after an error it leaves at once (a failed peer may never arrive)."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    for together in (True, False):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), "2",
+                   "1" if together else "0"]
+        proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ranks = {r["rank"]: r for r in map(json.loads, proc.stdout.splitlines())}
+        assert set(ranks) == {0, 1}
+        if together:
+            assert ranks[1]["left"] >= ranks[0]["arrived"]
+        else:
+            assert ranks[1]["left"] < ranks[0]["arrived"]

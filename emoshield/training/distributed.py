@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -179,6 +180,9 @@ _SYNCED = {nn.BatchNorm1d: _SyncedBatchNorm1d, nn.BatchNorm2d: _SyncedBatchNorm2
 _CONTEXT: DistContext | None = None
 
 
+_LEAVE_TIMEOUT = timedelta(hours=24)  # how long ranks wait for each other at the end
+
+
 def init_distributed(device: str = "auto") -> DistContext | None:
     """The process group of a torchrun launch (created once; NCCL when `device` resolves to a
     GPU, else gloo), or None for a single process."""
@@ -206,14 +210,24 @@ def init_distributed(device: str = "auto") -> DistContext | None:
     return _CONTEXT
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(together: bool = True) -> None:
     """Leave the process group before the interpreter exits: a gloo group still alive at exit
-    can abort the process (SIGABRT, "terminate called without an active exception")."""
+    can abort the process (SIGABRT, "terminate called without an active exception").
+
+    `together`: first wait until every rank is here. Rank 0 evaluates and writes after the
+    others have finished training; a rank that tore down its gloo connections while rank 0
+    still worked was seen to abort the same way under load. Pass False after an error: a
+    peer may never arrive (torchrun stops the other workers once one fails)."""
     global _CONTEXT
     if _CONTEXT is not None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if together:
+                if _CONTEXT.backend == "gloo":  # rank 0's evaluation may outlast the group's timeout
+                    dist.monitored_barrier(timeout=_LEAVE_TIMEOUT, wait_all_ranks=True)
+                else:
+                    dist.barrier()
             dist.destroy_process_group()
         _CONTEXT = None
 
