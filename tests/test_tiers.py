@@ -322,7 +322,7 @@ def _fake_entry(root, name, backbone):
 
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "weights.safetensors").write_bytes(name.encode())
+    (folder / "weights.safetensors").write_bytes(f"{name} {backbone}".encode())
     meta = {"name": name, "backbone": backbone, "input_size": 48, "data": "", "sha256": sha256_file(folder / "weights.safetensors")}
     (folder / "metadata.json").write_text(json.dumps(meta))
     return meta
@@ -346,6 +346,14 @@ def test_library_search_path_user_entries_first_then_the_embedded_library(tmp_pa
     meta, weights = lib.read_entry("shipped")
     assert meta["embedded"] and weights == embedded / "shipped" / "weights.safetensors"
     assert lib.read_entry("both")[1] == user / "both" / "weights.safetensors"
+    # a run records the exact weights it started from (library:NAME@SHA12): they load even where a
+    # user entry of the same name shadows them; weights no folder holds are "replaced since"
+    shadowed = lib.read_entry("both", embedded)[0]["sha256"]
+    meta, weights = lib.read_weights_spec(f"library:both@{shadowed[:12]}")
+    assert weights == embedded / "both" / "weights.safetensors" and meta["embedded"]
+    assert lib.read_weights_spec(lib.exact_weights(lib.read_entry("both")[0]))[1] == user / "both" / "weights.safetensors"
+    with pytest.raises(EmoshieldError, match="'both' is now sha256 .*replaced since"):
+        lib.read_weights_spec("library:both@" + "0" * 12)
     # writing never targets the embedded library; an explicit library is searched alone
     assert lib.entry_dir("shipped") == user / "shipped"
     assert [e["name"] for e in lib.list_entries(user)] == ["both", "mine"]

@@ -172,8 +172,15 @@ def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
     if at and not (8 <= len(pinned) <= 64 and all(c in "0123456789abcdef" for c in pinned.lower())):
         raise EmoshieldError(f"{spec[:120]!r}: after '@' comes a sha256 prefix of 8-64 hex digits")
     meta, path = read_entry(name, verify=verify)
-    if pinned and not str(meta.get("sha256", "")).startswith(pinned.lower()):
-        raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {str(meta.get('sha256'))[:12]} "
+    if pinned and not meta["sha256"].startswith(pinned.lower()):
+        for root in search_path()[1:]:  # a user entry may shadow the embedded one the run started from
+            if _complete(root / name):
+                try:
+                    if _metadata(root / name)["sha256"].startswith(pinned.lower()):
+                        return read_entry(name, root, verify=verify)
+                except EmoshieldError as error:
+                    _warn_once(root / name, str(error))
+        raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {meta['sha256'][:12]} "
                              f"(replaced since); pass library:{name} for the current weights")
     return meta, path
 
