@@ -255,7 +255,7 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
     the full robustness report; OUT/results.json has the shape `collect` gives a study, so
     RESULTS.md's cross-dataset table shows it as one more row. Re-running returns the saved result
     when entry (sha256) and options match, and refuses an OUT made otherwise."""
-    from .models.library import read_weights_spec
+    from .models.library import exact_weights, read_weights_spec
     from .paths import write_atomic
     from .pipeline import evaluate_model
     from .provenance import git_commit
@@ -283,7 +283,7 @@ def library_cross(entry: str, out: Path, options: CrossOptions, log=None) -> dic
         if saved is not None:
             return saved
         log(f"library:{entry} on {options.target}: evaluating")
-        result = evaluate_model(Path(f"library:{entry}"), out / "evaluation", data, robustness,
+        result = evaluate_model(Path(exact_weights(meta)), out / "evaluation", data, robustness,
                                 log=lambda m: log(f"  {m}"))
     report = result["robustness"]
     own = {"clean": (meta.get("accuracy") or {}).get("test")}

@@ -169,7 +169,11 @@ class Study:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.weights = {b: chosen_weights(b, self.options.input_size, self.options.start_weights)
                         for b in self.options.backbones}
-        self.pins = {b: _pinned(w) for b, w in self.weights.items() if w.startswith("library:")}
+        asked = self.options.start_weights or ""
+        # library:NAME -> the exact weights its runs train from: the asked NAME@SHA (which may be an
+        # embedded entry a user entry of the same name shadows), else the entry NAME loads now
+        self.pins = {b: _pinned(asked if asked.startswith(w + "@") else w)
+                     for b, w in self.weights.items() if w.startswith("library:")}
 
     def _check_work(self) -> None:
         """A work folder belongs to one set of options: resuming with others would mix results.
@@ -368,6 +372,7 @@ class Study:
         if (folder / "metrics.json").is_file():
             return "already done"
         weights, head, defended = _run_plan(backbone, self.weights[backbone])[name]
+        weights = self.pins.get(backbone, weights) if weights.startswith("library:") else weights
         resume = (folder / "checkpoint.safetensors").is_file()
         self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
                  f"{', defended' if defended else ''}, {self.options.epochs} epochs)")

@@ -339,6 +339,40 @@ def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_
                 again._saved_unit("smallcnn", 0, 0)
 
 
+
+def test_a_study_started_from_pinned_weights_a_user_entry_shadows_trains_from_those_weights(tmp_path, monkeypatch):
+    """--weights library:NAME@SHA of an embedded entry that a user entry of the same name shadows:
+    the study names library:NAME, pins the embedded weights, and its runs train from them (not
+    from the user's entry, which library:NAME alone loads)."""
+    import torch
+
+    import emoshield.pipeline
+    from emoshield.models import library as lib
+    from emoshield.models.network import ModelConfig, build_model
+    from emoshield.reproduce import Study, StudyOptions
+
+    embedded, user = tmp_path / "embedded", tmp_path / "user"
+    monkeypatch.setattr(lib, "EMBEDDED_LIBRARY", embedded)
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(user))
+    shas = {}
+    for seed, root in ((0, embedded), (1, user)):
+        torch.manual_seed(seed)
+        meta = lib.add_entry("mine", build_model(ModelConfig("smallcnn", ["angry", "happy"], 16)), root)
+        shas[root] = f"library:mine@{meta['sha256'][:12]}"
+    study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], input_size=16,
+                               start_weights=shas[embedded]), tmp_path / "out", tmp_path / "work")
+    assert study.weights == {"smallcnn": "library:mine"} and study.pins == {"smallcnn": shas[embedded]}
+    trained = {}
+    monkeypatch.setattr(emoshield.pipeline, "train_model",
+                        lambda data, model_options, config, folder, **k: trained.update({folder.name: model_options.weights}))
+    for run in ("localization", "own-head", "defended", "scratch"):
+        study._train("smallcnn", 0, 0, run, tmp_path / run, run)
+    assert trained == {"localization": shas[embedded], "own-head": shas[embedded], "defended": shas[embedded],
+                       "scratch": "scratch"}
+    unpinned = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], input_size=16,
+                                  start_weights="library:mine"), tmp_path / "out", tmp_path / "work2")
+    assert unpinned.pins == {"smallcnn": shas[user]}
+
 def test_a_cross_dataset_unit_of_a_study_saved_before_an_option_existed_is_still_its_unit(tmp_path):
     """results/cross/*/units/*.json of older studies lack `align`: the same study re-run (whose
     study.json now names align none) must find them, not refuse them; an aligned study must not."""

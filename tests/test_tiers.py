@@ -354,6 +354,11 @@ def test_library_search_path_user_entries_first_then_the_embedded_library(tmp_pa
     assert lib.read_weights_spec(lib.exact_weights(lib.read_entry("both")[0]))[1] == user / "both" / "weights.safetensors"
     with pytest.raises(EmoshieldError, match="'both' is now sha256 .*replaced since"):
         lib.read_weights_spec("library:both@" + "0" * 12)
+    (user / "both" / "weights.safetensors").write_bytes(b"corrupt")  # only the pinned entry's file is hashed
+    assert lib.read_weights_spec(f"library:both@{shadowed[:12]}")[1] == embedded / "both" / "weights.safetensors"
+    (embedded / "both" / "weights.safetensors").write_bytes(b"corrupt too")
+    with pytest.raises(EmoshieldError, match="sha256 does not match"):
+        lib.read_weights_spec(f"library:both@{shadowed[:12]}")
     # writing never targets the embedded library; an explicit library is searched alone
     assert lib.entry_dir("shipped") == user / "shipped"
     assert [e["name"] for e in lib.list_entries(user)] == ["both", "mine"]

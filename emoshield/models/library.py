@@ -171,18 +171,24 @@ def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
     name, at, pinned = spec.removeprefix("library:").partition("@")
     if at and not (8 <= len(pinned) <= 64 and all(c in "0123456789abcdef" for c in pinned.lower())):
         raise EmoshieldError(f"{spec[:120]!r}: after '@' comes a sha256 prefix of 8-64 hex digits")
-    meta, path = read_entry(name, verify=verify)
-    if pinned and not meta["sha256"].startswith(pinned.lower()):
-        for root in search_path()[1:]:  # a user entry may shadow the embedded one the run started from
-            if _complete(root / name):
-                try:
-                    if _metadata(root / name)["sha256"].startswith(pinned.lower()):
-                        return read_entry(name, root, verify=verify)
-                except EmoshieldError as error:
-                    _warn_once(root / name, str(error))
-        raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {meta['sha256'][:12]} "
-                             f"(replaced since); pass library:{name} for the current weights")
-    return meta, path
+    if not pinned:
+        return read_entry(name, verify=verify)
+    current = None  # the first sound entry of that name: what library:NAME loads
+    for root in search_path():  # a user entry may shadow the embedded one a run started from
+        if not _complete(root / check_name(name)):
+            continue
+        try:
+            meta = _metadata(root / name)
+        except EmoshieldError as error:
+            _warn_once(root / name, str(error))
+            continue
+        if meta["sha256"].startswith(pinned.lower()):
+            return read_entry(name, root, verify=verify)  # only the chosen entry's file is hashed
+        current = current or meta
+    if current is None:
+        return read_entry(name, verify=verify)  # no such entry: its own error
+    raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {current['sha256'][:12]} "
+                         f"(replaced since); pass library:{name} for the current weights")
 
 
 def add_entry(name: str, model, library: Path | None = None, data: str = "", epochs: int | None = None,

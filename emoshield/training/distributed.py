@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -33,6 +34,7 @@ class DistContext:
     local_rank: int
     backend: str
     sync_batchnorm: bool = True
+    leave_group: object = None  # a gloo group whose barrier waits _LEAVE_TIMEOUT (shutdown_distributed)
 
     @property
     def is_main(self) -> bool:
@@ -204,9 +206,13 @@ def init_distributed(device: str = "auto") -> DistContext | None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the local ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # every rank creates it here, together; its own timeout, as the default group's (gloo 30 min,
+        # NCCL 10 min) is shorter than rank 0's evaluation may be while the others wait to leave
+        leave_group = dist.new_group(backend="gloo", timeout=_LEAVE_TIMEOUT)
         _CONTEXT = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
                                local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=backend,
-                               sync_batchnorm=os.environ.get("EMOSHIELD_SYNC_BN", "1") != "0")
+                               sync_batchnorm=os.environ.get("EMOSHIELD_SYNC_BN", "1") != "0",
+                               leave_group=leave_group)
     return _CONTEXT
 
 
@@ -219,17 +225,19 @@ def shutdown_distributed(together: bool = True) -> None:
     still worked was seen to abort the same way under load. Pass False after an error: a
     peer may never arrive (torchrun stops the other workers once one fails)."""
     global _CONTEXT
-    if _CONTEXT is not None:
+    context, _CONTEXT = _CONTEXT, None
+    if context is not None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            if together:
-                if _CONTEXT.backend == "gloo":  # rank 0's evaluation may outlast the group's timeout
-                    dist.monitored_barrier(timeout=_LEAVE_TIMEOUT, wait_all_ranks=True)
-                else:
-                    dist.barrier()
-            dist.destroy_process_group()
-        _CONTEXT = None
+            try:
+                if together:
+                    dist.barrier(group=context.leave_group)
+            except Exception as error:  # a peer that died or hung: say so in one line, still leave
+                print(f"emoshield: warning: rank {context.rank} left without its peers: "
+                      f"{str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+            finally:
+                dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
