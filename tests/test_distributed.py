@@ -117,10 +117,13 @@ def test_two_gloo_processes_match_one_process_in_defended_training(tmp_path, dat
 
 LEAVE = """
 import json, sys, time
+from datetime import timedelta
+import torch.distributed as dist
 from emoshield.training import distributed
+dist.init_process_group("gloo", timeout=timedelta(seconds=1))  # the wait must not depend on this timeout
 context = distributed.init_distributed("cpu")
 if context.rank == 0:
-    time.sleep(2)  # rank 0 evaluates and writes after training; the others wait for it
+    time.sleep(3)  # rank 0 evaluates and writes after training; the others wait for it
 arrived = time.time()
 distributed.shutdown_distributed()
 print(json.dumps({"rank": context.rank, "arrived": arrived, "left": time.time()}))
@@ -129,7 +132,8 @@ print(json.dumps({"rank": context.rank, "arrived": arrived, "left": time.time()}
 
 def test_ranks_leave_the_process_group_together(tmp_path):
     """A rank that tore down its gloo connections while rank 0 still evaluated was seen to abort
-    (SIGABRT) under load: after a finished command every rank waits for the others before leaving."""
+    (SIGABRT) under load: after a finished command every rank waits for the others before leaving,
+    longer than the default group's timeout (here 1 s; gloo's default is 30 min, NCCL's 10)."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -153,3 +157,24 @@ def test_the_cli_waits_for_its_peers_only_after_a_finished_command(tmp_path, mon
     assert cli.main(["cloud", "list", "--library", str(tmp_path)]) == 0
     assert cli.main(["bundle", "inspect", str(tmp_path / "missing")]) == 2
     assert calls == [True, False]
+
+
+def test_a_rank_whose_peers_vanished_still_leaves_the_group_with_one_line(monkeypatch, capsys):
+    """The wait to leave fails (a peer died or hung): one warning line, and the group is still
+    destroyed (a gloo group alive at exit can abort the process)."""
+    import torch.distributed as dist
+
+    from emoshield.training import distributed
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistContext(0, 2, 0, "gloo", leave_group=None))
+
+    def vanished(group=None):
+        raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nlong C++ trace")
+
+    monkeypatch.setattr(dist, "barrier", vanished)
+    distributed.shutdown_distributed()
+    err = capsys.readouterr().err
+    assert err == "emoshield: warning: rank 0 left without its peers: [gloo] Connection closed by peer [127.0.0.1]:1234\n"
+    assert not dist.is_initialized() and distributed._CONTEXT is None
+    distributed.shutdown_distributed(together=False)  # a second call (or one after an error): nothing to do
