@@ -73,13 +73,15 @@ def find_entry_dir(name: str, library: Path | None = None) -> Path | None:
     return _find(name, library)[0]
 
 
-def _find(name: str, library: Path | None) -> tuple[Path | None, EmoshieldError | None]:
-    """(the first sound entry folder named `name`, the first damaged one's error)."""
+def _find(name: str, library: Path | None, accept=lambda meta: True) -> tuple[Path | None, EmoshieldError | None]:
+    """(the first sound entry folder named `name` whose metadata `accept` takes, the first damaged
+    one's error)."""
     damaged = None
     for root in search_path(library):
         if _complete(root / name):
             try:
-                _metadata(root / name)
+                if not accept(_metadata(root / name)):
+                    continue
                 return root / name, damaged
             except EmoshieldError as error:
                 _warn_once(root / name, str(error))  # passed over, but not silently
@@ -173,20 +175,11 @@ def read_weights_spec(spec: str, verify: bool = True) -> tuple[dict, Path]:
         raise EmoshieldError(f"{spec[:120]!r}: after '@' comes a sha256 prefix of 8-64 hex digits")
     if not pinned:
         return read_entry(name, verify=verify)
-    current = None  # the first sound entry of that name: what library:NAME loads
-    for root in search_path():  # a user entry may shadow the embedded one a run started from
-        if not _complete(root / check_name(name)):
-            continue
-        try:
-            meta = _metadata(root / name)
-        except EmoshieldError as error:
-            _warn_once(root / name, str(error))
-            continue
-        if meta["sha256"].startswith(pinned.lower()):
-            return read_entry(name, root, verify=verify)  # only the chosen entry's file is hashed
-        current = current or meta
-    if current is None:
-        return read_entry(name, verify=verify)  # no such entry: its own error
+    # a user entry may shadow the embedded one a run started from: the first entry of those weights
+    folder, _ = _find(check_name(name), None, lambda meta: meta["sha256"].startswith(pinned.lower()))
+    if folder is not None:
+        return read_entry(name, folder.parent, verify=verify)  # only the chosen entry's file is hashed
+    current, _ = read_entry(name, verify=False)  # what library:NAME loads now (or no such entry: its error)
     raise EmoshieldError(f"{spec}: library entry {name!r} is now sha256 {current['sha256'][:12]} "
                          f"(replaced since); pass library:{name} for the current weights")
 
