@@ -286,6 +286,13 @@ def apgd_fix_table(before_file: Path, studies: list[dict], same_models: Path) ->
     return lines if len(lines) > 2 else []
 
 
+def _study_start(study: dict, backbone: str) -> str:
+    """', from `entry`, aligned': what a cross table's study models were fine-tuned from."""
+    start = str((study.get("weights") or {}).get(backbone, "")).removeprefix("library:")
+    aligned = ", aligned" if (study.get("options") or {}).get("align") else ""
+    return (f", from `{start}`" if start else "") + aligned
+
+
 def cross_table(root: Path) -> list[str]:
     """Issue 17 item 5 and issue 18 item 4: each study's models on every face of the other dataset,
     and the cloud backbone as shipped on both (results/cross/*)."""
@@ -300,6 +307,8 @@ def cross_table(root: Path) -> list[str]:
                 src, dst = s["source"], s["target"]
                 if isinstance(c.get("library_entry"), dict):  # which entry: several long runs are tested
                     variant = f"{variant}, `{c['library_entry'].get('name')}`"
+                elif isinstance(c.get("study"), dict):  # which study: re-runs differ in start weights, alignment
+                    variant += _study_start(c["study"], backbone)
                 rows.append(f"| [{c['source']} → {c['target']}]({_link(path.parent)}/report.md) | {backbone} | "
                             f"{variant} | {src['clean']['n']} | {_pct(src['clean'])} | {_pct(src.get(f'autoattack@{eps}'))} "
                             f"| {_pct(dst['clean'])} | {_pct(dst.get(f'pgd@{eps}'))} | {_pct(dst.get(f'autoattack@{eps}'))} |")

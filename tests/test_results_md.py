@@ -58,6 +58,21 @@ def test_results_page_shows_the_rerun_studies_with_autoattack_and_the_checks(res
     assert "stale" not in readme and "| [ckplus48 subject](results/reproduce/ckplus48-subject-v2/report.md) | smallcnn | 5 |" in readme
 
 
+def test_cross_rows_of_two_studies_say_what_each_was_fine_tuned_from(results):
+    """jaffe -> ckplus48 exists twice (v2 and v3); the rows must not read as the same models."""
+    proc = run(results, *_args(results))
+    assert proc.returncode == 0, proc.stderr
+    page = (results / "RESULTS.md").read_text()
+    for name, start, aligned in (("jaffe-ckplus48", "smallcnn-fer2013-48px", ""),
+                                 ("jaffe-ckplus48-v3", "fer2013-48px-final-strong", ", aligned")):
+        study = json.loads((results / f"results/cross/{name}/results.json").read_text())["study"]
+        assert study["weights"]["smallcnn"] == f"library:{start}" and bool(study["options"].get("align")) == bool(aligned)
+        for model in ("defended", "undefended"):
+            assert f"({name}/report.md) | smallcnn | {model}, from `{start}`{aligned} |".replace(
+                "(", "(results/cross/", 1) in page
+    assert "mobilenet_v2 | defended, from `imagenet` |" in page
+
+
 def test_a_study_still_running_shows_k_of_n_units(results):
     path = results / "results/reproduce/ckplus48-subject-v2/results.json"
     study = json.loads(path.read_text())
