@@ -6,8 +6,9 @@ another dataset (JAFFE by default: never seen). Clean accuracy only (attacks: `e
     python bench/tta.py [--work runs/reproduce/ckplus48-subject-v2] [--backbone smallcnn]
         [--cross jaffe] [--out results/tta]
 
-Writes OUT/ckplus48-subject-BACKBONE.{json,md}; the same numbers as `emoshield evaluate --model M
-[--dataset jaffe --protocol all] --tta MODE` (the library calls it makes)."""
+Writes OUT/DATASET-PROTOCOL-BACKBONE.{json,md} (e.g. ckplus48-subject-smallcnn); the same numbers as
+`emoshield evaluate --model M [--dataset jaffe --protocol all] --tta MODE` (the library calls it
+makes)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def main() -> int:
     opts = study["options"]
     what = (f"{work}/{args.backbone}/fold*-seed*/{{defended,localization}}: {args.backbone} "
             f"({study.get('weights', {}).get(args.backbone)}), localization head, {opts['input_size']} px, "
-            f"{opts['epochs']} epochs, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes']}")
+            f"{opts['epochs']} epochs, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes'] or 'all'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{opts['dataset']}-{opts['protocol']}-{args.backbone}"
@@ -87,10 +88,20 @@ def main() -> int:
                      + " | ".join(f"{r[f'{own}|{m}'] * 100:.1f}" for m in TTA_MODES)
                      + f" | {r[other + '|images']} | " + " | ".join(f"{r[f'{other}|{m}'] * 100:.1f}" for m in TTA_MODES)
                      + " |")
-    mean = {m: sum(r[f"{other}|{m}"] - r[f"{other}|none"] for r in rows) / len(rows) * 100 for m in TTA_MODES[1:]}
-    lines += ["", f"Mean change on {args.cross} over {len(rows)} models: "
-              + ", ".join(f"{m} {v:+.1f} points" for m, v in mean.items())
-              + f" (one face = {100 / rows[0][other + '|images']:.2f} points)."]
+    lines += ["", f"Mean over the {len(units)} units (the study's targets read these):", "",
+              "| model | held-out people: " + " | ".join(TTA_MODES) + f" | {args.cross} faces: "
+              + " | ".join(TTA_MODES) + " |", "|---|" + "---:|" * 2 * len(TTA_MODES)]
+    for label in VARIANTS:
+        mine = [r for r in rows if r["model"] == label]
+        lines.append(f"| {label} | " + " | ".join(
+            f"{sum(r[f'{where}|{m}'] for r in mine) / len(mine) * 100:.1f}" for where in (own, other) for m in TTA_MODES)
+            + " |")
+    mean = {where: {m: sum(r[f"{where}|{m}"] - r[f"{where}|none"] for r in rows) / len(rows) * 100
+                    for m in TTA_MODES[1:]} for where in (own, other)}
+    lines += ["", f"Mean change over {len(rows)} models, on their held-out people: "
+              + ", ".join(f"{m} {v:+.1f} points" for m, v in mean[own].items())
+              + f"; on {args.cross}: " + ", ".join(f"{m} {v:+.1f} points" for m, v in mean[other].items())
+              + f" (one {args.cross} face = {100 / rows[0][other + '|images']:.2f} points)."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
