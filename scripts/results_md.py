@@ -126,7 +126,11 @@ def pretraining_table(root: Path) -> list[str]:
 
 
 def _study_name(result: dict) -> str:
-    return f"{result['dataset']} {result['protocol']}"
+    """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is named."""
+    base = f"{result['dataset']}-{result['protocol']}"
+    folder = Path(str(result.get("folder", ""))).name
+    version = folder[len(base):].strip("-") if folder.startswith(base) else ""
+    return f"{result['dataset']} {result['protocol']}" + (f" {version}" if version else "")
 
 
 def _mean(values: list) -> float | None:

@@ -55,7 +55,9 @@ def test_results_page_shows_the_rerun_studies_with_autoattack_and_the_checks(res
             f"{own * 100:.1f} | n/a | {other * 100:.1f} |") in page and "its FER2013 PrivateTest accuracy" in page
     readme = (results / "README.md").read_text()
     assert readme.startswith("# x\n\nbefore\n<!-- results:begin") and readme.endswith("<!-- results:end -->\nafter\n")
-    assert "stale" not in readme and "| [ckplus48 subject](results/reproduce/ckplus48-subject-v2/report.md) | smallcnn | 5 |" in readme
+    assert "stale" not in readme and "| [ckplus48 subject v2](results/reproduce/ckplus48-subject-v2/report.md) | smallcnn | 5 |" in readme
+    # a re-run of the same study is told apart by its folder's version, in every table
+    assert "| jaffe subject v2 | smallcnn | 5 |" in page and "| jaffe subject v3 | smallcnn | 5 |" in page
 
 
 def test_cross_rows_of_two_studies_say_what_each_was_fine_tuned_from(results):
