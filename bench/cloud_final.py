@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from cloud_levers import BASELINE, LEVERS, SEED_ROWS, lever_flags, pretrain_command, run_logged, seed_spread  # noqa: E402
+from cloud_levers import BASELINE, LEVERS, SEED_ROWS, _flag, lever_flags, pretrain_command, run_logged, seed_spread  # noqa: E402
 
 # levers that change the same setting: at most one of a group is taken (the higher PublicTest)
 EXCLUSIVE = [("mixup", "cutmix")]
@@ -156,7 +156,8 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = (), pen
         flags += lever_flags(name)[0]
     used = winners | set(also)
     for pair, backbone in BOTH_BACKBONES.items():
-        if pair <= used:
+        if pair <= used:  # one --backbone flag, the merged one (the command should read as the run)
+            flags = [f for i, f in enumerate(flags) if f != "--backbone" and (i == 0 or flags[i - 1] != "--backbone")]
             flags += ["--backbone", backbone]
             for n in pair:
                 reasons[n] += f" (with {', '.join(sorted(pair - {n}))}: {backbone})"
@@ -178,8 +179,9 @@ def choose(rows: dict[str, dict], margin: float, also: tuple[str, ...] = (), pen
     return {"baseline_public_test": base, "margin_points": margin, "gains_points": gains,
             "taken": [n for n in LEVERS if n in winners], "also": list(also), "pending": waiting,
             "reasons": reasons, "flags": flags,
-            "seconds_per_epoch": _pace(rows, winners | {n for n in also if n in rows}),
+            "seconds_per_epoch": _pace(rows, used & set(rows)),
             "baseline_seconds_per_epoch": _pace(rows, set()),
+            "seconds_per_epoch_but_backbone": _pace(rows, {n for n in used & set(rows) if "--backbone" not in lever_flags(n)[0]}),
             "seed_spread_points": seed_spread(rows)}
 
 
@@ -244,23 +246,27 @@ def scored(out: Path, recipe: dict) -> bool:
     return complete and same_run(had, recipe) and tta.get("limit_per_class") == recipe["limit_per_class"]
 
 
-def measured_pace(path: Path = ROOT / "bench" / "results" / "backbone_cost.json") -> tuple[int, float] | None:
-    """(threads, seconds of training steps per FER2013 epoch) of SmallCNN, the baseline's backbone,
-    at the recipe's batch 64 and 48 px, on the most threads bench/backbone_cost.py timed (on the
-    machine that ran it: the committed file is this project's 2-core one); None without a readable one."""
+def measured_pace(path: Path = ROOT / "bench" / "results" / "backbone_cost.json") -> tuple[int, dict[str, float]] | None:
+    """(threads, {backbone: seconds of training steps per FER2013 epoch}) at the recipe's batch 64
+    and 48 px, on the most threads bench/backbone_cost.py timed SmallCNN, the baseline's backbone,
+    with (on the machine that ran it: the committed file is this project's 2-core one); None
+    without a readable one."""
     try:
         result = json.loads(path.read_text())
         if result.get("batch_size") != 64 or result.get("input_size") != 48:
             return None
-        timed = [(r["threads"], float(r["epoch_step_seconds"])) for r in result["rows"]
-                 if r.get("backbone") == "smallcnn" and type(r.get("threads")) is int and r["threads"] > 0]
+        timed = [(r["threads"], r["backbone"], float(r["epoch_step_seconds"])) for r in result["rows"]
+                 if isinstance(r.get("backbone"), str) and type(r.get("threads")) is int and r["threads"] > 0]
     except (OSError, ValueError, RecursionError, AttributeError, TypeError, KeyError, OverflowError):
         return None
-    timed = [t for t in timed if 0 < t[1] < float("inf")]
-    return max(timed) if timed else None
+    timed = [t for t in timed if 0 < t[2] < float("inf")]
+    threads = max((t for t, b, _ in timed if b == "smallcnn"), default=None)
+    if threads is None:
+        return None
+    return threads, {b: s for t, b, s in timed if t == threads}
 
 
-def recipe_markdown(recipe: dict, name: str, measured: tuple[int, float] | None = None) -> str:
+def recipe_markdown(recipe: dict, name: str, measured: tuple[int, dict[str, float]] | None = None) -> str:
     """recipe.md; `measured`: measured_pace(), for the expected time on every core."""
     lines = [f"# {name}: the cloud tier's long run, its recipe", "",
              f"Chosen by `bench/cloud_final.py` from `{recipe['levers']}` (FER2013 official split, SmallCNN baseline, "
@@ -279,7 +285,11 @@ def recipe_markdown(recipe: dict, name: str, measured: tuple[int, float] | None 
         seeds = 1 + sum(n in recipe["gains_points"] for n in SEED_ROWS)
         lines += ["", f"The baseline's PublicTest over {seeds} seeds has a sample standard deviation of "
                   f"{recipe['seed_spread_points']:.2f} points (the margin is {recipe['margin_points']:g})."]
-    if recipe.get("also"):
+    if recipe.get("also") and recipe.get("why"):
+        lines += ["", f"A variant registered beside the rule's recipe: the rule's recipe plus "
+                  f"{', '.join(recipe['also'])} (`--also`), whatever the ablation said of "
+                  f"{'it' if len(recipe['also']) == 1 else 'them'}. Why (`--why`): {recipe['why']}"]
+    elif recipe.get("also"):  # the first variant's words (fer2013-48px-final-strong), kept for its re-runs
         lines += ["", f"A variant registered beside the rule's recipe, before either long run's result: the rule's "
                   f"recipe plus {', '.join(recipe['also'])} (`--also`), whatever the ablation said of "
                   f"{'it' if len(recipe['also']) == 1 else 'them'}. A 30-epoch ablation reads a regulariser while "
@@ -298,12 +308,18 @@ def recipe_markdown(recipe: dict, name: str, measured: tuple[int, float] | None 
                   "the levers ran one thread each beside another run; the long run has every core, and on this "
                   "2-core machine two threads made a SmallCNN training step 1.8x faster than one)."]
         if measured and recipe.get("baseline_seconds_per_epoch"):
-            threads, step_seconds = measured
-            epoch = step_seconds * 1.05 * recipe["seconds_per_epoch"] / recipe["baseline_seconds_per_epoch"]
+            threads, steps = measured
+            backbone = _flag(recipe["flags"], "--backbone") if "--backbone" in recipe["flags"] else "smallcnn"
+            if backbone in steps and recipe.get("seconds_per_epoch_but_backbone"):  # the backbone's own step, timed
+                epoch = steps[backbone] * 1.05 * recipe["seconds_per_epoch_but_backbone"] / recipe["baseline_seconds_per_epoch"]
+                how = (f"{backbone}'s training steps, {steps[backbone]:.0f} s, times the other levers' "
+                       "slowdowns at the ablation's pace")
+            else:
+                epoch = steps["smallcnn"] * 1.05 * recipe["seconds_per_epoch"] / recipe["baseline_seconds_per_epoch"]
+                how = f"SmallCNN's training steps, {steps['smallcnn']:.0f} s, times the same slowdowns"
             lines[-1] += (f" On {threads} threads at the step cost `bench/backbone_cost.py` measured "
                           f"(bench/results/backbone_cost.json): ~{epoch * recipe['epochs'] / 3600:.1f} h "
-                          f"({epoch:.0f} s/epoch: SmallCNN's training steps, {step_seconds:.0f} s, times the same "
-                          "slowdowns, plus ~5% for the PublicTest pass).")
+                          f"({epoch:.0f} s/epoch: {how}, plus ~5% for the PublicTest pass).")
     lines.append("")
     return "\n".join(lines)
 
@@ -357,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/cloud_pretrain")
     parser.add_argument("--also", default="", help="LEVER,...: a registered variant, the rule's recipe plus these "
                         "levers' flags (needs its own --name)")
+    parser.add_argument("--why", default="", help="a registered variant's reason, written into its recipe.md "
+                        "(say when it was registered and what results were in by then)")
     parser.add_argument("--pending", default="", help="LEVER,...: train before these levers' ablation rows are "
                         "in (recipe.md says so; re-run once they are to re-read the rule)")
     parser.add_argument("--dry-run", action="store_true", help="print the recipe and stop")
@@ -364,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1 or args.margin < 0:
         parser.error("--epochs must be >= 1 and --margin >= 0")
     also = parse_also(args.also)
+    if args.why.strip() and not also:
+        parser.error("--why gives a registered variant's reason: it needs --also")
     if also and args.name == parser.get_default("name"):
         parser.error("--also trains a variant: give it its own --name (the default is the rule's run)")
     from emoshield.errors import EmoshieldError
@@ -374,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         check_name(args.name)
         recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run,
                             also=also, pending=parse_also(args.pending))
+        why = " ".join(args.why.split()) or (_recorded(work / "recipe.json") or {}).get("why")
+        if isinstance(why, str) and why:  # a re-run without --why keeps the reason its run was registered with
+            recipe["why"] = why
         if args.dry_run:
             print(recipe_markdown(recipe, args.name, measured_pace()))
             return 0

@@ -97,10 +97,13 @@ def test_an_ablation_in_progress_gives_a_dry_run_but_no_training(final, tmp_path
                          {"backbone": "smallcnn", "threads": True, "epoch_step_seconds": 1.0},
                          {"backbone": "widecnn", "threads": 2, "epoch_step_seconds": 130.0}]}
     cost.write_text(json.dumps(measured))
-    assert final.measured_pace(cost) == (2, 60.0)
-    recipe = final.recipe_for(path, 90, 0.8, partial=True)
+    assert final.measured_pace(cost) == (2, {"smallcnn": 60.0, "widecnn": 130.0})
+    recipe = final.recipe_for(path, 90, 0.8, partial=True)  # takes wider: widecnn's own step, timed, +5%
     assert "On 2 threads at the step cost `bench/backbone_cost.py` measured (bench/results/backbone_cost.json): " \
-           "~3.5 h (139 s/epoch" in final.recipe_markdown(recipe, "x", final.measured_pace(cost))
+           "~3.4 h (136 s/epoch: widecnn's training steps, 130 s," in final.recipe_markdown(recipe, "x", final.measured_pace(cost))
+    no_widecnn = (2, {"smallcnn": 60.0})  # a backbone not timed: SmallCNN's step times the lever's slowdown (2.2x)
+    assert "~3.5 h (139 s/epoch: SmallCNN's training steps, 60 s, times the same slowdowns" in \
+           final.recipe_markdown(recipe, "x", no_widecnn)
     row = {"backbone": "smallcnn", "threads": 2, "epoch_step_seconds": 60}
     for damaged in ("", "[", "[]", '{"rows": 3}', json.dumps({**measured, "rows": [{"backbone": "smallcnn", "threads": 2}]}),
                     json.dumps({**measured, "rows": [{**row, "threads": "2"}]}),
@@ -198,6 +201,27 @@ def test_a_registered_variant_adds_its_levers_to_the_rule_recipe(final, tmp_path
     with pytest.raises(final.SameAsRule):
         final.choose(rows, 0.8, ("wider",))
     assert final.parse_also("a,,b,a") == ("a", "b") and final.parse_also("") == ()
+    with pytest.raises(SystemExit) as stop:  # a reason belongs to a variant
+        final.main(["--levers", str(path), "--why", "because", "--name", "v", "--work", str(tmp_path / "w")])
+    assert stop.value.code == 2 and "needs --also" in capsys.readouterr().err
+
+
+def test_a_variant_registered_later_says_why_and_keeps_its_reason_on_a_re_run(final, tmp_path, capsys):
+    """--why: a variant registered after other runs' results says so in its own words, not in the
+    first variant's ("before either long run's result"); re-running without --why keeps them."""
+    path, work, out = tmp_path / "levers.json", tmp_path / "w", tmp_path / "o"
+    path.write_text(json.dumps(table(dict.fromkeys(LEVERS, 0.6))))
+    reason = "Registered on 2026-12-07, after\n both long runs' results: width and depth over a long schedule."
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
+                       "--why", reason]) == 0
+    page = capsys.readouterr().out
+    assert "Why (`--why`): Registered on 2026-12-07, after both long runs' results" in page
+    assert "before either long run's result" not in page
+    recipe = final.recipe_for(path, 100, 0.8, also=("wider", "deeper")) | {"why": " ".join(reason.split())}
+    final.record(work / "v", out / "v", recipe, "v")  # what the run's first start leaves
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
+                       "--work", str(work)]) == 0
+    assert "Why (`--why`): Registered on 2026-12-07" in capsys.readouterr().out
 
 
 def test_a_variant_never_undoes_a_lever_the_rule_took(final):
@@ -209,6 +233,11 @@ def test_a_variant_never_undoes_a_lever_the_rule_took(final):
     with_deeper = final.choose(rows({"deeper": 0.62}), 0.8, ("wider",))
     assert with_deeper["taken"] == ["deeper"] and parsed(with_deeper["flags"]).backbone == "widedeepcnn"
     assert "(with deeper: widedeepcnn)" in with_deeper["reasons"]["wider"]
+    assert with_deeper["flags"].count("--backbone") == 1  # the command names the merged backbone only
+    both_added = final.choose(rows({}), 0.8, ("wider", "deeper", "augment-strong"))
+    assert both_added["flags"].count("--backbone") == 1 and parsed(both_added["flags"]).backbone == "widedeepcnn"
+    assert vars(parsed(both_added["flags"])) == vars(parsed(final.BASELINE + ["--augment", "strong",
+                                                                            "--backbone", "widedeepcnn"]))
     for public, also, clash in (({"cutmix": 0.62}, "mixup", "cutmix"), ({"mixup": 0.62}, "cutmix", "mixup"),
                                 ({"adamw": 0.62}, "augment-strong,mixup,cutmix", "cutmix")):
         with pytest.raises(final.RecipeError, match=f"changes what {clash} changes"):
