@@ -118,6 +118,7 @@ def test_two_gloo_processes_match_one_process_in_defended_training(tmp_path, dat
 LEAVE = """
 import json, sys, time
 from datetime import timedelta
+from pathlib import Path
 import torch.distributed as dist
 from emoshield.training import distributed
 dist.init_process_group("gloo", timeout=timedelta(seconds=1))  # the wait must not depend on this timeout
@@ -126,7 +127,9 @@ if context.rank == 0:
     time.sleep(3)  # rank 0 evaluates and writes after training; the others wait for it
 arrived = time.time()
 distributed.shutdown_distributed()
-print(json.dumps({"rank": context.rank, "arrived": arrived, "left": time.time()}))
+record = json.dumps({"rank": context.rank, "arrived": arrived, "left": time.time()})
+# one file per rank: they leave together, so prints to the shared stdout pipe interleave
+(Path(sys.argv[1]) / f"rank{context.rank}.json").write_text(record)
 """
 
 
@@ -137,11 +140,11 @@ def test_ranks_leave_the_process_group_together(tmp_path):
     script = tmp_path / "leave.py"
     script.write_text(LEAVE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(script)]
+               "--master_port", str(free_port()), str(script), str(tmp_path)]
     proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = {r["rank"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    ranks = {r["rank"]: r for r in (json.loads(f.read_text()) for f in tmp_path.glob("rank*.json"))}
     assert set(ranks) == {0, 1}
     assert ranks[1]["left"] >= ranks[0]["arrived"]
 
