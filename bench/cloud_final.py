@@ -248,8 +248,8 @@ def scored(out: Path, recipe: dict) -> bool:
 
 def measured_pace(path: Path = ROOT / "bench" / "results" / "backbone_cost.json") -> tuple[int, dict[str, float]] | None:
     """(threads, {backbone: seconds of training steps per FER2013 epoch}) at the recipe's batch 64
-    and 48 px, on the most threads bench/backbone_cost.py timed SmallCNN, the baseline's backbone,
-    with (on the machine that ran it: the committed file is this project's 2-core one); None
+    and 48 px, at the most threads bench/backbone_cost.py timed SmallCNN (the baseline's backbone)
+    with, on the machine that ran it (the committed file is this project's 2-core one); None
     without a readable one."""
     try:
         result = json.loads(path.read_text())
