@@ -363,3 +363,16 @@ def test_the_backbone_cost_bench_times_every_backbone_and_thread_count(capsys, t
     assert recorded["section"] == "backbone_cost" and set(recorded["keys"]) == {
         "backbone_cost_smallcnn_epoch_seconds_2_threads", "backbone_cost_deepcnn_epoch_seconds_2_threads"}
     assert recorded["markdown"].count("\n| smallcnn |") == recorded["markdown"].count("\n| deepcnn |") == 2
+
+
+def test_the_eta_is_not_inflated_by_one_paused_epoch():
+    """The progress line's ETA: the median epoch so far times the epochs left. A run paused for 20
+    minutes mid-epoch (SIGSTOP while CI ran beside it) showed "ETA 22:54:24" for a ~5 h run with the
+    mean of the elapsed time."""
+    from emoshield.training.trainer import eta_seconds
+
+    steady = [180.0, 1500.0, 163.0, 182.0, 179.0]  # epoch 2 spanned the pause
+    assert eta_seconds(steady, 95) == pytest.approx(180.0 * 95)
+    assert eta_seconds([180.0, 1500.0], 10) == pytest.approx(840.0 * 10)  # two epochs: their mean, nothing better
+    assert eta_seconds([100.0], 3) == 300.0
+    assert eta_seconds([], 5) == 0.0 and eta_seconds([100.0], 0) == 0.0

@@ -202,6 +202,18 @@ def _same_config(saved: dict | None, current: dict) -> bool:
     return all(saved.get(k, defaults[k]) == v for k, v in current.items() if k not in RESUME_FREE)
 
 
+def eta_seconds(epoch_seconds: list[float], remaining: int) -> float:
+    """Seconds left: the median wall time of this process's epochs so far times the epochs left. The
+    median, not the mean: one epoch that spanned a pause (SIGSTOP, a suspended laptop, a CI run
+    beside it) would otherwise inflate the estimate for the rest of the run."""
+    if not epoch_seconds or remaining <= 0:
+        return 0.0
+    ordered = sorted(epoch_seconds)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median * remaining
+
+
 def _format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -273,7 +285,7 @@ class Trainer:
         use_val = val is not None and len(val) > 0
         if not use_val:
             self.log("no validation images: the last epoch is kept as the model")
-        started = time.perf_counter()
+        epoch_walls: list[float] = []  # each epoch's wall time in this process, checkpointing included
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
@@ -301,8 +313,8 @@ class Trainer:
                             {"epoch": epoch, "history": history, "best": best, "train_config": asdict(cfg),
                              "defense": self._defense_json()}, self.scaler)
             (self.out_dir / "history.json").write_text(json.dumps(history, indent=1))
-            done = epoch - start_epoch + 1
-            eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
+            epoch_walls.append(time.perf_counter() - t0)
+            eta = eta_seconds(epoch_walls, cfg.epochs - epoch)
             val_text = f" | val loss {val_loss:.3f} acc {val_acc:.3f}" if use_val else ""
             if use_val and self.defense is not None:
                 val_text += " " + " ".join(f"{m} {record[f'val_{m}_accuracy']:.3f}" for m in self.defense.methods)
