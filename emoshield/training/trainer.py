@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -208,10 +209,7 @@ def eta_seconds(epoch_seconds: list[float], remaining: int) -> float:
     beside it) would otherwise inflate the estimate for the rest of the run."""
     if not epoch_seconds or remaining <= 0:
         return 0.0
-    ordered = sorted(epoch_seconds)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return median * remaining
+    return statistics.median(epoch_seconds) * remaining
 
 
 def _format_seconds(seconds: float) -> str:
