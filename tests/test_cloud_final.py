@@ -222,6 +222,15 @@ def test_a_variant_registered_later_says_why_and_keeps_its_reason_on_a_re_run(fi
     assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
                        "--work", str(work)]) == 0
     assert "Why (`--why`): Registered on 2026-12-07" in capsys.readouterr().out
+    for foreign in (5, ["a"], {"x": 1}, None, ""):  # a recorded reason that is no text is not written
+        final.record(work / "v", out / "v", recipe | {"why": foreign}, "v")
+        assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
+                           "--work", str(work)]) == 0
+        page = capsys.readouterr().out
+        assert "Why (`--why`)" not in page and "before either long run's result" in page
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
+                       "--why", "Gr\u00fc\u00dfe \u8868\u60c5 \U0001f600"]) == 0  # non-ASCII is kept as written
+    assert "Why (`--why`): Gr\u00fc\u00dfe \u8868\u60c5 \U0001f600" in capsys.readouterr().out
 
 
 def test_a_variant_never_undoes_a_lever_the_rule_took(final):
