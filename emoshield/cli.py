@@ -42,7 +42,17 @@ def _data_options(args):
         scan["frame_stride"] = args.frame_stride
     return DataOptions(dataset=args.dataset, data_root=args.data_root, protocol=args.protocol, fold=args.fold,
                        folds=args.folds, classes=args.classes, val_fraction=args.val_fraction,
-                       limit_per_class=args.limit_per_class, scan_options=scan)
+                       limit_per_class=args.limit_per_class, scan_options=scan,
+                       extra_train=list(getattr(args, "extra_train", None) or []))
+
+
+def _add_extra_train_arg(p: argparse.ArgumentParser) -> None:
+    from .data import DATASET_NAMES
+
+    p.add_argument("--extra-train", action="append", choices=[d for d in DATASET_NAMES if d != "folder"],
+                   metavar="DATASET", help="add another dataset's faces of the run's classes to the training part "
+                   "(its own training part where it has a split; never to validation or test), e.g. ckplus48 "
+                   "for jaffe: more people to learn from; repeatable; evaluating on that dataset is then refused")
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def cmd_reproduce(args) -> int:
         eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
         autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
         square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align,
-        start_weights=args.weights)
+        start_weights=args.weights, extra_train=list(args.extra_train or []))
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     study = Study(options, out, work, command=["emoshield", *args.argv])
@@ -1027,6 +1037,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
                    help="localization = SPEC §2 module; backbone = the backbone's own classifier")
     _add_head_args(p)
     _add_align_arg(p)
+    _add_extra_train_arg(p)
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--input-size", type=int, default=48)
@@ -1118,6 +1129,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (default: %(default)s)")
     p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
     _add_align_arg(p)
+    _add_extra_train_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")
     p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")

@@ -63,6 +63,9 @@ def cross_evaluate(work: Path, out: Path, options: CrossOptions, log=None) -> di
     if source == options.target:
         raise EmoshieldError(f"--dataset {options.target} is the study's own dataset: its held-out people are in "
                              "the study's report; cross-dataset means another dataset")
+    if options.target in ((study.get("options") or {}).get("extra_train") or []):
+        raise EmoshieldError(f"--dataset {options.target}: the study's models trained on its faces (--extra-train), "
+                             "so they are not new faces to them")
     units = finished_units(work)
     out = Path(out)
     if not units and not any((out / "units").glob("*.json")):

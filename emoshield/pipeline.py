@@ -34,6 +34,8 @@ class DataOptions:
     val_fraction: float = 0.15
     limit_per_class: int | None = None  # keep whole sequences up to ~N images per class (quick runs)
     scan_options: dict = field(default_factory=dict)  # subject_pattern, frame_stride, detect_faces
+    # other datasets whose faces of the run's classes join the training part (never validation or test)
+    extra_train: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -123,23 +125,61 @@ def load_data(options: DataOptions, seed: int = 0):
 
 
 def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: str = "none") -> PreparedData:
-    """Scan, split and decode a dataset into in-memory tensors per split."""
+    """Scan, split and decode a dataset into in-memory tensors per split; the faces of
+    `options.extra_train` join the training part."""
     from .data import make_split
     from .data.images import decode_images
 
     dataset = load_data(options, seed)
     split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
+    split.extra_train = [extra_training_faces(name, options, dataset.classes, seed) for name in options.extra_train]
     parts, failures = {}, []
     for name, records in split.parts().items():
         decoded = decode_images(dataset.root, records, input_size, align=align)
         failures += decoded.failures
         setattr(split, name, decoded.records)  # unreadable images leave the split, and are reported
         parts[name] = _tensor_data(decoded.pixels, decoded.records, dataset.classes)
+    for extra in split.extra_train:
+        decoded = decode_images(Path(extra.dataset_dir), extra.records, input_size, align=align)
+        failures += decoded.failures
+        extra.records = decoded.records
+        parts["train"] = _joined(parts["train"], _tensor_data(decoded.pixels, decoded.records, dataset.classes))
     if len(parts["train"]) < 2:
         raise EmoshieldError(f"{dataset.name}: fewer than two readable training images")
     return PreparedData(dataset, split, parts, failures)
 
 
+def extra_training_faces(name: str, options: DataOptions, classes: tuple[str, ...], seed: int = 0):
+    """The faces of dataset `name` in the run's `classes`, for the training part only: a dataset with
+    its own split gives its training part (its test images stay unseen). Held-out people stay held
+    out as long as the two datasets show different people (FER2013, CK+48 and JAFFE do)."""
+    from .data.splits import ExtraTraining
+
+    if name == options.dataset:
+        raise EmoshieldError(f"--extra-train {name} is the dataset being split; name another dataset")
+    other = load_data(DataOptions(dataset=name, data_root=options.data_root))
+    shared = [c for c in classes if c in other.classes]
+    if not shared:
+        raise EmoshieldError(f"--extra-train {name} has none of the run's classes ({', '.join(classes)}); "
+                             f"it has {', '.join(other.classes)}")
+    records = [r for r in other.records if r.label in shared and r.source_split in (None, "train")]
+    if not records:
+        raise EmoshieldError(f"--extra-train {name}: no training images of the run's classes")
+    if options.limit_per_class:
+        records = _limit(records, options.limit_per_class, seed)
+    return ExtraTraining(name, str(other.root.resolve()), records)
+
+
+def _joined(a, b):
+    """Two TensorData as one; a grayscale side is widened to 3 equal channels when the other is colour."""
+    import torch
+
+    from .training import TensorData
+
+    if a.pixels.shape[1] != b.pixels.shape[1]:
+        a, b = (TensorData(t.pixels.expand(-1, 3, -1, -1).contiguous() if t.pixels.shape[1] == 1 else t.pixels,
+                           t.labels) for t in (a, b))
+    return TensorData(torch.cat([a.pixels, b.pixels]), torch.cat([a.labels, b.labels]))
 
 
 def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int, weights: str,
@@ -154,6 +194,7 @@ def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int,
         "classes": classes, "backbone": model.backbone, "head": model.head, "pooling": model.pooling,
         "weights": weights, "input_size": model.input_size, "align": model.align, "epochs": epochs, "seed": seed,
         "git_commit": git_commit(),
+        **({"extra_train": list(data.extra_train)} if data.extra_train else {}),
     }
 
 
@@ -299,6 +340,9 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
                 pooling=model.config.pooling, weights=model.config.weights,
                 input_size=model.config.input_size, align=getattr(model.config, "align", "none"),
                 model=str(model_file), evaluated_by=git_commit())
+    extra = run.get("extra_train")
+    if isinstance(extra, list) and extra and all(isinstance(name, str) for name in extra):
+        meta["extra_train"] = extra
     return model, [r for r in records if r.label in classes], root, meta
 
 
@@ -322,24 +366,30 @@ def _model_file_and_run(model: Path | str) -> tuple[Path, dict]:
 def _refuse_training_images(model_file: Path, dataset: str, records: list) -> None:
     """Evaluating on the training dataset with other split options must not test on what the
     model trained or was selected on: refuse any image of its split.json's train/val parts, and,
-    when it was trained subject-disjoint, any of their subjects."""
+    when it was trained subject-disjoint, any of their subjects; likewise any face (and person) of
+    a dataset whose faces joined its training (`--extra-train`)."""
     from .data import load_split
 
     split_file = Path(model_file).parent / "split.json"
     if not split_file.is_file():
         return
     split, header = load_split(split_file)
-    if header.get("dataset") != dataset:
-        return
-    seen = [r for part in ("train", "val") for r in split.parts()[part]]
+    seen, by_subject = [], False
+    if header.get("dataset") == dataset:
+        seen += [r for part in ("train", "val") for r in split.parts()[part]]
+        by_subject = split.protocol == "subject"
+    for extra in split.extra_train:
+        if extra.dataset == dataset:  # every face of its classes was trained on
+            seen += extra.records
+            by_subject = True
     paths = {r.path for r in seen}
     images = sum(r.path in paths for r in records)
-    subjects = {r.subject for r in seen if r.subject is not None} if split.protocol == "subject" else set()
+    subjects = {r.subject for r in seen if r.subject is not None} if by_subject else set()
     from_subjects = sum(r.subject in subjects for r in records)
     if images or from_subjects:
         raise EmoshieldError(
             f"{images} of the {len(records)} images chosen for testing were in this model's training or validation "
-            f"split" + (f" and {from_subjects} show its training/validation subjects" if subjects else "")
+            f"data" + (f" and {from_subjects} show its training/validation subjects" if subjects else "")
             + f" ({split_file}): evaluate on its own test split (leave out --dataset) or on another dataset")
 
 

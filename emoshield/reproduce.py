@@ -38,7 +38,7 @@ ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 PINS_FILE = "pins.json"  # in WORK: backbone -> library:NAME@SHA12 its runs were trained from
 # options added after studies were saved: a saved study without one ran with its default
-LATER_OPTIONS = {"align": "none", "start_weights": None}
+LATER_OPTIONS = {"align": "none", "start_weights": None, "extra_train": []}
 
 
 def with_later_options(record):
@@ -74,6 +74,7 @@ class StudyOptions:
     quick: bool = False
     align: str = "none"  # "eyes": every face crop rotated so its eyes are level (emoshield.data.faces)
     start_weights: str | None = None  # every backbone's starting weights (default: the best here, per backbone)
+    extra_train: list[str] = field(default_factory=list)  # other datasets' faces in every training part
 
     def resolved(self) -> "StudyOptions":
         """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
@@ -85,6 +86,12 @@ class StudyOptions:
 
         if self.align not in ALIGN_MODES:
             raise EmoshieldError(f"--align is one of {', '.join(ALIGN_MODES)}, not {self.align!r}")
+        from .data import DATASET_NAMES
+
+        for name in self.extra_train:
+            if name not in DATASET_NAMES or name in ("folder", self.dataset):
+                raise EmoshieldError(f"--extra-train is another dataset of {', '.join(DATASET_NAMES[:-1])}, "
+                                     f"not {name!r}" + (" (the study's own)" if name == self.dataset else ""))
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
@@ -363,7 +370,7 @@ class Study:
 
         o = self.options
         return DataOptions(dataset=o.dataset, data_root=o.data_root, protocol=o.protocol, fold=fold, folds=o.folds,
-                           classes=o.classes, limit_per_class=o.limit_per_class)
+                           classes=o.classes, limit_per_class=o.limit_per_class, extra_train=list(o.extra_train))
 
     def _train(self, backbone: str, fold: int, seed: int, name: str, folder: Path, tag: str) -> str:
         from .pipeline import ModelOptions, train_model

@@ -141,7 +141,7 @@ def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
         code = main(["evaluate", "--model", str(out), "--dataset", "ckplus48", "--data-root", str(data_root),
                      *split, "--out", str(tmp_path / "leak")])
         err = capsys.readouterr().err
-        assert code == 2 and "training or validation split" in err, err
+        assert code == 2 and "training or validation data" in err, err
         assert len(err.strip().splitlines()) == 1
 
 
@@ -169,6 +169,7 @@ def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
     (["--backbone", "alexnet", "--input-size", "48"], "too small for alexnet"),
     (["--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
     (["--protocol", "official"], "official protocol needs a dataset with its own split"),
+    (["--extra-train", "ckplus48"], "--extra-train ckplus48 is the dataset being split"),
     # a setting that cannot work is refused before any data is read (here: none could be)
     (["--mix", "mixup", "--defense", "fgsm", "--data-root", "/nonexistent"], "--mix is for undefended training"),
 ])
@@ -180,6 +181,35 @@ def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, caps
     err = capsys.readouterr().err
     assert err.strip().startswith("emoshield: error:") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_path, data_root, capsys):
+    """`train --extra-train fer2013`: FER2013's training faces of the run's classes join CK+48's
+    training part; the run says so, and evaluating on FER2013 tests only its unseen PrivateTest."""
+    from emoshield.cli import main
+
+    out = tmp_path / "joined"
+    assert main(["train", "--dataset", "ckplus48", "--data-root", str(data_root), "--protocol", "subject",
+                 "--classes", "happy,sad,surprise", "--limit-per-class", "12", "--extra-train", "fer2013",
+                 "--backbone", "smallcnn", "--input-size", "32", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "ckplus48 (+ fer2013 faces in training) (3 classes" in captured.out
+    run_json = json.loads((out / "run.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    extra = split["extra_train"][0]
+    assert run_json["extra_train"] == ["fer2013"] and run_json["data_options"]["extra_train"] == ["fer2013"]
+    assert run_json["counts"]["train"] == split["counts"]["train"] + extra["count"] == \
+        split["counts"]["train"] + len(extra["entries"])
+    assert {e["source_split"] for e in extra["entries"]} == {"train"}
+    assert main(["evaluate", "--model", str(out), "--dataset", "fer2013", "--data-root", str(data_root),
+                 "--protocol", "all", "--out", str(tmp_path / "leak")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "were in this model's training or validation data" in err, err
+    assert main(["evaluate", "--model", str(out), "--dataset", "fer2013", "--data-root", str(data_root),
+                 "--protocol", "official", "--out", str(tmp_path / "fer")]) == 0
+    metrics = json.loads((tmp_path / "fer" / "metrics.json").read_text())
+    private_test = len(list((data_root / "fer2013" / "test").glob("[hs]*/*")))  # happy, sad, surprise
+    assert metrics["extra_train"] == ["fer2013"] and metrics["num_images"] == private_test > 0
 
 
 @pytest.mark.parametrize("refresh", ["nan", "-1", "inf", "1e9"])

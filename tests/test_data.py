@@ -192,7 +192,12 @@ _ENTRY = {"path": "S005/a.png", "label": "happy", "subject": "S005", "sequence":
 @given(st.one_of(
     st.binary(max_size=40), st.just(b"[" * 50_000), _ANY_JSON.map(lambda v: json.dumps(v).encode()),
     st.builds(lambda field, value: json.dumps({"protocol": "subject", "seed": 0, "entries": [{**_ENTRY, field: value}]}).encode(),
-              st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON)))
+              st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON),
+    st.builds(lambda extra: json.dumps({"protocol": "subject", "seed": 0, "entries": [_ENTRY],
+                                        "extra_train": extra}).encode(),
+              _ANY_JSON | st.builds(lambda field, value: [{"dataset": "fer2013", "dataset_dir": "/d",
+                                                           "entries": [{**_ENTRY, field: value}]}],
+                                    st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON))))
 def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, content):
     """`evaluate` and `bundle export` read a model's split.json back: a file cut short, edited or
     written by something else loads into well-typed records or is one line naming it."""
@@ -203,5 +208,64 @@ def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, conten
     except EmoshieldError as error:
         assert "\n" not in str(error) and str(path) in str(error)
         return
-    for record in split.test:
+    for record in split.test + [r for extra in split.extra_train for r in extra.records]:
         assert isinstance(record.path, str) and isinstance(record.frame, int) and hash(record)
+
+
+def test_extra_training_faces_join_the_training_part_only_and_are_never_tested_on(tmp_path, data_root):
+    """`--extra-train`: another dataset's faces of the run's classes (its own training part where it
+    has a split) join training; validation and test stay the run's own held-out people; the split
+    file names every extra face, and evaluating the model on them is refused."""
+    from emoshield.pipeline import DataOptions, _refuse_training_images, extra_training_faces, prepare_data
+
+    options = DataOptions(dataset="ckplus48", data_root=str(data_root), protocol="subject", fold=1,
+                          classes="happy,sad,contempt", limit_per_class=12)
+    alone = prepare_data(options, 32)
+    options.extra_train = ["fer2013"]
+    joined = prepare_data(options, 32)
+    extra = joined.split.extra_train[0]
+    assert extra.dataset == "fer2013" and extra.records
+    assert {r.label for r in extra.records} == {"happy", "sad"}  # fer2013 has no contempt
+    assert {r.source_split for r in extra.records} == {"train"}  # its PrivateTest stays unseen
+    assert len(joined.parts["train"]) == len(alone.parts["train"]) + len(extra.records)
+    for part in ("val", "test"):
+        assert joined.split.parts()[part] == alone.split.parts()[part]
+        assert joined.parts[part].labels.tolist() == alone.parts[part].labels.tolist()
+    classes = list(joined.dataset.classes)
+    assert joined.parts["train"].labels[-len(extra.records):].tolist() == [classes.index(r.label) for r in extra.records]
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    joined.split.save(model_dir / "split.json", joined.dataset)
+    back, header = load_split(model_dir / "split.json")
+    assert back.extra_train[0].records == extra.records and "extra_train" not in header
+    assert back.test == joined.split.test
+    fer = load_dataset("fer2013", data_root, "happy,sad")
+    unseen = [r for r in fer.records if r.source_split == "test"][:20]
+    _refuse_training_images(model_dir / "model.safetensors", "fer2013", unseen)  # PrivateTest: new faces
+    with pytest.raises(EmoshieldError, match="1 of the 21 images chosen for testing were in this model's training"):
+        _refuse_training_images(model_dir / "model.safetensors", "fer2013", unseen + extra.records[:1])
+    # a split file without extra faces is written as before
+    alone.split.save(tmp_path / "alone.json", alone.dataset)
+    assert "extra_train" not in json.loads((tmp_path / "alone.json").read_text())
+
+    with pytest.raises(EmoshieldError, match="--extra-train ckplus48 is the dataset being split"):
+        extra_training_faces("ckplus48", options, joined.dataset.classes)
+    with pytest.raises(EmoshieldError, match="--extra-train ckplus48 has none of the run's classes"):
+        extra_training_faces("ckplus48", DataOptions(dataset="jaffe", data_root=str(data_root)), ("neutral",))
+
+
+def test_grayscale_and_colour_training_faces_join_as_colour():
+    import torch
+
+    from emoshield.pipeline import _joined
+    from emoshield.training import TensorData
+
+    gray = TensorData(torch.arange(2 * 16, dtype=torch.uint8).reshape(2, 1, 4, 4), torch.tensor([0, 1]))
+    colour = TensorData(torch.full((3, 3, 4, 4), 7, dtype=torch.uint8), torch.tensor([1, 1, 0]))
+    for a, b in ((gray, colour), (colour, gray)):
+        joined = _joined(a, b)
+        assert joined.pixels.shape == (5, 3, 4, 4) and joined.labels.tolist() == a.labels.tolist() + b.labels.tolist()
+    joined = _joined(gray, colour)
+    assert all(torch.equal(joined.pixels[:2, c], gray.pixels[:, 0]) for c in range(3))
+    assert _joined(gray, gray).pixels.shape == (4, 1, 4, 4)

@@ -244,7 +244,8 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
     study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"]), tmp_path / "out",
                   tmp_path / "none")
     identity = study._study_identity("smallcnn")
-    old_unit = {"options": {k: v for k, v in identity["options"].items() if k not in ("align", "start_weights")},
+    old_unit = {"options": {k: v for k, v in identity["options"].items()
+                            if k not in ("align", "start_weights", "extra_train")},
                 "weights": identity["weights"], "record": {}}
     study.unit_file("smallcnn", 0, 0).parent.mkdir(parents=True)
     study.unit_file("smallcnn", 0, 0).write_text(json.dumps(old_unit))
@@ -253,6 +254,13 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                     tmp_path / "out", tmp_path / "eyes")
     with pytest.raises(EmoshieldError, match="other options or weights"):
         aligned._saved_unit("smallcnn", 0, 0)
+    joined = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], extra_train=["jaffe"]),
+                   tmp_path / "out", tmp_path / "joined")
+    with pytest.raises(EmoshieldError, match="other options or weights"):
+        joined._saved_unit("smallcnn", 0, 0)
+    for bad in ("ckplus48", "folder", "nope"):
+        with pytest.raises(EmoshieldError, match="--extra-train is another dataset of fer2013, ckplus48, jaffe, liris"):
+            StudyOptions(dataset="ckplus48", extra_train=[bad]).resolved()
 
 
 def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_the_studys(tmp_path, monkeypatch):
@@ -697,3 +705,13 @@ def test_a_child_tied_to_its_parent_dies_with_it_and_an_untied_one_does_not(tmp_
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_study_trained_with_another_datasets_faces_is_not_cross_tested_on_them(tmp_path):
+    from emoshield.cross_dataset import CrossOptions, cross_evaluate
+    from emoshield.errors import EmoshieldError
+
+    (tmp_path / "study.json").write_text(json.dumps({"options": {"dataset": "jaffe", "extra_train": ["ckplus48"]},
+                                                     "weights": {"smallcnn": "scratch"}}))
+    with pytest.raises(EmoshieldError, match="--dataset ckplus48: the study's models trained on its faces"):
+        cross_evaluate(tmp_path, tmp_path / "out", CrossOptions(target="ckplus48"))

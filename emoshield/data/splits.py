@@ -25,7 +25,7 @@ import json
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EmoshieldError, one_line
@@ -35,6 +35,16 @@ from .records import ImageRecord
 
 PROTOCOLS = ("reference", "subject", "official")
 SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class ExtraTraining:
+    """Another dataset's faces that joined a run's training part (`--extra-train`), named image by
+    image so that no evaluation tests on them."""
+
+    dataset: str
+    dataset_dir: str
+    records: list[ImageRecord]
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Split:
     train: list[ImageRecord]
     val: list[ImageRecord]
     test: list[ImageRecord]
+    extra_train: list[ExtraTraining] = field(default_factory=list)
 
     def parts(self) -> dict[str, list[ImageRecord]]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -60,6 +71,10 @@ class Split:
             "fold": self.fold, "folds": self.folds,
             "counts": {name: len(part) for name, part in self.parts().items()},
             "entries": entries,
+            # only when there is some: a split.json without extra faces reads as before
+            **({"extra_train": [{"dataset": e.dataset, "dataset_dir": e.dataset_dir, "count": len(e.records),
+                                 "entries": [r.to_json() for r in e.records]} for e in self.extra_train]}
+               if self.extra_train else {}),
         }
 
     def save(self, path: Path, dataset: FaceDataset) -> None:
@@ -75,19 +90,33 @@ def load_split(path: Path) -> tuple[Split, dict]:
     parts: dict[str, list[ImageRecord]] = {name: [] for name in SPLIT_NAMES}
     try:  # a file edited, cut or written by something else: one line naming it, not a KeyError
         for entry in data["entries"]:
-            record = ImageRecord.from_json(entry)
-            if not (isinstance(record.path, str) and isinstance(record.label, str) and isinstance(record.sequence, str)
-                    and (record.subject is None or isinstance(record.subject, str))
-                    and isinstance(record.frame, int) and not isinstance(record.frame, bool)
-                    and (record.crop is None or len(record.crop) == 4 and all(
-                        isinstance(v, int) and not isinstance(v, bool) for v in record.crop))):
-                raise TypeError("an entry's fields are not of their types")
-            parts[entry["split"]].append(record)
-        split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts)
+            parts[entry["split"]].append(_record(entry))
+        extra = [_extra_training(e) for e in data.get("extra_train", [])]
+        split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts,
+                      extra_train=extra)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EmoshieldError(f"{path} is not a split file emoshield wrote ({one_line(exc, 120)})") from None
-    header = {k: v for k, v in data.items() if k != "entries"}
+    header = {k: v for k, v in data.items() if k not in ("entries", "extra_train")}
     return split, header
+
+
+def _record(entry: dict) -> ImageRecord:
+    """One split.json entry, its fields checked against their types (TypeError otherwise)."""
+    record = ImageRecord.from_json(entry)
+    if not (isinstance(record.path, str) and isinstance(record.label, str) and isinstance(record.sequence, str)
+            and (record.subject is None or isinstance(record.subject, str))
+            and isinstance(record.frame, int) and not isinstance(record.frame, bool)
+            and (record.crop is None or len(record.crop) == 4 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in record.crop))):
+        raise TypeError("an entry's fields are not of their types")
+    return record
+
+
+def _extra_training(entry: dict) -> ExtraTraining:
+    """One split.json `extra_train` item, checked like the entries (TypeError otherwise)."""
+    if not (isinstance(entry["dataset"], str) and isinstance(entry["dataset_dir"], str)):
+        raise TypeError("an extra_train item's dataset and dataset_dir are not text")
+    return ExtraTraining(entry["dataset"], entry["dataset_dir"], [_record(r) for r in entry["entries"]])
 
 
 def _reference_counts(n: int, validation: bool = True) -> tuple[int, int, int]:

@@ -14,7 +14,8 @@ def describe_run(meta: dict) -> str:
     library = (f", library entry {meta['library_entry']} as shipped (pretrained on "
                f"{meta.get('pretrained_on') or '?'}, not fine-tuned)") if meta.get("library_entry") else ""
     epochs = "epochs unknown" if meta.get("epochs") is None else f"{meta['epochs']} epochs"
-    return (f"{meta['dataset']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}{no_images}), "
+    extra = f" (+ {', '.join(meta['extra_train'])} faces in training)" if meta.get("extra_train") else ""
+    return (f"{meta['dataset']}{extra} ({len(meta['classes'])} classes: {', '.join(meta['classes'])}{no_images}), "
             f"{meta['protocol']} protocol{fold}, {meta['backbone']} + {meta['head']} head "
             f"(weights: {meta['weights']}){library}, input {meta['input_size']} px{_preprocessing(meta)}, "
             f"{epochs}, seed {meta['seed']}{defended}")

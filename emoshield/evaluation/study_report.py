@@ -52,11 +52,17 @@ def _units_label(result: dict) -> str:
     return f"{where}, seeds {', '.join(map(str, opts['seeds']))}"
 
 
+def _extra_train(opts: dict) -> str:
+    """' + ckplus48 faces in training' when other datasets' faces joined every training part, else ''."""
+    extra = opts.get("extra_train") or []
+    return f" + {', '.join(extra)} faces in training" if extra else ""
+
+
 def _context(result: dict) -> str:
     """What every plot title says: data, protocol, input size, epochs, seeds."""
     opts = result["options"]
     aligned = ", faces aligned (eyes level)" if opts.get("align", "none") != "none" else ""
-    return (f"{result['dataset']}, {result['protocol']} protocol, {opts['input_size']} px{aligned}, "
+    return (f"{result['dataset']}{_extra_train(opts)}, {result['protocol']} protocol, {opts['input_size']} px{aligned}, "
             f"{opts['epochs']} epochs, seed {','.join(map(str, opts['seeds']))}")
 
 
@@ -175,7 +181,9 @@ def study_markdown(result: dict, plots: dict[str, str]) -> str:
     partial = " (partial)" if result.get("pending_units") else ""
     lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol{partial}", "",
              f"{result['dataset']} ({len(classes)} classes: {', '.join(classes)}), {_units_label(result)}; "
-             f"input {opts['input_size']} px"
+             + (f"every training part also holds {', '.join(opts['extra_train'])}'s faces of these classes "
+                "(`--extra-train`: its people never appear in validation or test); " if opts.get("extra_train") else "")
+             + f"input {opts['input_size']} px"
              + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
              + f", {opts['epochs']} epochs, batch 32, SGD lr 0.01 with Algorithm 1 "
              "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
