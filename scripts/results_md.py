@@ -162,6 +162,12 @@ def load_studies(root: Path) -> tuple[list[dict], list[dict]]:
     return current, [r for r in studies if r not in current]
 
 
+def _extra_train_words(study: dict) -> str:
+    """', + ckplus48 faces in training' for a study whose training parts held another dataset's faces."""
+    extra = (study.get("options") or {}).get("extra_train") or []
+    return f", + {', '.join(map(str, extra))} faces in training" if isinstance(extra, list) and extra else ""
+
+
 def headline_table(studies: list[dict]) -> list[str]:
     lines = ["| study | backbone (weights) | units | localization head | own head | defended clean | FGSM 0.01 "
              "def. (undef.) | PGD-10 0.01 def. (undef.) | APGD-CE 0.01 def. (undef.) | **AutoAttack 0.01** def. "
@@ -176,7 +182,8 @@ def headline_table(studies: list[dict]) -> list[str]:
                 return f"{_pct(d.get(key))} ({_pct(u.get(key))})"
 
             lines.append(
-                f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} (`{r['weights'][backbone]}`) | "
+                f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} (`{r['weights'][backbone]}`"
+                f"{_extra_train_words(r)}) | "
                 f"{_units_done({'units': {backbone: r['units'][backbone]}, 'pending_units': [p for p in r.get('pending_units', []) if p.startswith(backbone + '-')]})} | "
                 f"{_pct(s['runs']['localization']['test_accuracy'])} | {_pct(s['runs']['own-head']['test_accuracy'])} | "
                 f"{_pct(d['clean'])} | {both('fgsm@0.01')} | {both('pgd@0.01')} | {both('apgd@0.01')} | "

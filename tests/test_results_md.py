@@ -85,6 +85,18 @@ def test_a_study_still_running_shows_k_of_n_units(results):
     assert "| mobilenet_v2 (`imagenet`) | 4 of 5 |" in page and "| smallcnn (`library:smallcnn-fer2013-48px`) | 5 |" in page
 
 
+def test_a_study_trained_with_another_datasets_faces_says_so_in_its_row(results):
+    path = results / "results/reproduce/jaffe-subject-v3/results.json"
+    study = json.loads(path.read_text())
+    study["options"]["extra_train"] = ["ckplus48"]
+    path.write_text(json.dumps(study))
+    assert run(results, *_args(results)).returncode == 0
+    page = (results / "RESULTS.md").read_text()
+    assert ("jaffe-subject-v3/report.md) | smallcnn (`library:fer2013-48px-final-strong`, + ckplus48 faces in "
+            "training) | 5 |") in page
+    assert "ckplus48-subject-v3/report.md) | smallcnn (`library:fer2013-48px-final-strong`) | 5 |" in page
+
+
 def test_a_readme_without_the_block_is_an_error_not_a_silent_skip(results):
     (results / "README.md").write_text("# no block\n")
     proc = run(results, *_args(results))
