@@ -132,6 +132,9 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
 
     dataset = load_data(options, seed)
     split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
+    twice = sorted({name for name in options.extra_train if options.extra_train.count(name) > 1})
+    if twice:
+        raise EmoshieldError(f"--extra-train {', '.join(twice)} is given more than once (its faces would count twice)")
     split.extra_train = [extra_training_faces(name, options, dataset.classes, seed) for name in options.extra_train]
     parts, failures = {}, []
     for name, records in split.parts().items():

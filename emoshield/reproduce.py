@@ -92,6 +92,8 @@ class StudyOptions:
             if name not in DATASET_NAMES or name in ("folder", self.dataset):
                 raise EmoshieldError(f"--extra-train is another dataset of {', '.join(DATASET_NAMES[:-1])}, "
                                      f"not {name!r}" + (" (the study's own)" if name == self.dataset else ""))
+            if self.extra_train.count(name) > 1:
+                raise EmoshieldError(f"--extra-train {name} is given more than once (its faces would count twice)")
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:

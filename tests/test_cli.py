@@ -170,6 +170,8 @@ def test_corrupt_image_is_reported_and_training_goes_on(tmp_path):
     (["--weights", "missing.safetensors"], "weights file missing.safetensors does not exist"),
     (["--protocol", "official"], "official protocol needs a dataset with its own split"),
     (["--extra-train", "ckplus48"], "--extra-train ckplus48 is the dataset being split"),
+    (["--extra-train", "jaffe", "--extra-train", "fer2013", "--extra-train", "jaffe"],
+     "--extra-train jaffe is given more than once"),
     # a setting that cannot work is refused before any data is read (here: none could be)
     (["--mix", "mixup", "--defense", "fgsm", "--data-root", "/nonexistent"], "--mix is for undefended training"),
 ])

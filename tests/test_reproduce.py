@@ -261,6 +261,8 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
     for bad in ("ckplus48", "folder", "nope"):
         with pytest.raises(EmoshieldError, match="--extra-train is another dataset of fer2013, ckplus48, jaffe, liris"):
             StudyOptions(dataset="ckplus48", extra_train=[bad]).resolved()
+    with pytest.raises(EmoshieldError, match="--extra-train jaffe is given more than once"):
+        StudyOptions(dataset="ckplus48", extra_train=["jaffe", "jaffe"]).resolved()
 
 
 def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_the_studys(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ class DistContext:
     local_rank: int
     backend: str
     sync_batchnorm: bool = True
-    leave_group: object = None  # a gloo group whose barrier waits _LEAVE_TIMEOUT (shutdown_distributed)
+    leave_group: torch.distributed.ProcessGroup | None = None  # a gloo group whose barrier waits _LEAVE_TIMEOUT (shutdown_distributed)
 
     @property
     def is_main(self) -> bool:
