@@ -130,12 +130,10 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
     from .data import make_split
     from .data.images import decode_images
 
+    check_extra_train(options)
     dataset = load_data(options, seed)
     split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
-    twice = sorted({name for name in options.extra_train if options.extra_train.count(name) > 1})
-    if twice:
-        raise EmoshieldError(f"--extra-train {', '.join(twice)} is given more than once (its faces would count twice)")
-    split.extra_train = [extra_training_faces(name, options, dataset.classes, seed) for name in options.extra_train]
+    split.extra_train = [extra_training_faces(name, options, dataset, seed) for name in options.extra_train]
     parts, failures = {}, []
     for name, records in split.parts().items():
         decoded = decode_images(dataset.root, records, input_size, align=align)
@@ -144,7 +142,7 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
         parts[name] = _tensor_data(decoded.pixels, decoded.records, dataset.classes)
     for extra in split.extra_train:
         decoded = decode_images(Path(extra.dataset_dir), extra.records, input_size, align=align)
-        failures += decoded.failures
+        failures += [(f"{extra.dataset}:{path}", why) for path, why in decoded.failures]
         extra.records = decoded.records
         parts["train"] = _joined(parts["train"], _tensor_data(decoded.pixels, decoded.records, dataset.classes))
     if len(parts["train"]) < 2:
@@ -152,15 +150,42 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
     return PreparedData(dataset, split, parts, failures)
 
 
-def extra_training_faces(name: str, options: DataOptions, classes: tuple[str, ...], seed: int = 0):
-    """The faces of dataset `name` in the run's `classes`, for the training part only: a dataset with
-    its own split gives its training part (its test images stay unseen). Held-out people stay held
-    out as long as the two datasets show different people (FER2013, CK+48 and JAFFE do)."""
-    from .data.splits import ExtraTraining
+def check_extra_train(options: DataOptions) -> None:
+    """One clear error for an --extra-train that cannot work, before any data is read."""
+    from .data import DATASET_NAMES
 
-    if name == options.dataset:
-        raise EmoshieldError(f"--extra-train {name} is the dataset being split; name another dataset")
-    other = load_data(DataOptions(dataset=name, data_root=options.data_root))
+    if not options.extra_train:
+        return
+    if options.dataset == "folder":
+        raise EmoshieldError("--extra-train needs a named dataset: --dataset folder reads --data-root as its own "
+                             "folder, so no other dataset's folder sits beside it")
+    for name in options.extra_train:
+        if name not in DATASET_NAMES or name == "folder":
+            raise EmoshieldError(f"--extra-train is one of {', '.join(d for d in DATASET_NAMES if d != 'folder')}, "
+                                 f"not {name!r}")
+        if name == options.dataset:
+            raise EmoshieldError(f"--extra-train {name} is the dataset being split; name another dataset")
+        if options.extra_train.count(name) > 1:
+            raise EmoshieldError(f"--extra-train {name} is given more than once (its faces would count twice)")
+
+
+def extra_training_faces(name: str, options: DataOptions, dataset, seed: int = 0):
+    """The faces of dataset `name` (its folder beside the run's: DATA_ROOT/NAME) in the classes of
+    the run's `dataset`, for the training part only: a dataset with its own split gives its training
+    part (its test images stay unseen). Held-out people stay held out as long as the two datasets
+    show different people (FER2013, CK+48 and JAFFE do)."""
+    from .data.splits import ExtraTraining
+    from .paths import data_root
+
+    check_extra_train(DataOptions(dataset=options.dataset, extra_train=[name]))
+    folder = data_root(options.data_root) / name
+    if not folder.is_dir():
+        raise EmoshieldError(f"--extra-train {name}: no folder {folder} (--data-root must hold both datasets' folders)")
+    mine, theirs = dataset.root.resolve(), folder.resolve()
+    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+        raise EmoshieldError(f"--extra-train {name}: {folder} holds the run's own images ({dataset.root})")
+    other = load_data(DataOptions(dataset=name, data_root=str(folder)))
+    classes = dataset.classes
     shared = [c for c in classes if c in other.classes]
     if not shared:
         raise EmoshieldError(f"--extra-train {name} has none of the run's classes ({', '.join(classes)}); "
@@ -170,7 +195,8 @@ def extra_training_faces(name: str, options: DataOptions, classes: tuple[str, ..
         raise EmoshieldError(f"--extra-train {name}: no training images of the run's classes")
     if options.limit_per_class:
         records = _limit(records, options.limit_per_class, seed)
-    return ExtraTraining(name, str(other.root.resolve()), records)
+    dataset.skipped += [(f"{name}:{path}", why) for path, why in other.skipped]  # reported with the run's own
+    return ExtraTraining(name, str(theirs), records)
 
 
 def _joined(a, b):
@@ -251,6 +277,8 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     for w in caught:
         (log or print)(f"warning: {w.message}")
     dataset, split = prepared.dataset, prepared.split
+    if resume and (out_dir / "split.json").is_file():
+        _refuse_other_images(out_dir / "split.json", split, dataset.name)
     if main:
         split.save(out_dir / "split.json", dataset)
     torch.manual_seed(train_config.seed)
@@ -293,6 +321,23 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
                 unreadable_images=len(prepared.failures), skipped_images=len(dataset.skipped))
     return evaluate_tensors(best, prepared.parts["test"], list(dataset.classes), meta, out_dir,
                             "Training result (test split)")
+
+
+def _refuse_other_images(path: Path, split, dataset: str) -> None:
+    """A resumed run goes on with the images it started with: split.json (what evaluation refuses to
+    test on) must stay true of every epoch, so other data options (dataset, fold, classes,
+    --extra-train, ...) are refused, not silently mixed in."""
+    from .data import load_split
+
+    saved, header = load_split(path)
+
+    def images(s) -> set:
+        return ({(part, r.path, r.label) for part, records in s.parts().items() for r in records}
+                | {(f"extra:{e.dataset}", r.path, r.label) for e in s.extra_train for r in e.records})
+
+    if header.get("dataset") != dataset or images(saved) != images(split):
+        raise EmoshieldError(f"{path.parent} started on other images ({path}): resume it with the data options it "
+                             "started with, or train into another --out")
 
 
 def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: list[str] | None = None):

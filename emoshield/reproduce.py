@@ -19,6 +19,7 @@ commit) and PNGs. Training folders, checkpoints and per-run reports stay under W
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -46,7 +47,7 @@ def with_later_options(record):
     their defaults: an older study and a re-run of it are the same study. Anything else as is."""
     if not isinstance(record, dict) or not isinstance(record.get("options", {}), dict):
         return record
-    return {**record, "options": {**LATER_OPTIONS, **(record.get("options") or {})}}
+    return {**record, "options": {**copy.deepcopy(LATER_OPTIONS), **(record.get("options") or {})}}
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
@@ -86,14 +87,9 @@ class StudyOptions:
 
         if self.align not in ALIGN_MODES:
             raise EmoshieldError(f"--align is one of {', '.join(ALIGN_MODES)}, not {self.align!r}")
-        from .data import DATASET_NAMES
+        from .pipeline import DataOptions, check_extra_train
 
-        for name in self.extra_train:
-            if name not in DATASET_NAMES or name in ("folder", self.dataset):
-                raise EmoshieldError(f"--extra-train is another dataset of {', '.join(DATASET_NAMES[:-1])}, "
-                                     f"not {name!r}" + (" (the study's own)" if name == self.dataset else ""))
-            if self.extra_train.count(name) > 1:
-                raise EmoshieldError(f"--extra-train {name} is given more than once (its faces would count twice)")
+        check_extra_train(DataOptions(dataset=self.dataset, extra_train=list(self.extra_train)))
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
@@ -565,6 +561,10 @@ def _class_counts(split_file: Path) -> dict:
     for part, records in split.parts().items():
         for r in records:
             table.setdefault(r.label, {"train": 0, "val": 0, "test": 0})[part] += 1
+    for extra in split.extra_train:  # another dataset's faces in the training part (--extra-train)
+        for r in extra.records:
+            row = table.setdefault(r.label, {"train": 0, "val": 0, "test": 0})
+            row["extra_train"] = row.get("extra_train", 0) + 1
     return table
 
 

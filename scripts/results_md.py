@@ -126,11 +126,14 @@ def pretraining_table(root: Path) -> list[str]:
 
 
 def _study_name(result: dict) -> str:
-    """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is named."""
+    """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is
+    named, and '(+ ckplus48 faces)' when another dataset's faces joined its training parts."""
     base = f"{result['dataset']}-{result['protocol']}"
     folder = Path(str(result.get("folder", ""))).name
     version = folder[len(base):].strip("-") if folder.startswith(base) else ""
-    return f"{result['dataset']} {result['protocol']}" + (f" {version}" if version else "")
+    extra = (result.get("options") or {}).get("extra_train") or []  # another dataset's faces in its training
+    extra = f" (+ {', '.join(map(str, extra))} faces)" if isinstance(extra, list) and extra else ""
+    return f"{result['dataset']} {result['protocol']}" + (f" {version}" if version else "") + extra
 
 
 def _mean(values: list) -> float | None:
@@ -162,12 +165,6 @@ def load_studies(root: Path) -> tuple[list[dict], list[dict]]:
     return current, [r for r in studies if r not in current]
 
 
-def _extra_train_words(study: dict) -> str:
-    """', + ckplus48 faces in training' for a study whose training parts held another dataset's faces."""
-    extra = (study.get("options") or {}).get("extra_train") or []
-    return f", + {', '.join(map(str, extra))} faces in training" if isinstance(extra, list) and extra else ""
-
-
 def headline_table(studies: list[dict]) -> list[str]:
     lines = ["| study | backbone (weights) | units | localization head | own head | defended clean | FGSM 0.01 "
              "def. (undef.) | PGD-10 0.01 def. (undef.) | APGD-CE 0.01 def. (undef.) | **AutoAttack 0.01** def. "
@@ -182,8 +179,7 @@ def headline_table(studies: list[dict]) -> list[str]:
                 return f"{_pct(d.get(key))} ({_pct(u.get(key))})"
 
             lines.append(
-                f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} (`{r['weights'][backbone]}`"
-                f"{_extra_train_words(r)}) | "
+                f"| [{_study_name(r)}]({_link(r['folder'])}/report.md) | {backbone} (`{r['weights'][backbone]}`) | "
                 f"{_units_done({'units': {backbone: r['units'][backbone]}, 'pending_units': [p for p in r.get('pending_units', []) if p.startswith(backbone + '-')]})} | "
                 f"{_pct(s['runs']['localization']['test_accuracy'])} | {_pct(s['runs']['own-head']['test_accuracy'])} | "
                 f"{_pct(d['clean'])} | {both('fgsm@0.01')} | {both('pgd@0.01')} | {both('apgd@0.01')} | "

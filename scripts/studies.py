@@ -197,8 +197,8 @@ STAGES = [
     study("ckplus48-subject-v3", "--dataset", "ckplus48", "--protocol", "subject", "--align", "eyes",
           "--weights", f"library:{PICKED}", backbones=FINAL_BACKBONE, after="cloud_final_strong"),
     cross("ckplus48-jaffe-v3", "ckplus48-subject-v3", "jaffe"),
-    # issue 18's JAFFE target: a subject fold trains on ~150 faces of 8 people; CK+48's 927 faces of
-    # 123 other people join every training part (--extra-train; not cross-tested on CK+48, its faces are seen)
+    # issue 18's JAFFE target: a subject fold trains on ~150 faces of 7 people; CK+48's 927 faces of
+    # 106 other people join every training part (--extra-train; not cross-tested on CK+48, its faces are seen)
     study("jaffe-subject-v4", "--dataset", "jaffe", "--protocol", "subject", "--align", "eyes",
           "--weights", f"library:{PICKED}", "--extra-train", "ckplus48", backbones=FINAL_BACKBONE,
           after="cloud_final_strong"),

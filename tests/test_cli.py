@@ -185,17 +185,26 @@ def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, caps
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_path, data_root, capsys):
+def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_path, data_root, keys, capsys):
     """`train --extra-train fer2013`: FER2013's training faces of the run's classes join CK+48's
     training part; the run says so, and evaluating on FER2013 tests only its unseen PrivateTest."""
     from emoshield.cli import main
 
     out = tmp_path / "joined"
-    assert main(["train", "--dataset", "ckplus48", "--data-root", str(data_root), "--protocol", "subject",
-                 "--classes", "happy,sad,surprise", "--limit-per-class", "12", "--extra-train", "fer2013",
-                 "--backbone", "smallcnn", "--input-size", "32", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    command = ["train", "--dataset", "ckplus48", "--data-root", str(data_root), "--protocol", "subject",
+               "--classes", "happy,sad,surprise", "--limit-per-class", "12", "--extra-train", "fer2013",
+               "--backbone", "smallcnn", "--input-size", "32", "--epochs", "1", "--out", str(out), "--quiet"]
+    assert main(command) == 0
     captured = capsys.readouterr()
     assert "ckplus48 (+ fer2013 faces in training) (3 classes" in captured.out
+    # resumed with other data, split.json would no longer say what the model saw: refused
+    without_extra = [a for a in command if a not in ("--extra-train", "fer2013")]
+    for other in (without_extra, command + ["--fold", "1"]):  # no fer2013 faces; another fold's people
+        assert main(other + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "started on other images" in err and len(err.strip().splitlines()) == 1, err
+    assert main(command + ["--resume"]) == 0
+    capsys.readouterr()
     run_json = json.loads((out / "run.json").read_text())
     split = json.loads((out / "split.json").read_text())
     extra = split["extra_train"][0]
@@ -212,6 +221,12 @@ def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_p
     metrics = json.loads((tmp_path / "fer" / "metrics.json").read_text())
     private_test = len(list((data_root / "fer2013" / "test").glob("[hs]*/*")))  # happy, sad, surprise
     assert metrics["extra_train"] == ["fer2013"] and metrics["num_images"] == private_test > 0
+    # the signed bundle's record of the training data names them too
+    from emoshield.tiers.bundle import verify_bundle
+
+    assert main(["bundle", "export", "--model", str(out), "--key", str(keys / "private.key"),
+                 "--out", str(tmp_path / "bundle"), "--calibration-images", "8"]) == 0
+    assert verify_bundle(tmp_path / "bundle", keys / "public.key")["training"]["extra_train"] == ["fer2013"]
 
 
 @pytest.mark.parametrize("refresh", ["nan", "-1", "inf", "1e9"])

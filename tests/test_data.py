@@ -1,4 +1,5 @@
 import json
+import re
 from collections import Counter, defaultdict
 
 import cv2
@@ -192,12 +193,12 @@ _ENTRY = {"path": "S005/a.png", "label": "happy", "subject": "S005", "sequence":
 @given(st.one_of(
     st.binary(max_size=40), st.just(b"[" * 50_000), _ANY_JSON.map(lambda v: json.dumps(v).encode()),
     st.builds(lambda field, value: json.dumps({"protocol": "subject", "seed": 0, "entries": [{**_ENTRY, field: value}]}).encode(),
-              st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON),
+              st.sampled_from(sorted(_ENTRY) + ["crop", "source_split"]), _ANY_JSON),
     st.builds(lambda extra: json.dumps({"protocol": "subject", "seed": 0, "entries": [_ENTRY],
                                         "extra_train": extra}).encode(),
               _ANY_JSON | st.builds(lambda field, value: [{"dataset": "fer2013", "dataset_dir": "/d",
                                                            "entries": [{**_ENTRY, field: value}]}],
-                                    st.sampled_from(sorted(_ENTRY) + ["crop"]), _ANY_JSON))))
+                                    st.sampled_from(sorted(_ENTRY) + ["crop", "source_split"]), _ANY_JSON))))
 def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, content):
     """`evaluate` and `bundle export` read a model's split.json back: a file cut short, edited or
     written by something else loads into well-typed records or is one line naming it."""
@@ -250,9 +251,52 @@ def test_extra_training_faces_join_the_training_part_only_and_are_never_tested_o
     assert "extra_train" not in json.loads((tmp_path / "alone.json").read_text())
 
     with pytest.raises(EmoshieldError, match="--extra-train ckplus48 is the dataset being split"):
-        extra_training_faces("ckplus48", options, joined.dataset.classes)
+        extra_training_faces("ckplus48", options, joined.dataset)
+    neutral = load_dataset("fer2013", data_root, "neutral,happy")
+    neutral.classes = ("neutral",)
     with pytest.raises(EmoshieldError, match="--extra-train ckplus48 has none of the run's classes"):
-        extra_training_faces("ckplus48", DataOptions(dataset="jaffe", data_root=str(data_root)), ("neutral",))
+        extra_training_faces("ckplus48", DataOptions(dataset="fer2013", data_root=str(data_root)), neutral)
+
+
+def test_extra_faces_come_from_their_own_folder_beside_the_runs_never_from_the_runs(tmp_path, data_root):
+    """The extra dataset's folder is DATA_ROOT/NAME, with no fallback: a data root that is the run's
+    own folder would otherwise be read as the other dataset, and its test faces would be trained on."""
+    from emoshield.pipeline import DataOptions, prepare_data
+
+    for options, message in (
+            (DataOptions(dataset="folder", data_root=str(data_root / "ckplus48"), extra_train=["ckplus48"]),
+             "--extra-train needs a named dataset"),
+            (DataOptions(dataset="ckplus48", data_root=str(data_root / "ckplus48"), extra_train=["jaffe"]),
+             f"--extra-train jaffe: no folder {data_root / 'ckplus48' / 'jaffe'}"),
+            (DataOptions(dataset="ckplus48", data_root=str(data_root), extra_train=["nope"]),
+             "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'nope'")):
+        with pytest.raises(EmoshieldError, match=re.escape(message)):
+            prepare_data(options, 32)
+    # the run's own images under the other dataset's name: refused, not trained on
+    (tmp_path / "ckplus48").symlink_to(data_root / "ckplus48")
+    (tmp_path / "fer2013").symlink_to(data_root / "ckplus48")
+    with pytest.raises(EmoshieldError, match="--extra-train fer2013: .* holds the run's own images"):
+        prepare_data(DataOptions(dataset="ckplus48", data_root=str(tmp_path), classes="happy,sad",
+                                 limit_per_class=6, extra_train=["fer2013"]), 32)
+
+
+def test_every_person_of_an_extra_dataset_is_refused_for_testing(tmp_path, data_root):
+    """CK+48's happy and sad faces joined a JAFFE run's training: an unseen face of one of those
+    people (another class) is not a new face either; other people's are."""
+    from emoshield.pipeline import DataOptions, _refuse_training_images, prepare_data
+
+    prepared = prepare_data(DataOptions(dataset="jaffe", data_root=str(data_root), protocol="subject",
+                                        classes="happy,sad", extra_train=["ckplus48"]), 32)
+    seen = prepared.split.extra_train[0].records
+    prepared.split.save(tmp_path / "split.json", prepared.dataset)
+    people = {r.subject for r in seen}
+    ckplus48 = load_dataset("ckplus48", data_root)
+    theirs = [r for r in ckplus48.records if r.subject in people and r not in seen]
+    others = [r for r in ckplus48.records if r.subject not in people]
+    assert theirs and others and {r.label for r in theirs} - {"happy", "sad"}
+    _refuse_training_images(tmp_path / "model.safetensors", "ckplus48", others)
+    with pytest.raises(EmoshieldError, match="0 of the 1 images .* and 1 show its training/validation subjects"):
+        _refuse_training_images(tmp_path / "model.safetensors", "ckplus48", theirs[:1])
 
 
 def test_grayscale_and_colour_training_faces_join_as_colour():

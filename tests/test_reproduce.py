@@ -230,7 +230,7 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
     for align, resumes in (("none", True), ("eyes", False)):
         study = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], align=align),
                       tmp_path / "out", tmp_path / align)
-        old = {k: v for k, v in asdict(study.options).items() if k not in (*UNIT_OPTIONS, "align")}
+        old = {k: v for k, v in asdict(study.options).items() if k not in (*UNIT_OPTIONS, "align", "extra_train")}
         (tmp_path / align).mkdir()
         (tmp_path / align / "study.json").write_text(json.dumps({"options": old, "weights": {}}))
         if resumes:
@@ -258,11 +258,14 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                    tmp_path / "out", tmp_path / "joined")
     with pytest.raises(EmoshieldError, match="other options or weights"):
         joined._saved_unit("smallcnn", 0, 0)
-    for bad in ("ckplus48", "folder", "nope"):
-        with pytest.raises(EmoshieldError, match="--extra-train is another dataset of fer2013, ckplus48, jaffe, liris"):
+    assert joined._data(3).extra_train == ["jaffe"] and study._data(3).extra_train == []  # what its runs train on
+    for bad, message in (("ckplus48", "--extra-train ckplus48 is the dataset being split"),
+                         ("folder", "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'folder'"),
+                         ("nope", "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'nope'")):
+        with pytest.raises(EmoshieldError, match=re.escape(message)):
             StudyOptions(dataset="ckplus48", extra_train=[bad]).resolved()
     with pytest.raises(EmoshieldError, match="--extra-train jaffe is given more than once"):
-        StudyOptions(dataset="ckplus48", extra_train=["jaffe", "jaffe"]).resolved()
+        StudyOptions(dataset="ckplus48", extra_train=["jaffe", "fer2013", "jaffe"]).resolved()
 
 
 def test_units_and_work_of_a_library_entry_replaced_under_the_same_name_are_not_the_studys(tmp_path, monkeypatch):
@@ -717,3 +720,30 @@ def test_a_study_trained_with_another_datasets_faces_is_not_cross_tested_on_them
                                                      "weights": {"smallcnn": "scratch"}}))
     with pytest.raises(EmoshieldError, match="--dataset ckplus48: the study's models trained on its faces"):
         cross_evaluate(tmp_path, tmp_path / "out", CrossOptions(target="ckplus48"))
+
+
+def test_table_ii_counts_another_datasets_training_faces_in_their_own_column(tmp_path, data_root):
+    """A study with --extra-train: Table II's train column stays the study's own people, the extra
+    faces have their column, and the totals add up to the training part the runs saw."""
+    from emoshield.evaluation.study_report import _counts_table
+    from emoshield.pipeline import DataOptions, prepare_data
+    from emoshield.reproduce import _class_counts
+
+    def table(extra: list[str]) -> tuple[list[str], dict]:
+        prepared = prepare_data(DataOptions(dataset="ckplus48", data_root=str(data_root), protocol="subject",
+                                            classes="happy,sad,contempt", extra_train=extra), 32)
+        prepared.split.save(tmp_path / "split.json", prepared.dataset)
+        counts = {k: len(v) for k, v in prepared.parts.items()}
+        unit = {"seed": 0, "counts": counts, "class_counts": _class_counts(tmp_path / "split.json")}
+        result = {"classes": ["contempt", "happy", "sad"], "options": {"extra_train": extra},
+                  "units": {"smallcnn": {"fold0-seed0": unit}}}
+        return _counts_table(result), counts
+
+    alone, own = table([])
+    joined, counts = table(["jaffe"])
+    assert "| class | train | val | test |" in alone and "| class | train | + train (jaffe) | val | test |" in joined
+    jaffe_faces = counts["train"] - own["train"]
+    assert 0 < jaffe_faces < 213  # JAFFE's happy and sad faces (it has no contempt)
+    assert f"| **all** | {own['train']} | {jaffe_faces} | {own['val']} | {own['test']} |" in joined
+    assert next(line for line in joined if line.startswith("| contempt |")).split(" | ")[2] == "0"
+    assert f"| **all** | {own['train']} | {own['val']} | {own['test']} |" in alone

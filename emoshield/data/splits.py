@@ -105,6 +105,7 @@ def _record(entry: dict) -> ImageRecord:
     record = ImageRecord.from_json(entry)
     if not (isinstance(record.path, str) and isinstance(record.label, str) and isinstance(record.sequence, str)
             and (record.subject is None or isinstance(record.subject, str))
+            and (record.source_split is None or isinstance(record.source_split, str))
             and isinstance(record.frame, int) and not isinstance(record.frame, bool)
             and (record.crop is None or len(record.crop) == 4 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in record.crop))):

@@ -318,14 +318,21 @@ def _counts_table(result: dict) -> list[str]:
     units = next(iter(result["units"].values()))
     first_key, first = next(iter(units.items()))
     table = first["class_counts"]
+    extra = sum(row.get("extra_train", 0) for row in table.values())
+    names = ", ".join((result.get("options") or {}).get("extra_train") or []) or "other datasets"
+    extra_cell = (lambda n: f" {n} |") if extra else (lambda n: "")
     lines = [f"## Table II: images per class ({first_key.split('-')[0]})", "",
-             "| class | train | val | test |", "|---|---:|---:|---:|"]
+             "| class | train |" + extra_cell(f"+ train ({names})") + " val | test |",
+             "|---|---:|" + ("---:|" if extra else "") + "---:|---:|"]
     for c in result["classes"]:
         row = table.get(c, {})
-        lines.append(f"| {c} | {row.get('train', 0)} | {row.get('val', 0)} | {row.get('test', 0)} |")
-    lines.append("| **all** | " + " | ".join(str(first["counts"].get(p, 0)) for p in ("train", "val", "test")) + " |")
+        lines.append(f"| {c} | {row.get('train', 0)} |" + extra_cell(row.get("extra_train", 0))
+                     + f" {row.get('val', 0)} | {row.get('test', 0)} |")
+    counts = first["counts"]
+    lines.append(f"| **all** | {counts.get('train', 0) - extra} |" + extra_cell(extra)
+                 + f" {counts.get('val', 0)} | {counts.get('test', 0)} |")
     if len({k.split("-")[0] for k in units}) > 1:
-        lines += ["", "Per fold (train/val/test): " + "; ".join(
+        lines += ["", f"Per fold (train{f' with {names} faces' if extra else ''}/val/test): " + "; ".join(
             f"{k.split('-')[0]} {u['counts']['train']}/{u['counts']['val']}/{u['counts']['test']}"
             for k, u in units.items() if k.endswith(f"seed{first['seed']}"))]
     return lines + [""]
