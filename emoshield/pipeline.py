@@ -181,10 +181,9 @@ def extra_training_faces(name: str, options: DataOptions, dataset, seed: int = 0
     folder = data_root(options.data_root) / name
     if not folder.is_dir():
         raise EmoshieldError(f"--extra-train {name}: no folder {folder} (--data-root must hold both datasets' folders)")
-    mine, theirs = dataset.root.resolve(), folder.resolve()
-    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
-        raise EmoshieldError(f"--extra-train {name}: {folder} holds the run's own images ({dataset.root})")
+    _refuse_overlap(name, folder, dataset.root)
     other = load_data(DataOptions(dataset=name, data_root=str(folder)))
+    _refuse_overlap(name, other.root, dataset.root)  # DATA_ROOT/NAME/NAME is read too
     classes = dataset.classes
     shared = [c for c in classes if c in other.classes]
     if not shared:
@@ -196,7 +195,15 @@ def extra_training_faces(name: str, options: DataOptions, dataset, seed: int = 0
     if options.limit_per_class:
         records = _limit(records, options.limit_per_class, seed)
     dataset.skipped += [(f"{name}:{path}", why) for path, why in other.skipped]  # reported with the run's own
-    return ExtraTraining(name, str(theirs), records)
+    return ExtraTraining(name, str(other.root.resolve()), records)
+
+
+def _refuse_overlap(name: str, folder: Path, own: Path) -> None:
+    """The other dataset's folder must not be, hold or sit inside the run's own (symlinks followed):
+    its faces would include the run's validation and test faces."""
+    mine, theirs = Path(own).resolve(), Path(folder).resolve()
+    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+        raise EmoshieldError(f"--extra-train {name}: {folder} holds the run's own images ({own})")
 
 
 def _joined(a, b):
@@ -267,6 +274,9 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     validate_model_options(model_options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .training.checkpoint import has_checkpoint, refuse_unless_resuming
+
+    refuse_unless_resuming(out_dir, resume)  # before anything in OUT is rewritten
     dist = init_distributed(train_config.device)  # None for one process
     main = dist is None or dist.is_main
     if not main:
@@ -277,7 +287,7 @@ def train_model(data: DataOptions, model_options: ModelOptions, train_config, ou
     for w in caught:
         (log or print)(f"warning: {w.message}")
     dataset, split = prepared.dataset, prepared.split
-    if resume and (out_dir / "split.json").is_file():
+    if has_checkpoint(out_dir) and (out_dir / "split.json").is_file():
         _refuse_other_images(out_dir / "split.json", split, dataset.name)
     if main:
         split.save(out_dir / "split.json", dataset)
@@ -332,8 +342,8 @@ def _refuse_other_images(path: Path, split, dataset: str) -> None:
     saved, header = load_split(path)
 
     def images(s) -> set:
-        return ({(part, r.path, r.label) for part, records in s.parts().items() for r in records}
-                | {(f"extra:{e.dataset}", r.path, r.label) for e in s.extra_train for r in e.records})
+        return ({(part, r.path, r.frame, r.label) for part, records in s.parts().items() for r in records}
+                | {(f"extra:{e.dataset}", r.path, r.frame, r.label) for e in s.extra_train for r in e.records})
 
     if header.get("dataset") != dataset or images(saved) != images(split):
         raise EmoshieldError(f"{path.parent} started on other images ({path}): resume it with the data options it "

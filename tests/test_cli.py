@@ -199,10 +199,14 @@ def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_p
     assert "ckplus48 (+ fer2013 faces in training) (3 classes" in captured.out
     # resumed with other data, split.json would no longer say what the model saw: refused
     without_extra = [a for a in command if a not in ("--extra-train", "fer2013")]
+    saved = (out / "split.json").read_bytes()
     for other in (without_extra, command + ["--fold", "1"]):  # no fer2013 faces; another fold's people
         assert main(other + ["--resume"]) == 2
         err = capsys.readouterr().err
         assert "started on other images" in err and len(err.strip().splitlines()) == 1, err
+        assert main(other) == 2  # without --resume: refused before split.json is rewritten
+        assert "already holds a training checkpoint" in capsys.readouterr().err
+        assert (out / "split.json").read_bytes() == saved
     assert main(command + ["--resume"]) == 0
     capsys.readouterr()
     run_json = json.loads((out / "run.json").read_text())

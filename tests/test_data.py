@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 from collections import Counter, defaultdict
 
 import cv2
@@ -272,12 +273,36 @@ def test_extra_faces_come_from_their_own_folder_beside_the_runs_never_from_the_r
              "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'nope'")):
         with pytest.raises(EmoshieldError, match=re.escape(message)):
             prepare_data(options, 32)
-    # the run's own images under the other dataset's name: refused, not trained on
+    # the run's own images under the other dataset's name: refused, not trained on; the other
+    # dataset's folder is the run's, holds it, or sits inside it
+    own = tmp_path / "root" / "ckplus48"
+    (own / "happy").mkdir(parents=True)  # a real folder inside the run's: its faces linked one by one
+    for face in sorted((data_root / "ckplus48" / "happy").iterdir())[:12]:
+        (own / "happy" / face.name).symlink_to(face)
+    (own / "sadness").symlink_to(data_root / "ckplus48" / "sadness")
+    for other, target in (("fer2013", own), ("liris", tmp_path / "root"), ("jaffe", own / "happy")):
+        (tmp_path / "root" / other).symlink_to(target)
+        with pytest.raises(EmoshieldError, match=f"--extra-train {other}: .* holds the run's own images"):
+            prepare_data(DataOptions(dataset="ckplus48", data_root=str(tmp_path / "root"),
+                                     limit_per_class=6, extra_train=[other]), 32)
+
+
+def test_extra_faces_in_a_nested_dataset_folder_are_read_from_there(tmp_path, data_root):
+    """DATA_ROOT/jaffe/jaffe (a layout every dataset accepts): the faces are decoded from where the
+    scan found them, not lost as unreadable."""
+    from emoshield.pipeline import DataOptions, prepare_data
+
     (tmp_path / "ckplus48").symlink_to(data_root / "ckplus48")
-    (tmp_path / "fer2013").symlink_to(data_root / "ckplus48")
-    with pytest.raises(EmoshieldError, match="--extra-train fer2013: .* holds the run's own images"):
-        prepare_data(DataOptions(dataset="ckplus48", data_root=str(tmp_path), classes="happy,sad",
-                                 limit_per_class=6, extra_train=["fer2013"]), 32)
+    (tmp_path / "jaffe").mkdir()
+    (tmp_path / "jaffe" / "jaffe").symlink_to(data_root / "jaffe")
+    options = DataOptions(dataset="ckplus48", data_root=str(tmp_path), classes="happy,sad", limit_per_class=6)
+    alone = prepare_data(options, 32)
+    options.extra_train = ["jaffe"]
+    joined = prepare_data(options, 32)
+    extra = joined.split.extra_train[0]
+    assert len(extra.records) >= 12 and not joined.failures  # ~6 per class (--limit-per-class), all readable
+    assert Path(extra.dataset_dir) == (data_root / "jaffe").resolve()
+    assert len(joined.parts["train"]) == len(alone.parts["train"]) + len(extra.records)
 
 
 def test_every_person_of_an_extra_dataset_is_refused_for_testing(tmp_path, data_root):

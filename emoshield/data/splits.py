@@ -78,7 +78,10 @@ class Split:
         }
 
     def save(self, path: Path, dataset: FaceDataset) -> None:
-        Path(path).write_text(json.dumps(self.to_json(dataset), indent=1))
+        """Atomically: a resumed run compares its images with this file, so it is never left cut short."""
+        from ..paths import write_json
+
+        write_json(Path(path), self.to_json(dataset))
 
 
 def load_split(path: Path) -> tuple[Split, dict]:

@@ -65,6 +65,13 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / CHECKPOINT).is_file()
 
 
+def refuse_unless_resuming(folder: Path, resume: bool) -> None:
+    """A folder that holds a checkpoint is continued (--resume) or left alone, never started over."""
+    if has_checkpoint(folder) and not resume:
+        raise EmoshieldError(f"{folder} already holds a training checkpoint; "
+                             "pass --resume to continue it or choose another --out")
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, scaler=None) -> dict:
     """Restore model, optimizer, RNGs (CUDA's too) and the GradScaler in place; return the

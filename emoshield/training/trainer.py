@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data.images import to_model_input
 from ..errors import EmoshieldError
 from .augment import AUGMENTATIONS, MIXES, augment_batch, mix_batch
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, refuse_unless_resuming, save_checkpoint
 from .schedule import SCHEDULES, lr_schedule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -266,10 +266,8 @@ class Trainer:
         history: list[dict] = []
         best = {"epoch": 0, "score": -1.0, "loss": math.inf}
         start_epoch = 1
+        refuse_unless_resuming(self.out_dir, resume)
         if has_checkpoint(self.out_dir):
-            if not resume:
-                raise EmoshieldError(f"{self.out_dir} already holds a training checkpoint; "
-                                     "pass --resume to continue it or choose another --out")
             state = load_checkpoint(self.out_dir, self.model, optimizer, generator, self.scaler)
             if not _same_config(state.get("train_config"), asdict(cfg)) or state.get("defense") != self._defense_json():
                 raise EmoshieldError(f"{self.out_dir}: the checkpoint was made with other training options; "
