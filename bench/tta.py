@@ -4,9 +4,11 @@ another dataset (JAFFE by default: never seen). Clean accuracy only (attacks: `e
 --tta ... --attacks ...`); the device's cost of each mode is bench/device.py --only tta.
 
     python bench/tta.py [--work runs/reproduce/ckplus48-subject-v2] [--backbone smallcnn]
-        [--cross jaffe] [--out results/tta]
+        [--cross jaffe | --cross ''] [--out results/tta] [--name STEM]
 
-Writes OUT/DATASET-PROTOCOL-BACKBONE.{json,md} (e.g. ckplus48-subject-smallcnn); the same numbers as
+`--cross ''` skips the other dataset (e.g. for a study that trained on it with --extra-train).
+Writes OUT/STEM.{json,md} (default STEM: DATASET-PROTOCOL-BACKBONE, e.g. ckplus48-subject-smallcnn);
+the same numbers as
 `emoshield evaluate --model M [--dataset jaffe --protocol all] --tta MODE` (the library calls it
 makes)."""
 
@@ -45,9 +47,10 @@ def main() -> int:
     parser.add_argument("--work", default=str(study_work_root() / "ckplus48-subject-v2"),
                         help="the study's work folder (default: scripts/studies.py's, %(default)s)")
     parser.add_argument("--backbone", default="smallcnn")
-    parser.add_argument("--cross", default="jaffe")
+    parser.add_argument("--cross", default="jaffe", help="every face of this dataset, never seen; '' for none")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default="results/tta")
+    parser.add_argument("--name", help="file stem of the results (default: DATASET-PROTOCOL-BACKBONE)")
     args = parser.parse_args()
     work = Path(args.work)
     study = json.loads((work / "study.json").read_text())
@@ -56,12 +59,16 @@ def main() -> int:
     if not units:
         print(f"no finished trainings under {work / args.backbone}", file=sys.stderr)
         return 2
-    cross = DataOptions(dataset=args.cross, data_root=args.data_root, protocol="all")
+    own, other = "own held-out people", f"{args.cross} all (cross-dataset)"
+    places = [(own, "held-out people", None)]  # (row key, column title, images: None = the unit's own test split)
+    if args.cross:
+        places.append((other, f"{args.cross} faces",
+                       DataOptions(dataset=args.cross, data_root=args.data_root, protocol="all")))
     rows = []
     for unit in units:
         for label, folder in VARIANTS.items():
             row = {"unit": unit.name, "model": label}
-            for name, data in (("own held-out people", None), (f"{args.cross} all (cross-dataset)", cross)):
+            for name, _, data in places:
                 for mode in TTA_MODES:
                     row[f"{name}|{mode}"], row[f"{name}|images"] = accuracy(unit / folder, data, mode)
             rows.append(row)
@@ -72,36 +79,34 @@ def main() -> int:
             f"{opts['epochs']} epochs, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes'] or 'all'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{opts['dataset']}-{opts['protocol']}-{args.backbone}"
+    stem = args.name or f"{opts['dataset']}-{opts['protocol']}-{args.backbone}"
     (out / f"{stem}.json").write_text(json.dumps({"what": "clean accuracy per --tta mode", "models": what,
                                                   "command": " ".join(["python", *sys.argv]), "rows": rows},
                                                  indent=1))
-    own, other = "own held-out people", f"{args.cross} all (cross-dataset)"
     lines = [f"# Test-time augmentation on {opts['dataset']} {opts['protocol']}-fold models", "", what, "",
-             f"Command: `python bench/tta.py --work {work} --backbone {args.backbone} --cross {args.cross}` "
-             "(clean accuracy, the library calls of `emoshield evaluate --tta MODE`).", "",
-             "| unit | model | held-out people | " + " | ".join(TTA_MODES) + f" | {args.cross} faces | "
-             + " | ".join(TTA_MODES) + " |", "|---|---|---:|" + "---:|" * len(TTA_MODES) + "---:|"
-             + "---:|" * len(TTA_MODES)]
+             f"Command: `python {' '.join(sys.argv)}` (clean accuracy, the library calls of "
+             "`emoshield evaluate --tta MODE`).", "",
+             "| unit | model | " + " | ".join(f"{title} | " + " | ".join(TTA_MODES) for _, title, _ in places) + " |",
+             "|---|---|" + ("---:|" * (1 + len(TTA_MODES))) * len(places)]
     for r in rows:
-        lines.append(f"| {r['unit']} | {r['model']} | {r[own + '|images']} | "
-                     + " | ".join(f"{r[f'{own}|{m}'] * 100:.1f}" for m in TTA_MODES)
-                     + f" | {r[other + '|images']} | " + " | ".join(f"{r[f'{other}|{m}'] * 100:.1f}" for m in TTA_MODES)
-                     + " |")
+        lines.append(f"| {r['unit']} | {r['model']} | " + " | ".join(
+            f"{r[where + '|images']} | " + " | ".join(f"{r[f'{where}|{m}'] * 100:.1f}" for m in TTA_MODES)
+            for where, _, _ in places) + " |")
     lines += ["", f"Mean over the {len(units)} units (the study's targets read these):", "",
-              "| model | held-out people: " + " | ".join(TTA_MODES) + f" | {args.cross} faces: "
-              + " | ".join(TTA_MODES) + " |", "|---|" + "---:|" * 2 * len(TTA_MODES)]
+              "| model | " + " | ".join(f"{title}: " + " | ".join(TTA_MODES) for _, title, _ in places) + " |",
+              "|---|" + "---:|" * len(TTA_MODES) * len(places)]
     for label in VARIANTS:
         mine = [r for r in rows if r["model"] == label]
         lines.append(f"| {label} | " + " | ".join(
-            f"{sum(r[f'{where}|{m}'] for r in mine) / len(mine) * 100:.1f}" for where in (own, other) for m in TTA_MODES)
+            f"{sum(r[f'{where}|{m}'] for r in mine) / len(mine) * 100:.1f}" for where, _, _ in places for m in TTA_MODES)
             + " |")
     mean = {where: {m: sum(r[f"{where}|{m}"] - r[f"{where}|none"] for r in rows) / len(rows) * 100
-                    for m in TTA_MODES[1:]} for where in (own, other)}
+                    for m in TTA_MODES[1:]} for where, _, _ in places}
     lines += ["", f"Mean change over {len(rows)} models, on their held-out people: "
               + ", ".join(f"{m} {v:+.1f} points" for m, v in mean[own].items())
-              + f"; on {args.cross}: " + ", ".join(f"{m} {v:+.1f} points" for m, v in mean[other].items())
-              + f" (one {args.cross} face = {100 / rows[0][other + '|images']:.2f} points)."]
+              + (f"; on {args.cross}: " + ", ".join(f"{m} {v:+.1f} points" for m, v in mean[other].items())
+                 + f" (one {args.cross} face = {100 / rows[0][other + '|images']:.2f} points)" if args.cross else "")
+              + "."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
