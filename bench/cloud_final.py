@@ -194,7 +194,7 @@ def _pace(rows: dict[str, dict], taken: set[str]) -> float | None:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
     seconds = pace("baseline")
-    for name in taken:
+    for name in sorted(taken):  # a fixed order: the same product to the last digit on every start
         if seconds is None or pace(name) is None:
             return None
         seconds *= pace(name) / pace("baseline")

@@ -30,6 +30,17 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_required: bool = True, pr
     p.add_argument("--subject-pattern", help="regex whose first group is the subject id in a file name "
                                              "(liris, folder)")
     p.add_argument("--frame-stride", type=int, default=1, help="liris: use every N-th video frame")
+    p.add_argument("--nested-in", type=_fold_of, metavar="K/N",
+                   help="subject protocol: split only the people outside fold K of N's test part (same seed), "
+                        "e.g. 2/5: nested cross-validation, to choose a setting without fold K's test people")
+
+
+def _fold_of(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): fold K of N."""
+    fold, sep, folds = text.partition("/")
+    if not (sep and all(part.isdecimal() and part.isascii() and len(part) <= 4 for part in (fold, folds))):
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 2/5, not {text[:40]!r}")
+    return int(fold), int(folds)
 
 
 def _data_options(args):
@@ -43,7 +54,8 @@ def _data_options(args):
     return DataOptions(dataset=args.dataset, data_root=args.data_root, protocol=args.protocol, fold=args.fold,
                        folds=args.folds, classes=args.classes, val_fraction=args.val_fraction,
                        limit_per_class=args.limit_per_class, scan_options=scan,
-                       extra_train=list(getattr(args, "extra_train", None) or []))
+                       extra_train=list(getattr(args, "extra_train", None) or []),
+                       nested_in=getattr(args, "nested_in", None))
 
 
 def _add_extra_train_arg(p: argparse.ArgumentParser) -> None:
@@ -104,7 +116,7 @@ def cmd_data_summary(args) -> int:
 
     options = _data_options(args)
     dataset = load_data(options, args.seed)
-    split = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction)
+    split = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction, options.nested_in)
     parts = split.parts()
     rows = []
     for c in dataset.classes:
@@ -114,11 +126,14 @@ def cmd_data_summary(args) -> int:
                      "sequences": len({r.sequence for r in recs})})
     summary = {"dataset": dataset.name, "root": str(dataset.root), "protocol": args.protocol,
                "fold": args.fold if args.protocol == "subject" else None, "seed": args.seed,
+               **({"nested_in": list(options.nested_in)} if options.nested_in else {}),
                "classes": list(dataset.classes), "rows": rows, "skipped": dataset.skipped}
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
     fold = f", fold {args.fold}/{args.folds}" if args.protocol == "subject" else ""
+    if options.nested_in:  # total: the whole dataset; train/val/test: fold K's training people only
+        fold += f" of the training people of fold {options.nested_in[0]}/{options.nested_in[1]}"
     print(f"{dataset.name} at {dataset.root}: {args.protocol} protocol{fold}, seed {args.seed}\n")
     print("| class | train | val | test | total | subjects | sequences |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -261,7 +276,7 @@ def cmd_reproduce(args) -> int:
         eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
         autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
         square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align,
-        start_weights=args.weights, extra_train=list(args.extra_train or []))
+        start_weights=args.weights, extra_train=list(args.extra_train or []), finetune_lr=args.finetune_lr)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     study = Study(options, out, work, command=["emoshield", *args.argv])
@@ -660,8 +675,10 @@ def cmd_edge_upload(args) -> int:
     from .tiers.client import EdgeClient
     from .tiers.wire import subject_tag
 
-    dataset = load_data(_data_options(args), args.seed)
-    records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction).parts()[args.part]
+    options = _data_options(args)
+    dataset = load_data(options, args.seed)
+    records = make_split(dataset, args.protocol, args.fold, args.folds, args.seed, args.val_fraction,
+                         options.nested_in).parts()[args.part]
     per_class: dict[str, int] = {}
     client = EdgeClient(args.edge, _token(args, "device"))
     sent, subjects = 0, set()
@@ -1130,6 +1147,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int, help="keep whole sequences up to about N images per class")
     _add_align_arg(p)
     _add_extra_train_arg(p)
+    p.add_argument("--finetune-lr", type=float,
+                   help="learning rate of the runs that start from pretrained weights (library or ImageNet); "
+                        "scratch runs keep 0.01 (default: 0.01 for every run)")
     p.add_argument("--quick", action="store_true",
                    help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")
     p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")

@@ -36,6 +36,8 @@ class DataOptions:
     scan_options: dict = field(default_factory=dict)  # subject_pattern, frame_stride, detect_faces
     # other datasets whose faces of the run's classes join the training part (never validation or test)
     extra_train: list[str] = field(default_factory=list)
+    # subject protocol: split only the people outside this (fold, folds)'s test part (nested cross-validation)
+    nested_in: tuple[int, int] | None = None
 
 
 @dataclass
@@ -132,7 +134,8 @@ def prepare_data(options: DataOptions, input_size: int, seed: int = 0, align: st
 
     check_extra_train(options)
     dataset = load_data(options, seed)
-    split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction)
+    split = make_split(dataset, options.protocol, options.fold, options.folds, seed, options.val_fraction,
+                       options.nested_in)
     split.extra_train = [extra_training_faces(name, options, dataset, seed) for name in options.extra_train]
     parts, failures = {}, []
     for name, records in split.parts().items():
@@ -231,6 +234,7 @@ def run_metadata(data: DataOptions, model: ModelOptions, epochs: int, seed: int,
         "weights": weights, "input_size": model.input_size, "align": model.align, "epochs": epochs, "seed": seed,
         "git_commit": git_commit(),
         **({"extra_train": list(data.extra_train)} if data.extra_train else {}),
+        **({"nested_in": list(data.nested_in)} if data.nested_in else {}),
     }
 
 
@@ -386,7 +390,7 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
             dataset = load_data(DataOptions(**{**asdict(data), "classes": ",".join(classes)}), run.get("seed", 0))
         root = dataset.root
         records = dataset.records if data.protocol == "all" else make_split(
-            dataset, data.protocol, data.fold, data.folds, run.get("seed", 0), data.val_fraction).test
+            dataset, data.protocol, data.fold, data.folds, run.get("seed", 0), data.val_fraction, data.nested_in).test
         meta = {"dataset": data.dataset, "protocol": data.protocol,
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,

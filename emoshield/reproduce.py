@@ -39,7 +39,7 @@ ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 PINS_FILE = "pins.json"  # in WORK: backbone -> library:NAME@SHA12 its runs were trained from
 # options added after studies were saved: a saved study without one ran with its default
-LATER_OPTIONS = {"align": "none", "start_weights": None, "extra_train": []}
+LATER_OPTIONS = {"align": "none", "start_weights": None, "extra_train": [], "finetune_lr": None}
 
 
 def with_later_options(record):
@@ -76,6 +76,7 @@ class StudyOptions:
     align: str = "none"  # "eyes": every face crop rotated so its eyes are level (emoshield.data.faces)
     start_weights: str | None = None  # every backbone's starting weights (default: the best here, per backbone)
     extra_train: list[str] = field(default_factory=list)  # other datasets' faces in every training part
+    finetune_lr: float | None = None  # lr of the runs from pretrained weights (None: TrainConfig's, as scratch)
 
     def resolved(self) -> "StudyOptions":
         """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
@@ -90,6 +91,9 @@ class StudyOptions:
         from .pipeline import DataOptions, check_extra_train
 
         check_extra_train(DataOptions(dataset=self.dataset, extra_train=list(self.extra_train)))
+        if self.finetune_lr is not None and not (isinstance(self.finetune_lr, (int, float))
+                                                 and 0 < self.finetune_lr <= 1):
+            raise EmoshieldError(f"--finetune-lr must be in (0, 1], got {self.finetune_lr!r}")
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
@@ -383,9 +387,15 @@ class Study:
                  f"{', defended' if defended else ''}, {self.options.epochs} epochs)")
         train_model(self._data(fold), ModelOptions(backbone=backbone, weights=weights, head=head,
                                                    input_size=self.options.input_size, align=self.options.align),
-                    TrainConfig(epochs=self.options.epochs, seed=seed), folder, resume=resume, progress=False,
-                    log=lambda m: self.log(f"  {m}"), defense=DefenseConfig() if defended else None)
+                    TrainConfig(epochs=self.options.epochs, seed=seed, **self._lr(weights)), folder,
+                    resume=resume, progress=False, log=lambda m: self.log(f"  {m}"),
+                    defense=DefenseConfig() if defended else None)
         return "finished"
+
+    def _lr(self, weights: str) -> dict:
+        """--finetune-lr for a run from pretrained weights; nothing (TrainConfig's lr) otherwise."""
+        lr = self.options.finetune_lr
+        return {"lr": lr} if lr is not None and weights != "scratch" else {}
 
     def _evaluate(self, folder: Path, tag: str) -> str:
         from .pipeline import RobustnessOptions, evaluate_model, sweep_model

@@ -202,6 +202,11 @@ STAGES = [
     study("jaffe-subject-v4", "--dataset", "jaffe", "--protocol", "subject", "--align", "eyes",
           "--weights", f"library:{PICKED}", "--extra-train", "ckplus48", backbones=FINAL_BACKBONE,
           after="cloud_final_strong"),
+    # v3 fine-tuned at lr 0.001, the lr the inner folds of 3 of 5 outer folds chose (bench/nested_lr.py,
+    # results/nested_lr): what the lower lr does to the defended model
+    study("jaffe-subject-v5", "--dataset", "jaffe", "--protocol", "subject", "--align", "eyes",
+          "--weights", f"library:{PICKED}", "--finetune-lr", "0.001", backbones=FINAL_BACKBONE,
+          after="cloud_final_strong"),
 ]
 
 

@@ -39,6 +39,33 @@ def test_data_summary_table(data_root):
     assert (happy["train"], happy["val"], happy["test"]) == (7215, 895, 879)
 
 
+def test_data_summary_of_a_nested_split_and_its_hostile_option(data_root, capsys):
+    """--nested-in K/N splits fold K's training people only: JAFFE's outer fold 1 of 5 holds 2 of its
+    10 people out, and no inner part holds a face of theirs; a malformed K/N is one line, exit 2."""
+    summary = json.loads(run("data", "summary", "--dataset", "jaffe", "--data-root", data_root, "--protocol",
+                             "subject", "--fold", "0", "--folds", "4", "--nested-in", "1/5", "--json").stdout)
+    outer = json.loads(run("data", "summary", "--dataset", "jaffe", "--data-root", data_root, "--protocol",
+                           "subject", "--fold", "1", "--folds", "5", "--json").stdout)
+    inner_faces = sum(r["train"] + r["val"] + r["test"] for r in summary["rows"])
+    outer_test = sum(r["test"] for r in outer["rows"])
+    assert summary["nested_in"] == [1, 5] and inner_faces == 213 - outer_test
+    assert "fold 0/4 of the training people of fold 1/5" in run(
+        "data", "summary", "--dataset", "jaffe", "--data-root", data_root, "--protocol", "subject",
+        "--folds", "4", "--nested-in", "1/5").stdout
+    from emoshield.cli import build_parser
+
+    for bad in ("x", "1/", "\uff11/5", "1/5/5", "1 /5", "9" * 5000 + "/5", "-1/5", ""):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["train", "--dataset", "jaffe", "--out", "o", "--nested-in", bad])
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and ("expected K/N" in error or "expected one argument" in error)
+        assert len(error.splitlines()[-1]) < 200
+    for args, why in ((["--nested-in", "5/5", "--protocol", "subject"], "--nested-in fold must be between 0 and 4, got 5"),
+                      (["--nested-in", "1/5", "--protocol", "reference"], "needs --protocol subject")):
+        failed = run("data", "summary", "--dataset", "jaffe", "--data-root", data_root, *args, check=False)
+        assert failed.returncode != 0 and why in failed.stderr and "Traceback" not in failed.stderr
+
+
 @pytest.mark.slow
 def test_train_then_evaluate_end_to_end(trained, tmp_path, data_root, capsys):
     # the session's `trained` model (conftest: mobilenet_v2 ImageNet, CK+48 subject fold 0, 8 epochs),

@@ -107,6 +107,53 @@ def test_subject_split_is_subject_independent(data_root):
         make_split(ds, "subject", fold=5, folds=5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(subjects=st.integers(4, 14), outer_folds=st.integers(2, 4), data=st.data())
+def test_a_nested_split_never_holds_its_outer_folds_test_people(subjects, outer_folds, data):
+    """--nested-in K/N: every inner fold of fold K's training people is subject-independent, holds
+    none of fold K's test people (the same seed makes both), and the inner folds' tests cover the rest."""
+    from emoshield.data.datasets import FaceDataset
+    from emoshield.data.records import ImageRecord
+
+    records = [ImageRecord(f"p{s}_{i}.png", ("happy", "sad")[i % 2], f"P{s:02d}", f"P{s:02d}", i)
+               for s in range(subjects) for i in range(3)]
+    ds = FaceDataset("folder", Path("/nowhere"), records, ("happy", "sad"))
+    outer = data.draw(st.integers(0, outer_folds - 1))
+    seed = data.draw(st.integers(0, 3))
+    outer_test = {r.subject for r in make_split(ds, "subject", outer, outer_folds, seed).test}
+    rest = {r.subject for r in records} - outer_test
+    inner_folds = data.draw(st.integers(2, len(rest)))  # >= 2: 4+ people, at most half held out
+    covered = set()
+    for fold in range(inner_folds):
+        split = make_split(ds, "subject", fold, inner_folds, seed, nested_in=(outer, outer_folds))
+        people = {name: {r.subject for r in part} for name, part in split.parts().items()}
+        assert not (people["train"] | people["val"] | people["test"]) & outer_test
+        assert not people["train"] & people["test"] and not people["val"] & people["test"]
+        assert split.nested_in == (outer, outer_folds)
+        covered |= people["test"]
+    assert covered == rest
+
+
+def test_nested_splits_are_refused_where_they_mean_nothing(tmp_path, data_root):
+    ds = load_dataset("jaffe", data_root)
+    with pytest.raises(EmoshieldError, match="--nested-in splits subject folds; it needs --protocol subject"):
+        make_split(ds, "reference", nested_in=(0, 5))
+    with pytest.raises(EmoshieldError, match="--nested-in fold must be between 0 and 4, got 5"):
+        make_split(ds, "subject", nested_in=(5, 5))
+    with pytest.raises(EmoshieldError, match=r"--nested-in folds must be between 2 and the number of subjects \(10\)"):
+        make_split(ds, "subject", nested_in=(0, 11))
+    # JAFFE: 10 people, 2 held out by outer fold 1; 8 left, so at most 8 inner folds
+    with pytest.raises(EmoshieldError, match=r"--folds must be between 2 and the number of subjects \(8\)"):
+        make_split(ds, "subject", 0, 9, nested_in=(1, 5))
+    split = make_split(ds, "subject", 2, 4, nested_in=(1, 5))
+    split.save(tmp_path / "split.json", ds)
+    assert json.loads((tmp_path / "split.json").read_text())["nested_in"] == {"fold": 1, "folds": 5}
+    back, _ = load_split(tmp_path / "split.json")
+    assert back.nested_in == (1, 5) and back.test == split.test
+    make_split(ds, "subject", 2).save(tmp_path / "plain.json", ds)  # an ordinary split's file reads as before
+    assert "nested_in" not in json.loads((tmp_path / "plain.json").read_text())
+
+
 def test_split_json_roundtrip(tmp_path, data_root):
     ds = load_dataset("ckplus48", data_root, FIVE)
     split = make_split(ds, "subject", fold=1)
@@ -199,7 +246,10 @@ _ENTRY = {"path": "S005/a.png", "label": "happy", "subject": "S005", "sequence":
                                         "extra_train": extra}).encode(),
               _ANY_JSON | st.builds(lambda field, value: [{"dataset": "fer2013", "dataset_dir": "/d",
                                                            "entries": [{**_ENTRY, field: value}]}],
-                                    st.sampled_from(sorted(_ENTRY) + ["crop", "source_split"]), _ANY_JSON))))
+                                    st.sampled_from(sorted(_ENTRY) + ["crop", "source_split"]), _ANY_JSON)),
+    st.builds(lambda nested: json.dumps({"protocol": "subject", "seed": 0, "entries": [_ENTRY],
+                                         "nested_in": nested}).encode(),
+              _ANY_JSON | st.fixed_dictionaries({"fold": _ANY_JSON, "folds": _ANY_JSON}))))
 def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, content):
     """`evaluate` and `bundle export` read a model's split.json back: a file cut short, edited or
     written by something else loads into well-typed records or is one line naming it."""
@@ -212,6 +262,7 @@ def test_any_split_file_loads_or_is_refused_in_one_line(tmp_path_factory, conten
         return
     for record in split.test + [r for extra in split.extra_train for r in extra.records]:
         assert isinstance(record.path, str) and isinstance(record.frame, int) and hash(record)
+    assert split.nested_in is None or all(isinstance(v, int) for v in split.nested_in)
 
 
 def test_extra_training_faces_join_the_training_part_only_and_are_never_tested_on(tmp_path, data_root):

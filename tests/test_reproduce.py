@@ -245,7 +245,7 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                   tmp_path / "none")
     identity = study._study_identity("smallcnn")
     old_unit = {"options": {k: v for k, v in identity["options"].items()
-                            if k not in ("align", "start_weights", "extra_train")},
+                            if k not in ("align", "start_weights", "extra_train", "finetune_lr")},
                 "weights": identity["weights"], "record": {}}
     study.unit_file("smallcnn", 0, 0).parent.mkdir(parents=True)
     study.unit_file("smallcnn", 0, 0).write_text(json.dumps(old_unit))
@@ -258,6 +258,10 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                    tmp_path / "out", tmp_path / "joined")
     with pytest.raises(EmoshieldError, match="other options or weights"):
         joined._saved_unit("smallcnn", 0, 0)
+    slower = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], finetune_lr=0.001),
+                   tmp_path / "out", tmp_path / "slower")
+    with pytest.raises(EmoshieldError, match="other options or weights"):
+        slower._saved_unit("smallcnn", 0, 0)
     assert joined._data(3).extra_train == ["jaffe"] and study._data(3).extra_train == []  # what its runs train on
     for bad, message in (("ckplus48", "--extra-train ckplus48 is the dataset being split"),
                          ("folder", "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'folder'"),
@@ -582,6 +586,45 @@ def test_until_unit_returns_after_each_evaluated_unit_and_the_last_run_writes_th
     assert study.run(until_unit=True) is None and evaluated == ["fold0-seed0", "fold1-seed0"]
     assert len(written) == 2 and written[-1]["complete"]
     assert study.run(until_unit=True) is not None and len(evaluated) == 2 and len(written) == 3
+
+
+def test_finetune_lr_reaches_the_runs_from_pretrained_weights_only(tmp_path, monkeypatch):
+    """--finetune-lr: the localization, own-head and defended runs (from the library entry) train at
+    it, the scratch run at TrainConfig's 0.01; the report's header says so; a bad value is refused."""
+    import dataclasses
+
+    import torch
+
+    import emoshield.pipeline
+    from emoshield.errors import EmoshieldError
+    from emoshield.evaluation.study_report import settings_line
+    from emoshield.models import ModelConfig, build_model
+    from emoshield.models.library import add_entry
+    from emoshield.reproduce import Study, StudyOptions
+
+    for bad in (0, -0.001, 1.5, float("nan")):
+        with pytest.raises(EmoshieldError, match="--finetune-lr must be in"):
+            StudyOptions(dataset="jaffe", protocol="subject", finetune_lr=bad).resolved()
+    library = tmp_path / "library"
+    monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
+    torch.manual_seed(0)
+    add_entry("mine", build_model(ModelConfig("smallcnn", ["angry", "happy"], 16)), library)
+    trained = {}
+    monkeypatch.setattr(emoshield.pipeline, "train_model",
+                        lambda data, model, config, folder, **kw: trained.__setitem__(folder.name, (model.weights, config.lr)))
+    options = StudyOptions(dataset="jaffe", protocol="subject", backbones=["smallcnn"], input_size=16,
+                           start_weights="library:mine", finetune_lr=0.001)
+    study = Study(options, tmp_path / "out", tmp_path / "work", log=lambda m: None)
+    for name in ("localization", "own-head", "scratch", "defended"):
+        study._train("smallcnn", 0, 0, name, tmp_path / name, name)
+    assert {name: lr for name, (_, lr) in trained.items()} == {
+        "localization": 0.001, "own-head": 0.001, "scratch": 0.01, "defended": 0.001}
+    assert trained["scratch"][0] == "scratch" and trained["localization"][0].startswith("library:mine@")
+    result = {"options": dataclasses.asdict(options.resolved()), "classes": ["angry", "happy"], "dataset": "jaffe",
+              "protocol": "subject", "seeds": [0]}
+    assert "SGD lr 0.001 from pretrained weights (`--finetune-lr`), 0.01 from scratch, with Algorithm 1" in \
+        settings_line(result)
+    assert "SGD lr 0.01 with Algorithm 1" in settings_line({**result, "options": {**result["options"], "finetune_lr": None}})
 
 
 def test_a_partial_report_is_made_from_the_finished_units_and_names_the_pending_ones(tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ Protocols:
 - subject: subject-independent k-fold. Subjects are shuffled with the seed and dealt
   round-robin into k folds; fold K is the test set; validation subjects (a
   `val_fraction` of the rest, at least one) are carved from the training subjects.
-  No subject is in two splits.
+  No subject is in two splits. `nested_in=(K, N)` first removes the test subjects of fold K of N
+  (same seed) and splits only the rest: nested cross-validation, so that a choice made on these
+  inner folds (a learning rate, say) never saw fold K's test people.
 - official: the dataset's own split (FER2013 train / PublicTest=val / PrivateTest=test).
 """
 
@@ -59,6 +61,7 @@ class Split:
     val: list[ImageRecord]
     test: list[ImageRecord]
     extra_train: list[ExtraTraining] = field(default_factory=list)
+    nested_in: tuple[int, int] | None = None  # (fold, folds) whose training people alone were split
 
     def parts(self) -> dict[str, list[ImageRecord]]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -69,6 +72,7 @@ class Split:
             "dataset": dataset.name, "dataset_dir": str(dataset.root.resolve()),
             "classes": list(dataset.classes), "protocol": self.protocol, "seed": self.seed,
             "fold": self.fold, "folds": self.folds,
+            **({"nested_in": {"fold": self.nested_in[0], "folds": self.nested_in[1]}} if self.nested_in else {}),
             "counts": {name: len(part) for name, part in self.parts().items()},
             "entries": entries,
             # only when there is some: a split.json without extra faces reads as before
@@ -95,8 +99,12 @@ def load_split(path: Path) -> tuple[Split, dict]:
         for entry in data["entries"]:
             parts[entry["split"]].append(_record(entry))
         extra = [_extra_training(e) for e in data.get("extra_train", [])]
+        nested = data.get("nested_in")
+        if nested is not None and not all(isinstance(nested[k], int) and not isinstance(nested[k], bool)
+                                          for k in ("fold", "folds")):
+            raise TypeError("nested_in's fold and folds are not integers")
         split = Split(data["protocol"], data["seed"], data.get("fold"), data.get("folds"), **parts,
-                      extra_train=extra)
+                      extra_train=extra, nested_in=(nested["fold"], nested["folds"]) if nested else None)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EmoshieldError(f"{path} is not a split file emoshield wrote ({one_line(exc, 120)})") from None
     header = {k: v for k, v in data.items() if k not in ("entries", "extra_train")}
@@ -154,26 +162,37 @@ def reference_split(records: list[ImageRecord], seed: int = 0, validation: bool 
 
 
 def subject_split(records: list[ImageRecord], fold: int = 0, folds: int = 5, seed: int = 0,
-                  val_fraction: float = 0.15) -> Split:
-    """Subject-independent k-fold split (see module docstring)."""
+                  val_fraction: float = 0.15, nested_in: tuple[int, int] | None = None) -> Split:
+    """Subject-independent k-fold split (see module docstring); `nested_in=(K, N)`: of the
+    subjects outside fold K of N's test part only."""
     if any(r.subject is None for r in records):
         raise EmoshieldError("the subject protocol needs subject ids, and this dataset has none "
                              "(use --protocol official or reference)")
-    subjects = sorted({r.subject for r in records})
-    if folds < 2 or folds > len(subjects):
-        raise EmoshieldError(f"--folds must be between 2 and the number of subjects ({len(subjects)}), got {folds}")
-    if not 0 <= fold < folds:
-        raise EmoshieldError(f"--fold must be between 0 and {folds - 1}, got {fold}")
-    rng = random.Random(seed)
-    rng.shuffle(subjects)
-    test_subjects = set(subjects[fold::folds])
+    if nested_in is not None:
+        outer_test = _fold_subjects(records, *nested_in, seed, ("--nested-in fold", "--nested-in folds"))[0]
+        records = [r for r in records if r.subject not in outer_test]
+    test_subjects, subjects = _fold_subjects(records, fold, folds, seed)
     rest = [s for s in subjects if s not in test_subjects]
     n_val = max(1, int(round(val_fraction * len(rest)))) if len(rest) > 1 else 0
     val_subjects = set(rest[:n_val])
     train = [r for r in records if r.subject not in test_subjects and r.subject not in val_subjects]
     val = [r for r in records if r.subject in val_subjects]
     test = [r for r in records if r.subject in test_subjects]
-    return Split("subject", seed, fold, folds, train, val, test)
+    return Split("subject", seed, fold, folds, train, val, test, nested_in=nested_in)
+
+
+def _fold_subjects(records: list[ImageRecord], fold: int, folds: int, seed: int,
+                   names: tuple[str, str] = ("--fold", "--folds")) -> tuple[set[str], list[str]]:
+    """(the test subjects of fold `fold` of `folds`, every subject in the seed's shuffled order);
+    `names`: how the two numbers were given, for the error."""
+    subjects = sorted({r.subject for r in records})
+    if folds < 2 or folds > len(subjects):
+        raise EmoshieldError(f"{names[1]} must be between 2 and the number of subjects ({len(subjects)}), got {folds}")
+    if not 0 <= fold < folds:
+        raise EmoshieldError(f"{names[0]} must be between 0 and {folds - 1}, got {fold}")
+    rng = random.Random(seed)
+    rng.shuffle(subjects)
+    return set(subjects[fold::folds]), subjects
 
 
 def official_split(records: list[ImageRecord], seed: int = 0) -> Split:
@@ -185,12 +204,14 @@ def official_split(records: list[ImageRecord], seed: int = 0) -> Split:
 
 
 def make_split(dataset: FaceDataset, protocol: str, fold: int = 0, folds: int = 5, seed: int = 0,
-               val_fraction: float = 0.15) -> Split:
+               val_fraction: float = 0.15, nested_in: tuple[int, int] | None = None) -> Split:
     """Build the split of `dataset` under `protocol`; deterministic for a seed."""
+    if nested_in is not None and protocol != "subject":
+        raise EmoshieldError(f"--nested-in splits subject folds; it needs --protocol subject, not {protocol}")
     if protocol == "reference":
         split = reference_split(dataset.records, seed, validation=val_fraction > 0)
     elif protocol == "subject":
-        split = subject_split(dataset.records, fold, folds, seed, val_fraction)
+        split = subject_split(dataset.records, fold, folds, seed, val_fraction, nested_in)
     elif protocol == "official":
         split = official_split(dataset.records, seed)
     else:

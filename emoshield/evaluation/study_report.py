@@ -175,20 +175,28 @@ def _relative(ours: float | None, base: float | None) -> str:
     return f" ({'↑' if rel > 0 else '↓' if rel < 0 else '='} {abs(rel):.1f}%)"
 
 
+def settings_line(result: dict) -> str:
+    """The report's second line: data, protocol, units and how every model was trained."""
+    opts, classes = result["options"], result["classes"]
+    return (f"{result['dataset']} ({len(classes)} classes: {', '.join(classes)}), {_units_label(result)}; "
+            + (f"every training part also holds {', '.join(opts['extra_train'])}'s faces of these classes "
+               "(`--extra-train`: its people never appear in validation or test); " if opts.get("extra_train") else "")
+            + f"input {opts['input_size']} px"
+            + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
+            + f", {opts['epochs']} epochs, batch 32, SGD lr "
+            + (f"{opts['finetune_lr']:g} from pretrained weights (`--finetune-lr`), 0.01 from scratch,"
+               if opts.get("finetune_lr") is not None else "0.01") + " with Algorithm 1 "
+            "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
+            f"eval-mode perturbations made with the current model in every batch. {os.cpu_count()} CPU cores, no GPU."
+            + (" **--quick: a tiny slice; these numbers check the code path, not the claims.**" if opts["quick"] else ""))
+
+
 def study_markdown(result: dict, plots: dict[str, str]) -> str:
     opts = result["options"]
     classes = result["classes"]
     partial = " (partial)" if result.get("pending_units") else ""
     lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol{partial}", "",
-             f"{result['dataset']} ({len(classes)} classes: {', '.join(classes)}), {_units_label(result)}; "
-             + (f"every training part also holds {', '.join(opts['extra_train'])}'s faces of these classes "
-                "(`--extra-train`: its people never appear in validation or test); " if opts.get("extra_train") else "")
-             + f"input {opts['input_size']} px"
-             + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
-             + f", {opts['epochs']} epochs, batch 32, SGD lr 0.01 with Algorithm 1 "
-             "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
-             f"eval-mode perturbations made with the current model in every batch. {os.cpu_count()} CPU cores, no GPU."
-             + (" **--quick: a tiny slice; these numbers check the code path, not the claims.**" if opts["quick"] else ""),
+             settings_line(result),
              "", "Backbones and their pretrained weights: " +
              "; ".join(f"{b}: `{w}`" for b, w in result["weights"].items()) + ".",
              "Figures are mean ± standard deviation over the units (folds x seeds) where there is more than one.", ""]
