@@ -12,7 +12,8 @@ same person in 4 of the 5 folds, and the best epoch is picked on it, so a jumpy 
         [--work ~/.cache/emoshield/studies/nested_lr-jaffe] [--out results/nested_lr]
 
 Every run is `emoshield train`'s library call (localization head, undefended, seed 0, the study's
-other defaults) in WORK/outerK/lrX/{innerJ,outer}; re-running resumes and skips finished runs.
+other defaults) in WORK/outerK/lrX/{innerJ,outer}; re-running resumes and skips finished runs
+(WORK/options.json: a WORK of other settings is refused; another lr only adds its runs).
 Writes OUT/DATASET-subject-BACKBONE.{json,md} after every outer fold."""
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def train(folder: Path, data, model, epochs: int, lr: float, seed: int) -> float:
@@ -69,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     if not lrs or any(not 0 < lr <= 1 for lr in lrs):
         parser.error(f"--lrs must be numbers in (0, 1], got {args.lrs!r}")
     work = Path(args.work) if args.work else study_work_root() / f"nested_lr-{args.dataset}"
+    settings = {k: getattr(args, k) for k in ("dataset", "backbone", "weights", "align", "input_size", "epochs",
+                                               "seed", "folds", "inner_folds", "limit_per_class")}
+    saved = work / "options.json"
+    if saved.is_file() and _json(saved) != settings:  # finished runs are reused: same settings only
+        parser.error(f"{work} holds runs made with other settings ({saved}); pass another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings, indent=1))
     model = ModelOptions(backbone=args.backbone, weights=args.weights, head="localization",
                          input_size=args.input_size, align=args.align)
 

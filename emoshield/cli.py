@@ -132,7 +132,7 @@ def cmd_data_summary(args) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     fold = f", fold {args.fold}/{args.folds}" if args.protocol == "subject" else ""
-    if options.nested_in:  # total: the whole dataset; train/val/test: fold K's training people only
+    if options.nested_in:
         fold += f" of the training people of fold {options.nested_in[0]}/{options.nested_in[1]}"
     print(f"{dataset.name} at {dataset.root}: {args.protocol} protocol{fold}, seed {args.seed}\n")
     print("| class | train | val | test | total | subjects | sequences |")
@@ -144,6 +144,9 @@ def cmd_data_summary(args) -> int:
     subjects = len({r.subject for r in dataset.records if r.subject is not None})
     print(f"| **all** | {totals['train']} | {totals['val']} | {totals['test']} | {totals['total']} | {subjects} | "
           f"{len({r.sequence for r in dataset.records})} |")
+    if options.nested_in:
+        print(f"\ntrain/val/test: the people outside fold {options.nested_in[0]}/{options.nested_in[1]}'s test part; "
+              "total, subjects, sequences: the whole dataset")
     if dataset.skipped:
         print(f"\nskipped {len(dataset.skipped)} file(s): " +
               "; ".join(f"{p}: {why}" for p, why in dataset.skipped[:10]))

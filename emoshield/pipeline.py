@@ -375,7 +375,11 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
         records, root, header = saved_split_records(model_file, "test", data.data_root if data else None)
         meta = {k: run.get(k, header.get(k)) for k in
                 ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense")}
+        if run.get("nested_in"):  # an inner fold's model: its test people are inside another fold's training part
+            meta["nested_in"] = run["nested_in"]
     else:
+        if data.nested_in and data.protocol != "subject":
+            raise EmoshieldError(f"--nested-in splits subject folds; it needs --protocol subject, not {data.protocol}")
         absent: list[str] = []
         if data.protocol == "all":  # another dataset: test on the model's classes it has (the model keeps all its outputs)
             dataset = load_data(DataOptions(**{**asdict(data), "classes": None, "limit_per_class": None}))
@@ -394,6 +398,7 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
         meta = {"dataset": data.dataset, "protocol": data.protocol,
                 "fold": data.fold if data.protocol == "subject" else None,
                 "folds": data.folds if data.protocol == "subject" else None,
+                **({"nested_in": list(data.nested_in)} if data.nested_in else {}),
                 "seed": run.get("seed", 0), "epochs": run.get("epochs"), "defense": run.get("defense"),
                 **({"classes_absent_from_dataset": absent} if absent else {}),
                 **({k: run[k] for k in ("library_entry", "pretrained_on") if run.get(k)})}
@@ -587,7 +592,7 @@ def _remove_checkpoints(partial: Path, evaluated: list) -> None:
 
 
 IDENTITY = ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense", "classes", "backbone",
-            "head", "pooling", "weights", "input_size", "library_entry")  # what names a model and its test images
+            "head", "pooling", "weights", "input_size", "library_entry", "nested_in")  # names a model and its test images
 
 
 def _same_model(folder: Path, stored: dict, loaded: dict) -> None:

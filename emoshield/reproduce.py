@@ -91,9 +91,13 @@ class StudyOptions:
         from .pipeline import DataOptions, check_extra_train
 
         check_extra_train(DataOptions(dataset=self.dataset, extra_train=list(self.extra_train)))
-        if self.finetune_lr is not None and not (isinstance(self.finetune_lr, (int, float))
-                                                 and 0 < self.finetune_lr <= 1):
-            raise EmoshieldError(f"--finetune-lr must be in (0, 1], got {self.finetune_lr!r}")
+        if self.finetune_lr is not None:
+            if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
+                    or not 0 < self.finetune_lr <= 1:
+                raise EmoshieldError(f"--finetune-lr must be in (0, 1], got {self.finetune_lr!r}")
+            if self.start_weights == "scratch":
+                raise EmoshieldError("--finetune-lr sets the lr of runs from pretrained weights, and --weights "
+                                     "scratch makes every run start from scratch (they train at 0.01)")
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:

@@ -129,7 +129,7 @@ def test_a_nested_split_never_holds_its_outer_folds_test_people(subjects, outer_
         people = {name: {r.subject for r in part} for name, part in split.parts().items()}
         assert not (people["train"] | people["val"] | people["test"]) & outer_test
         assert not people["train"] & people["test"] and not people["val"] & people["test"]
-        assert split.nested_in == (outer, outer_folds)
+        assert not people["train"] & people["val"] and split.nested_in == (outer, outer_folds)
         covered |= people["test"]
     assert covered == rest
 
@@ -143,7 +143,8 @@ def test_nested_splits_are_refused_where_they_mean_nothing(tmp_path, data_root):
     with pytest.raises(EmoshieldError, match=r"--nested-in folds must be between 2 and the number of subjects \(10\)"):
         make_split(ds, "subject", nested_in=(0, 11))
     # JAFFE: 10 people, 2 held out by outer fold 1; 8 left, so at most 8 inner folds
-    with pytest.raises(EmoshieldError, match=r"--folds must be between 2 and the number of subjects \(8\)"):
+    with pytest.raises(EmoshieldError, match=r"--folds must be between 2 and the number of subjects outside fold "
+                                             r"1/5's test part \(8\)"):
         make_split(ds, "subject", 0, 9, nested_in=(1, 5))
     split = make_split(ds, "subject", 2, 4, nested_in=(1, 5))
     split.save(tmp_path / "split.json", ds)

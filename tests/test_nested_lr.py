@@ -41,6 +41,17 @@ def test_each_outer_fold_is_scored_at_the_lr_its_inner_folds_chose_and_a_rerun_t
                 assert split["nested_in"] == {"fold": row["outer_fold"], "folds": 2}
                 assert not {e["subject"] for e in split["entries"]} & held_out
                 assert json.loads((folder / "run.json").read_text())["train_config"]["lr"] == float(lr)
+    from emoshield.errors import EmoshieldError
+    from emoshield.pipeline import DataOptions, evaluate_model
+
+    inner = tmp_path / "work" / "outer0" / "lr0.01" / "inner0"  # evaluated on its own split: says it is an inner fold
+    metrics = evaluate_model(inner, tmp_path / "eval")
+    assert metrics["nested_in"] == [0, 2] and metrics["test_accuracy"] == json.loads(
+        (inner / "metrics.json").read_text())["test_accuracy"]
+    assert "fold 0/2 of the training people of fold 0/2" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(EmoshieldError, match="--nested-in splits subject folds; it needs --protocol subject"):
+        evaluate_model(inner, tmp_path / "eval2", DataOptions(dataset="ckplus48", data_root=str(data_root),
+                                                              protocol="all", nested_in=(0, 2)))
     table = (tmp_path / "out" / "jaffe-subject-smallcnn.md").read_text()
     assert "Nested estimate over 2 outer fold(s)" in table and "| 0 |" in table and "| 1 |" in table
 
@@ -52,6 +63,9 @@ def test_each_outer_fold_is_scored_at_the_lr_its_inner_folds_chose_and_a_rerun_t
     monkeypatch.setattr(emoshield.pipeline, "train_model", no_training)
     assert script.main(argv) == 0
     assert json.loads((tmp_path / "out" / "jaffe-subject-smallcnn.json").read_text())["rows"] == result["rows"]
+    with pytest.raises(SystemExit) as exited:  # finished runs of other settings are not reused
+        script.main([*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]])
+    assert exited.value.code == 2
     for bad in ("0", "-1", "x", "", "nan", "0.01,2"):
         with pytest.raises(SystemExit) as exited:
             script.main([*argv[:-6], f"--lrs={bad}", *argv[-4:]])

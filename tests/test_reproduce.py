@@ -602,9 +602,11 @@ def test_finetune_lr_reaches_the_runs_from_pretrained_weights_only(tmp_path, mon
     from emoshield.models.library import add_entry
     from emoshield.reproduce import Study, StudyOptions
 
-    for bad in (0, -0.001, 1.5, float("nan")):
+    for bad in (0, -0.001, 1.5, float("nan"), True, "0.001"):
         with pytest.raises(EmoshieldError, match="--finetune-lr must be in"):
             StudyOptions(dataset="jaffe", protocol="subject", finetune_lr=bad).resolved()
+    with pytest.raises(EmoshieldError, match="--weights scratch makes every run start from scratch"):
+        StudyOptions(dataset="jaffe", protocol="subject", finetune_lr=0.001, start_weights="scratch").resolved()
     library = tmp_path / "library"
     monkeypatch.setenv("EMOSHIELD_LIBRARY", str(library))
     torch.manual_seed(0)

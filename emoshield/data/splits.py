@@ -171,7 +171,8 @@ def subject_split(records: list[ImageRecord], fold: int = 0, folds: int = 5, see
     if nested_in is not None:
         outer_test = _fold_subjects(records, *nested_in, seed, ("--nested-in fold", "--nested-in folds"))[0]
         records = [r for r in records if r.subject not in outer_test]
-    test_subjects, subjects = _fold_subjects(records, fold, folds, seed)
+    test_subjects, subjects = _fold_subjects(
+        records, fold, folds, seed, whose=f" outside fold {nested_in[0]}/{nested_in[1]}'s test part" if nested_in else "")
     rest = [s for s in subjects if s not in test_subjects]
     n_val = max(1, int(round(val_fraction * len(rest)))) if len(rest) > 1 else 0
     val_subjects = set(rest[:n_val])
@@ -182,12 +183,13 @@ def subject_split(records: list[ImageRecord], fold: int = 0, folds: int = 5, see
 
 
 def _fold_subjects(records: list[ImageRecord], fold: int, folds: int, seed: int,
-                   names: tuple[str, str] = ("--fold", "--folds")) -> tuple[set[str], list[str]]:
+                   names: tuple[str, str] = ("--fold", "--folds"), whose: str = "") -> tuple[set[str], list[str]]:
     """(the test subjects of fold `fold` of `folds`, every subject in the seed's shuffled order);
-    `names`: how the two numbers were given, for the error."""
+    `names`: how the two numbers were given, `whose`: which subjects these are, for the error."""
     subjects = sorted({r.subject for r in records})
     if folds < 2 or folds > len(subjects):
-        raise EmoshieldError(f"{names[1]} must be between 2 and the number of subjects ({len(subjects)}), got {folds}")
+        raise EmoshieldError(f"{names[1]} must be between 2 and the number of subjects{whose} ({len(subjects)}), "
+                             f"got {folds}")
     if not 0 <= fold < folds:
         raise EmoshieldError(f"{names[0]} must be between 0 and {folds - 1}, got {fold}")
     rng = random.Random(seed)

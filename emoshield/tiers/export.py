@@ -337,7 +337,7 @@ def export_bundle(model_dir: Path, private_key: Path, out_dir: Path, name: str |
         "backbone": {"name": config.backbone, "head": config.head, "weights": config.weights,
                      "sha256": _backbone_sha256(config)},
         "training": {k: run.get(k) for k in ("dataset", "protocol", "fold", "folds", "epochs", "seed", "defense",
-                                             "train_config", "git_commit", "extra_train") if k in run},
+                                             "train_config", "git_commit", "extra_train", "nested_in") if k in run},
         "metrics": {**metrics, **{k: train_metrics[k] for k in ("best_epoch", "balanced_accuracy", "per_class_accuracy")
                                   if k in train_metrics},
                     **({"robustness": headline} if headline else {})},
