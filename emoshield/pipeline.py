@@ -592,7 +592,8 @@ def _remove_checkpoints(partial: Path, evaluated: list) -> None:
 
 
 IDENTITY = ("dataset", "protocol", "fold", "folds", "seed", "epochs", "git_commit", "defense", "classes", "backbone",
-            "head", "pooling", "weights", "input_size", "library_entry", "nested_in")  # names a model and its test images
+            "head", "pooling", "weights", "input_size", "library_entry",
+            "nested_in")  # what names a model and its test images
 
 
 def _same_model(folder: Path, stored: dict, loaded: dict) -> None:

@@ -171,8 +171,8 @@ def subject_split(records: list[ImageRecord], fold: int = 0, folds: int = 5, see
     if nested_in is not None:
         outer_test = _fold_subjects(records, *nested_in, seed, ("--nested-in fold", "--nested-in folds"))[0]
         records = [r for r in records if r.subject not in outer_test]
-    test_subjects, subjects = _fold_subjects(
-        records, fold, folds, seed, whose=f" outside fold {nested_in[0]}/{nested_in[1]}'s test part" if nested_in else "")
+    whose = f" outside fold {nested_in[0]}/{nested_in[1]}'s test part" if nested_in else ""
+    test_subjects, subjects = _fold_subjects(records, fold, folds, seed, whose=whose)
     rest = [s for s in subjects if s not in test_subjects]
     n_val = max(1, int(round(val_fraction * len(rest)))) if len(rest) > 1 else 0
     val_subjects = set(rest[:n_val])
