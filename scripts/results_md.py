@@ -127,12 +127,17 @@ def pretraining_table(root: Path) -> list[str]:
 
 def _study_name(result: dict) -> str:
     """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is
-    named, and '(+ ckplus48 faces)' when another dataset's faces joined its training parts."""
+    named, '(+ ckplus48 faces)' when another dataset's faces joined its training parts, and
+    '(fine-tuned at lr 0.001)' when its pretrained runs trained at another lr (`--finetune-lr`)."""
     base = f"{result['dataset']}-{result['protocol']}"
     folder = Path(str(result.get("folder", ""))).name
     version = folder[len(base):].strip("-") if folder.startswith(base) else ""
-    extra = (result.get("options") or {}).get("extra_train") or []  # another dataset's faces in its training
+    options = result.get("options") or {}
+    extra = options.get("extra_train") or []  # another dataset's faces in its training
     extra = f" (+ {', '.join(map(str, extra))} faces)" if isinstance(extra, list) and extra else ""
+    lr = options.get("finetune_lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        extra += f" (fine-tuned at lr {lr:g})"
     return f"{result['dataset']} {result['protocol']}" + (f" {version}" if version else "") + extra
 
 

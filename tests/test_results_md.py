@@ -85,18 +85,20 @@ def test_a_study_still_running_shows_k_of_n_units(results):
     assert "| mobilenet_v2 (`imagenet`) | 4 of 5 |" in page and "| smallcnn (`library:smallcnn-fer2013-48px`) | 5 |" in page
 
 
-def test_a_study_trained_with_another_datasets_faces_says_so_in_its_row(results):
+def test_a_study_trained_with_another_datasets_faces_or_lr_says_so_in_its_row(results):
     path = results / "results/reproduce/jaffe-subject-v3/results.json"
     study = json.loads(path.read_text())
-    study["options"]["extra_train"] = ["ckplus48"]
+    study["options"].update(extra_train=["ckplus48"], finetune_lr=0.001)
     path.write_text(json.dumps(study))
     assert run(results, *_args(results)).returncode == 0
     page = (results / "RESULTS.md").read_text()
     readme = (results / "README.md").read_text()
+    name = "jaffe subject v3 (+ ckplus48 faces) (fine-tuned at lr 0.001)"
     for text in (page, readme):  # every table names the study, so each row says it
-        assert "[jaffe subject v3 (+ ckplus48 faces)](results/reproduce/jaffe-subject-v3/report.md) | smallcnn" in text
+        assert f"[{name}](results/reproduce/jaffe-subject-v3/report.md) | smallcnn" in text
         assert "[ckplus48 subject v3](results/reproduce/ckplus48-subject-v3/report.md) | smallcnn" in text
-    assert "| jaffe subject v3 (+ ckplus48 faces) | smallcnn | 5 |" in page  # the masking checks
+    assert f"| {name} | smallcnn | 5 |" in page  # the masking checks
+    assert "| jaffe subject v2 | smallcnn |" in page  # a study without either option: its name alone
 
 
 def test_a_readme_without_the_block_is_an_error_not_a_silent_skip(results):
