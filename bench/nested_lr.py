@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         lrs = [float(x) for x in args.lrs.split(",") if x]
     except ValueError:
         lrs = []
-    if not lrs or any(not 0 < lr <= 1 for lr in lrs):
-        parser.error(f"--lrs must be numbers in (0, 1], got {args.lrs!r}")
+    if not lrs or any(not 0 < lr <= 1 for lr in lrs) or len({f"{lr:g}" for lr in lrs}) < len(lrs):
+        parser.error(f"--lrs must be different numbers in (0, 1], got {args.lrs!r}")
     work = Path(args.work) if args.work else study_work_root() / f"nested_lr-{args.dataset}"
     settings = {k: getattr(args, k) for k in ("dataset", "backbone", "weights", "align", "input_size", "epochs",
                                                "seed", "folds", "inner_folds", "limit_per_class")}

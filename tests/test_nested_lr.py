@@ -66,7 +66,7 @@ def test_each_outer_fold_is_scored_at_the_lr_its_inner_folds_chose_and_a_rerun_t
     with pytest.raises(SystemExit) as exited:  # finished runs of other settings are not reused
         script.main([*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]])
     assert exited.value.code == 2
-    for bad in ("0", "-1", "x", "", "nan", "0.01,2"):
+    for bad in ("0", "-1", "x", "", "nan", "0.01,2", "0.01,0.010"):
         with pytest.raises(SystemExit) as exited:
             script.main([*argv[:-6], f"--lrs={bad}", *argv[-4:]])
         assert exited.value.code == 2
