@@ -112,6 +112,7 @@ def cmd_models_install(args) -> int:
 
 def cmd_data_summary(args) -> int:
     from .data import make_split
+    from .data.splits import nested_label
     from .pipeline import load_data
 
     options = _data_options(args)
@@ -131,9 +132,7 @@ def cmd_data_summary(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    fold = f", fold {args.fold}/{args.folds}" if args.protocol == "subject" else ""
-    if options.nested_in:
-        fold += f" of the training people of fold {options.nested_in[0]}/{options.nested_in[1]}"
+    fold = (f", fold {args.fold}/{args.folds}" + nested_label(options.nested_in)) if args.protocol == "subject" else ""
     print(f"{dataset.name} at {dataset.root}: {args.protocol} protocol{fold}, seed {args.seed}\n")
     print("| class | train | val | test | total | subjects | sequences |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -378,8 +378,9 @@ def model_test_data(model_dir: Path, data: DataOptions | None = None, classes: l
         if run.get("nested_in"):  # an inner fold's model: its test people are inside another fold's training part
             meta["nested_in"] = run["nested_in"]
     else:
-        if data.nested_in and data.protocol != "subject":
-            raise EmoshieldError(f"--nested-in splits subject folds; it needs --protocol subject, not {data.protocol}")
+        from .data.splits import refuse_nested_outside_subject
+
+        refuse_nested_outside_subject(data.nested_in, data.protocol)
         absent: list[str] = []
         if data.protocol == "all":  # another dataset: test on the model's classes it has (the model keeps all its outputs)
             dataset = load_data(DataOptions(**{**asdict(data), "classes": None, "limit_per_class": None}))

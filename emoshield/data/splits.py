@@ -205,11 +205,21 @@ def official_split(records: list[ImageRecord], seed: int = 0) -> Split:
     return Split("official", seed, None, None, **parts)
 
 
+def refuse_nested_outside_subject(nested_in, protocol: str) -> None:
+    """--nested-in means inner subject folds; with another protocol it would be silently ignored."""
+    if nested_in and protocol != "subject":
+        raise EmoshieldError(f"--nested-in splits subject folds; it needs --protocol subject, not {protocol}")
+
+
+def nested_label(nested_in) -> str:
+    """' of the training people of fold K/N' for an inner fold's split, else ''."""
+    return f" of the training people of fold {nested_in[0]}/{nested_in[1]}" if nested_in else ""
+
+
 def make_split(dataset: FaceDataset, protocol: str, fold: int = 0, folds: int = 5, seed: int = 0,
                val_fraction: float = 0.15, nested_in: tuple[int, int] | None = None) -> Split:
     """Build the split of `dataset` under `protocol`; deterministic for a seed."""
-    if nested_in is not None and protocol != "subject":
-        raise EmoshieldError(f"--nested-in splits subject folds; it needs --protocol subject, not {protocol}")
+    refuse_nested_outside_subject(nested_in, protocol)
     if protocol == "reference":
         split = reference_split(dataset.records, seed, validation=val_fraction > 0)
     elif protocol == "subject":

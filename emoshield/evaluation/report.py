@@ -5,9 +5,10 @@ from __future__ import annotations
 
 def describe_run(meta: dict) -> str:
     """One line naming the data, protocol, backbone, input size, epochs and seed of a result."""
+    from ..data.splits import nested_label
+
     fold = f", fold {meta['fold']}/{meta['folds']}" if meta.get("fold") is not None else ""
-    if meta.get("nested_in"):  # an inner fold: only the people outside that outer fold's test part
-        fold += f" of the training people of fold {meta['nested_in'][0]}/{meta['nested_in'][1]}"
+    fold += nested_label(meta.get("nested_in"))  # an inner fold: the people outside an outer fold's test part
     defense = meta.get("defense")
     defended = (f", defended ({'+'.join(f'{k}:{v:g}' for k, v in defense['methods'].items())}, "
                 f"beta0 {defense['beta0']:g}, eps {defense['eps']:g})") if defense else ""

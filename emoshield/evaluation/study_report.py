@@ -192,7 +192,6 @@ def settings_line(result: dict) -> str:
 
 
 def study_markdown(result: dict, plots: dict[str, str]) -> str:
-    opts = result["options"]
     classes = result["classes"]
     partial = " (partial)" if result.get("pending_units") else ""
     lines = [f"# Reproduction of the reference study: {result['dataset']}, {result['protocol']} protocol{partial}", "",
