@@ -278,7 +278,8 @@ def cmd_reproduce(args) -> int:
         eps=parse_eps_list(args.eps), extra_eps=parse_eps_list(args.extra_eps) if args.extra_eps else [],
         autoattack_eps=parse_eps_list(args.autoattack_eps) if args.autoattack_eps else [],
         square_queries=args.square_queries, limit_per_class=args.limit_per_class, quick=args.quick, align=args.align,
-        start_weights=args.weights, extra_train=list(args.extra_train or []), finetune_lr=args.finetune_lr)
+        start_weights=args.weights, extra_train=list(args.extra_train or []), finetune_lr=args.finetune_lr,
+        defended_epochs=args.defended_epochs)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "reproduce" / out.name
     study = Study(options, out, work, command=["emoshield", *args.argv])
@@ -1152,6 +1153,9 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float,
                    help="learning rate of the runs that start from pretrained weights (library or ImageNet); "
                         "scratch runs keep 0.01 (default: 0.01 for every run)")
+    p.add_argument("--defended-epochs", type=int,
+                   help="epochs of the defended run only, whose best epoch on validation often sits at the end "
+                        "(default: --epochs, as every other run)")
     p.add_argument("--quick", action="store_true",
                    help="the same code path on a tiny slice: 2 epochs, ~12 images per class, 2 folds, short attacks")
     p.add_argument("--out", required=True, help="report folder: report.md, results.json, PNGs, command.txt")

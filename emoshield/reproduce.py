@@ -39,7 +39,8 @@ ROBUSTBENCH_EPS = 0.0313725  # 8/255 to 7 digits (it round-trips through the CLI
 UNIT_OPTIONS = ("backbones", "seeds", "fold_list")  # choose units, not how each unit runs
 PINS_FILE = "pins.json"  # in WORK: backbone -> library:NAME@SHA12 its runs were trained from
 # options added after studies were saved: a saved study without one ran with its default
-LATER_OPTIONS = {"align": "none", "start_weights": None, "extra_train": [], "finetune_lr": None}
+LATER_OPTIONS = {"align": "none", "start_weights": None, "extra_train": [], "finetune_lr": None,
+                 "defended_epochs": None}
 
 
 def with_later_options(record):
@@ -77,6 +78,7 @@ class StudyOptions:
     start_weights: str | None = None  # every backbone's starting weights (default: the best here, per backbone)
     extra_train: list[str] = field(default_factory=list)  # other datasets' faces in every training part
     finetune_lr: float | None = None  # lr of the runs from pretrained weights (None: TrainConfig's, as scratch)
+    defended_epochs: int | None = None  # the defended run's epochs (None: --epochs, as every other run)
 
     def resolved(self) -> "StudyOptions":
         """--quick: the same code path on a tiny slice (2 epochs, ~12 images per class, 2 folds)."""
@@ -98,10 +100,15 @@ class StudyOptions:
             if self.start_weights == "scratch":
                 raise EmoshieldError("--finetune-lr sets the lr of runs from pretrained weights, and --weights "
                                      "scratch makes every run start from scratch (they train at 0.01)")
+        if self.defended_epochs is not None and (isinstance(self.defended_epochs, bool)
+                                                 or not isinstance(self.defended_epochs, int)
+                                                 or self.defended_epochs < 1):
+            raise EmoshieldError(f"--defended-epochs must be a whole number >= 1, got {self.defended_epochs!r}")
         out = StudyOptions(**asdict(self))
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
             out.epochs = min(out.epochs, 2)
+            out.defended_epochs = None if out.defended_epochs is None else min(out.defended_epochs, 2)
             out.limit_per_class = out.limit_per_class or 12
             out.folds = min(out.folds, 2) if out.protocol == "subject" else out.folds
             out.seeds = out.seeds[:1]
@@ -387,11 +394,12 @@ class Study:
         weights, head, defended = _run_plan(backbone, self.weights[backbone])[name]
         weights = self.pins.get(backbone, weights) if weights.startswith("library:") else weights
         resume = (folder / "checkpoint.safetensors").is_file()
+        epochs = self.options.defended_epochs if defended and self.options.defended_epochs else self.options.epochs
         self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
-                 f"{', defended' if defended else ''}, {self.options.epochs} epochs)")
+                 f"{', defended' if defended else ''}, {epochs} epochs)")
         train_model(self._data(fold), ModelOptions(backbone=backbone, weights=weights, head=head,
                                                    input_size=self.options.input_size, align=self.options.align),
-                    TrainConfig(epochs=self.options.epochs, seed=seed, **self._lr(weights)), folder,
+                    TrainConfig(epochs=epochs, seed=seed, **self._lr(weights)), folder,
                     resume=resume, progress=False, log=lambda m: self.log(f"  {m}"),
                     defense=DefenseConfig() if defended else None)
         return "finished"

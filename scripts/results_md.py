@@ -128,7 +128,8 @@ def pretraining_table(root: Path) -> list[str]:
 def _study_name(result: dict) -> str:
     """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is
     named, '(+ ckplus48 faces)' when another dataset's faces joined its training parts, and
-    '(fine-tuned at lr 0.001)' when its pretrained runs trained at another lr (`--finetune-lr`)."""
+    '(fine-tuned at lr 0.001)' when its pretrained runs trained at another lr (`--finetune-lr`), and
+    '(defended run 100 epochs)' when the defended run trained longer (`--defended-epochs`)."""
     base = f"{result['dataset']}-{result['protocol']}"
     folder = Path(str(result.get("folder", ""))).name
     version = folder[len(base):].strip("-") if folder.startswith(base) else ""
@@ -138,6 +139,9 @@ def _study_name(result: dict) -> str:
     lr = options.get("finetune_lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         extra += f" (fine-tuned at lr {lr:g})"
+    defended_epochs = options.get("defended_epochs")
+    if isinstance(defended_epochs, int) and not isinstance(defended_epochs, bool):
+        extra += f" (defended run {defended_epochs} epochs)"
     return f"{result['dataset']} {result['protocol']}" + (f" {version}" if version else "") + extra
 
 

@@ -245,7 +245,7 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                   tmp_path / "none")
     identity = study._study_identity("smallcnn")
     old_unit = {"options": {k: v for k, v in identity["options"].items()
-                            if k not in ("align", "start_weights", "extra_train", "finetune_lr")},
+                            if k not in ("align", "start_weights", "extra_train", "finetune_lr", "defended_epochs")},
                 "weights": identity["weights"], "record": {}}
     study.unit_file("smallcnn", 0, 0).parent.mkdir(parents=True)
     study.unit_file("smallcnn", 0, 0).write_text(json.dumps(old_unit))
@@ -262,6 +262,10 @@ def test_a_study_saved_before_an_option_existed_resumes_with_its_default_only(tm
                    tmp_path / "out", tmp_path / "slower")
     with pytest.raises(EmoshieldError, match="other options or weights"):
         slower._saved_unit("smallcnn", 0, 0)
+    longer = Study(StudyOptions(dataset="ckplus48", protocol="subject", backbones=["smallcnn"], defended_epochs=100),
+                   tmp_path / "out", tmp_path / "longer")
+    with pytest.raises(EmoshieldError, match="other options or weights"):
+        longer._saved_unit("smallcnn", 0, 0)
     assert joined._data(3).extra_train == ["jaffe"] and study._data(3).extra_train == []  # what its runs train on
     for bad, message in (("ckplus48", "--extra-train ckplus48 is the dataset being split"),
                          ("folder", "--extra-train is one of fer2013, ckplus48, jaffe, liris, not 'folder'"),
@@ -627,6 +631,35 @@ def test_finetune_lr_reaches_the_runs_from_pretrained_weights_only(tmp_path, mon
     assert "SGD lr 0.001 from pretrained weights (`--finetune-lr`), 0.01 from scratch, with Algorithm 1" in \
         settings_line(result)
     assert "SGD lr 0.01 with Algorithm 1" in settings_line({**result, "options": {**result["options"], "finetune_lr": None}})
+
+
+def test_defended_epochs_reach_the_defended_run_only(tmp_path, monkeypatch):
+    """--defended-epochs: the defended run trains that long, every other run --epochs; the report's
+    header says so; --quick caps it like --epochs; a bad value is refused before any training."""
+    import dataclasses
+
+    import emoshield.pipeline
+    from emoshield.errors import EmoshieldError
+    from emoshield.evaluation.study_report import settings_line
+    from emoshield.reproduce import Study, StudyOptions
+
+    for bad in (0, -3, 2.5, True, "100"):
+        with pytest.raises(EmoshieldError, match="--defended-epochs must be a whole number >= 1"):
+            StudyOptions(dataset="jaffe", protocol="subject", defended_epochs=bad).resolved()
+    assert StudyOptions(dataset="jaffe", protocol="subject", defended_epochs=100, quick=True).resolved().defended_epochs == 2
+    trained = {}
+    monkeypatch.setattr(emoshield.pipeline, "train_model",
+                        lambda data, model, config, folder, **kw: trained.__setitem__(folder.name, config.epochs))
+    options = StudyOptions(dataset="jaffe", protocol="subject", backbones=["smallcnn"], input_size=16,
+                           start_weights="scratch", epochs=7, defended_epochs=11)
+    study = Study(options, tmp_path / "out", tmp_path / "work", log=lambda m: None)
+    for name in ("localization", "own-head", "defended"):
+        study._train("smallcnn", 0, 0, name, tmp_path / name, name)
+    assert trained == {"localization": 7, "own-head": 7, "defended": 11}
+    result = {"options": dataclasses.asdict(options.resolved()), "classes": ["angry", "happy"], "dataset": "jaffe",
+              "protocol": "subject", "seeds": [0]}
+    assert "7 epochs (11 for the defended run, `--defended-epochs`), batch 32" in settings_line(result)
+    assert "7 epochs, batch 32" in settings_line({**result, "options": {**result["options"], "defended_epochs": None}})
 
 
 def test_a_partial_report_is_made_from_the_finished_units_and_names_the_pending_ones(tmp_path, monkeypatch):

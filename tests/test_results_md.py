@@ -88,12 +88,12 @@ def test_a_study_still_running_shows_k_of_n_units(results):
 def test_a_study_trained_with_another_datasets_faces_or_lr_says_so_in_its_row(results):
     path = results / "results/reproduce/jaffe-subject-v3/results.json"
     study = json.loads(path.read_text())
-    study["options"].update(extra_train=["ckplus48"], finetune_lr=0.001)
+    study["options"].update(extra_train=["ckplus48"], finetune_lr=0.001, defended_epochs=100)
     path.write_text(json.dumps(study))
     assert run(results, *_args(results)).returncode == 0
     page = (results / "RESULTS.md").read_text()
     readme = (results / "README.md").read_text()
-    name = "jaffe subject v3 (+ ckplus48 faces) (fine-tuned at lr 0.001)"
+    name = "jaffe subject v3 (+ ckplus48 faces) (fine-tuned at lr 0.001) (defended run 100 epochs)"
     for text in (page, readme):  # every table names the study, so each row says it
         assert f"[{name}](results/reproduce/jaffe-subject-v3/report.md) | smallcnn" in text
         assert "[ckplus48 subject v3](results/reproduce/ckplus48-subject-v3/report.md) | smallcnn" in text

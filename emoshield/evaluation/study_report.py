@@ -183,7 +183,10 @@ def settings_line(result: dict) -> str:
                "(`--extra-train`: its people never appear in validation or test); " if opts.get("extra_train") else "")
             + f"input {opts['input_size']} px"
             + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
-            + f", {opts['epochs']} epochs, batch 32, SGD lr "
+            + f", {opts['epochs']} epochs"
+            + (f" ({opts['defended_epochs']} for the defended run, `--defended-epochs`)"
+               if opts.get("defended_epochs") else "")
+            + ", batch 32, SGD lr "
             + (f"{opts['finetune_lr']:g} from pretrained weights (`--finetune-lr`), 0.01 from scratch,"
                if opts.get("finetune_lr") is not None else "0.01") + " with Algorithm 1 "
             "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
