@@ -212,6 +212,33 @@ def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, caps
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--defended-epochs", "0"], "--defended-epochs must be a whole number >= 1, got 0"),
+    (["--defended-epochs", "-5"], "--defended-epochs must be a whole number >= 1, got -5"),
+    (["--defended-epochs", "1.5"], "argument --defended-epochs: invalid int value: '1.5'"),
+    (["--defended-epochs", "é"], "argument --defended-epochs: invalid int value: 'é'"),
+    (["--finetune-lr", "0"], "--finetune-lr must be in (0, 1], got 0.0"),
+    (["--finetune-lr", "0.001", "--weights", "scratch"], "--weights scratch makes every run start from scratch"),
+])
+def test_bad_study_options_give_one_line_error_and_write_nothing(tmp_path, data_root, args, message, capsys):
+    """reproduce refuses a bad study option before it reads data or makes its folders: one error line
+    (after argparse's usage lines where argparse refuses the type)."""
+    from emoshield.cli import main
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    try:
+        code = main(["reproduce", "--dataset", "jaffe", "--protocol", "subject", "--data-root", str(data_root),
+                     "--backbones", "smallcnn", "--out", str(out), "--work", str(work), *args])
+    except SystemExit as exit_:  # argparse's own refusal
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in err, err
+    assert len(lines) == 1 or lines[0].startswith("usage:"), err
+    assert not out.exists() and not work.exists()
+
+
 def test_a_model_trained_with_another_datasets_faces_is_not_tested_on_them(tmp_path, data_root, keys, capsys):
     """`train --extra-train fer2013`: FER2013's training faces of the run's classes join CK+48's
     training part; the run says so, and evaluating on FER2013 tests only its unseen PrivateTest."""
