@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from emoshield.evaluation.study_report import epochs_words  # noqa: E402
 from emoshield.views import TTA_MODES  # noqa: E402
 
 VARIANTS = {"defended": "defended", "undefended (localization head)": "localization"}
@@ -76,7 +77,7 @@ def main() -> int:
     opts = study["options"]
     what = (f"{work}/{args.backbone}/fold*-seed*/{{defended,localization}}: {args.backbone} "
             f"({study.get('weights', {}).get(args.backbone)}), localization head, {opts['input_size']} px, "
-            f"{opts['epochs']} epochs, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes'] or 'all'}")
+            f"{epochs_words(opts)}, {opts['dataset']} {opts['protocol']} protocol, classes {opts['classes'] or 'all'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{opts['dataset']}-{opts['protocol']}-{args.backbone}"

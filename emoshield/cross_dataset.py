@@ -203,7 +203,7 @@ def _autoattack_words(steps, queries) -> str:
 
 def cross_markdown(result: dict) -> str:
     """The table RESULTS.md quotes: own held-out people vs the other dataset, per backbone and model."""
-    from .evaluation.study_report import _pm
+    from .evaluation.study_report import _pm, epochs_words
 
     o = result["options"]
     so = (result.get("study") or {}).get("options") or {}
@@ -215,7 +215,8 @@ def cross_markdown(result: dict) -> str:
              f"Every finished unit (fold x seed) of the {result['source']} {so.get('protocol', '')} study; each unit's "
              f"defended and undefended (localization head) model tested on {images} {result['target']} images of "
              f"its classes ({', '.join(result['classes'] or [])}), {result['input_size']} px, "
-             f"{result['epochs']} training epochs. mean ± std over units. "
+             f"{epochs_words(so) if 'epochs' in so else str(result['epochs']) + ' epochs'} of training. "
+             "mean ± std over units. "
              f"Commits: {', '.join(c[:12] for c in result['unit_commits'])}.", "",
              f"- 'own' = the study's figures on {held_out}, with the study's settings: "
              f"{_autoattack_words(so.get('autoattack_steps'), so.get('square_queries'))} "

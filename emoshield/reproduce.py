@@ -49,6 +49,7 @@ def with_later_options(record):
     if not isinstance(record, dict) or not isinstance(record.get("options", {}), dict):
         return record
     return {**record, "options": {**copy.deepcopy(LATER_OPTIONS), **(record.get("options") or {})}}
+MAX_EPOCHS = 10_000  # a typo's 10**9 would build a schedule that long before training its last run
 SWEEP_EPS = [0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03]
 
 
@@ -100,11 +101,13 @@ class StudyOptions:
             if self.start_weights == "scratch":
                 raise EmoshieldError("--finetune-lr sets the lr of runs from pretrained weights, and --weights "
                                      "scratch makes every run start from scratch (they train at 0.01)")
-        if self.defended_epochs is not None and (isinstance(self.defended_epochs, bool)
-                                                 or not isinstance(self.defended_epochs, int)
-                                                 or self.defended_epochs < 1):
-            raise EmoshieldError(f"--defended-epochs must be a whole number >= 1, got {self.defended_epochs!r}")
+        for flag, value in (("--epochs", self.epochs), ("--defended-epochs", self.defended_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= MAX_EPOCHS):
+                raise EmoshieldError(f"{flag} must be a whole number from 1 to {MAX_EPOCHS}, got {value!r}")
         out = StudyOptions(**asdict(self))
+        if out.defended_epochs == out.epochs:  # the same study as without it (its work folder resumes)
+            out.defended_epochs = None
         out.classes = out.classes or DEFAULT_CLASSES.get(out.dataset)
         if out.quick:
             out.epochs = min(out.epochs, 2)
@@ -394,7 +397,7 @@ class Study:
         weights, head, defended = _run_plan(backbone, self.weights[backbone])[name]
         weights = self.pins.get(backbone, weights) if weights.startswith("library:") else weights
         resume = (folder / "checkpoint.safetensors").is_file()
-        epochs = self.options.defended_epochs if defended and self.options.defended_epochs else self.options.epochs
+        epochs = self._epochs(defended)
         self.log(f"{tag}: {'resuming' if resume else 'training'} ({weights}, {head} head"
                  f"{', defended' if defended else ''}, {epochs} epochs)")
         train_model(self._data(fold), ModelOptions(backbone=backbone, weights=weights, head=head,
@@ -403,6 +406,10 @@ class Study:
                     resume=resume, progress=False, log=lambda m: self.log(f"  {m}"),
                     defense=DefenseConfig() if defended else None)
         return "finished"
+
+    def _epochs(self, defended: bool) -> int:
+        """--defended-epochs for the defended run, --epochs for every other."""
+        return (self.options.defended_epochs or self.options.epochs) if defended else self.options.epochs
 
     def _lr(self, weights: str) -> dict:
         """--finetune-lr for a run from pretrained weights; nothing (TrainConfig's lr) otherwise."""

@@ -129,7 +129,7 @@ def _study_name(result: dict) -> str:
     """'ckplus48 subject v3': re-runs of one study sit in the same tables, so its folder's version is
     named, '(+ ckplus48 faces)' when another dataset's faces joined its training parts, and
     '(fine-tuned at lr 0.001)' when its pretrained runs trained at another lr (`--finetune-lr`), and
-    '(defended run 100 epochs)' when the defended run trained longer (`--defended-epochs`)."""
+    '(defended run 100 epochs)' when the defended run trained its own length (`--defended-epochs`)."""
     base = f"{result['dataset']}-{result['protocol']}"
     folder = Path(str(result.get("folder", ""))).name
     version = folder[len(base):].strip("-") if folder.startswith(base) else ""
@@ -366,7 +366,7 @@ def readme_block(studies: list[dict]) -> list[str]:
                          f"({_pct(u.get('autoattack@0.01'))}) | {both('autoattack@0.0313725')} |")
     lines += ["", "Defended (undefended) accuracy in %, mean ± std over units; AutoAttack = APGD-CE, APGD-T, FAB-T, "
                   "Square (5000 queries), per-face worst case; every number with its data, protocol, input size (48 px), "
-                  "epochs (50) and seed (0) in the linked report. Gradient-masking checks, the cross-dataset table and "
+                  "epochs (50; a defended run's own where its study's name gives one) and seed (0) in the linked report. Gradient-masking checks, the cross-dataset table and "
                   "each claim: [RESULTS.md](RESULTS.md).", README_END]
     return lines
 

@@ -213,8 +213,10 @@ def test_bad_input_gives_one_line_error(tmp_path, data_root, args, message, caps
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--defended-epochs", "0"], "--defended-epochs must be a whole number >= 1, got 0"),
-    (["--defended-epochs", "-5"], "--defended-epochs must be a whole number >= 1, got -5"),
+    (["--defended-epochs", "0"], "--defended-epochs must be a whole number from 1 to 10000, got 0"),
+    (["--defended-epochs", "-5"], "--defended-epochs must be a whole number from 1 to 10000, got -5"),
+    (["--defended-epochs", "1000000000"], "--defended-epochs must be a whole number from 1 to 10000, got 1000000000"),
+    (["--epochs", "0"], "--epochs must be a whole number from 1 to 10000, got 0"),
     (["--defended-epochs", "1.5"], "argument --defended-epochs: invalid int value: '1.5'"),
     (["--defended-epochs", "é"], "argument --defended-epochs: invalid int value: 'é'"),
     (["--finetune-lr", "0"], "--finetune-lr must be in (0, 1], got 0.0"),

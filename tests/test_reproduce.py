@@ -158,6 +158,7 @@ def test_reproduce_quick_runs_the_whole_study_and_resumes(tmp_path, data_root, c
     assert "not a study's work folder" in capsys.readouterr().err
     report = (cross / "report.md").read_text()
     assert "(at most 4 per class)" in report and "its fold's held-out people" in report and "Square 30 queries" in report
+    assert "32 px, 2 epochs of training." in report  # the study's (its defended run's own too, where it had one)
     # locks are per options: another run's lock (other options) does not hold this one up; a unit
     # this run's options are busy with elsewhere is left pending and listed, not reported as done
     from emoshield.cross_dataset import CrossOptions, unit_folder_name
@@ -640,13 +641,16 @@ def test_defended_epochs_reach_the_defended_run_only(tmp_path, monkeypatch):
 
     import emoshield.pipeline
     from emoshield.errors import EmoshieldError
-    from emoshield.evaluation.study_report import settings_line
+    from emoshield.evaluation.study_report import _context, settings_line
     from emoshield.reproduce import Study, StudyOptions
 
-    for bad in (0, -3, 2.5, True, "100"):
-        with pytest.raises(EmoshieldError, match="--defended-epochs must be a whole number >= 1"):
+    for bad in (0, -3, 2.5, True, "100", 10_001, 10**9):
+        with pytest.raises(EmoshieldError, match="--defended-epochs must be a whole number from 1 to 10000"):
             StudyOptions(dataset="jaffe", protocol="subject", defended_epochs=bad).resolved()
     assert StudyOptions(dataset="jaffe", protocol="subject", defended_epochs=100, quick=True).resolved().defended_epochs == 2
+    # the defended run at --epochs is the study without the option (one work folder, one name)
+    assert StudyOptions(dataset="jaffe", protocol="subject", epochs=50, defended_epochs=50).resolved() == \
+        StudyOptions(dataset="jaffe", protocol="subject", epochs=50).resolved()
     trained = {}
     monkeypatch.setattr(emoshield.pipeline, "train_model",
                         lambda data, model, config, folder, **kw: trained.__setitem__(folder.name, config.epochs))
@@ -660,6 +664,7 @@ def test_defended_epochs_reach_the_defended_run_only(tmp_path, monkeypatch):
               "protocol": "subject", "seeds": [0]}
     assert "7 epochs (11 for the defended run, `--defended-epochs`), batch 32" in settings_line(result)
     assert "7 epochs, batch 32" in settings_line({**result, "options": {**result["options"], "defended_epochs": None}})
+    assert "7 epochs (11 for the defended run), seed 0" in _context(result)  # every plot's title
 
 
 def test_a_partial_report_is_made_from_the_finished_units_and_names_the_pending_ones(tmp_path, monkeypatch):

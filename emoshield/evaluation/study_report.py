@@ -58,12 +58,20 @@ def _extra_train(opts: dict) -> str:
     return f" + {', '.join(extra)} faces in training" if extra else ""
 
 
+def epochs_words(opts: dict, flag: bool = False) -> str:
+    """'50 epochs', or '50 epochs (100 for the defended run)' when a study's defended run trained
+    its own length (`--defended-epochs`, named when FLAG)."""
+    own = opts.get("defended_epochs")
+    return f"{opts['epochs']} epochs" + (
+        f" ({own} for the defended run{', `--defended-epochs`' if flag else ''})" if own else "")
+
+
 def _context(result: dict) -> str:
     """What every plot title says: data, protocol, input size, epochs, seeds."""
     opts = result["options"]
     aligned = ", faces aligned (eyes level)" if opts.get("align", "none") != "none" else ""
     return (f"{result['dataset']}{_extra_train(opts)}, {result['protocol']} protocol, {opts['input_size']} px{aligned}, "
-            f"{opts['epochs']} epochs, seed {','.join(map(str, opts['seeds']))}")
+            f"{epochs_words(opts)}, seed {','.join(map(str, opts['seeds']))}")
 
 
 def study_plots(result: dict, out: Path) -> dict[str, str]:
@@ -183,10 +191,7 @@ def settings_line(result: dict) -> str:
                "(`--extra-train`: its people never appear in validation or test); " if opts.get("extra_train") else "")
             + f"input {opts['input_size']} px"
             + (", faces aligned (eyes levelled, `--align eyes`)" if opts.get("align", "none") != "none" else "")
-            + f", {opts['epochs']} epochs"
-            + (f" ({opts['defended_epochs']} for the defended run, `--defended-epochs`)"
-               if opts.get("defended_epochs") else "")
-            + ", batch 32, SGD lr "
+            + f", {epochs_words(opts, flag=True)}, batch 32, SGD lr "
             + (f"{opts['finetune_lr']:g} from pretrained weights (`--finetune-lr`), 0.01 from scratch,"
                if opts.get("finetune_lr") is not None else "0.01") + " with Algorithm 1 "
             "(SPEC §4), `--augment strong`; defense S = {FGSM, R+FGSM}, beta 0.5 each, beta0 0.5, eps 0.01, "
