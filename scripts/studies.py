@@ -208,10 +208,11 @@ STAGES = [
           "--weights", f"library:{PICKED}", "--finetune-lr", "0.001", backbones=FINAL_BACKBONE,
           after="cloud_final_strong"),
     # v5 with the defended run trained 100 epochs: its best validation epoch sat at 46-49 of 50 in 3 of 5
-    # folds at lr 0.001 (still rising), and 50 epochs of the defense at that lr halved its AutoAttack accuracy
+    # folds at lr 0.001 (still rising), and 50 epochs of the defense at that lr halved its AutoAttack accuracy;
+    # seeds 0 and 1 (each seed its own split of the people into 5 folds: repeated cross-validation)
     study("jaffe-subject-v6", "--dataset", "jaffe", "--protocol", "subject", "--align", "eyes",
           "--weights", f"library:{PICKED}", "--finetune-lr", "0.001", "--defended-epochs", "100",
-          backbones=FINAL_BACKBONE, after="cloud_final_strong"),
+          "--seeds", "0,1", backbones=FINAL_BACKBONE, after="cloud_final_strong"),
 ]
 
 
