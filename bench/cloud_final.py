@@ -394,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         check_name(args.name)
         recipe = recipe_for(Path(args.levers), args.epochs, args.margin, args.limit_per_class, partial=args.dry_run,
                             also=also, pending=parse_also(args.pending))
-        why = " ".join(args.why.split()) or (_recorded(work / "recipe.json") or {}).get("why")
-        if isinstance(why, str) and why:  # a re-run without --why keeps the reason its run was registered with
+        # a re-run without --why keeps the reason its run was registered with: the work folder's, else
+        # the committed results' (a machine whose work folder was lost starts the run again)
+        why = " ".join(args.why.split()) or next(
+            (saved for recorded in (work / "recipe.json", out / "recipe.json")
+             if isinstance(saved := (_recorded(recorded) or {}).get("why"), str) and saved), None)
+        if isinstance(why, str) and why:
             recipe["why"] = why
         if args.dry_run:
             print(recipe_markdown(recipe, args.name, measured_pace()))

@@ -222,6 +222,10 @@ def test_a_variant_registered_later_says_why_and_keeps_its_reason_on_a_re_run(fi
     assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
                        "--work", str(work)]) == 0
     assert "Why (`--why`): Registered on 2026-12-07" in capsys.readouterr().out
+    # its work folder lost (a wiped cache): the committed results' recipe keeps the reason
+    assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
+                       "--work", str(tmp_path / "fresh"), "--out", str(out)]) == 0
+    assert "Why (`--why`): Registered on 2026-12-07" in capsys.readouterr().out
     for foreign in (5, ["a"], {"x": 1}, None, ""):  # a recorded reason that is no text is not written
         final.record(work / "v", out / "v", recipe | {"why": foreign}, "v")
         assert final.main(["--levers", str(path), "--dry-run", "--also", "wider,deeper", "--name", "v",
