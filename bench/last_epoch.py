@@ -23,6 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from emoshield.evaluation.study_report import epochs_words  # noqa: E402
+
+
 def accuracies(run_dir: Path) -> dict:
     """Test accuracy of the kept (best-validation) model and of the last epoch's weights."""
     from safetensors import safe_open
@@ -74,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     study = json.loads((work / "study.json").read_text())
     opts = study.get("options", {})
     what = (f"{opts.get('dataset')} {opts.get('protocol')} protocol, {args.backbone} "
-            f"({study.get('weights', {}).get(args.backbone)}), {len(units)} units (fold x seed), "
+            f"({study.get('weights', {}).get(args.backbone)}), {opts.get('input_size')} px, "
+            f"{epochs_words(opts) if 'epochs' in opts else 'epochs as each run says'}, "
+            f"{len(units)} units (fold x seed: {', '.join(u.name for u in units)}), "
             f"runs {', '.join(runs)}; test accuracy on each unit's held-out people")
     name = args.name or f"{work.name}-{args.backbone}"
     out = Path(args.out)
